@@ -1,0 +1,280 @@
+"""NF4 quantization and dequantization: the math of spec/FORMAT.md, sections 2 and 3.
+
+Pure functions on tensors. The 4-bit codes and first-level absmax are bit-identical
+to ``bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")``; the second
+level (double quantization) follows the spec's deterministic definition.
+
+Two kernels compute the same codes for full blocks: ``"compiled"`` (a
+``torch.compile``'d kernel, used when a C++ compiler is available) and ``"eager"``
+(plain torch, everywhere). ``"auto"`` picks the first that works.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .constants import ABSMAX_FLOOR, BLOCKSIZES, DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_CODE
+from .errors import QuantizationError
+
+KERNELS = ("auto", "compiled", "eager")
+#: Elements the compiled kernel handles per call: a fixed shape, so one compilation per dtype and blocksize.
+CHUNK_ELEMENTS = 1 << 20
+
+_NF4 = torch.tensor(NF4_CODE, dtype=torch.float32)
+_DYNAMIC = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
+
+
+def thresholds(code: torch.Tensor) -> torch.Tensor:
+    """Decision thresholds of a sorted code table: the float32 midpoints ``(c[i] + c[i+1]) / 2``."""
+    return (code[:-1] + code[1:]) / 2
+
+
+NF4_THRESHOLDS = thresholds(_NF4)
+_NF4_THRESHOLD_LIST = NF4_THRESHOLDS.tolist()
+_DYNAMIC_THRESHOLDS = thresholds(_DYNAMIC)
+
+
+@dataclass(frozen=True)
+class NF4Weight:
+    """One weight in NF4, as the format stores it.
+
+    Attributes:
+        packed: uint8 ``[(n + 1) // 2, 1]``, two codes a byte, the first in the high nibble.
+        absmax: float32 ``[n_blocks]``, or uint8 when ``nested`` (double quantization).
+        shape: the original weight's shape (for GPT-2 ``Conv1D``, the transposed one).
+        dtype: the original weight's dtype.
+        blocksize: elements per absmax.
+        nested_absmax: float32 ``[ceil(n_blocks / 256)]`` when nested, else ``None``.
+        offset: float32 value added back to the dequantized absmax when nested, else ``None``.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocksize: int
+    nested_absmax: torch.Tensor | None = None
+    offset: float | None = None
+
+    @property
+    def nested(self) -> bool:
+        return self.nested_absmax is not None
+
+
+def _scale(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Full blocks: ``clamp(x * (1 / max(absmax, floor)), -1, 1)`` in float32."""
+    return (x * (1.0 / absmax.clamp(min=ABSMAX_FLOOR))).clamp(-1, 1)
+
+
+def _codes_compare(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Kernel body: codes as the count of thresholds strictly below the scaled value."""
+    x = blocks.float()
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    scaled = _scale(x, absmax)
+    codes = (scaled > _NF4_THRESHOLD_LIST[0]).to(torch.int32)
+    for t in _NF4_THRESHOLD_LIST[1:]:
+        codes = codes + (scaled > t).to(torch.int32)
+    return codes.to(torch.uint8), absmax.squeeze(1)
+
+
+def _codes_bucketize(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eager kernel: the same definition through ``torch.bucketize`` (ties go to the lower code)."""
+    x = blocks.float()
+    absmax = x.abs().amax(dim=1, keepdim=True)
+    codes = torch.bucketize(_scale(x, absmax), NF4_THRESHOLDS.to(x.device), out_int32=True)
+    return codes.to(torch.uint8), absmax.squeeze(1)
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """Two codes per byte, the first in the high nibble."""
+    pairs = codes.reshape(-1, 2)
+    return (pairs[:, 0] << 4) | pairs[:, 1]
+
+
+_compiled: tuple[Callable, Callable] | None = None
+_kernel_name: str | None = None
+
+
+def _compile() -> tuple[Callable, Callable]:
+    global _compiled
+    if _compiled is None:
+        # One compilation per (dtype, blocksize): up to 24 shapes, more than dynamo's default limit of 8.
+        limit = 4 * len(BLOCKSIZES)
+        _compiled = (
+            torch.compile(_codes_compare, dynamic=False, recompile_limit=limit),
+            torch.compile(_pack, dynamic=False, recompile_limit=limit),
+        )
+    return _compiled
+
+
+def resolve_kernel(kernel: str = "auto") -> str:
+    """Name the kernel that ``kernel`` means on this machine: ``"compiled"`` or ``"eager"``.
+
+    ``"auto"`` tries the compiled kernel once per process (it needs a working C++
+    compiler) and falls back to ``"eager"`` if compiling fails.
+
+    Raises:
+        QuantizationError: ``kernel`` is not one of :data:`KERNELS`.
+    """
+    global _kernel_name
+    if kernel not in KERNELS:
+        raise QuantizationError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
+    if kernel != "auto":
+        return kernel
+    if _kernel_name is None:
+        try:
+            _compile()[0](torch.zeros(4, 64))
+            _kernel_name = "compiled"
+        except Exception:  # noqa: BLE001 - any compiler failure means: use eager
+            _kernel_name = "eager"
+    return _kernel_name
+
+
+def _quantize_full_blocks(blocks: torch.Tensor, kernel: str, packed: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Quantize full blocks into ``packed`` (uint8 ``[rows * bs // 2]``) and ``absmax`` (float32 ``[rows]``).
+
+    The compiled kernel runs on chunks of a fixed shape (the last one zero-padded),
+    so each dtype and blocksize is compiled once.
+    """
+    if kernel == "eager":
+        codes, absmax[:] = _codes_bucketize(blocks)
+        packed[:] = _pack(codes)
+        return
+    fn, pack = _compile()
+    rows, bs = max(1, CHUNK_ELEMENTS // blocks.shape[1]), blocks.shape[1]
+    for start in range(0, blocks.shape[0], rows):
+        chunk = blocks[start : start + rows]
+        n = chunk.shape[0]
+        if n < rows:
+            chunk = torch.cat([chunk, chunk.new_zeros(rows - n, bs)])
+        codes, chunk_absmax = fn(chunk)
+        packed[start * bs // 2 : (start + n) * bs // 2] = pack(codes)[: n * bs // 2]
+        absmax[start : start + n] = chunk_absmax[:n]
+
+
+def check_blocksize(blocksize: int) -> None:
+    """Raise :class:`QuantizationError` unless ``blocksize`` is one bitsandbytes accepts."""
+    if blocksize not in BLOCKSIZES:
+        raise QuantizationError(f"invalid blocksize {blocksize}; choose one of {', '.join(map(str, BLOCKSIZES))}")
+
+
+def quantize_nf4(
+    weight: torch.Tensor, *, blocksize: int = 64, kernel: str = "auto", name: str = "tensor"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a float tensor to packed NF4 codes and float32 absmax (spec section 2).
+
+    Args:
+        weight: float32, float16 or bfloat16 tensor of any shape (flattened row-major).
+        blocksize: elements per block, one of :data:`~nf4convert.constants.BLOCKSIZES`.
+        kernel: ``"auto"``, ``"compiled"`` or ``"eager"``; all give the same bytes.
+        name: used in error messages.
+
+    Returns:
+        ``(packed, absmax)``: uint8 ``[(n + 1) // 2, 1]`` and float32 ``[ceil(n / blocksize)]``,
+        equal to ``bitsandbytes.functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4")``.
+
+    Raises:
+        QuantizationError: bad blocksize or dtype, an empty tensor, or NaN/Inf in the weight.
+
+    Example:
+        >>> packed, absmax = quantize_nf4(torch.randn(128, 64))
+        >>> packed.shape, absmax.shape
+        (torch.Size([4096, 1]), torch.Size([128]))
+    """
+    check_blocksize(blocksize)
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise QuantizationError(f"{name}: cannot quantize dtype {weight.dtype}")
+    flat = weight.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        raise QuantizationError(f"{name}: cannot quantize an empty tensor")
+    full = n - n % blocksize
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
+    _quantize_full_blocks(flat[:full].view(-1, blocksize), resolve_kernel(kernel), packed[: full // 2], absmax[: full // blocksize])
+    if full < n:
+        tail = flat[full:].float()
+        absmax[-1] = tail.abs().max().clamp(min=ABSMAX_FLOOR)
+        codes = torch.bucketize((tail / absmax[-1]).clamp(-1, 1), NF4_THRESHOLDS.to(tail.device), out_int32=True)
+        if codes.numel() % 2:
+            codes = torch.cat([codes, codes.new_full((1,), NF4_CODE.index(0.0))])
+        packed[full // 2 :] = _pack(codes.to(torch.uint8))
+    bad = (~torch.isfinite(absmax)).nonzero()
+    if bad.numel():
+        block = int(bad[0])
+        raise QuantizationError(
+            f"{name}: contains NaN or Inf (first in elements {block * blocksize}..{min(n, (block + 1) * blocksize) - 1})"
+        )
+    return packed.unsqueeze(1), absmax
+
+
+def exact_mean(values: torch.Tensor) -> float:
+    """The exact mean of non-negative finite float32 values, rounded to float64 then to float32.
+
+    Computed in integer arithmetic, so it does not depend on thread count, order or device.
+    """
+    bits = values.detach().reshape(-1).cpu().contiguous().view(torch.int32).to(torch.int64)
+    exponent = (bits >> 23) & 0xFF
+    mantissa = torch.where(exponent > 0, (bits & 0x7FFFFF) | 0x800000, bits & 0x7FFFFF)
+    sums = torch.zeros(256, dtype=torch.int64).scatter_add_(0, exponent, mantissa).tolist()
+    total = sum(s << max(e, 1) for e, s in enumerate(sums) if s)
+    return float(np.float32(total / (values.numel() << 150)))
+
+
+def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Quantize first-level absmax to 8 bits (spec section 3).
+
+    Returns:
+        ``(quantized, nested_absmax, offset)``: uint8 ``[n]``, float32 ``[ceil(n / 256)]``, and the offset.
+    """
+    offset = exact_mean(absmax)
+    v = absmax - torch.tensor(offset, dtype=torch.float32, device=absmax.device)
+    n = v.numel()
+    full = n - n % NESTED_BLOCKSIZE
+    blocks = v[:full].view(-1, NESTED_BLOCKSIZE)
+    nested = blocks.abs().amax(dim=1)
+    scaled = [_scale(blocks, nested.unsqueeze(1)).reshape(-1)]
+    if full < n:
+        tail_absmax = v[full:].abs().max().clamp(min=ABSMAX_FLOOR)
+        scaled.append((v[full:] / tail_absmax).clamp(-1, 1))
+        nested = torch.cat([nested, tail_absmax.reshape(1)])
+    codes = torch.bucketize(torch.cat(scaled), _DYNAMIC_THRESHOLDS.to(v.device), out_int32=True)
+    return codes.to(torch.uint8), nested, offset
+
+
+def dequantize_absmax(quantized: torch.Tensor, nested_absmax: torch.Tensor, offset: float) -> torch.Tensor:
+    """float32 absmax from its double-quantized form: ``dyn[q[i]] * nested_absmax[i // 256] + offset``."""
+    scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: quantized.numel()]
+    values = _DYNAMIC.to(quantized.device)[quantized.long()] * scale
+    return values + torch.tensor(offset, dtype=torch.float32, device=quantized.device)
+
+
+def quantize_weight(
+    weight: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True, kernel: str = "auto", name: str = "tensor"
+) -> NF4Weight:
+    """Quantize one weight into the full NF4 representation the format stores.
+
+    Raises:
+        QuantizationError: as :func:`quantize_nf4`.
+    """
+    packed, absmax = quantize_nf4(weight, blocksize=blocksize, kernel=kernel, name=name)
+    if not double_quant:
+        return NF4Weight(packed, absmax, tuple(weight.shape), weight.dtype, blocksize)
+    quantized, nested, offset = double_quantize(absmax)
+    return NF4Weight(packed, quantized, tuple(weight.shape), weight.dtype, blocksize, nested, offset)
+
+
+def dequantize(q: NF4Weight) -> torch.Tensor:
+    """Rebuild the weight (spec section 2.5): ``NF4[code] * absmax[block]`` in float32, cast to ``q.dtype``."""
+    absmax = dequantize_absmax(q.absmax, q.nested_absmax, q.offset) if q.nested else q.absmax
+    n = math.prod(q.shape)
+    packed = q.packed.reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]
+    values = _NF4.to(packed.device)[codes.long()]
+    scale = absmax.repeat_interleave(q.blocksize)[:n]
+    return (values * scale).to(q.dtype).reshape(q.shape)
