@@ -1,0 +1,177 @@
+"""The ``nf4convert`` command line. The only place that prints or exits.
+
+Commands are thin: their flags are the library's arguments. Every
+:class:`~nf4convert.errors.NF4ConvertError` (and any ``OSError``) becomes one line on
+stderr and a non-zero exit; ``--debug`` (or ``NF4CONVERT_DEBUG=1``) shows the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from . import __version__
+from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE
+from .errors import NF4ConvertError
+from .plan import DEFAULT_MAX_SHARD_SIZE, Options, Plan
+from .quantize import KERNELS
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``"5GB"`` -> 5000000000, ``"2GiB"`` -> 2147483648, ``"1000"`` -> 1000."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="nf4convert")
+@click.option("--debug", is_flag=True, envvar="NF4CONVERT_DEBUG", help="Show tracebacks of errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Convert safetensors checkpoints to bitsandbytes-compatible NF4, and inspect the result."""
+    ctx.obj = {"debug": debug}
+
+
+def _print_plan(plan: Plan, *, verbose: bool) -> None:
+    src = plan.source
+    reasons = Counter(t.reason for t in plan.kept)
+    click.echo(f"Plan for {src.name}: {len(src.shards)} source shard(s), {human(src.nbytes)}")
+    q_params = sum(t.source.info.numel for t in plan.quantized)
+    click.echo(f"  quantize {len(plan.quantized):>5} tensors, {q_params:,} parameters -> {human(sum(t.output_bytes for t in plan.quantized))}")
+    click.echo(f"  keep     {len(plan.kept):>5} tensors -> {human(sum(t.output_bytes for t in plan.kept))}")
+    for reason, count in reasons.most_common():
+        click.echo(f"           {count:>5} {reason}")
+    click.echo(
+        f"  output: {human(plan.output_bytes)} in {len(plan.shards)} shard(s); {plan.bits_per_parameter:.3f} bits/parameter overall, "
+        f"{plan.quantized_bits_per_parameter:.3f} for the quantized weights"
+    )
+    if verbose:
+        for t in plan.tensors:
+            mark = "Q" if t.quantize else "K"
+            click.echo(f"  {mark} {t.name} {t.source.info.dtype} {list(t.source.info.shape)}  ({t.reason})")
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("output", required=False)
+@click.option("--blocksize", type=click.Choice([str(b) for b in BLOCKSIZES]), default=str(DEFAULT_BLOCKSIZE), show_default=True, help="Weights per absmax scale.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="8-bit quantize the absmax scales (QLoRA).")
+@click.option("--compute-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="bnb_4bit_compute_dtype to record [default: the weights' dtype].")
+@click.option("--skip", "skip", multiple=True, metavar="PATTERN", help="Keep weights of modules matching this glob (repeatable), e.g. '*.mlp.gate'.")
+@click.option("--keep-lm-head/--quantize-lm-head", default=True, show_default=True, help="Keep the output head unquantized.")
+@click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
+@click.option("--dry-run", is_flag=True, help="Show the plan (what is quantized, kept, sizes); write nothing.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True, help="Quantizer kernel (all give the same bytes).")
+@click.option("--device", default="cpu", show_default=True, help="Device to quantize on (cpu, cuda).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
+@click.option("-v", "--verbose", is_flag=True, help="List every tensor and the kernel used.")
+def convert(
+    source: str,
+    output: str | None,
+    blocksize: str,
+    double_quant: bool,
+    compute_dtype: str | None,
+    skip: tuple[str, ...],
+    keep_lm_head: bool,
+    max_shard_size: str,
+    dry_run: bool,
+    force: bool,
+    kernel: str,
+    device: str,
+    quiet: bool,
+    verbose: bool,
+) -> None:
+    """Convert SOURCE (a safetensors folder or file) to NF4 in OUTPUT."""
+    from .convert import convert as run_convert
+    from .convert import plan_conversion
+    from .quantize import resolve_kernel
+    from .write import check_output
+
+    options = Options(
+        blocksize=int(blocksize),
+        double_quant=double_quant,
+        compute_dtype=compute_dtype,
+        skip=skip,
+        quantize_lm_head=not keep_lm_head,
+        max_shard_size=parse_size(max_shard_size),
+    )
+    plan = plan_conversion(source, options=options)
+    if dry_run or verbose:
+        _print_plan(plan, verbose=verbose)
+    if dry_run:
+        click.echo("Nothing written (--dry-run).")
+        return
+    if output is None:
+        raise click.UsageError("Missing argument 'OUTPUT'.")
+    check_output(Path(output), source_root=plan.source.root, force=force)
+    if verbose:
+        click.echo(f"kernel: {resolve_kernel(kernel)}")
+    with tqdm(total=plan.source.nbytes, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
+        path = run_convert(plan.source, output, options=options, force=force, kernel=kernel, device=device, progress=bar.update)
+    if not quiet:
+        click.echo(f"Wrote {path}: {human(plan.output_bytes)}, {plan.bits_per_parameter:.3f} bits/parameter")
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def inspect(path: str, as_json: bool) -> None:
+    """Show what an NF4 folder holds: version, source, options, sizes."""
+    from .read import open_checkpoint
+
+    s = open_checkpoint(path).summary()
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+        return
+    source = s["source"]
+    click.echo(f"{s['path']}: {s['format']} format v{s['format_version']} (written by nf4convert {s['tool_version']})")
+    click.echo(f"  source:    {', '.join(f'{k}={v}' for k, v in source.items())}")
+    click.echo(f"  options:   {', '.join(f'{k}={v}' for k, v in s['options'].items())}")
+    for kind in ("quantized", "kept"):
+        d = s[kind]
+        click.echo(f"  {kind + ':':<10} {d['tensors']} tensors, {d['parameters']:,} parameters, {human(d['bytes'])}")
+    click.echo(f"  total:     {human(s['bytes'])} in {s['shards']} shard(s)")
+    click.echo(f"  bits/parameter: {s['bits_per_parameter']:.3f} overall, {s['quantized_bits_per_parameter']:.3f} for quantized weights")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: run the CLI, turning expected errors into one line and an exit code."""
+    debug = os.environ.get("NF4CONVERT_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        return cli.main(args=argv, prog_name="nf4convert", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("nf4convert: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (NF4ConvertError, OSError) as e:
+        if debug:
+            raise
+        message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
+        click.echo(f"nf4convert: error: {message}", err=True)
+        sys.exit(getattr(e, "exit_code", 1))
+    except KeyboardInterrupt:
+        click.echo("nf4convert: interrupted", err=True)
+        sys.exit(130)

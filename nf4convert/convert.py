@@ -1,0 +1,185 @@
+"""The conversion pipeline: source -> plan -> quantize -> write.
+
+Tensors are read one at a time from memory-mapped shards, quantized or copied,
+written at their planned offset, and their pages released: peak memory is about
+one tensor, whatever the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .constants import DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, METADATA, NF4_CODE
+from .layout import encode_quant_state
+from .plan import Options, Plan, PlannedTensor, make_plan
+from .quantize import quantize_weight, resolve_kernel
+from .source import Source, open_source
+from .tensorfile import SafetensorsFile
+from .write import OutputFolder, ShardWriter, file_record
+
+Progress = Callable[[int], None]
+
+_NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
+_DYNAMIC_TABLE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
+
+
+def plan_conversion(source: str | os.PathLike | Source, *, options: Options | None = None) -> Plan:
+    """Plan a conversion without reading any tensor data (what ``--dry-run`` shows).
+
+    Raises:
+        SourceError, FormatError, QuantizationError: see :func:`convert`.
+    """
+    src = source if isinstance(source, Source) else open_source(source)
+    return make_plan(src, options or Options())
+
+
+def _write_tensor(
+    f: SafetensorsFile, t: PlannedTensor, writer: ShardWriter, *, options: Options, kernel: str, device: str
+) -> None:
+    if not t.quantize:
+        writer.write(t.name, f.raw(t.name))
+        return
+    weight = f.tensor(t.name)
+    if t.transpose:
+        weight = weight.t()
+    if weight.device.type != device or t.transpose:
+        weight = weight.to(device).contiguous()
+    q = quantize_weight(weight, blocksize=options.blocksize, double_quant=options.double_quant, kernel=kernel, name=t.name)
+    del weight
+    parts: dict[str, Any] = {t.name: q.packed, f"{t.name}.absmax": q.absmax, f"{t.name}.quant_map": _NF4_TABLE}
+    if q.nested:
+        parts[f"{t.name}.nested_absmax"] = q.nested_absmax
+        parts[f"{t.name}.nested_quant_map"] = _DYNAMIC_TABLE
+    parts[t.outputs[-1][0]] = memoryview(encode_quant_state(t.quant_state(options, q.offset)))
+    for key, value in parts.items():
+        writer.write(key, value)
+
+
+def manifest(plan: Plan, *, files: list[dict[str, Any]], source_files: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ``nf4convert.json`` manifest (spec section 8). Deterministic: no times, no absolute paths."""
+    o = plan.options
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "tool": {"name": "nf4convert", "version": __version__},
+        "options": {
+            "blocksize": o.blocksize,
+            "double_quant": o.double_quant,
+            "compute_dtype": plan.compute_dtype,
+            "skip": list(o.skip),
+            "quantize_lm_head": o.quantize_lm_head,
+            "max_shard_size": o.max_shard_size,
+        },
+        "source": {"name": plan.source.name, **plan.source.provenance, "files": source_files},
+        "files": files,
+        "summary": {
+            "parameters": plan.parameters,
+            "quantized_parameters": sum(t.source.info.numel for t in plan.quantized),
+            "tensors_quantized": len(plan.quantized),
+            "tensors_kept": len(plan.kept),
+            "bytes": plan.output_bytes,
+            "bits_per_parameter": round(plan.bits_per_parameter, 4),
+            "quantized_bits_per_parameter": round(plan.quantized_bits_per_parameter, 4),
+        },
+        "tensors": {
+            "quantized": [
+                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "transposed": t.transpose}
+                for t in plan.quantized
+            ],
+            "kept": [
+                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "reason": t.reason}
+                for t in plan.kept
+            ],
+        },
+    }
+
+
+def convert(
+    source: str | os.PathLike | Source,
+    output: str | os.PathLike,
+    *,
+    options: Options | None = None,
+    force: bool = False,
+    kernel: str = "auto",
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> Path:
+    """Convert a safetensors checkpoint to NF4 (spec/FORMAT.md), streaming tensor by tensor.
+
+    Args:
+        source: a folder of safetensors shards, a single ``.safetensors`` file, or an opened :class:`Source`.
+        output: the folder to create.
+        options: quantization and sharding options.
+        force: replace an existing output folder.
+        kernel: quantizer kernel, ``"auto"``, ``"compiled"`` or ``"eager"`` (same bytes).
+        device: where to quantize (``"cpu"``, ``"cuda"``); the output is the same.
+        progress: called with the number of source bytes done after each tensor.
+
+    Returns:
+        The output folder.
+
+    Raises:
+        SourceNotFoundError, SourceError: a missing, empty or malformed source.
+        FormatError: a corrupt safetensors shard.
+        QuantizationError: a weight with NaN/Inf, or bad options.
+        OutputError: the output exists (without ``force``) or lies inside the source.
+
+    Example:
+        >>> convert("./Llama-3-8B", "./Llama-3-8B-nf4")              # doctest: +SKIP
+        PosixPath('Llama-3-8B-nf4')
+    """
+    plan = plan_conversion(source, options=options)
+    src, options = plan.source, plan.options
+    with OutputFolder(Path(output), source_root=src.root, force=force) as out:
+        kernel = resolve_kernel(kernel)
+        handles: dict[Path, SafetensorsFile] = {}
+        files = []
+        try:
+            for name, shard in zip(plan.shard_names(), plan.shards):
+                entries = [e for t in shard for e in t.outputs]
+                writer = ShardWriter(out.path(name), entries, METADATA)
+                try:
+                    for t in shard:
+                        f = handles.get(t.source.shard) or handles.setdefault(t.source.shard, SafetensorsFile(t.source.shard))
+                        _write_tensor(f, t, writer, options=options, kernel=kernel, device=device)
+                        f.release(t.name)
+                        if progress:
+                            progress(t.source.info.nbytes)
+                finally:
+                    writer.close()
+                files.append(file_record(out.path(name), name))
+        finally:
+            for f in handles.values():
+                f.close()
+        if len(plan.shards) > 1:
+            weight_map = {key: name for name, shard in zip(plan.shard_names(), plan.shards) for t in shard for key, _, _ in t.outputs}
+            index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            _write_json(out.path(INDEX_NAME), index)
+            files.append(file_record(out.path(INDEX_NAME), INDEX_NAME))
+        for side in src.side_files:
+            if side.name != "config.json":
+                shutil.copyfile(side, out.path(side.name))
+        if src.config is not None:
+            _write_json(out.path("config.json"), {**src.config, "quantization_config": plan.quantization_config()})
+        files += [file_record(out.path(p.name), p.name) for p in src.side_files if p.name != "config.json"]
+        if src.config is not None:
+            files.append(file_record(out.path("config.json"), "config.json"))
+        source_files = [file_record(p, p.relative_to(src.root).as_posix()) for p in [*src.shards, *src.side_files]]
+        _write_json(out.path(MANIFEST_NAME), manifest(plan, files=sorted(files, key=lambda r: r["name"]), source_files=source_files))
+        return out.commit()
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,221 @@
+"""The conversion plan: which tensors are quantized, which are kept and why, and the output shards.
+
+The choice is made from names, shapes, dtypes and ``config.json`` alone (spec/FORMAT.md,
+section 6), so a plan costs no tensor reads and ``--dry-run`` is instant.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass, field
+
+from .constants import (
+    BLOCKSIZES,
+    DEFAULT_BLOCKSIZE,
+    DTYPE_SIZES,
+    QUANTIZABLE_DTYPES,
+    SHARD_NAME_TEMPLATE,
+    SINGLE_SHARD_NAME,
+)
+from .errors import QuantizationError
+from .layout import QuantState, quantization_config, quantized_tensors
+from .source import Source, SourceTensor
+
+#: Module names (last component) that are output heads, kept unless ``quantize_lm_head``.
+OUTPUT_HEADS = ("lm_head", "embed_out")
+#: Last components of embedding modules (besides any component containing "embed").
+EMBEDDING_NAMES = ("wte", "wpe", "shared", "relative_attention_bias")
+#: model_type -> last components of GPT-2 style ``Conv1D`` modules, whose weight is stored transposed.
+CONV1D_MODULES = {
+    "gpt2": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "openai-gpt": ("c_attn", "c_proj", "c_fc"),
+    "decision_transformer": ("c_attn", "c_proj", "c_fc", "q_attn"),
+    "imagegpt": ("c_attn", "c_proj", "c_fc", "q_attn"),
+}
+DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
+
+
+@dataclass(frozen=True)
+class Options:
+    """Conversion options (the CLI's flags).
+
+    Attributes:
+        blocksize: elements per absmax (32 ... 4096).
+        double_quant: 8-bit quantize the absmax (QLoRA's double quantization).
+        compute_dtype: recorded as ``bnb_4bit_compute_dtype``; ``None`` means the weights' own dtype.
+        skip: glob patterns over module names whose weights are kept.
+        quantize_lm_head: quantize the output head too (kept by default).
+        max_shard_size: output shard size limit in bytes.
+    """
+
+    blocksize: int = DEFAULT_BLOCKSIZE
+    double_quant: bool = True
+    compute_dtype: str | None = None
+    skip: tuple[str, ...] = ()
+    quantize_lm_head: bool = False
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+
+    def __post_init__(self) -> None:
+        if self.blocksize not in BLOCKSIZES:
+            raise QuantizationError(f"invalid blocksize {self.blocksize}; choose one of {', '.join(map(str, BLOCKSIZES))}")
+        if self.compute_dtype not in (None, *QUANTIZABLE_DTYPES.values()):
+            raise QuantizationError(f"invalid compute dtype {self.compute_dtype!r}; choose float32, float16 or bfloat16")
+        if self.max_shard_size <= 0:
+            raise QuantizationError("max shard size must be positive")
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    """What happens to one source tensor.
+
+    Attributes:
+        source: the source tensor.
+        quantize: whether it is quantized (else copied byte for byte).
+        reason: why, in a few words.
+        transpose: quantize the transpose (GPT-2 ``Conv1D`` weights).
+        outputs: the output tensors ``(key, dtype, shape)`` it becomes.
+    """
+
+    source: SourceTensor
+    quantize: bool
+    reason: str
+    transpose: bool = False
+    outputs: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+
+    @property
+    def name(self) -> str:
+        return self.source.name
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(math.prod(shape) * DTYPE_SIZES[dtype] for _, dtype, shape in self.outputs)
+
+    def quant_state(self, options: Options, offset: float | None = None) -> QuantState:
+        """The quant state this tensor is written with (``offset`` is known after quantizing)."""
+        shape = self.source.info.shape[::-1] if self.transpose else self.source.info.shape
+        dtype = QUANTIZABLE_DTYPES[self.source.info.dtype]
+        return QuantState(tuple(shape), dtype, options.blocksize, (offset or 0.0) if options.double_quant else None)
+
+
+@dataclass
+class Plan:
+    """The whole conversion, decided before any tensor is read."""
+
+    source: Source
+    options: Options
+    tensors: list[PlannedTensor]
+    shards: list[list[PlannedTensor]] = field(default_factory=list)
+
+    @property
+    def quantized(self) -> list[PlannedTensor]:
+        return [t for t in self.tensors if t.quantize]
+
+    @property
+    def kept(self) -> list[PlannedTensor]:
+        return [t for t in self.tensors if not t.quantize]
+
+    @property
+    def parameters(self) -> int:
+        return sum(t.source.info.numel for t in self.tensors)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.output_bytes for t in self.tensors)
+
+    @property
+    def bits_per_parameter(self) -> float:
+        """Output bits per source parameter, all tensors counted."""
+        return 8 * self.output_bytes / max(1, self.parameters)
+
+    @property
+    def quantized_bits_per_parameter(self) -> float:
+        """Output bits per parameter of the quantized weights alone (4.127 at blocksize 64 with double quant)."""
+        params = sum(t.source.info.numel for t in self.quantized)
+        return 8 * sum(t.output_bytes for t in self.quantized) / max(1, params)
+
+    @property
+    def compute_dtype(self) -> str:
+        if self.options.compute_dtype:
+            return self.options.compute_dtype
+        dtypes = [t.source.info.dtype for t in self.quantized]
+        return QUANTIZABLE_DTYPES[max(set(dtypes), key=dtypes.count)] if dtypes else "float32"
+
+    @property
+    def skip_modules(self) -> list[str]:
+        """Modules transformers must leave unquantized: every kept 2-D ``*.weight``, and the output head."""
+        names = {t.name[: -len(".weight")] for t in self.kept if t.name.endswith(".weight") and len(t.source.info.shape) == 2}
+        if not self.options.quantize_lm_head:
+            names.add("lm_head")
+        return sorted(names)
+
+    def quantization_config(self) -> dict:
+        return quantization_config(
+            double_quant=self.options.double_quant, compute_dtype=self.compute_dtype, skip_modules=self.skip_modules
+        )
+
+    def shard_names(self) -> list[str]:
+        if len(self.shards) == 1:
+            return [SINGLE_SHARD_NAME]
+        return [SHARD_NAME_TEMPLATE.format(index=i + 1, count=len(self.shards)) for i in range(len(self.shards))]
+
+
+def classify(tensor: SourceTensor, *, options: Options, config: dict | None) -> tuple[bool, str, bool]:
+    """Decide one tensor: ``(quantize, reason, transpose)`` (spec section 6)."""
+    info = tensor.info
+    if not info.name.endswith(".weight"):
+        return False, "not a weight", False
+    if info.dtype not in QUANTIZABLE_DTYPES:
+        return False, f"dtype {info.dtype}", False
+    if len(info.shape) != 2:
+        return False, f"{len(info.shape)}-D", False
+    if info.numel == 0:
+        return False, "empty", False
+    module = info.name[: -len(".weight")]
+    parts = module.split(".")
+    is_head = parts[-1] in OUTPUT_HEADS
+    if not is_head and (parts[-1] in EMBEDDING_NAMES or any("embed" in p for p in parts)):
+        return False, "embedding", False
+    config = config or {}
+    if is_head and not options.quantize_lm_head:
+        return False, "output head (--quantize-lm-head to quantize it)", False
+    if is_head and config.get("tie_word_embeddings"):
+        return False, "output head tied to the input embedding", False
+    for pattern in options.skip:
+        if fnmatch.fnmatchcase(module, pattern):
+            return False, f"--skip {pattern}", False
+    transpose = parts[-1] in CONV1D_MODULES.get(config.get("model_type", ""), ())
+    return True, "linear weight (Conv1D, transposed)" if transpose else "linear weight", transpose
+
+
+def make_plan(source: Source, options: Options) -> Plan:
+    """Plan the conversion of ``source``: classify every tensor and cut the output into shards.
+
+    Tensors go to shards in source order; a shard is closed before the tensor that would
+    take it past ``options.max_shard_size`` (a tensor larger than the limit gets a shard of its own).
+
+    Raises:
+        QuantizationError: nothing to quantize would be an empty conversion, so it is refused.
+    """
+    planned = []
+    for tensor in source.tensors:
+        quantize, reason, transpose = classify(tensor, options=options, config=source.config)
+        p = PlannedTensor(tensor, quantize, reason, transpose)
+        if quantize:
+            outputs = quantized_tensors(tensor.name, p.quant_state(options))
+        else:
+            outputs = [(tensor.name, tensor.info.dtype, tensor.info.shape)]
+        planned.append(PlannedTensor(tensor, quantize, reason, transpose, tuple(outputs)))
+    plan = Plan(source, options, planned)
+    if not plan.quantized:
+        raise QuantizationError(f"{source.name}: no tensor to quantize (no 2-D floating-point linear weights found)")
+    shard: list[PlannedTensor] = []
+    size = 0
+    for t in planned:
+        if shard and size + t.output_bytes > options.max_shard_size:
+            plan.shards.append(shard)
+            shard, size = [], 0
+        shard.append(t)
+        size += t.output_bytes
+    plan.shards.append(shard)
+    return plan

@@ -1,0 +1,181 @@
+"""Reading an nf4convert output folder and checking its structure against the spec (section 9).
+
+:func:`open_checkpoint` is the one entry point for ``inspect``, ``verify`` and the loader:
+it validates the manifest, the index, every shard header and every quantized weight's
+companion tensors before anything uses them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .constants import (
+    FORMAT_NAME,
+    INDEX_NAME,
+    MANIFEST_NAME,
+    QUANT_STATE_SUFFIX,
+    QUANT_SUFFIXES,
+    SINGLE_SHARD_NAME,
+)
+from .errors import FormatError, SourceNotFoundError
+from .layout import QuantState, check_version, decode_quant_state, quantized_tensors
+from .tensorfile import SafetensorsFile, TensorInfo, read_header
+
+
+@dataclass
+class NF4Checkpoint:
+    """A validated nf4convert output folder.
+
+    Attributes:
+        root: the folder.
+        manifest: the parsed ``nf4convert.json``.
+        shards: shard file name -> its tensors.
+        quant_states: weight key (``<module>.weight``) -> its parsed quant state.
+    """
+
+    root: Path
+    manifest: dict[str, Any]
+    shards: dict[str, dict[str, TensorInfo]]
+    quant_states: dict[str, QuantState]
+
+    @property
+    def version(self) -> int:
+        return self.manifest["format_version"]
+
+    def summary(self) -> dict[str, Any]:
+        """What ``nf4convert inspect`` shows."""
+        quantized = kept = q_bytes = k_bytes = q_params = k_params = 0
+        for tensors in self.shards.values():
+            for key, info in tensors.items():
+                base = _base_key(key)
+                if base in self.quant_states:
+                    q_bytes += info.nbytes
+                    if key == base:
+                        quantized += 1
+                        q_params += self.quant_states[base].numel
+                else:
+                    kept += 1
+                    k_bytes += info.nbytes
+                    k_params += info.numel
+        params = q_params + k_params
+        return {
+            "path": str(self.root),
+            "format": FORMAT_NAME,
+            "format_version": self.version,
+            "tool_version": self.manifest.get("tool", {}).get("version"),
+            "source": {k: v for k, v in self.manifest.get("source", {}).items() if k != "files"},
+            "options": self.manifest.get("options", {}),
+            "shards": len(self.shards),
+            "quantized": {"tensors": quantized, "parameters": q_params, "bytes": q_bytes},
+            "kept": {"tensors": kept, "parameters": k_params, "bytes": k_bytes},
+            "bytes": q_bytes + k_bytes,
+            "bits_per_parameter": round(8 * (q_bytes + k_bytes) / max(1, params), 4),
+            "quantized_bits_per_parameter": round(8 * q_bytes / max(1, q_params), 4),
+        }
+
+
+def _base_key(key: str) -> str:
+    for suffix in QUANT_SUFFIXES:
+        if key.endswith("." + suffix):
+            return key[: -len(suffix) - 1]
+    return key
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FormatError(f"{path}: missing") from None
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise FormatError(f"{path}: not valid JSON") from None
+
+
+def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None]:
+    index_path = root / INDEX_NAME
+    if not index_path.exists():
+        return [SINGLE_SHARD_NAME], None
+    index = _load_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FormatError(f"{index_path}: no weight_map")
+    names = sorted(set(weight_map.values()))
+    for name in names:
+        if not isinstance(name, str) or len(PurePosixPath(name).parts) != 1 or not name.endswith(".safetensors"):
+            raise FormatError(f"{index_path}: shard {name!r} is not a .safetensors file in the folder")
+    return names, weight_map
+
+
+def _check_weight(key: str, tensors: dict[str, TensorInfo], blob: bytes, where: str) -> QuantState:
+    state = decode_quant_state(blob, where=f"{where}: {key}")
+    for name, dtype, shape in quantized_tensors(key, state):
+        info = tensors.get(name)
+        if info is None:
+            raise FormatError(f"{where}: {name} is missing")
+        if name.endswith(QUANT_STATE_SUFFIX):
+            continue
+        if (info.dtype, info.shape) != (dtype, shape):
+            raise FormatError(
+                f"{where}: {name} is {info.dtype} {list(info.shape)}, expected {dtype} {list(shape)} for shape "
+                f"{list(state.shape)}, blocksize {state.blocksize}"
+            )
+    if not state.nested and (f"{key}.nested_absmax" in tensors or f"{key}.nested_quant_map" in tensors):
+        raise FormatError(f"{where}: {key} has nested tensors but its quant state is not nested")
+    return state
+
+
+def open_checkpoint(path: str | os.PathLike) -> NF4Checkpoint:
+    """Open and structurally validate an nf4convert output folder.
+
+    Args:
+        path: the folder ``nf4convert convert`` wrote.
+
+    Returns:
+        The validated :class:`NF4Checkpoint`.
+
+    Raises:
+        SourceNotFoundError: the folder does not exist.
+        UnsupportedVersionError: written by a format version this reader does not know.
+        FormatError: anything else that breaks spec/FORMAT.md; the message names the file and tensor.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise SourceNotFoundError(f"{root}: no such folder")
+    manifest = _load_json(root / MANIFEST_NAME)
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise FormatError(f"{root / MANIFEST_NAME}: not an nf4convert manifest")
+    version = check_version(manifest, where=str(root / MANIFEST_NAME))
+    shards: dict[str, dict[str, TensorInfo]] = {}
+    states: dict[str, QuantState] = {}
+    owner: dict[str, str] = {}
+    names, weight_map = _shard_names(root)
+    for name in names:
+        shard = root / name
+        if not shard.is_file():
+            raise FormatError(f"{shard}: missing")
+        tensors, metadata = read_header(shard)
+        if metadata.get("nf4convert.version") != str(version):
+            raise FormatError(f"{shard}: __metadata__ names format version {metadata.get('nf4convert.version')!r}, manifest {version}")
+        for key in tensors:
+            if key in owner:
+                raise FormatError(f"{shard}: tensor {key!r} also in {owner[key]}")
+            owner[key] = name
+        blobs = [k for k in tensors if k.endswith("." + QUANT_STATE_SUFFIX)]
+        if blobs:
+            with SafetensorsFile(shard) as f:
+                for blob_key in blobs:
+                    key = blob_key[: -len(QUANT_STATE_SUFFIX) - 1]
+                    states[key] = _check_weight(key, tensors, bytes(f.raw(blob_key)), str(shard))
+        for key in tensors:
+            base = _base_key(key)
+            if base != key and base not in states:
+                raise FormatError(f"{shard}: {key} has no quantized weight {base} with a quant state")
+        shards[name] = tensors
+    if weight_map is not None and weight_map != owner:
+        wrong = sorted(set(weight_map.items()) ^ set(owner.items()))[0][0]
+        raise FormatError(f"{root / INDEX_NAME}: does not match the shards (first difference: {wrong!r})")
+    return NF4Checkpoint(root, manifest, shards, states)
+

@@ -1,0 +1,161 @@
+"""The source checkpoint: which safetensors shards, which tensors, which side files.
+
+Nothing here reads tensor data; it reads and validates headers, the index and
+``config.json``, and refuses anything that points outside the source.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .constants import INDEX_NAME, MANIFEST_NAME
+from .errors import SourceError, SourceNotFoundError
+from .tensorfile import TensorInfo, read_header
+
+#: Side files copied next to the weights: configs, tokenizers, chat templates, licenses (top level only).
+SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "LICENSE*", "NOTICE*", "USE_POLICY*")
+#: Weights in formats nf4convert does not read; never copied.
+OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.pkl")
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """One tensor of the source: its shard and where it lies there."""
+
+    shard: Path
+    info: TensorInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+
+@dataclass
+class Source:
+    """A resolved source checkpoint.
+
+    Attributes:
+        root: the folder holding the shards.
+        name: a short name for provenance (the folder or file name, or a Hub repo id).
+        shards: the safetensors files, in order.
+        tensors: every tensor, in shard order then file order.
+        config: ``config.json``'s content, or ``None``.
+        side_files: non-weight files to copy to the output.
+        provenance: extra facts for the manifest (Hub repo and commit, ...).
+    """
+
+    root: Path
+    name: str
+    shards: list[Path]
+    tensors: list[SourceTensor]
+    config: dict[str, Any] | None
+    side_files: list[Path] = field(default_factory=list)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.info.nbytes for t in self.tensors)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def _shards_from_index(root: Path, index_path: Path, containment: Path) -> tuple[list[Path], dict[str, str]]:
+    index = _load_json(index_path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SourceError(f"{index_path}: no weight_map")
+    shards: dict[str, Path] = {}
+    for tensor, filename in weight_map.items():
+        if not isinstance(filename, str) or filename in shards:
+            continue
+        pure = PurePosixPath(filename)
+        if pure.is_absolute() or ".." in pure.parts or "\\" in filename or not filename.endswith(".safetensors"):
+            raise SourceError(f"{index_path}: shard path {filename!r} (for {tensor!r}) is not a file inside the source")
+        path = root / pure
+        if not _inside(path, containment):
+            raise SourceError(f"{index_path}: shard {filename!r} leads outside the source folder")
+        if not path.is_file():
+            raise SourceNotFoundError(f"{index_path}: shard {filename!r} (for {tensor!r}) does not exist")
+        shards[filename] = path
+    return [shards[k] for k in sorted(shards)], weight_map
+
+
+def open_source(path: str | os.PathLike, *, containment: str | os.PathLike | None = None) -> Source:
+    """Resolve a local source: a folder of safetensors shards or a single ``.safetensors`` file.
+
+    Args:
+        path: the folder or file.
+        containment: files the index names must resolve inside this folder (default: the source folder).
+
+    Returns:
+        The :class:`Source`, with every shard header validated.
+
+    Raises:
+        SourceNotFoundError: the path does not exist or holds no safetensors weights.
+        SourceError: a bad index, a shard outside the source, duplicate tensor names, an already quantized model.
+        FormatError: a shard is not valid safetensors.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise SourceNotFoundError(f"{path}: no such file or folder")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise SourceError(f"{path}: not a .safetensors file (pickled weights are never loaded)")
+        root, shards, weight_map, config, side = path.parent, [path], None, None, []
+    else:
+        root = path
+        index_path = root / INDEX_NAME
+        if index_path.is_file():
+            shards, weight_map = _shards_from_index(root, index_path, Path(containment or root))
+        else:
+            shards, weight_map = sorted(p for p in root.glob("*.safetensors") if p.is_file()), None
+        if not shards:
+            others = [p.name for p in root.iterdir() if any(fnmatch.fnmatch(p.name, g) for g in OTHER_WEIGHT_PATTERNS)]
+            hint = f" (found {', '.join(sorted(others)[:3])}: other weight formats are not read)" if others else ""
+            raise SourceNotFoundError(f"{root}: no *.safetensors weights{hint}")
+        config_path = root / "config.json"
+        config = _load_json(config_path) if config_path.is_file() else None
+        if config is not None and not isinstance(config, dict):
+            raise SourceError(f"{config_path}: not a JSON object")
+        if config and config.get("quantization_config"):
+            raise SourceError(f"{config_path}: the model is already quantized ({config['quantization_config'].get('quant_method', '?')})")
+        side = sorted(
+            p
+            for p in root.iterdir()
+            if p.is_file()
+            and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILE_PATTERNS)
+            and p.name not in (INDEX_NAME, MANIFEST_NAME)
+            and _inside(p, Path(containment or root))
+        )
+    tensors: list[SourceTensor] = []
+    owner: dict[str, Path] = {}
+    for shard in shards:
+        infos, _ = read_header(shard)
+        for info in infos.values():
+            if info.name in owner:
+                raise SourceError(f"duplicate tensor {info.name!r} in {owner[info.name].name} and {shard.name}")
+            if weight_map is not None and weight_map.get(info.name) != shard.relative_to(root).as_posix():
+                raise SourceError(f"{shard}: tensor {info.name!r} is not listed for this shard in {INDEX_NAME}")
+            owner[info.name] = shard
+            tensors.append(SourceTensor(shard, info))
+    if weight_map is not None:
+        missing = sorted(set(weight_map) - set(owner))
+        if missing:
+            raise SourceError(f"{INDEX_NAME} lists {missing[0]!r} ({len(missing)} in all) that no shard holds")
+    if not tensors:
+        raise SourceError(f"{path}: the safetensors files hold no tensors")
+    return Source(root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side)

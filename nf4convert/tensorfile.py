@@ -1,0 +1,248 @@
+"""The safetensors container: a validating header reader, zero-copy tensor views, and a header builder.
+
+A safetensors file is an 8-byte little-endian header length N, N bytes of JSON
+(``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}``),
+then the data; offsets are relative to the data's start. The reader rejects
+everything the safetensors specification forbids (holes, overlaps, offsets past
+the end, sizes that disagree with dtype and shape, duplicate names, oversized
+headers) with a :class:`~nf4convert.errors.FormatError` naming the file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .constants import DTYPE_SIZES, MAX_HEADER_BYTES
+from .errors import FormatError
+
+#: safetensors dtype -> torch dtype, for the dtypes this torch knows.
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    name: getattr(torch, attr)
+    for name, attr in {
+        "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+        "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
+        "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
+    }.items()
+    if hasattr(torch, attr)
+}
+SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lies in a safetensors file.
+
+    Attributes:
+        name: the tensor's key.
+        dtype: safetensors dtype string (``"BF16"``, ``"U8"``, ...).
+        shape: the tensor's shape.
+        start: absolute byte offset of its data in the file.
+        end: absolute byte offset one past its data.
+    """
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise FormatError(f"duplicate tensor name {key!r}")
+        seen[key] = value
+    return seen
+
+
+def _parse_entry(name: str, entry: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"tensor {name!r}: entry is not {{dtype, shape, data_offsets}}")
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in DTYPE_SIZES:
+        raise FormatError(f"tensor {name!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise FormatError(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise FormatError(f"tensor {name!r}: bad data_offsets {offsets!r}")
+    if offsets[1] > data_size:
+        raise FormatError(f"tensor {name!r}: data ends at byte {offsets[1]}, past the end of the file (truncated?)")
+    if math.prod(shape) * DTYPE_SIZES[dtype] != offsets[1] - offsets[0]:
+        raise FormatError(f"tensor {name!r}: {offsets[1] - offsets[0]} bytes do not hold {dtype} {shape}")
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Read and validate a safetensors file's header.
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``(tensors, metadata)``: name -> :class:`TensorInfo` in file order, and ``__metadata__`` (or ``{}``).
+
+    Raises:
+        FormatError: the file is not a valid safetensors file; the message names it.
+        OSError: the file cannot be opened.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise FormatError("too short for a safetensors header (truncated?)")
+            n = int.from_bytes(prefix, "little")
+            if n > MAX_HEADER_BYTES:
+                raise FormatError(f"header claims {n} bytes, more than the {MAX_HEADER_BYTES} allowed")
+            if 8 + n > size:
+                raise FormatError(f"header claims {n} bytes but the file has {size - 8} (truncated?)")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise FormatError(f"header is not JSON ({e.__class__.__name__})") from None
+        if not isinstance(header, dict):
+            raise FormatError("header is not a JSON object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise FormatError("__metadata__ is not a map of strings")
+        data_start, data_size = 8 + n, size - 8 - n
+        entries = sorted(
+            ((name, *_parse_entry(name, entry, data_size)) for name, entry in header.items()),
+            key=lambda e: (e[3], e[4]),
+        )
+        position = 0
+        tensors: dict[str, TensorInfo] = {}
+        for name, dtype, shape, begin, end in entries:
+            if begin != position:
+                what = "overlaps the previous tensor" if begin < position else "leaves a hole before it"
+                raise FormatError(f"tensor {name!r}: data at byte {begin} {what}")
+            tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+            position = end
+        if position != data_size:
+            raise FormatError(f"{data_size - position} bytes after the last tensor")
+        return tensors, metadata
+    except FormatError as e:
+        raise FormatError(f"{path}: {e}") from None
+
+
+class SafetensorsFile:
+    """A validated safetensors file, memory-mapped; tensors are zero-copy views.
+
+    Use as a context manager. Views returned by :meth:`tensor` must not outlive it.
+
+    Example:
+        >>> with SafetensorsFile("model.safetensors") as f:          # doctest: +SKIP
+        ...     w = f.tensor("lm_head.weight")
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.tensors, self.metadata = read_header(self.path)
+        with open(self.path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmap the file (left to the garbage collector while a view still uses it)."""
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass
+            self._mmap = None
+
+    def raw(self, name: str) -> memoryview:
+        """The tensor's bytes, without copying."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return memoryview(b"")
+        return memoryview(self._mmap)[info.start : info.end]
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The tensor as a read-only torch view of the mapped file (do not write to it).
+
+        Raises:
+            FormatError: its dtype has no torch equivalent here.
+        """
+        info = self.tensors[name]
+        if info.dtype not in TORCH_DTYPES:
+            raise FormatError(f"{self.path}: tensor {name!r} has dtype {info.dtype}, which this torch cannot read")
+        dtype = TORCH_DTYPES[info.dtype]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "buffer is not writable": the view is read-only by contract
+            flat = torch.frombuffer(self._mmap, dtype=dtype, count=info.numel, offset=info.start)
+        return flat.view(info.shape)
+
+    def release(self, name: str) -> None:
+        """Drop the tensor's pages from this process's memory (they stay in the page cache)."""
+        info = self.tensors[name]
+        page = mmap.PAGESIZE
+        start = info.start // page * page
+        if self._mmap is not None and info.end > start and hasattr(self._mmap, "madvise"):
+            self._mmap.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
+
+def build_header(
+    entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]
+) -> tuple[bytes, dict[str, int]]:
+    """Lay out a safetensors file: the header bytes and each tensor's absolute data offset.
+
+    Tensors are placed by decreasing element size (then in the given order), so every
+    tensor is aligned to its element size with no holes; the header is padded with
+    spaces to a multiple of 8 bytes.
+
+    Args:
+        entries: ``(name, safetensors dtype, shape)`` for each tensor.
+        metadata: the ``__metadata__`` map.
+
+    Returns:
+        ``(header, offsets)``: the bytes to write at offset 0 (length prefix included) and
+        name -> absolute offset of the tensor's data.
+    """
+    order = sorted(range(len(entries)), key=lambda i: (-DTYPE_SIZES[entries[i][1]], i))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    relative: dict[str, int] = {}
+    position = 0
+    for i in order:
+        name, dtype, shape = entries[i]
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [position, position + nbytes]}
+        relative[name] = position
+        position += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    data_start = 8 + len(text)
+    return len(text).to_bytes(8, "little") + text, {k: data_start + v for k, v in relative.items()}

@@ -1,0 +1,201 @@
+"""Streaming conversion of real (tiny, random) transformers checkpoints, checked against transformers + bitsandbytes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from nf4convert.constants import INDEX_NAME, MANIFEST_NAME
+from nf4convert.convert import convert
+from nf4convert.plan import Options
+from nf4convert.read import open_checkpoint
+from nf4convert.write import sha256_file
+
+pytest.importorskip("bitsandbytes")
+transformers = pytest.importorskip("transformers")
+
+
+def load_all(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def on_the_fly(src: Path, *, double_quant: bool, auto_cls=None):
+    """The model transformers + bitsandbytes quantize while loading (the peer's way)."""
+    cls = auto_cls or transformers.AutoModelForCausalLM
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32
+    )
+    return cls.from_pretrained(src, quantization_config=config, device_map="cpu")
+
+
+def no_fused_cpu_path(model: torch.nn.Module) -> torch.nn.Module:
+    """bitsandbytes' AVX512-BF16 CPU path repacks weights on first forward and computes in bf16: compare without it."""
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama_reference(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """transformers' own save_pretrained of the model bitsandbytes quantized on the fly (no double quant), before any forward."""
+    ref = tmp_path_factory.mktemp("ref") / "bnb"
+    on_the_fly(llama_dir, double_quant=False).save_pretrained(ref)
+    return ref
+
+
+def test_without_double_quant_every_tensor_is_byte_identical_to_transformers_save(llama_dir, llama_reference, tmp_path):
+    out = convert(llama_dir, tmp_path / "out", options=Options(double_quant=False, max_shard_size=60_000))
+    ours, theirs = load_all(out), load_all(llama_reference)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert ours[key].dtype == theirs[key].dtype, key
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_with_double_quant_the_4bit_codes_are_identical_and_absmax_within_one_step(llama_dir, tmp_path):
+    ref = tmp_path / "bnb"
+    on_the_fly(llama_dir, double_quant=True).save_pretrained(ref)
+    out = convert(llama_dir, tmp_path / "out")
+    ours, theirs = load_all(out), load_all(ref)
+    assert set(ours) == set(theirs)
+    weights = [k for k in theirs if k.endswith(".weight") and f"{k}.absmax" in theirs]
+    assert weights
+    for key in weights:
+        assert torch.equal(ours[key], theirs[key]), key
+        assert (ours[f"{key}.absmax"].int() - theirs[f"{key}.absmax"].int()).abs().max() <= 1, key
+
+
+def test_output_is_sharded_with_an_index_and_metadata(llama_dir, tmp_path):
+    out = convert(llama_dir, tmp_path / "out", options=Options(max_shard_size=60_000))
+    index = json.loads((out / INDEX_NAME).read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for shard in shards:
+        with safe_open(out / shard, "pt") as f:
+            assert f.metadata() == {"format": "pt", "nf4convert.format": "nf4convert", "nf4convert.version": "1"}
+    # every companion of a quantized weight sits in the same shard as the weight
+    for key, shard in index["weight_map"].items():
+        base = key.split(".weight.")[0] + ".weight" if ".weight." in key else key
+        assert index["weight_map"][base] == shard
+
+
+def test_transformers_loads_the_output_and_its_logits_match_the_on_the_fly_model(llama_dir, tmp_path):
+    out = convert(llama_dir, tmp_path / "out", options=Options(compute_dtype="float32"))
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    ours = no_fused_cpu_path(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
+    peer = no_fused_cpu_path(on_the_fly(llama_dir, double_quant=True))
+    assert type(ours.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    with torch.no_grad():
+        a, b = ours(ids).logits, peer(ids).logits
+    # same 4-bit codes; the absmax differ only by bitsandbytes' machine-dependent double-quant rounding
+    assert torch.allclose(a, b, atol=2e-2, rtol=0)
+
+
+def test_transformers_logits_are_exactly_equal_without_double_quant(llama_dir, tmp_path):
+    out = convert(llama_dir, tmp_path / "out", options=Options(double_quant=False, compute_dtype="float32"))
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    ours = no_fused_cpu_path(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
+    peer = no_fused_cpu_path(on_the_fly(llama_dir, double_quant=False))
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, peer(ids).logits)
+
+
+def test_gpt2_conv1d_weights_are_quantized_transposed_like_transformers(gpt2_dir, tmp_path):
+    ref = tmp_path / "bnb"
+    on_the_fly(gpt2_dir, double_quant=False).save_pretrained(ref)
+    out = convert(gpt2_dir, tmp_path / "out", options=Options(double_quant=False))
+    ours, theirs = load_all(out), load_all(ref)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert all(t["transposed"] for t in manifest["tensors"]["quantized"])
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_bert_encoder_matches_transformers(bert_dir, tmp_path):
+    ref = tmp_path / "bnb"
+    on_the_fly(bert_dir, double_quant=False, auto_cls=transformers.AutoModel).save_pretrained(ref)
+    out = convert(bert_dir, tmp_path / "out", options=Options(double_quant=False))
+    ours, theirs = load_all(out), load_all(ref)
+    assert set(ours) == set(theirs)
+    for key in theirs:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+def test_manifest_records_options_source_hashes_outputs_and_decisions(llama_dir, tmp_path):
+    out = convert(llama_dir, tmp_path / "out", options=Options(skip=("*.mlp.down_proj",)))
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    assert m["format"] == "nf4convert" and m["format_version"] == 1
+    assert m["options"]["blocksize"] == 64 and m["options"]["double_quant"] is True
+    assert m["options"]["compute_dtype"] == "bfloat16"
+    for record in m["source"]["files"]:
+        assert sha256_file(llama_dir / record["name"]) == record["sha256"]
+    names = {r["name"] for r in m["files"]}
+    assert {"config.json", "generation_config.json", "model.safetensors"} <= names
+    for record in m["files"]:
+        assert (out / record["name"]).stat().st_size == record["size"]
+        assert sha256_file(out / record["name"]) == record["sha256"]
+    kept = {t["name"]: t["reason"] for t in m["tensors"]["kept"]}
+    assert kept["model.layers.0.mlp.down_proj.weight"] == "--skip *.mlp.down_proj"
+    assert kept["lm_head.weight"].startswith("output head")
+    assert kept["model.embed_tokens.weight"] == "embedding"
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["llm_int8_skip_modules"] == ["lm_head", "model.embed_tokens", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+def test_quantize_lm_head_quantizes_it_and_transformers_still_loads(llama_dir, tmp_path):
+    out = convert(llama_dir, tmp_path / "out", options=Options(quantize_lm_head=True))
+    ckpt = open_checkpoint(out)
+    assert "lm_head.weight" in ckpt.quant_states
+    model = no_fused_cpu_path(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
+    assert type(model.lm_head).__name__ == "Linear4bit"
+    assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
+
+
+def test_output_is_deterministic(llama_dir, tmp_path):
+    a = convert(llama_dir, tmp_path / "a", kernel="compiled")
+    b = convert(llama_dir, tmp_path / "b", kernel="eager")
+    for f in sorted(p.name for p in a.iterdir()):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+
+
+def test_dry_run_writes_nothing_and_shows_the_plan(llama_dir, tmp_path, cli):
+    code, out, err = cli("convert", llama_dir, tmp_path / "out", "--dry-run")
+    assert code == 0
+    assert "quantize    14 tensors" in out and "output head" in out and "bits/parameter" in out
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cli_convert_then_inspect(llama_dir, tmp_path, cli):
+    code, out, err = cli("convert", llama_dir, tmp_path / "out", "--quiet", "--blocksize", "128", "--no-double-quant")
+    assert (code, out) == (0, "")
+    code, out, _ = cli("inspect", tmp_path / "out", "--json")
+    summary = json.loads(out)
+    assert code == 0 and summary["format_version"] == 1 and summary["options"]["blocksize"] == 128
+    assert summary["quantized"]["tensors"] == 14 and summary["kept"]["tensors"] == 7
+    assert summary["quantized_bits_per_parameter"] == pytest.approx(4 + 32 / 128, abs=0.1)  # + per-tensor quant_map and blob
+    code, out, _ = cli("inspect", tmp_path / "out")
+    assert code == 0 and "nf4convert format v1" in out
+
+
+def test_single_file_source(llama_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    tensors = {"layer.weight": torch.randn(64, 64), "layer.bias": torch.randn(64)}
+    save_file(tensors, tmp_path / "one.safetensors")
+    out = convert(tmp_path / "one.safetensors", tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "nf4convert.json"]
+    assert set(open_checkpoint(out).quant_states) == {"layer.weight"}
