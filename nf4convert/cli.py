@@ -124,7 +124,7 @@ def convert(
         return
     if output is None:
         raise click.UsageError("Missing argument 'OUTPUT'.")
-    check_output(Path(output), source_root=plan.source.root, force=force)
+    check_output(Path(output), source=plan.source.path, force=force)
     if verbose:
         click.echo(f"kernel: {resolve_kernel(kernel)}")
     with tqdm(total=plan.source.nbytes, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:

@@ -138,7 +138,7 @@ def convert(
     """
     plan = plan_conversion(source, options=options)
     src, options = plan.source, plan.options
-    with OutputFolder(Path(output), source_root=src.root, force=force) as out:
+    with OutputFolder(Path(output), source=src.path, force=force) as out:
         kernel = resolve_kernel(kernel)
         handles: dict[Path, SafetensorsFile] = {}
         files = []

@@ -40,6 +40,7 @@ class Source:
     """A resolved source checkpoint.
 
     Attributes:
+        path: what was given: the folder, or the single file.
         root: the folder holding the shards.
         name: a short name for provenance (the folder or file name, or a Hub repo id).
         shards: the safetensors files, in order.
@@ -49,6 +50,7 @@ class Source:
         provenance: extra facts for the manifest (Hub repo and commit, ...).
     """
 
+    path: Path
     root: Path
     name: str
     shards: list[Path]
@@ -158,4 +160,4 @@ def open_source(path: str | os.PathLike, *, containment: str | os.PathLike | Non
             raise SourceError(f"{INDEX_NAME} lists {missing[0]!r} ({len(missing)} in all) that no shard holds")
     if not tensors:
         raise SourceError(f"{path}: the safetensors files hold no tensors")
-    return Source(root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side)
+    return Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side)

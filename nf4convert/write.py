@@ -39,16 +39,16 @@ def file_record(path: Path, name: str) -> dict[str, Any]:
     return {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
-def check_output(target: Path, *, source_root: Path, force: bool = False) -> None:
+def check_output(target: Path, *, source: Path, force: bool = False) -> None:
     """Refuse an output that exists (without ``force``), is a file, or overlaps the source.
 
     Raises:
         OutputError: with the reason.
     """
-    resolved, source = target.resolve(), source_root.resolve()
-    if resolved == source or resolved.is_relative_to(source):
-        raise OutputError(f"{target}: the output folder must not lie inside the source folder {source_root}")
-    if source.is_relative_to(resolved):
+    resolved, src = target.resolve(), source.resolve()
+    if resolved == src or resolved.is_relative_to(src):
+        raise OutputError(f"{target}: the output folder must not lie inside the source folder {source}")
+    if src.is_relative_to(resolved):
         raise OutputError(f"{target}: the output folder must not contain the source")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder")
@@ -65,8 +65,8 @@ class OutputFolder:
         OutputError: as :func:`check_output`, or the partial folder cannot be created.
     """
 
-    def __init__(self, target: Path, *, source_root: Path, force: bool = False) -> None:
-        check_output(target, source_root=source_root, force=force)
+    def __init__(self, target: Path, *, source: Path, force: bool = False) -> None:
+        check_output(target, source=source, force=force)
         self.target = target
         self.partial = target.with_name(target.name + PARTIAL_SUFFIX)
         if self.partial.exists():

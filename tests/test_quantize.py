@@ -1,0 +1,196 @@
+"""The quantizer against bitsandbytes itself, bit for bit, on every dtype, blocksize and edge case."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from nf4convert.constants import BLOCKSIZES, DYNAMIC_MAP, NF4_CODE
+from nf4convert.errors import QuantizationError
+from nf4convert.quantize import (
+    NF4_THRESHOLDS,
+    NF4Weight,
+    dequantize,
+    dequantize_absmax,
+    double_quantize,
+    exact_mean,
+    quantize_nf4,
+    quantize_weight,
+)
+
+F = pytest.importorskip("bitsandbytes.functional")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+KERNELS = ["compiled", "eager"]
+
+
+def bnb(w: torch.Tensor, blocksize: int):
+    return F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+
+
+def assert_same_as_bnb(w: torch.Tensor, blocksize: int, kernel: str) -> None:
+    packed, absmax = quantize_nf4(w, blocksize=blocksize, kernel=kernel)
+    ref, state = bnb(w, blocksize)
+    assert packed.dtype == torch.uint8 and packed.shape == ref.shape
+    assert torch.equal(packed, ref)
+    assert torch.equal(absmax, state.absmax)
+    assert torch.equal(dequantize(NF4Weight(packed, absmax, tuple(w.shape), w.dtype, blocksize)), F.dequantize_4bit(ref, state))
+
+
+def test_code_table_is_bitsandbytes_nf4():
+    assert torch.equal(torch.tensor(NF4_CODE, dtype=torch.float32), F.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(torch.tensor(DYNAMIC_MAP, dtype=torch.float32), F.create_dynamic_map(signed=True).float())
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("blocksize", BLOCKSIZES)
+def test_random_weights_are_bit_identical(kernel, dtype, blocksize):
+    torch.manual_seed(blocksize)
+    # a full-chunk tensor, and one whose last block is partial and whose numel is odd
+    for shape in [(256, 4096 + blocksize), (3, 1001)]:
+        assert_same_as_bnb((torch.randn(shape) * 0.02).to(dtype), blocksize, kernel)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_values_exactly_on_the_thresholds_go_to_the_lower_code(kernel, dtype):
+    # a leading 1.0 makes absmax 1, so scaled == value: every threshold, its float32 neighbours, and the codes
+    t = NF4_THRESHOLDS
+    up, down = torch.nextafter(t, torch.tensor(2.0)), torch.nextafter(t, torch.tensor(-2.0))
+    values = torch.cat([torch.ones(1), t, up, down, torch.tensor(NF4_CODE)])
+    assert_same_as_bnb(torch.cat([values, torch.zeros(64 - values.numel())]).to(dtype), 64, kernel)
+    packed, _ = quantize_nf4(torch.cat([torch.ones(1), t[3:4]]).repeat(32), blocksize=64, kernel=kernel)
+    assert packed[0, 0] == (15 << 4) | 3  # the tie t[3] = (c[3] + c[4]) / 2 goes to code 3
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_adversarial_blocks(kernel, dtype):
+    finfo = torch.finfo(dtype)
+    blocks = [
+        torch.zeros(64),  # all-zero block: absmax 0, codes 7
+        torch.full((64,), finfo.tiny / 4),  # subnormals
+        torch.linspace(-1, 1, 64) * finfo.max,  # huge magnitudes
+        torch.full((64,), -finfo.max),
+        torch.randn(64) * 1e-30,
+        torch.cat([torch.full((63,), 1e-3), torch.tensor([1e3])]),  # one outlier
+        torch.tensor([-1.0, 1.0] * 32),
+    ]
+    w = torch.stack(blocks).to(dtype)
+    assert_same_as_bnb(w, 64, kernel)
+    assert_same_as_bnb(torch.cat([w.reshape(-1), torch.zeros(7, dtype=dtype)]), 64, kernel)  # all-zero partial block
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_weights_are_refused_naming_the_tensor_and_place(bad):
+    w = torch.randn(4, 64)
+    w[2, 5] = bad
+    with pytest.raises(QuantizationError, match=r"layer\.weight: contains NaN or Inf \(first in elements 128\.\.191\)"):
+        quantize_nf4(w, name="layer.weight")
+
+
+def test_bad_blocksize_and_dtype_are_refused():
+    with pytest.raises(QuantizationError, match="invalid blocksize 48"):
+        quantize_nf4(torch.randn(64), blocksize=48)
+    with pytest.raises(QuantizationError, match="cannot quantize dtype torch.int8"):
+        quantize_nf4(torch.zeros(64, dtype=torch.int8))
+    with pytest.raises(QuantizationError, match="unknown kernel"):
+        quantize_nf4(torch.zeros(64), kernel="fast")
+
+
+def test_exact_mean_is_the_rounded_exact_rational_mean():
+    torch.manual_seed(0)
+    values = torch.cat([torch.rand(100_000) * 10, torch.tensor([0.0, 1e-40, 3e38])]).float()
+    exact = sum(Fraction(v) for v in values.tolist()) / values.numel()
+    assert exact_mean(values) == float(np.float32(float(exact)))
+
+
+def test_exact_mean_does_not_depend_on_threads():
+    torch.manual_seed(0)
+    values = torch.rand(3_000_000).float()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = exact_mean(values), values.mean().item()
+        torch.set_num_threads(max(2, threads))
+        many = exact_mean(values), values.mean().item()
+    finally:
+        torch.set_num_threads(threads)
+    assert one[0] == many[0]
+
+
+def reference_double_quant(absmax: torch.Tensor) -> tuple[list[int], list[float], float]:
+    """The spec's section 3, written out element by element in plain Python and numpy."""
+    f32 = np.float32
+    offset = f32(float(sum(Fraction(float(v)) for v in absmax.tolist()) / absmax.numel()))
+    v = [f32(f32(a) - offset) for a in absmax.tolist()]
+    dyn = [f32(d) for d in DYNAMIC_MAP]
+    mids = [f32((dyn[i] + dyn[i + 1]) / f32(2)) for i in range(255)]
+    codes, nested = [], []
+    for start in range(0, len(v), 256):
+        block = v[start : start + 256]
+        m = max(abs(x) for x in block)
+        partial = len(block) < 256
+        if partial:
+            m = max(m, f32(1e-38))
+            scaled = [min(max(f32(x / m), f32(-1)), f32(1)) for x in block]
+        else:
+            r = f32(f32(1) / max(m, f32(1e-38)))
+            scaled = [min(max(f32(x * r), f32(-1)), f32(1)) for x in block]
+        nested.append(float(m))
+        codes += [sum(1 for t in mids if t < s) for s in scaled]
+    return codes, nested, float(offset)
+
+
+def test_double_quant_matches_the_spec_reference_exactly():
+    torch.manual_seed(3)
+    absmax = (torch.rand(700) * 0.1).float()  # a partial last nested block
+    absmax[::97] = 0.0
+    q, nested, offset = double_quantize(absmax)
+    codes, ref_nested, ref_offset = reference_double_quant(absmax)
+    assert offset == ref_offset
+    assert q.tolist() == codes
+    assert nested.tolist() == ref_nested
+
+
+def test_double_quant_is_within_one_8bit_step_of_bitsandbytes():
+    torch.manual_seed(4)
+    w = (torch.randn(512, 1024) * 0.02).to(torch.bfloat16)
+    q = quantize_weight(w, double_quant=True)
+    ref, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+    assert torch.equal(q.packed, ref)
+    ours = dequantize_absmax(q.absmax, q.nested_absmax, q.offset)
+    theirs = F.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    dyn = torch.tensor(DYNAMIC_MAP)
+    step = (dyn[1:] - dyn[:-1]).max() * q.nested_absmax.repeat_interleave(256)[: ours.numel()]
+    assert ((ours - theirs).abs() <= step + 1e-7).all()
+    assert (q.absmax.int() - state.absmax.int()).abs().max() <= 1
+    assert abs(q.offset - state.offset.item()) <= 1e-6 * abs(q.offset)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_values_are_fixed_points_of_quantize_dequantize(dtype, double_quant):
+    torch.manual_seed(5)
+    q = quantize_weight((torch.randn(64, 300) * 0.05).to(dtype), double_quant=double_quant, blocksize=64)
+    again = quantize_weight(dequantize(q), double_quant=double_quant, blocksize=64)
+    assert torch.equal(again.packed, q.packed)
+
+
+def test_quantization_does_not_depend_on_threads():
+    torch.manual_seed(6)
+    w = torch.randn(1024, 2048).to(torch.bfloat16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        a = quantize_weight(w)
+        torch.set_num_threads(max(2, threads))
+        b = quantize_weight(w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax) and a.offset == b.offset
+    assert torch.equal(a.nested_absmax, b.nested_absmax)
