@@ -37,7 +37,7 @@ def assert_same_as_bnb(w: torch.Tensor, blocksize: int, kernel: str) -> None:
     assert packed.dtype == torch.uint8 and packed.shape == ref.shape
     assert torch.equal(packed, ref)
     assert torch.equal(absmax, state.absmax)
-    assert torch.equal(dequantize(NF4Weight(packed, absmax, tuple(w.shape), w.dtype, blocksize)), F.dequantize_4bit(ref, state))
+    assert torch.equal(dequantize(NF4Weight(packed, absmax, tuple(w.shape), w.dtype, blocksize)), F.dequantize_4bit(ref, state).reshape(w.shape))
 
 
 def test_code_table_is_bitsandbytes_nf4():
