@@ -145,16 +145,13 @@ def convert(
         try:
             for name, shard in zip(plan.shard_names(), plan.shards):
                 entries = [e for t in shard for e in t.outputs]
-                writer = ShardWriter(out.path(name), entries, METADATA)
-                try:
+                with ShardWriter(out.path(name), entries, METADATA) as writer:
                     for t in shard:
                         f = handles.get(t.source.shard) or handles.setdefault(t.source.shard, SafetensorsFile(t.source.shard))
                         _write_tensor(f, t, writer, options=options, kernel=kernel, device=device)
                         f.release(t.name)
                         if progress:
                             progress(t.source.info.nbytes)
-                finally:
-                    writer.close()
                 files.append(file_record(out.path(name), name))
         finally:
             for f in handles.values():

@@ -116,7 +116,8 @@ class ShardWriter:
     """Writes one safetensors shard whose layout is known up front.
 
     The header is written first, the file is sized, and each tensor's bytes go to their
-    planned offset (in any order). :meth:`close` checks that every tensor was written and syncs.
+    planned offset (in any order). Leaving it as a context manager checks that every tensor was
+    written and syncs the file.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
@@ -142,12 +143,15 @@ class ShardWriter:
         self._pwrite(view, self.offsets[name])
         self.pending.discard(name)
 
-    def close(self) -> None:
-        """Sync and close; every planned tensor must have been written."""
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        """On success check that every planned tensor was written and sync; always close."""
         try:
-            if self.pending:
-                raise FormatError(f"{self.path.name}: tensors not written: {', '.join(sorted(self.pending)[:3])}")
-            os.fsync(self.fd)
+            if exc_type is None:
+                if self.pending:
+                    raise FormatError(f"{self.path.name}: tensors not written: {', '.join(sorted(self.pending)[:3])}")
+                os.fsync(self.fd)
         finally:
             os.close(self.fd)
-

@@ -1,0 +1,199 @@
+"""Bad input: a one-line error naming the file or tensor, a non-zero exit, and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nf4convert.errors import FormatError, NF4ConvertError, SourceError
+from nf4convert.tensorfile import read_header
+
+
+def model_folder(root: Path, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    save_file(tensors or {"a.weight": torch.randn(64, 64), "a.bias": torch.randn(64)}, root / "model.safetensors")
+    (root / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return root
+
+
+def assert_refused(cli, tmp_path: Path, source: Path, *, match: str, code: int | None = None, extra: tuple = ()) -> None:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    rc, out, err = cli("convert", source, tmp_path / "out", "--quiet", *extra)
+    assert rc != 0 and (code is None or rc == code)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("nf4convert: error: "), err
+    assert match in lines[0], lines[0]
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no output, no partial folder
+
+
+def test_missing_source(cli, tmp_path):
+    assert_refused(cli, tmp_path, tmp_path / "nope", match="nope: no such file or folder", code=2)
+
+
+def test_empty_folder(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert_refused(cli, tmp_path, tmp_path / "empty", match="no *.safetensors weights")
+
+
+def test_pickled_weights_only_are_not_read(cli, tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    assert_refused(cli, tmp_path, tmp_path / "src", match="pytorch_model.bin: other weight formats are not read")
+    assert_refused(cli, tmp_path, tmp_path / "src" / "pytorch_model.bin", match="not a .safetensors file")
+
+
+def test_truncated_shard(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert_refused(cli, tmp_path, src, match="model.safetensors: tensor", code=3)
+
+
+@pytest.mark.parametrize(
+    "header, match",
+    [
+        (b"not json at all", "header is not JSON"),
+        (b"[1, 2, 3]", "header is not a JSON object"),
+        (b'{"a.weight": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}', "unknown dtype 'Q9'"),
+        (b'{"a.weight": {"dtype": "F32", "shape": [-4], "data_offsets": [0, 16]}}', "shape [-4] is not a list of non-negative"),
+        (b'{"a.weight": {"dtype": "F32", "shape": [1000000, 1000000], "data_offsets": [0, 16]}}', "do not hold F32"),
+        (b'{"a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}', "overlaps"),
+        (b'{"a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}, "a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [16, 32]}}', "duplicate tensor name"),
+        (b'{"a.weight": {"dtype": "F32", "shape": [4], "data_offsets": [0, 4096]}}', "past the end of the file"),
+    ],
+)
+def test_corrupt_headers(cli, tmp_path, header, match):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(32))
+    assert_refused(cli, tmp_path, src, match=match, code=3)
+
+
+def test_header_length_larger_than_the_file_or_the_limit(tmp_path):
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(FormatError, match="more than the 100000000 allowed"):
+        read_header(path)
+    path.write_bytes(struct.pack("<Q", 1000) + b"{}")
+    with pytest.raises(FormatError, match="truncated"):
+        read_header(path)
+    path.write_bytes(b"\x01\x02")
+    with pytest.raises(FormatError, match="too short"):
+        read_header(path)
+
+
+def write_index(src: Path, weight_map: dict[str, str]) -> None:
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_index_names_a_missing_shard(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    write_index(src, {"a.weight": "model.safetensors", "a.bias": "model-00002-of-00002.safetensors"})
+    assert_refused(cli, tmp_path, src, match="shard 'model-00002-of-00002.safetensors' (for 'a.bias') does not exist")
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/passwd.safetensors", "sub/../../x.safetensors"])
+def test_index_paths_outside_the_source_are_refused(cli, tmp_path, shard):
+    src = model_folder(tmp_path / "src")
+    save_file({"x": torch.zeros(1)}, tmp_path / "outside.safetensors")
+    write_index(src, {"a.weight": "model.safetensors", "a.bias": shard})
+    assert_refused(cli, tmp_path, src, match="is not a file inside the source")
+
+
+def test_symlinked_shard_leaving_the_source_is_refused(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    save_file({"a.bias": torch.zeros(64)}, tmp_path / "elsewhere.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", src / "model-2.safetensors")
+    write_index(src, {"a.weight": "model.safetensors", "a.bias": "model-2.safetensors"})
+    assert_refused(cli, tmp_path, src, match="leads outside the source folder")
+
+
+def test_index_that_disagrees_with_the_shards(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    write_index(src, {"a.weight": "model.safetensors"})
+    assert_refused(cli, tmp_path, src, match="'a.bias' is not listed for this shard")
+    write_index(src, {"a.weight": "model.safetensors", "a.bias": "model.safetensors", "ghost": "model.safetensors"})
+    assert_refused(cli, tmp_path, src, match="lists 'ghost'")
+
+
+def test_duplicate_tensor_names_across_shards(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    save_file({"a.bias": torch.zeros(64)}, src / "model-extra.safetensors")
+    assert_refused(cli, tmp_path, src, match="duplicate tensor 'a.bias' in model-extra.safetensors and model.safetensors")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_leaves_no_partial_output(cli, tmp_path, bad):
+    w = torch.randn(128, 64)
+    w[100, 3] = bad
+    src = model_folder(tmp_path / "src", {"good.weight": torch.randn(64, 64), "bad.weight": w})
+    assert_refused(cli, tmp_path, src, match="bad.weight: contains NaN or Inf (first in elements 6400..6463)", code=4)
+
+
+def test_existing_output_is_refused_without_force_and_replaced_with_it(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    assert_refused(cli, tmp_path, src, match="already exists (use --force to replace it)", code=5)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    rc, _, err = cli("convert", src, tmp_path / "out", "--quiet", "--force")
+    assert rc == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "nf4convert.json"]
+
+
+def test_output_inside_the_source_is_refused(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    rc, _, err = cli("convert", src, src / "nf4", "--quiet")
+    assert rc == 5 and "must not lie inside the source folder" in err
+    assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_already_quantized_source_is_refused(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    (src / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "bitsandbytes"}}))
+    assert_refused(cli, tmp_path, src, match="already quantized (bitsandbytes)")
+
+
+def test_bad_config_json(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    (src / "config.json").write_text("{not json")
+    assert_refused(cli, tmp_path, src, match="config.json: not valid JSON")
+
+
+def test_nothing_to_quantize(cli, tmp_path):
+    src = model_folder(tmp_path / "src", {"norm.weight": torch.ones(64)})
+    assert_refused(cli, tmp_path, src, match="no tensor to quantize", code=4)
+
+
+def test_every_error_is_a_nf4convert_error_and_a_builtin():
+    assert issubclass(SourceError, ValueError) and issubclass(SourceError, NF4ConvertError)
+    from nf4convert.errors import OutputError, SourceNotFoundError
+
+    assert issubclass(SourceNotFoundError, FileNotFoundError) and issubclass(OutputError, OSError)
+
+
+def test_debug_flag_shows_the_traceback(tmp_path):
+    from nf4convert.cli import main
+    from nf4convert.errors import SourceNotFoundError
+
+    with pytest.raises(SourceNotFoundError):
+        main(["--debug", "convert", str(tmp_path / "nope"), str(tmp_path / "out")])
+
+
+def test_console_script_exits_non_zero_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run(
+        [sys.executable, "-m", "nf4convert", "convert", str(tmp_path / "nope"), str(tmp_path / "out")],
+        capture_output=True, text=True,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"nf4convert: error: {tmp_path / 'nope'}: no such file or folder"
