@@ -1,0 +1,80 @@
+"""Regenerate spec/vectors/vectors.json: small inputs and the exact bytes the format stores for them.
+
+The 4-bit codes and float32 absmax are checked against bitsandbytes before they are
+written (it must be installed); the double-quantized fields follow the spec's
+deterministic definition. Run: python scripts/make_vectors.py
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import bitsandbytes.functional as F
+import torch
+
+from nf4convert.constants import NF4_CODE
+from nf4convert.layout import QuantState, encode_quant_state
+from nf4convert.quantize import NF4_THRESHOLDS, quantize_weight
+
+OUT = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "vectors.json"
+
+
+def hexbytes(t: torch.Tensor) -> str:
+    return t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes().hex()
+
+
+def cases() -> list[tuple[str, torch.Tensor, int, bool]]:
+    g = torch.Generator().manual_seed(20261124)
+    ties = torch.cat([torch.ones(1), NF4_THRESHOLDS, torch.tensor(NF4_CODE)])
+    ties = torch.cat([ties, torch.zeros(64 - ties.numel())])
+    edge = torch.cat([torch.zeros(64), torch.full((64,), 1e-40), torch.linspace(-1, 1, 64) * 3e38, torch.zeros(5)])
+    return [
+        ("bf16_4x64_bs64", torch.randn(4, 64, generator=g).to(torch.bfloat16), 64, False),
+        ("f16_3x33_bs32_partial_odd", (torch.randn(3, 33, generator=g) * 0.02).to(torch.float16), 32, False),
+        ("f32_thresholds_ties_bs64", ties.reshape(1, 64), 64, False),
+        ("f32_zero_subnormal_huge_partial", edge.reshape(1, -1), 64, False),
+        ("bf16_4x4096_bs64_double_quant", (torch.randn(4, 4096, generator=g) * 0.03).to(torch.bfloat16), 64, True),
+        ("f32_3x3000_bs32_double_quant_partial", torch.randn(3, 3000, generator=g) * 0.1, 32, True),
+        ("f16_2x4196_bs4096_double_quant", torch.randn(2, 4196, generator=g).to(torch.float16), 4096, True),
+    ]
+
+
+def main() -> None:
+    vectors = []
+    for name, w, blocksize, double_quant in cases():
+        q = quantize_weight(w, blocksize=blocksize, double_quant=double_quant)
+        ref, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+        plain = quantize_weight(w, blocksize=blocksize, double_quant=False)
+        assert torch.equal(q.packed, ref) and torch.equal(plain.absmax, state.absmax), name
+        dtype = str(w.dtype).removeprefix("torch.")
+        blob = encode_quant_state(QuantState(tuple(w.shape), dtype, blocksize, q.offset))
+        case = {
+            "name": name,
+            "dtype": dtype,
+            "shape": list(w.shape),
+            "blocksize": blocksize,
+            "double_quant": double_quant,
+            "input": hexbytes(w),
+            "weight": hexbytes(q.packed),
+            "absmax": hexbytes(q.absmax),
+            "quant_state": blob.decode(),
+        }
+        if double_quant:
+            case["nested_absmax"] = hexbytes(q.nested_absmax)
+            case["offset"] = float(q.offset).hex()
+        assert len(case["weight"]) == 2 * ((math.prod(w.shape) + 1) // 2)
+        vectors.append(case)
+    text = {
+        "description": "nf4convert format v1 test vectors: little-endian input bytes and the exact stored bytes (hex). "
+        "See spec/FORMAT.md, section 10.",
+        "format_version": 1,
+        "vectors": vectors,
+    }
+    OUT.write_text(json.dumps(text, indent=1) + "\n")
+    print(f"wrote {len(vectors)} vectors to {OUT}")
+
+
+if __name__ == "__main__":
+    main()

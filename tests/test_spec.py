@@ -1,0 +1,90 @@
+"""spec/FORMAT.md and the code agree: its tables equal the constants, its vectors equal the quantizer's bytes."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nf4convert.constants import DYNAMIC_MAP, FORMAT_VERSION, NF4_CODE
+from nf4convert.layout import QuantState, decode_quant_state, encode_quant_state
+from nf4convert.quantize import NF4_THRESHOLDS, NF4Weight, dequantize, quantize_weight
+
+SPEC = Path(__file__).resolve().parent.parent / "spec"
+TEXT = (SPEC / "FORMAT.md").read_text()
+VECTORS = json.loads((SPEC / "vectors" / "vectors.json").read_text())
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def table(name: str) -> list[list[str]]:
+    body = re.search(rf"<!-- table:{name} -->\n(.*?)<!-- end -->", TEXT, re.S).group(1)
+    rows = [r.strip().strip("|").split("|") for r in body.strip().splitlines()[2:]]
+    return [[c.strip() for c in r] for r in rows]
+
+
+def bits(value: float) -> int:
+    return int(np.float32(value).view(np.uint32))
+
+
+def test_spec_names_the_current_version():
+    assert f"# nf4convert on-disk format, version {FORMAT_VERSION}" in TEXT
+
+
+def test_code_table_in_spec_equals_constants():
+    rows = table("nf4_code")
+    assert [int(r[0]) for r in rows] == list(range(16))
+    assert [int(r[2], 16) for r in rows] == [bits(v) for v in NF4_CODE]
+    assert [np.float32(r[1]) for r in rows] == [np.float32(v) for v in NF4_CODE]
+
+
+def test_threshold_table_in_spec_equals_the_midpoints():
+    rows = table("nf4_thresholds")
+    assert [int(r[2], 16) for r in rows] == [bits(v) for v in NF4_THRESHOLDS.tolist()]
+
+
+def test_dynamic_map_in_spec_equals_constants():
+    values = [int(h, 16) for r in table("dynamic_map") for h in r[1].split()]
+    assert values == [bits(v) for v in DYNAMIC_MAP]
+
+
+@pytest.mark.parametrize("case", VECTORS["vectors"], ids=lambda c: c["name"])
+def test_vectors(case):
+    dtype = DTYPES[case["dtype"]]
+    w = torch.frombuffer(bytearray.fromhex(case["input"]), dtype=dtype).reshape(case["shape"])
+    q = quantize_weight(w, blocksize=case["blocksize"], double_quant=case["double_quant"])
+    assert q.packed.numpy().tobytes().hex() == case["weight"]
+    assert q.absmax.numpy().tobytes().hex() == case["absmax"]
+    state = QuantState(tuple(case["shape"]), case["dtype"], case["blocksize"], q.offset)
+    assert encode_quant_state(state).decode() == case["quant_state"]
+    if case["double_quant"]:
+        assert q.nested_absmax.numpy().tobytes().hex() == case["nested_absmax"]
+        assert float(q.offset).hex() == case["offset"]
+    # a reader that sees only the stored bytes rebuilds the same weight
+    parsed = decode_quant_state(case["quant_state"].encode(), where=case["name"])
+    stored = NF4Weight(
+        torch.frombuffer(bytearray.fromhex(case["weight"]), dtype=torch.uint8).reshape(-1, 1),
+        torch.frombuffer(bytearray.fromhex(case["absmax"]), dtype=torch.uint8 if parsed.nested else torch.float32),
+        parsed.shape, dtype, parsed.blocksize,
+        torch.frombuffer(bytearray.fromhex(case["nested_absmax"]), dtype=torch.float32) if parsed.nested else None,
+        parsed.offset,
+    )
+    assert torch.equal(dequantize(stored), dequantize(q))
+    assert math.prod(parsed.shape) == w.numel()
+
+
+def test_blob_without_double_quant_is_what_bitsandbytes_writes():
+    from bitsandbytes.utils import pack_dict_to_tensor
+
+    state = QuantState((4096, 11008), "bfloat16", 64)
+    ref = pack_dict_to_tensor({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": (4096, 11008)})
+    assert encode_quant_state(state) == bytes(ref.tolist())
+
+
+def test_blob_offset_has_a_fixed_length():
+    lengths = {len(encode_quant_state(QuantState((8, 8), "float16", 64, o))) for o in (0.0, 1e-30, 0.05, 3.4e38)}
+    assert len(lengths) == 1
