@@ -161,15 +161,16 @@ def convert(
             index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
             _write_json(out.path(INDEX_NAME), index)
             files.append(file_record(out.path(INDEX_NAME), INDEX_NAME))
-        for side in src.side_files:
-            if side.name != "config.json":
-                shutil.copyfile(side, out.path(side.name))
+        names = [p.relative_to(src.root).as_posix() for p in src.side_files]
+        for side, name in zip(src.side_files, names):
+            out.path(name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(side, out.path(name))
         if src.config is not None:
+            names.append("config.json")
             _write_json(out.path("config.json"), {**src.config, "quantization_config": plan.quantization_config()})
-        files += [file_record(out.path(p.name), p.name) for p in src.side_files if p.name != "config.json"]
-        if src.config is not None:
-            files.append(file_record(out.path("config.json"), "config.json"))
-        source_files = [file_record(p, p.relative_to(src.root).as_posix()) for p in [*src.shards, *src.side_files]]
+        files += [file_record(out.path(name), name) for name in names]
+        inputs = [*src.shards, *src.side_files] + ([src.root / "config.json"] if src.config is not None else [])
+        source_files = sorted((file_record(p, p.relative_to(src.root).as_posix()) for p in inputs), key=lambda r: r["name"])
         _write_json(out.path(MANIFEST_NAME), manifest(plan, files=sorted(files, key=lambda r: r["name"]), source_files=source_files))
         return out.commit()
 

@@ -17,7 +17,8 @@ from .constants import INDEX_NAME, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
 from .tensorfile import TensorInfo, read_header
 
-#: Side files copied next to the weights: configs, tokenizers, chat templates, licenses (top level only).
+#: Side files copied next to the weights: configs, tokenizers, chat templates, licenses (subfolders too,
+#: e.g. sentence-transformers' ``1_Pooling/config.json``; hidden folders are skipped).
 SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "LICENSE*", "NOTICE*", "USE_POLICY*")
 #: Weights in formats nf4convert does not read; never copied.
 OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.pkl")
@@ -46,7 +47,7 @@ class Source:
         shards: the safetensors files, in order.
         tensors: every tensor, in shard order then file order.
         config: ``config.json``'s content, or ``None``.
-        side_files: non-weight files to copy to the output.
+        side_files: non-weight files to copy to the output (``config.json`` is rewritten, not copied).
         provenance: extra facts for the manifest (Hub repo and commit, ...).
     """
 
@@ -137,10 +138,11 @@ def open_source(path: str | os.PathLike, *, containment: str | os.PathLike | Non
             raise SourceError(f"{config_path}: the model is already quantized ({config['quantization_config'].get('quant_method', '?')})")
         side = sorted(
             p
-            for p in root.iterdir()
+            for p in root.rglob("*")
             if p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILE_PATTERNS)
-            and p.name not in (INDEX_NAME, MANIFEST_NAME)
+            and p.relative_to(root).as_posix() not in (INDEX_NAME, MANIFEST_NAME, "config.json")
             and _inside(p, Path(containment or root))
         )
     tensors: list[SourceTensor] = []
