@@ -1,16 +1,21 @@
 """The conversion pipeline: source -> plan -> quantize -> write.
 
-Tensors are read one at a time from memory-mapped shards, quantized or copied,
-written at their planned offset, and their pages released: peak memory is about
-one tensor, whatever the model's size.
+Tensors are read one at a time from memory-mapped shards and quantized in the
+calling thread; a writer thread writes them at their planned offset, hashes the
+source bytes in file order and releases their pages, and a third thread hashes
+finished output shards. At most a few tensors are in flight: peak memory does not
+grow with the model's size.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +25,14 @@ from . import __version__
 from .constants import DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, METADATA, NF4_CODE
 from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
-from .quantize import quantize_weight, resolve_kernel
+from .quantize import quantize_weight
 from .source import Source, open_source
 from .tensorfile import SafetensorsFile
 from .write import OutputFolder, ShardWriter, file_record
 
 Progress = Callable[[int], None]
+#: Tensors quantized ahead of the writer thread: bounds memory to a few tensors.
+_MAX_PENDING = 2
 
 _NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
 _DYNAMIC_TABLE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
@@ -41,26 +48,82 @@ def plan_conversion(source: str | os.PathLike | Source, *, options: Options | No
     return make_plan(src, options or Options())
 
 
-def _write_tensor(
-    f: SafetensorsFile, t: PlannedTensor, writer: ShardWriter, *, options: Options, kernel: str, device: str
-) -> None:
+def _tensor_outputs(f: SafetensorsFile, t: PlannedTensor, *, options: Options, kernel: str, device: str) -> dict[str, Any]:
+    """The output tensors of one source tensor: its own bytes if kept, the NF4 parts if quantized."""
     if not t.quantize:
-        writer.write(t.name, f.raw(t.name))
-        return
+        return {t.name: f.raw(t.name)}
     weight = f.tensor(t.name)
     if t.transpose:
         weight = weight.t()
     if weight.device.type != device or t.transpose:
         weight = weight.to(device).contiguous()
     q = quantize_weight(weight, blocksize=options.blocksize, double_quant=options.double_quant, kernel=kernel, name=t.name)
-    del weight
     parts: dict[str, Any] = {t.name: q.packed, f"{t.name}.absmax": q.absmax, f"{t.name}.quant_map": _NF4_TABLE}
     if q.nested:
         parts[f"{t.name}.nested_absmax"] = q.nested_absmax
         parts[f"{t.name}.nested_quant_map"] = _DYNAMIC_TABLE
     parts[t.outputs[-1][0]] = memoryview(encode_quant_state(t.quant_state(options, q.offset)))
+    return parts
+
+
+class _SourceShard:
+    """An open source shard and the sha256 of its bytes, fed in file order as tensors are done."""
+
+    def __init__(self, path: Path) -> None:
+        self.file = SafetensorsFile(path)
+        self.hash = hashlib.sha256(self.file.header_bytes())
+
+    def done(self, t: PlannedTensor) -> None:
+        self.hash.update(self.file.raw(t.name))
+        self.file.release(t.name)
+
+
+def _store(writer: ShardWriter, parts: dict[str, Any], shard: _SourceShard, t: PlannedTensor, progress: Progress | None) -> None:
     for key, value in parts.items():
         writer.write(key, value)
+    shard.done(t)
+    if progress:
+        progress(t.source.info.nbytes)
+
+
+def _finish(writer: ShardWriter, hashing: ThreadPoolExecutor, name: str) -> Future:
+    writer.finish()
+    return hashing.submit(file_record, writer.path, name)
+
+
+def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str, progress: Progress | None) -> tuple[list, list]:
+    """Quantize in this thread while a writer thread writes, hashes the source and releases pages,
+    and a third thread hashes finished shards. Returns the output and source shard records."""
+    sources: dict[Path, _SourceShard] = {}
+    writers: list[ShardWriter] = []
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="nf4-write") as io, ThreadPoolExecutor(1, thread_name_prefix="nf4-hash") as hashing:
+            pending: deque[Future] = deque()
+            records: list[Future] = []
+            for name, shard in zip(plan.shard_names(), plan.shards):
+                writer = ShardWriter(out.path(name), [e for t in shard for e in t.outputs], METADATA)
+                writers.append(writer)
+                for t in shard:
+                    src = sources.get(t.source.shard) or sources.setdefault(t.source.shard, _SourceShard(t.source.shard))
+                    parts = _tensor_outputs(src.file, t, options=plan.options, kernel=kernel, device=device)
+                    pending.append(io.submit(_store, writer, parts, src, t, progress))
+                    del parts
+                    while len(pending) > _MAX_PENDING:
+                        pending.popleft().result()
+                records.append(io.submit(_finish, writer, hashing, name))
+            for job in pending:
+                job.result()
+            outputs = [r.result().result() for r in records]
+        source_records = [
+            {"name": path.relative_to(plan.source.root).as_posix(), "size": path.stat().st_size, "sha256": s.hash.hexdigest()}
+            for path, s in sources.items()
+        ]
+        return outputs, source_records
+    finally:
+        for w in writers:
+            w.close()
+        for s in sources.values():
+            s.file.close()
 
 
 def manifest(plan: Plan, *, files: list[dict[str, Any]], source_files: list[dict[str, Any]]) -> dict[str, Any]:
@@ -139,23 +202,7 @@ def convert(
     plan = plan_conversion(source, options=options)
     src, options = plan.source, plan.options
     with OutputFolder(Path(output), source=src.path, force=force) as out:
-        kernel = resolve_kernel(kernel)
-        handles: dict[Path, SafetensorsFile] = {}
-        files = []
-        try:
-            for name, shard in zip(plan.shard_names(), plan.shards):
-                entries = [e for t in shard for e in t.outputs]
-                with ShardWriter(out.path(name), entries, METADATA) as writer:
-                    for t in shard:
-                        f = handles.get(t.source.shard) or handles.setdefault(t.source.shard, SafetensorsFile(t.source.shard))
-                        _write_tensor(f, t, writer, options=options, kernel=kernel, device=device)
-                        f.release(t.name)
-                        if progress:
-                            progress(t.source.info.nbytes)
-                files.append(file_record(out.path(name), name))
-        finally:
-            for f in handles.values():
-                f.close()
+        files, source_files = _convert_tensors(plan, out, kernel=kernel, device=device, progress=progress)
         if len(plan.shards) > 1:
             weight_map = {key: name for name, shard in zip(plan.shard_names(), plan.shards) for t in shard for key, _, _ in t.outputs}
             index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
@@ -169,8 +216,9 @@ def convert(
             names.append("config.json")
             _write_json(out.path("config.json"), {**src.config, "quantization_config": plan.quantization_config()})
         files += [file_record(out.path(name), name) for name in names]
-        inputs = [*src.shards, *src.side_files] + ([src.root / "config.json"] if src.config is not None else [])
-        source_files = sorted((file_record(p, p.relative_to(src.root).as_posix()) for p in inputs), key=lambda r: r["name"])
+        side_inputs = src.side_files + ([src.root / "config.json"] if src.config is not None else [])
+        source_files += [file_record(p, p.relative_to(src.root).as_posix()) for p in side_inputs]
+        source_files.sort(key=lambda r: r["name"])
         _write_json(out.path(MANIFEST_NAME), manifest(plan, files=sorted(files, key=lambda r: r["name"]), source_files=source_files))
         return out.commit()
 

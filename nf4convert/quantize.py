@@ -6,12 +6,16 @@ level (double quantization) follows the spec's deterministic definition.
 
 Two kernels compute the same codes for full blocks: ``"compiled"`` (a
 ``torch.compile``'d kernel, used when a C++ compiler is available) and ``"eager"``
-(plain torch, everywhere). ``"auto"`` picks the first that works.
+(plain torch, everywhere). ``"auto"`` uses the compiled kernel and falls back to eager,
+with a logged warning, if compiling fails.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -71,21 +75,28 @@ def _scale(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     return (x * (1.0 / absmax.clamp(min=ABSMAX_FLOOR))).clamp(-1, 1)
 
 
-def _codes_compare(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Kernel body: codes as the count of thresholds strictly below the scaled value."""
-    x = blocks.float()
-    absmax = x.abs().amax(dim=1, keepdim=True)
-    scaled = _scale(x, absmax)
+def _absmax(blocks: torch.Tensor) -> torch.Tensor:
+    """Kernel body: float32 absmax of each row, ``[rows, 1]``."""
+    return blocks.float().abs().amax(dim=1, keepdim=True)
+
+
+def _codes_compare(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """Kernel body: codes as the count of thresholds strictly below the scaled value.
+
+    Kept apart from :func:`_absmax`: fused with the reduction, inductor vectorizes the
+    comparisons across rows instead of along them and runs at half the speed.
+    """
+    scaled = _scale(blocks.float(), absmax)
     codes = (scaled > _NF4_THRESHOLD_LIST[0]).to(torch.int32)
     for t in _NF4_THRESHOLD_LIST[1:]:
         codes = codes + (scaled > t).to(torch.int32)
-    return codes.to(torch.uint8), absmax.squeeze(1)
+    return codes.to(torch.uint8)
 
 
 def _codes_bucketize(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Eager kernel: the same definition through ``torch.bucketize`` (ties go to the lower code)."""
     x = blocks.float()
-    absmax = x.abs().amax(dim=1, keepdim=True)
+    absmax = _absmax(blocks)
     codes = torch.bucketize(_scale(x, absmax), NF4_THRESHOLDS.to(x.device), out_int32=True)
     return codes.to(torch.uint8), absmax.squeeze(1)
 
@@ -96,43 +107,36 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
-_compiled: tuple[Callable, Callable] | None = None
-_kernel_name: str | None = None
+_compiled: tuple[Callable, Callable, Callable] | None = None
+_compile_failed = False
+log = logging.getLogger("nf4convert")
 
 
-def _compile() -> tuple[Callable, Callable]:
+def _compile() -> tuple[Callable, Callable, Callable]:
     global _compiled
     if _compiled is None:
         # One compilation per (dtype, blocksize): up to 24 shapes, more than dynamo's default limit of 8.
         limit = 4 * len(BLOCKSIZES)
-        _compiled = (
-            torch.compile(_codes_compare, dynamic=False, recompile_limit=limit),
-            torch.compile(_pack, dynamic=False, recompile_limit=limit),
-        )
+        _compiled = tuple(torch.compile(f, dynamic=False, recompile_limit=limit) for f in (_absmax, _codes_compare, _pack))
     return _compiled
 
 
 def resolve_kernel(kernel: str = "auto") -> str:
     """Name the kernel that ``kernel`` means on this machine: ``"compiled"`` or ``"eager"``.
 
-    ``"auto"`` tries the compiled kernel once per process (it needs a working C++
-    compiler) and falls back to ``"eager"`` if compiling fails.
+    ``"auto"`` means compiled when a C++ compiler is on the PATH (torch.compile needs one on
+    the CPU) and compiling has not failed before in this process, else eager. Cheap: nothing
+    is compiled here.
 
     Raises:
         QuantizationError: ``kernel`` is not one of :data:`KERNELS`.
     """
-    global _kernel_name
     if kernel not in KERNELS:
         raise QuantizationError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     if kernel != "auto":
         return kernel
-    if _kernel_name is None:
-        try:
-            _compile()[0](torch.zeros(4, 64))
-            _kernel_name = "compiled"
-        except Exception:  # noqa: BLE001 - any compiler failure means: use eager
-            _kernel_name = "eager"
-    return _kernel_name
+    compilers = (os.environ.get("CXX", ""), "c++", "g++", "clang++")
+    return "compiled" if not _compile_failed and any(c and shutil.which(c) for c in compilers) else "eager"
 
 
 def _quantize_full_blocks(blocks: torch.Tensor, kernel: str, packed: torch.Tensor, absmax: torch.Tensor) -> None:
@@ -145,16 +149,16 @@ def _quantize_full_blocks(blocks: torch.Tensor, kernel: str, packed: torch.Tenso
         codes, absmax[:] = _codes_bucketize(blocks)
         packed[:] = _pack(codes)
         return
-    fn, pack = _compile()
+    find_absmax, find_codes, pack = _compile()
     rows, bs = max(1, CHUNK_ELEMENTS // blocks.shape[1]), blocks.shape[1]
     for start in range(0, blocks.shape[0], rows):
         chunk = blocks[start : start + rows]
         n = chunk.shape[0]
         if n < rows:
             chunk = torch.cat([chunk, chunk.new_zeros(rows - n, bs)])
-        codes, chunk_absmax = fn(chunk)
-        packed[start * bs // 2 : (start + n) * bs // 2] = pack(codes)[: n * bs // 2]
-        absmax[start : start + n] = chunk_absmax[:n]
+        chunk_absmax = find_absmax(chunk)
+        packed[start * bs // 2 : (start + n) * bs // 2] = pack(find_codes(chunk, chunk_absmax))[: n * bs // 2]
+        absmax[start : start + n] = chunk_absmax[:n, 0]
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -186,6 +190,7 @@ def quantize_nf4(
         >>> packed.shape, absmax.shape
         (torch.Size([4096, 1]), torch.Size([128]))
     """
+    global _compile_failed
     check_blocksize(blocksize)
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise QuantizationError(f"{name}: cannot quantize dtype {weight.dtype}")
@@ -196,7 +201,15 @@ def quantize_nf4(
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
-    _quantize_full_blocks(flat[:full].view(-1, blocksize), resolve_kernel(kernel), packed[: full // 2], absmax[: full // blocksize])
+    blocks, chosen = flat[:full].view(-1, blocksize), resolve_kernel(kernel)
+    try:
+        _quantize_full_blocks(blocks, chosen, packed[: full // 2], absmax[: full // blocksize])
+    except Exception as e:
+        if kernel != "auto" or chosen != "compiled":
+            raise
+        _compile_failed = True  # a broken compiler toolchain: the eager kernel gives the same bytes
+        log.warning("compiled NF4 kernel unavailable (%s: %s); using the eager kernel", e.__class__.__name__, e)
+        _quantize_full_blocks(blocks, "eager", packed[: full // 2], absmax[: full // blocksize])
     if full < n:
         tail = flat[full:].float()
         absmax[-1] = tail.abs().max().clamp(min=ABSMAX_FLOOR)

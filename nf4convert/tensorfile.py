@@ -182,6 +182,12 @@ class SafetensorsFile:
                 pass
             self._mmap = None
 
+    def header_bytes(self) -> bytes:
+        """The file's first bytes up to the data: length prefix and JSON header."""
+        if self._mmap is None:
+            return b""
+        return self._mmap[: 8 + int.from_bytes(self._mmap[:8], "little")]
+
     def raw(self, name: str) -> memoryview:
         """The tensor's bytes, without copying."""
         info = self.tensors[name]

@@ -116,8 +116,7 @@ class ShardWriter:
     """Writes one safetensors shard whose layout is known up front.
 
     The header is written first, the file is sized, and each tensor's bytes go to their
-    planned offset (in any order). Leaving it as a context manager checks that every tensor was
-    written and syncs the file.
+    planned offset (in any order); :meth:`finish` checks that every tensor was written and syncs.
     """
 
     def __init__(self, path: Path, entries: list[tuple[str, str, tuple[int, ...]]], metadata: dict[str, str]) -> None:
@@ -143,15 +142,15 @@ class ShardWriter:
         self._pwrite(view, self.offsets[name])
         self.pending.discard(name)
 
-    def __enter__(self) -> ShardWriter:
-        return self
+    def finish(self) -> None:
+        """Check that every planned tensor was written, sync and close."""
+        if self.pending:
+            raise FormatError(f"{self.path.name}: tensors not written: {', '.join(sorted(self.pending)[:3])}")
+        os.fsync(self.fd)
+        self.close()
 
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        """On success check that every planned tensor was written and sync; always close."""
-        try:
-            if exc_type is None:
-                if self.pending:
-                    raise FormatError(f"{self.path.name}: tensors not written: {', '.join(sorted(self.pending)[:3])}")
-                os.fsync(self.fd)
-        finally:
+    def close(self) -> None:
+        """Close the file (idempotent); an unfinished shard stays incomplete."""
+        if self.fd >= 0:
             os.close(self.fd)
+            self.fd = -1

@@ -194,3 +194,13 @@ def test_quantization_does_not_depend_on_threads():
         torch.set_num_threads(threads)
     assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax) and a.offset == b.offset
     assert torch.equal(a.nested_absmax, b.nested_absmax)
+
+
+def test_without_a_compiler_auto_uses_the_eager_kernel(monkeypatch):
+    from nf4convert.quantize import resolve_kernel
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.delenv("CXX", raising=False)
+    assert resolve_kernel("auto") == "eager"
+    w = torch.randn(8, 64)
+    assert torch.equal(quantize_nf4(w)[0], bnb(w, 64)[0])

@@ -1,0 +1,242 @@
+"""Benchmark nf4convert against its peers in one run, and print one table (also written as JSON).
+
+Builds a synthetic Llama-7B-shaped checkpoint (bf16, hidden 4096, intermediate 11008, vocab 32000,
+`--layers` decoder layers, several shards), then measures:
+  - quantizer throughput (params/s): nf4convert vs bitsandbytes.functional.quantize_4bit, same tensors;
+  - end-to-end `nf4convert convert` wall time vs a copy baseline that reads the same source bytes and
+    writes (and fsyncs) as many bytes as the output has: the I/O floor;
+  - peak RSS of the conversion (a child process, from wait4), and of transformers loading the source
+    with a bitsandbytes NF4 config and save_pretrained (the peer's way), unless --no-peer;
+  - output bits per parameter.
+
+Usage: python scripts/bench.py [--layers 10] [--workdir bench-out] [--no-peer] [--keep]
+Needs bitsandbytes and transformers (pip install -e .[test]). Not a test: timings depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HIDDEN, INTERMEDIATE, VOCAB = 4096, 11008, 32000
+
+
+def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2_000_000_000) -> int:
+    """A Llama-shaped bf16 checkpoint with random weights, sharded with an index; returns its parameter count."""
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * 0.02).to(torch.bfloat16)
+
+    tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        tensors += [(f"{p}.input_layernorm.weight", (HIDDEN,)), (f"{p}.post_attention_layernorm.weight", (HIDDEN,))]
+        tensors += [(f"{p}.self_attn.{n}_proj.weight", (HIDDEN, HIDDEN)) for n in "qkvo"]
+        tensors += [(f"{p}.mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)), (f"{p}.mlp.up_proj.weight", (INTERMEDIATE, HIDDEN))]
+        tensors += [(f"{p}.mlp.down_proj.weight", (HIDDEN, INTERMEDIATE))]
+    tensors += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = 2 * torch.Size(shape).numel()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: torch.ones(s, dtype=torch.bfloat16) if len(s) == 1 else w(*s) for n, s in shard}, path / fname, metadata={"format": "pt"})
+        weight_map.update({n: fname for n, _ in shard})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": INTERMEDIATE,
+        "num_hidden_layers": layers, "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": VOCAB,
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "torch_dtype": "bfloat16", "tie_word_embeddings": False,
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    return sum(torch.Size(s).numel() for _, s in tensors)
+
+
+CHILD = """
+import atexit, runpy, sys
+report_path, target, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
+def report():  # VmHWM: this process's own peak RSS (ru_maxrss would include the forked parent's pages)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM"):
+            open(report_path, "w").write(line.split()[1])
+atexit.register(report)
+if target.endswith(".py"):
+    runpy.run_path(target, run_name="__main__")
+else:
+    runpy.run_module(target, run_name="__main__", alter_sys=True)
+"""
+
+
+def run_measured(argv: list[str], workdir: Path) -> tuple[float, int]:
+    """Run ``python -m MODULE ...`` or ``python SCRIPT.py ...`` in a child; return (wall seconds, peak RSS bytes)."""
+    report = workdir / "peak-rss.txt"
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(report), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{argv[:3]} failed: {proc.stderr.decode()[-2000:]}")
+    return elapsed, int(report.read_text()) * 1024
+
+
+def quantizer_throughput(repeats: int = 3) -> dict[str, float]:
+    """params/s of both quantizers on the same Llama-7B-shaped bf16 tensors (median of warm runs)."""
+    import bitsandbytes.functional as F
+
+    from nf4convert.quantize import quantize_nf4
+
+    g = torch.Generator().manual_seed(1)
+    tensors = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in [(INTERMEDIATE, HIDDEN), (HIDDEN, HIDDEN)]]
+    params = sum(t.numel() for t in tensors)
+
+    def timed(fn) -> float:
+        for t in tensors:
+            fn(t)  # warm-up (and compilation)
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for t in tensors:
+                fn(t)
+            runs.append(time.perf_counter() - start)
+        return params / statistics.median(runs)
+
+    ours = timed(lambda t: quantize_nf4(t, blocksize=64))
+    bnb = timed(lambda t: F.quantize_4bit(t, blocksize=64, quant_type="nf4"))
+    return {"nf4convert": ours, "bitsandbytes": bnb}
+
+
+def copy_baseline(source: Path, out_bytes: int, target: Path) -> float:
+    """Read every source shard and write (and fsync) out_bytes: the I/O an ideal converter cannot avoid."""
+    start = time.perf_counter()
+    chunk = 64 << 20
+    written = 0
+    with open(target, "wb") as out:
+        for shard in sorted(source.glob("*.safetensors")):
+            with open(shard, "rb") as f:
+                while block := f.read(chunk):
+                    keep = min(len(block) // 4 + 1, out_bytes - written)  # NF4 output is ~1/4 of bf16 input
+                    if keep > 0:
+                        out.write(block[:keep])
+                        written += keep
+        if written < out_bytes:
+            out.write(bytes(out_bytes - written))
+        out.flush()
+        os.fsync(out.fileno())
+    return time.perf_counter() - start
+
+
+PEER = """
+import sys, torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=cfg, device_map="cpu")
+m.save_pretrained(sys.argv[2])
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=10, help="decoder layers (10: 2.3 G params, 4.6 GB)")
+    ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers + bitsandbytes save_pretrained")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint for the next run")
+    args = ap.parse_args()
+
+    work = args.workdir
+    src = work / f"llama-{args.layers}l-bf16"
+    work.mkdir(exist_ok=True)
+    if not (src / "config.json").exists():
+        shutil.rmtree(src, ignore_errors=True)
+        print(f"building {src} ...", file=sys.stderr)
+        make_checkpoint(src, args.layers)
+    src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+
+    print("quantizer throughput ...", file=sys.stderr)
+    q = quantizer_throughput()
+
+    out = work / "nf4"
+    shutil.rmtree(out, ignore_errors=True)
+    print("nf4convert convert (warm-up run: compiles the kernel once) ...", file=sys.stderr)
+    cmd = ["nf4convert", "convert", str(src), str(out), "--quiet"]
+    run_measured(cmd, work)
+    shutil.rmtree(out)
+    print("nf4convert convert ...", file=sys.stderr)
+    convert_s, convert_rss = run_measured(cmd, work)
+    manifest = json.loads((out / "nf4convert.json").read_text())
+    out_bytes = sum(f["size"] for f in manifest["files"])
+    params = manifest["summary"]["parameters"]
+
+    print("copy baseline ...", file=sys.stderr)
+    copy_s = copy_baseline(src, out_bytes, work / "copy.bin")
+    (work / "copy.bin").unlink()
+
+    peer = None
+    if not args.no_peer:
+        print("transformers + bitsandbytes load and save_pretrained ...", file=sys.stderr)
+        peer_out = work / "peer"
+        shutil.rmtree(peer_out, ignore_errors=True)
+        script = work / "peer.py"
+        script.write_text(PEER)
+        peer = run_measured([str(script), str(src), str(peer_out)], work)
+        shutil.rmtree(peer_out, ignore_errors=True)
+
+    result = {
+        "checkpoint": {"layers": args.layers, "parameters": params, "bytes": src_bytes, "shards": len(list(src.glob("*.safetensors")))},
+        "quantizer_params_per_s": q,
+        "quantizer_ratio": q["nf4convert"] / q["bitsandbytes"],
+        "convert_s": convert_s,
+        "copy_baseline_s": copy_s,
+        "convert_vs_copy": convert_s / copy_s,
+        "convert_peak_rss": convert_rss,
+        "peer_s": peer[0] if peer else None,
+        "peer_peak_rss": peer[1] if peer else None,
+        "output_bytes": out_bytes,
+        "bits_per_parameter": manifest["summary"]["bits_per_parameter"],
+        "quantized_bits_per_parameter": manifest["summary"]["quantized_bits_per_parameter"],
+        "threads": torch.get_num_threads(),
+    }
+    (work / "bench.json").write_text(json.dumps(result, indent=2))
+    gb = 1e9
+    rows = [
+        ("checkpoint", f"{params / 1e9:.2f} G params, {src_bytes / gb:.2f} GB bf16, {result['checkpoint']['shards']} shards", ""),
+        ("quantizer, nf4convert", f"{q['nf4convert'] / 1e6:,.0f} M params/s", f"{result['quantizer_ratio']:.1f}x bitsandbytes"),
+        ("quantizer, bitsandbytes quantize_4bit", f"{q['bitsandbytes'] / 1e6:,.0f} M params/s", "1.0x"),
+        ("nf4convert convert (end to end)", f"{convert_s:.1f} s ({params / convert_s / 1e6:,.0f} M params/s, {src_bytes / convert_s / gb:.2f} GB/s)", f"{result['convert_vs_copy']:.2f}x copy baseline"),
+        ("copy baseline (read src, write+fsync out bytes)", f"{copy_s:.1f} s", "1.00x"),
+        ("peak RSS, nf4convert convert", f"{convert_rss / 2**20:,.0f} MiB", ""),
+    ]
+    if peer:
+        rows += [
+            ("transformers+bnb load + save_pretrained", f"{peer[0]:.1f} s", f"nf4convert {peer[0] / convert_s:.1f}x faster"),
+            ("peak RSS, transformers+bnb", f"{peer[1] / 2**20:,.0f} MiB", f"{peer[1] / convert_rss:.1f}x nf4convert's"),
+        ]
+    rows.append(("output", f"{out_bytes / gb:.2f} GB, {result['bits_per_parameter']:.3f} bits/param overall", f"{result['quantized_bits_per_parameter']:.3f} for quantized weights"))
+    print("| measure | value | ratio |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} |")
+    if not args.keep:
+        shutil.rmtree(src)
+    shutil.rmtree(out)
+
+
+if __name__ == "__main__":
+    main()
