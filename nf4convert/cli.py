@@ -155,6 +155,27 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo(f"  bits/parameter: {s['bits_per_parameter']:.3f} overall, {s['quantized_bits_per_parameter']:.3f} for quantized weights")
 
 
+@cli.command()
+@click.argument("path")
+@click.argument("output")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Cast floating-point tensors [default: each weight's original dtype].")
+@click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, force: bool, quiet: bool) -> None:
+    """Write PATH's weights back as a plain safetensors checkpoint in OUTPUT."""
+    import torch
+
+    from .dequantize import dequantize_folder
+
+    with tqdm(unit="B", unit_scale=True, desc="dequantizing", disable=quiet, file=sys.stderr) as bar:
+        out = dequantize_folder(
+            path, output, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=parse_size(max_shard_size), force=force, progress=bar.update
+        )
+    if not quiet:
+        click.echo(f"Wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI, turning expected errors into one line and an exit code."""
     debug = os.environ.get("NF4CONVERT_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv[1:])

@@ -50,3 +50,9 @@ class MissingDependencyError(NF4ConvertError, ImportError):
     """An optional dependency (bitsandbytes, transformers) is needed and not installed."""
 
     exit_code = 6
+
+
+class LoadError(NF4ConvertError, RuntimeError):
+    """NF4 weights do not fit the module or architecture they are loaded into."""
+
+    exit_code = 7

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .constants import (
@@ -22,6 +22,7 @@ from .constants import (
     SINGLE_SHARD_NAME,
 )
 from .errors import FormatError, SourceNotFoundError
+from .paths import is_inside, is_plain_relative
 from .layout import QuantState, check_version, decode_quant_state, quantized_tensors
 from .tensorfile import SafetensorsFile, TensorInfo, read_header
 
@@ -104,7 +105,7 @@ def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None]:
         raise FormatError(f"{index_path}: no weight_map")
     names = sorted(set(weight_map.values()))
     for name in names:
-        if not isinstance(name, str) or len(PurePosixPath(name).parts) != 1 or not name.endswith(".safetensors"):
+        if not is_plain_relative(name) or "/" in name or not name.endswith(".safetensors"):
             raise FormatError(f"{index_path}: shard {name!r} is not a .safetensors file in the folder")
     return names, weight_map
 
@@ -156,6 +157,8 @@ def open_checkpoint(path: str | os.PathLike) -> NF4Checkpoint:
         shard = root / name
         if not shard.is_file():
             raise FormatError(f"{shard}: missing")
+        if not is_inside(shard, root):
+            raise FormatError(f"{shard}: leads outside the folder")
         tensors, metadata = read_header(shard)
         if metadata.get("nf4convert.version") != str(version):
             raise FormatError(f"{shard}: __metadata__ names format version {metadata.get('nf4convert.version')!r}, manifest {version}")

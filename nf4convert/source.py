@@ -10,11 +10,12 @@ import fnmatch
 import json
 import os
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from .constants import INDEX_NAME, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
+from .paths import is_inside, is_plain_relative
 from .tensorfile import TensorInfo, read_header
 
 #: Side files copied next to the weights: configs, tokenizers, chat templates, licenses (subfolders too,
@@ -72,10 +73,6 @@ def _load_json(path: Path) -> Any:
         raise SourceError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
 
 
-def _inside(path: Path, root: Path) -> bool:
-    return path.resolve().is_relative_to(root.resolve())
-
-
 def _shards_from_index(root: Path, index_path: Path, containment: Path) -> tuple[list[Path], dict[str, str]]:
     index = _load_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -85,11 +82,10 @@ def _shards_from_index(root: Path, index_path: Path, containment: Path) -> tuple
     for tensor, filename in weight_map.items():
         if not isinstance(filename, str) or filename in shards:
             continue
-        pure = PurePosixPath(filename)
-        if pure.is_absolute() or ".." in pure.parts or "\\" in filename or not filename.endswith(".safetensors"):
+        if not is_plain_relative(filename) or not filename.endswith(".safetensors"):
             raise SourceError(f"{index_path}: shard path {filename!r} (for {tensor!r}) is not a file inside the source")
-        path = root / pure
-        if not _inside(path, containment):
+        path = root / filename
+        if not is_inside(path, containment):
             raise SourceError(f"{index_path}: shard {filename!r} leads outside the source folder")
         if not path.is_file():
             raise SourceNotFoundError(f"{index_path}: shard {filename!r} (for {tensor!r}) does not exist")
@@ -143,7 +139,7 @@ def open_source(path: str | os.PathLike, *, containment: str | os.PathLike | Non
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILE_PATTERNS)
             and p.relative_to(root).as_posix() not in (INDEX_NAME, MANIFEST_NAME, "config.json")
-            and _inside(p, Path(containment or root))
+            and is_inside(p, Path(containment or root))
         )
     tensors: list[SourceTensor] = []
     owner: dict[str, Path] = {}

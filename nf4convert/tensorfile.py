@@ -153,19 +153,22 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
 class SafetensorsFile:
     """A validated safetensors file, memory-mapped; tensors are zero-copy views.
 
-    Use as a context manager. Views returned by :meth:`tensor` must not outlive it.
+    Use as a context manager. With ``copy_on_write`` the mapping is private: views may be
+    written (the file never changes) and may outlive the context, which keeps the mapping
+    alive. Otherwise views are read-only and must not outlive it.
 
     Example:
         >>> with SafetensorsFile("model.safetensors") as f:          # doctest: +SKIP
         ...     w = f.tensor("lm_head.weight")
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, copy_on_write: bool = False) -> None:
         self.path = Path(path)
         self.tensors, self.metadata = read_header(self.path)
+        access = mmap.ACCESS_COPY if copy_on_write else mmap.ACCESS_READ
         with open(self.path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+            self._mmap = mmap.mmap(f.fileno(), 0, access=access) if size else None
 
     def __enter__(self) -> SafetensorsFile:
         return self
@@ -196,7 +199,7 @@ class SafetensorsFile:
         return memoryview(self._mmap)[info.start : info.end]
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The tensor as a read-only torch view of the mapped file (do not write to it).
+        """The tensor as a torch view of the mapped file (read-only unless ``copy_on_write``).
 
         Raises:
             FormatError: its dtype has no torch equivalent here.

@@ -87,15 +87,17 @@ else:
 """
 
 
-def run_measured(argv: list[str], workdir: Path) -> tuple[float, int]:
-    """Run ``python -m MODULE ...`` or ``python SCRIPT.py ...`` in a child; return (wall seconds, peak RSS bytes)."""
+def run_measured(argv: list[str], workdir: Path) -> tuple[float, int, str]:
+    """Run ``python -m MODULE ...`` or ``python SCRIPT.py ...`` in a child.
+
+    Returns (wall seconds, peak RSS bytes, the child's stdout)."""
     report = workdir / "peak-rss.txt"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(report), *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(report), *argv], capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
-        raise SystemExit(f"{argv[:3]} failed: {proc.stderr.decode()[-2000:]}")
-    return elapsed, int(report.read_text()) * 1024
+        raise SystemExit(f"{argv[:3]} failed: {proc.stderr[-2000:]}")
+    return elapsed, int(report.read_text()) * 1024, proc.stdout
 
 
 def quantizer_throughput(repeats: int = 3) -> dict[str, float]:
@@ -180,7 +182,7 @@ def main() -> None:
     run_measured(cmd, work)
     shutil.rmtree(out)
     print("nf4convert convert ...", file=sys.stderr)
-    convert_s, convert_rss = run_measured(cmd, work)
+    convert_s, convert_rss, _ = run_measured(cmd, work)
     manifest = json.loads((out / "nf4convert.json").read_text())
     out_bytes = sum(f["size"] for f in manifest["files"])
     params = manifest["summary"]["parameters"]
@@ -196,7 +198,7 @@ def main() -> None:
         shutil.rmtree(peer_out, ignore_errors=True)
         script = work / "peer.py"
         script.write_text(PEER)
-        peer = run_measured([str(script), str(src), str(peer_out)], work)
+        peer = run_measured([str(script), str(src), str(peer_out)], work)[:2]
         shutil.rmtree(peer_out, ignore_errors=True)
 
     result = {

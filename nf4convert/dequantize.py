@@ -1,0 +1,137 @@
+"""NF4 folder -> plain safetensors checkpoint (for merging adapters, or tools that do not read 4-bit).
+
+Streams weight by weight with the same rules as conversion: planned shard layout, a
+partial folder renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .constants import DTYPE_SIZES, INDEX_NAME, MANIFEST_NAME, SHARD_NAME_TEMPLATE, SINGLE_SHARD_NAME
+from .errors import FormatError
+from .layout import quantized_tensors
+from .paths import is_inside, is_plain_relative
+from .plan import DEFAULT_MAX_SHARD_SIZE
+from .quantize import NF4Weight, dequantize
+from .read import NF4Checkpoint, open_checkpoint
+from .tensorfile import SAFETENSORS_DTYPES, TORCH_DTYPES, SafetensorsFile
+from .write import OutputFolder, ShardWriter
+
+
+def _stored_weight(f: SafetensorsFile, ckpt: NF4Checkpoint, key: str) -> NF4Weight:
+    state = ckpt.quant_states[key]
+    get = f.tensor
+    return NF4Weight(
+        get(key),
+        get(f"{key}.absmax"),
+        state.shape,
+        getattr(torch, state.dtype),
+        state.blocksize,
+        get(f"{key}.nested_absmax") if state.nested else None,
+        state.offset,
+    )
+
+
+def dequantize_folder(
+    path: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Path:
+    """Write the dequantized checkpoint of an NF4 folder (spec section 2.5) as plain safetensors.
+
+    Args:
+        path: the NF4 folder.
+        output: the folder to create.
+        dtype: cast every floating-point tensor to this dtype (default: each weight's original dtype).
+        max_shard_size: output shard size limit in bytes.
+        force: replace an existing output folder.
+        progress: called with the number of output bytes done after each tensor.
+
+    Returns:
+        The output folder: shards (and an index), ``config.json`` without ``quantization_config``,
+        and the side files.
+
+    Raises:
+        FormatError, UnsupportedVersionError: the NF4 folder fails the structural checks.
+        OutputError: as for conversion.
+    """
+    ckpt = open_checkpoint(path)
+    transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
+    companions = {n for k, s in ckpt.quant_states.items() for n, _, _ in quantized_tensors(k, s) if n != k}
+    plan: list[tuple[str, str, tuple[int, ...]]] = []
+    for tensors in ckpt.shards.values():
+        for key, info in tensors.items():
+            if key in companions:
+                continue
+            if key in ckpt.quant_states:
+                state = ckpt.quant_states[key]
+                out_dtype = dtype or getattr(torch, state.dtype)
+                shape = state.shape[::-1] if key in transposed else state.shape
+                plan.append((key, SAFETENSORS_DTYPES[out_dtype], tuple(shape)))
+            else:
+                floating = info.dtype in TORCH_DTYPES and TORCH_DTYPES[info.dtype].is_floating_point
+                plan.append((key, SAFETENSORS_DTYPES[dtype] if dtype and floating else info.dtype, info.shape))
+    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = math.prod(entry[2]) * DTYPE_SIZES[entry[1]]
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = [SINGLE_SHARD_NAME] if len(shards) == 1 else [SHARD_NAME_TEMPLATE.format(index=i + 1, count=len(shards)) for i in range(len(shards))]
+    where = {key: shard for shard, tensors in ckpt.shards.items() for key in tensors}
+    files: dict[str, SafetensorsFile] = {}
+    with OutputFolder(Path(output), source=ckpt.root, force=force) as out:
+        try:
+            for name, shard in zip(names, shards):
+                writer = ShardWriter(out.path(name), shard, {"format": "pt"})
+                try:
+                    for key, sdtype, shape in shard:
+                        f = files.get(where[key]) or files.setdefault(where[key], SafetensorsFile(ckpt.root / where[key]))
+                        if key in ckpt.quant_states:
+                            value = dequantize(_stored_weight(f, ckpt, key))
+                            value = (value.t() if key in transposed else value).to(TORCH_DTYPES[sdtype])
+                        else:
+                            value = f.tensor(key).to(TORCH_DTYPES[sdtype]) if TORCH_DTYPES.get(sdtype) else f.raw(key)
+                        writer.write(key, value)
+                        f.release(key)
+                        if progress:
+                            progress(math.prod(shape) * DTYPE_SIZES[sdtype])
+                    writer.finish()
+                finally:
+                    writer.close()
+        finally:
+            for f in files.values():
+                f.close()
+        if len(shards) > 1:
+            weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
+            total = sum(math.prod(s) * DTYPE_SIZES[d] for _, d, s in plan)
+            (out.path(INDEX_NAME)).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        produced = {MANIFEST_NAME, INDEX_NAME, *ckpt.shards}
+        for record in ckpt.manifest.get("files", []):
+            name = record.get("name") if isinstance(record, dict) else None
+            if not is_plain_relative(name) or not is_inside(ckpt.root / name, ckpt.root):
+                raise FormatError(f"{ckpt.root / MANIFEST_NAME}: file name {name!r} is not a path inside the folder")
+            if name not in produced and name != "config.json":
+                out.path(name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(ckpt.root / name, out.path(name))
+        config_path = ckpt.root / "config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text())
+            config.pop("quantization_config", None)
+            out.path("config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return out.commit()
