@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE
-from .errors import NF4ConvertError
+from .errors import NF4ConvertError, VerificationFailed
 from .plan import DEFAULT_MAX_SHARD_SIZE, Options, Plan
 from .quantize import KERNELS
 
@@ -153,6 +153,30 @@ def inspect(path: str, as_json: bool) -> None:
         click.echo(f"  {kind + ':':<10} {d['tensors']} tensors, {d['parameters']:,} parameters, {human(d['bytes'])}")
     click.echo(f"  total:     {human(s['bytes'])} in {s['shards']} shard(s)")
     click.echo(f"  bits/parameter: {s['bits_per_parameter']:.3f} overall, {s['quantized_bits_per_parameter']:.3f} for quantized weights")
+
+
+@cli.command()
+@click.argument("path")
+@click.option("--source", default=None, help="The checkpoint PATH was converted from: also measure each tensor's error.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
+def verify(path: str, source: str | None, as_json: bool) -> None:
+    """Check PATH's files against its manifest and the spec (and, with --source, the quantization error)."""
+    from .verify import verify as run_verify
+
+    report = run_verify(path, source=source)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        for problem in report["problems"]:
+            click.echo(f"FAIL {problem}")
+        if report["ok"]:
+            click.echo(f"OK {path}: {report['files']} files match the manifest, {report['tensors']} tensors follow format v1")
+        if report.get("summary"):
+            s = report["summary"]
+            click.echo(f"   {len(report['quality'])} quantized tensors vs source: relative RMSE mean {s['rel_rmse']['mean']:.4f} (max {s['rel_rmse']['max']:.4f}), "
+                       f"SQNR mean {s['sqnr_db']['mean']:.2f} dB (min {s['sqnr_db']['min']:.2f}), max abs error {s['max_abs_err']['max']:.3g}")
+    if not report["ok"]:
+        raise VerificationFailed(f"{path}: {len(report['problems'])} problem(s), first: {report['problems'][0]}")
 
 
 @cli.command()

@@ -20,24 +20,10 @@ from .errors import FormatError
 from .layout import quantized_tensors
 from .paths import is_inside, is_plain_relative
 from .plan import DEFAULT_MAX_SHARD_SIZE
-from .quantize import NF4Weight, dequantize
-from .read import NF4Checkpoint, open_checkpoint
+from .quantize import dequantize
+from .read import open_checkpoint, stored_weight
 from .tensorfile import SAFETENSORS_DTYPES, TORCH_DTYPES, SafetensorsFile
 from .write import OutputFolder, ShardWriter
-
-
-def _stored_weight(f: SafetensorsFile, ckpt: NF4Checkpoint, key: str) -> NF4Weight:
-    state = ckpt.quant_states[key]
-    get = f.tensor
-    return NF4Weight(
-        get(key),
-        get(f"{key}.absmax"),
-        state.shape,
-        getattr(torch, state.dtype),
-        state.blocksize,
-        get(f"{key}.nested_absmax") if state.nested else None,
-        state.offset,
-    )
 
 
 def dequantize_folder(
@@ -103,7 +89,7 @@ def dequantize_folder(
                     for key, sdtype, shape in shard:
                         f = files.get(where[key]) or files.setdefault(where[key], SafetensorsFile(ckpt.root / where[key]))
                         if key in ckpt.quant_states:
-                            value = dequantize(_stored_weight(f, ckpt, key))
+                            value = dequantize(stored_weight(f, ckpt, key))
                             value = (value.t() if key in transposed else value).to(TORCH_DTYPES[sdtype])
                         else:
                             value = f.tensor(key).to(TORCH_DTYPES[sdtype]) if TORCH_DTYPES.get(sdtype) else f.raw(key)

@@ -56,3 +56,9 @@ class LoadError(NF4ConvertError, RuntimeError):
     """NF4 weights do not fit the module or architecture they are loaded into."""
 
     exit_code = 7
+
+
+class VerificationFailed(NF4ConvertError):
+    """``verify`` found problems (listed in its report)."""
+
+    exit_code = 8

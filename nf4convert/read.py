@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .constants import (
     FORMAT_NAME,
     INDEX_NAME,
@@ -24,6 +26,7 @@ from .constants import (
 from .errors import FormatError, SourceNotFoundError
 from .paths import is_inside, is_plain_relative
 from .layout import QuantState, check_version, decode_quant_state, quantized_tensors
+from .quantize import NF4Weight
 from .tensorfile import SafetensorsFile, TensorInfo, read_header
 
 
@@ -182,3 +185,17 @@ def open_checkpoint(path: str | os.PathLike) -> NF4Checkpoint:
         raise FormatError(f"{root / INDEX_NAME}: does not match the shards (first difference: {wrong!r})")
     return NF4Checkpoint(root, manifest, shards, states)
 
+
+
+def stored_weight(f: SafetensorsFile, ckpt: NF4Checkpoint, key: str) -> NF4Weight:
+    """The stored NF4 form of quantized weight ``key``, as views of shard ``f`` (for :func:`~nf4convert.quantize.dequantize`)."""
+    state = ckpt.quant_states[key]
+    return NF4Weight(
+        f.tensor(key),
+        f.tensor(f"{key}.absmax"),
+        state.shape,
+        getattr(torch, state.dtype),
+        state.blocksize,
+        f.tensor(f"{key}.nested_absmax") if state.nested else None,
+        state.offset,
+    )

@@ -44,13 +44,13 @@ def test_dequantized_checkpoint_is_plain_and_loads_in_transformers(llama_dir, tm
     tensors = load_all(plain)
     assert all(t.dtype == torch.float32 for t in tensors.values())
     ckpt = open_checkpoint(first)
-    from nf4convert.dequantize import _stored_weight
+    from nf4convert.read import stored_weight
     from nf4convert.tensorfile import SafetensorsFile
 
     key = "model.layers.1.mlp.gate_proj.weight"
     shard = next(name for name, tensors in ckpt.shards.items() if key in tensors)
     with SafetensorsFile(first / shard) as f:
-        assert torch.equal(tensors[key], dequantize(_stored_weight(f, ckpt, key)).float())
+        assert torch.equal(tensors[key], dequantize(stored_weight(f, ckpt, key)).float())
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(plain)
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()

@@ -1,0 +1,127 @@
+"""Verification of an NF4 folder: files against the manifest, structure against the spec, and
+(with the source) the numerical error of every quantized tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .constants import MANIFEST_NAME
+from .errors import FormatError, NF4ConvertError
+from .paths import is_inside, is_plain_relative
+from .quantize import dequantize
+from .read import NF4Checkpoint, open_checkpoint, stored_weight
+from .source import open_source
+from .tensorfile import SafetensorsFile
+from .write import sha256_file
+
+
+def _check_files(ckpt: NF4Checkpoint) -> list[str]:
+    problems = []
+    listed = set()
+    for record in ckpt.manifest.get("files", []):
+        name = record.get("name") if isinstance(record, dict) else None
+        if not is_plain_relative(name) or not is_inside(ckpt.root / name, ckpt.root):
+            problems.append(f"{MANIFEST_NAME}: file name {name!r} is not a path inside the folder")
+            continue
+        listed.add(name)
+        path = ckpt.root / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != record.get("size"):
+            problems.append(f"{name}: size {path.stat().st_size}, manifest says {record.get('size')}")
+        elif sha256_file(path) != record.get("sha256"):
+            problems.append(f"{name}: sha256 differs from the manifest (corrupt or modified)")
+    for path in sorted(ckpt.root.glob("*.safetensors")):
+        if path.name not in listed:
+            problems.append(f"{path.name}: not listed in the manifest")
+    return problems
+
+
+def _quality(original: torch.Tensor, restored: torch.Tensor) -> dict[str, float]:
+    w, r = original.double(), restored.double()
+    err = (w - r).pow(2).sum().item()
+    energy = w.pow(2).sum().item()
+    return {
+        "rel_rmse": math.sqrt(err / energy) if energy else 0.0,
+        "sqnr_db": 10 * math.log10(energy / err) if err and energy else math.inf,
+        "max_abs_err": (w - r).abs().max().item(),
+    }
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    finite = sorted(v for v in values if math.isfinite(v))
+    if not finite:
+        return {}
+    return {"mean": sum(finite) / len(finite), "min": finite[0], "median": finite[len(finite) // 2], "max": finite[-1]}
+
+
+def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Check an NF4 folder; with ``source``, also measure each quantized tensor's error against it.
+
+    Args:
+        path: the NF4 folder.
+        source: the checkpoint it was converted from (folder or file), optional.
+
+    Returns:
+        A report: ``ok``, ``problems`` (one line each, naming the file or tensor), ``files``,
+        ``tensors``, and with ``source`` a ``quality`` map (per tensor ``rel_rmse``, ``sqnr_db``,
+        ``max_abs_err``) and its ``summary``.
+
+    Raises:
+        SourceNotFoundError: ``path`` does not exist. Every other failure is a problem in the report.
+    """
+    report: dict[str, Any] = {"path": str(path), "ok": False, "problems": []}
+    try:
+        ckpt = open_checkpoint(path)
+    except FormatError as e:
+        report["problems"].append(str(e))
+        return report
+    problems = _check_files(ckpt)
+    report.update(files=len(ckpt.manifest.get("files", [])), tensors=sum(len(t) for t in ckpt.shards.values()))
+    if source is not None and not problems:
+        try:
+            problems += _check_source(ckpt, Path(source), report)
+        except NF4ConvertError as e:
+            problems.append(str(e))
+    report["problems"] = problems
+    report["ok"] = not problems
+    return report
+
+
+def _check_source(ckpt: NF4Checkpoint, source: Path, report: dict[str, Any]) -> list[str]:
+    src = open_source(source)
+    problems = []
+    recorded = {r["name"]: r["sha256"] for r in ckpt.manifest.get("source", {}).get("files", [])}
+    for shard in src.shards:
+        name = shard.relative_to(src.root).as_posix()
+        if name in recorded and sha256_file(shard) != recorded[name]:
+            problems.append(f"source {name}: sha256 differs from the one converted")
+    originals = {t.name: t for t in src.tensors}
+    transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
+    quality: dict[str, dict[str, float]] = {}
+    opened: dict[Path, SafetensorsFile] = {}
+    try:
+        for shard, tensors in ckpt.shards.items():
+            with SafetensorsFile(ckpt.root / shard) as f:
+                for key in (k for k in tensors if k in ckpt.quant_states):
+                    if key not in originals:
+                        problems.append(f"{key}: not in the source")
+                        continue
+                    path = originals[key].shard
+                    g = opened.get(path) or opened.setdefault(path, SafetensorsFile(path))
+                    restored = dequantize(stored_weight(f, ckpt, key))
+                    quality[key] = _quality(g.tensor(key), restored.t() if key in transposed else restored)
+                    g.release(key)
+                    f.release(key)
+    finally:
+        for g in opened.values():
+            g.close()
+    report["quality"] = quality
+    report["summary"] = {m: _summary([q[m] for q in quality.values()]) for m in ("rel_rmse", "sqnr_db", "max_abs_err")}
+    return problems
