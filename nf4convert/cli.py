@@ -84,6 +84,9 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True, help="Quantizer kernel (all give the same bytes).")
 @click.option("--device", default="cpu", show_default=True, help="Device to quantize on (cpu, cuda).")
+@click.option("--revision", default=None, help="Hub source: branch, tag or commit [default: main].")
+@click.option("--cache-dir", default=None, help="Hub source: the Hugging Face cache folder.")
+@click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token (or HF_TOKEN), for private and gated repos.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor and the kernel used.")
 def convert(
@@ -99,12 +102,15 @@ def convert(
     force: bool,
     kernel: str,
     device: str,
+    revision: str | None,
+    cache_dir: str | None,
+    token: str | None,
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Convert SOURCE (a safetensors folder or file) to NF4 in OUTPUT."""
+    """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT."""
     from .convert import convert as run_convert
-    from .convert import plan_conversion
+    from .convert import plan_conversion, resolve_source
     from .quantize import resolve_kernel
     from .write import check_output
 
@@ -116,7 +122,7 @@ def convert(
         quantize_lm_head=not keep_lm_head,
         max_shard_size=parse_size(max_shard_size),
     )
-    plan = plan_conversion(source, options=options)
+    plan = plan_conversion(resolve_source(source, revision=revision, cache_dir=cache_dir, token=token), options=options)
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
     if dry_run:
@@ -159,11 +165,15 @@ def inspect(path: str, as_json: bool) -> None:
 @click.argument("path")
 @click.option("--source", default=None, help="The checkpoint PATH was converted from: also measure each tensor's error.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
-def verify(path: str, source: str | None, as_json: bool) -> None:
+@click.option("--save", is_flag=True, help="Also write the report to PATH/nf4convert-verify.json (push puts its figures in the model card).")
+def verify(path: str, source: str | None, as_json: bool, save: bool) -> None:
     """Check PATH's files against its manifest and the spec (and, with --source, the quantization error)."""
+    from .hub import VERIFY_REPORT
     from .verify import verify as run_verify
 
     report = run_verify(path, source=source)
+    if save and report["ok"]:
+        (Path(path) / VERIFY_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
@@ -198,6 +208,29 @@ def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, f
         )
     if not quiet:
         click.echo(f"Wrote {out}")
+
+
+@cli.command()
+@click.argument("path")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo as private.")
+@click.option("--branch", default=None, help="Upload to this branch (created if needed).")
+@click.option("--commit-message", default=None, help="The commit message.")
+@click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token with write access (or HF_TOKEN).")
+@click.option("--dry-run", is_flag=True, help="Print the model card and the file list; upload nothing.")
+def push(path: str, repo_id: str, private: bool, branch: str | None, commit_message: str | None, token: str | None, dry_run: bool) -> None:
+    """Verify PATH, write its model card and upload it to the Hub as REPO_ID."""
+    from .hub import push as run_push
+
+    result = run_push(path, repo_id, private=private, branch=branch, commit_message=commit_message, token=token, dry_run=dry_run)
+    if dry_run:
+        click.echo(result["card"])
+        click.echo("Files that would be uploaded:")
+        for name in result["files"]:
+            click.echo(f"  {name}")
+        click.echo("Nothing uploaded (--dry-run).")
+    else:
+        click.echo(f"Uploaded {len(result['files'])} files: {result['url']}")
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -38,14 +38,35 @@ _NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
 _DYNAMIC_TABLE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
 
 
+def resolve_source(
+    source: str | os.PathLike | Source,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+) -> Source:
+    """A local folder or ``.safetensors`` file, or a Hub repo id (``org/name``, through the local cache).
+
+    Raises:
+        SourceNotFoundError, SourceError, FormatError: a bad local source.
+        HubError: the repo cannot be resolved (see :func:`nf4convert.hub.open_hub_source`).
+    """
+    if isinstance(source, Source):
+        return source
+    from .hub import is_repo_id, open_hub_source
+
+    if is_repo_id(str(source)):
+        return open_hub_source(str(source), revision=revision, cache_dir=cache_dir, token=token)
+    return open_source(source)
+
+
 def plan_conversion(source: str | os.PathLike | Source, *, options: Options | None = None) -> Plan:
     """Plan a conversion without reading any tensor data (what ``--dry-run`` shows).
 
     Raises:
-        SourceError, FormatError, QuantizationError: see :func:`convert`.
+        SourceError, FormatError, QuantizationError, HubError: see :func:`convert`.
     """
-    src = source if isinstance(source, Source) else open_source(source)
-    return make_plan(src, options or Options())
+    return make_plan(resolve_source(source), options or Options())
 
 
 def _tensor_outputs(f: SafetensorsFile, t: PlannedTensor, *, options: Options, kernel: str, device: str) -> dict[str, Any]:
@@ -178,7 +199,8 @@ def convert(
     """Convert a safetensors checkpoint to NF4 (spec/FORMAT.md), streaming tensor by tensor.
 
     Args:
-        source: a folder of safetensors shards, a single ``.safetensors`` file, or an opened :class:`Source`.
+        source: a folder of safetensors shards, a single ``.safetensors`` file, a Hub repo id, or a
+            :class:`Source` (see :func:`resolve_source` for Hub options).
         output: the folder to create.
         options: quantization and sharding options.
         force: replace an existing output folder.
@@ -194,6 +216,7 @@ def convert(
         FormatError: a corrupt safetensors shard.
         QuantizationError: a weight with NaN/Inf, or bad options.
         OutputError: the output exists (without ``force``) or lies inside the source.
+        HubError: a repo id that cannot be resolved.
 
     Example:
         >>> convert("./Llama-3-8B", "./Llama-3-8B-nf4")              # doctest: +SKIP

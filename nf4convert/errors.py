@@ -62,3 +62,9 @@ class VerificationFailed(NF4ConvertError):
     """``verify`` found problems (listed in its report)."""
 
     exit_code = 8
+
+
+class HubError(NF4ConvertError, OSError):
+    """The Hugging Face Hub (or its local cache) cannot give or take what was asked."""
+
+    exit_code = 9

@@ -93,12 +93,22 @@ def _shards_from_index(root: Path, index_path: Path, containment: Path) -> tuple
     return [shards[k] for k in sorted(shards)], weight_map
 
 
-def open_source(path: str | os.PathLike, *, containment: str | os.PathLike | None = None) -> Source:
+def _default_containment(root: Path) -> Path:
+    """The folder the source's files must resolve into: the folder itself, or for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/<commit>``, files symlinked into ``../../blobs``) the repo folder."""
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        return root.parent.parent
+    return root
+
+
+def open_source(path: str | os.PathLike) -> Source:
     """Resolve a local source: a folder of safetensors shards or a single ``.safetensors`` file.
+
+    Files the index names, and side files, must resolve inside the source folder (or, for a Hugging
+    Face cache snapshot, inside its repo folder).
 
     Args:
         path: the folder or file.
-        containment: files the index names must resolve inside this folder (default: the source folder).
 
     Returns:
         The :class:`Source`, with every shard header validated.
@@ -119,9 +129,12 @@ def open_source(path: str | os.PathLike, *, containment: str | os.PathLike | Non
         root = path
         index_path = root / INDEX_NAME
         if index_path.is_file():
-            shards, weight_map = _shards_from_index(root, index_path, Path(containment or root))
+            shards, weight_map = _shards_from_index(root, index_path, _default_containment(root))
         else:
             shards, weight_map = sorted(p for p in root.glob("*.safetensors") if p.is_file()), None
+            for shard in shards:
+                if not is_inside(shard, _default_containment(root)):
+                    raise SourceError(f"{shard}: leads outside the source folder")
         if not shards:
             others = [p.name for p in root.iterdir() if any(fnmatch.fnmatch(p.name, g) for g in OTHER_WEIGHT_PATTERNS)]
             hint = f" (found {', '.join(sorted(others)[:3])}: other weight formats are not read)" if others else ""
@@ -139,7 +152,7 @@ def open_source(path: str | os.PathLike, *, containment: str | os.PathLike | Non
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILE_PATTERNS)
             and p.relative_to(root).as_posix() not in (INDEX_NAME, MANIFEST_NAME, "config.json")
-            and is_inside(p, Path(containment or root))
+            and is_inside(p, _default_containment(root))
         )
     tensors: list[SourceTensor] = []
     owner: dict[str, Path] = {}

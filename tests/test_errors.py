@@ -115,6 +115,13 @@ def test_symlinked_shard_leaving_the_source_is_refused(cli, tmp_path):
     assert_refused(cli, tmp_path, src, match="leads outside the source folder")
 
 
+def test_symlinked_shard_leaving_the_source_without_an_index_is_refused(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    save_file({"b.weight": torch.zeros(64, 64)}, tmp_path / "elsewhere.safetensors")
+    os.symlink(tmp_path / "elsewhere.safetensors", src / "model-2.safetensors")
+    assert_refused(cli, tmp_path, src, match="model-2.safetensors: leads outside the source folder")
+
+
 def test_index_that_disagrees_with_the_shards(cli, tmp_path):
     src = model_folder(tmp_path / "src")
     write_index(src, {"a.weight": "model.safetensors"})

@@ -1,0 +1,205 @@
+"""The Hugging Face Hub at both ends: a repo id as a source (through the local cache, offline if
+``HF_HUB_OFFLINE=1``), and publishing an NF4 folder with a model card.
+
+huggingface_hub is imported here only, when a repo id or ``push`` is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from .errors import HubError, SourceNotFoundError, VerificationFailed
+from .read import open_checkpoint
+from .source import SIDE_FILE_PATTERNS, Source, open_source
+
+#: A Hub repo id: ``name`` or ``org/name``.
+REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+#: What a conversion downloads: shards, the index, side files and the source card (for its license). Never pickles.
+ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "README.md", *SIDE_FILE_PATTERNS]
+CARD_NAME = "README.md"
+VERIFY_REPORT = "nf4convert-verify.json"
+
+
+def is_repo_id(text: str) -> bool:
+    """True if ``text`` is not an existing local path and has the form ``org/name``."""
+    return "/" in text and REPO_ID.match(text) is not None and not Path(text).exists()
+
+
+def _license(card_path: Path) -> str | None:
+    if not card_path.is_file():
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        return ModelCard.load(card_path).data.to_dict().get("license")
+    except Exception:  # noqa: BLE001 - a malformed source card only loses its license
+        return None
+
+
+def open_hub_source(
+    repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None, token: str | None = None
+) -> Source:
+    """Resolve a Hub repo to its snapshot in the local cache (downloading only what is needed when online).
+
+    Raises:
+        HubError: unknown or gated repo, unknown revision, or not cached while offline; one line each.
+        SourceNotFoundError: the repo has no safetensors weights.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub import errors as hub
+
+    where = f"{repo_id}@{revision or 'main'}"
+    try:
+        folder = Path(
+            snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=ALLOW_PATTERNS)
+        )
+    except hub.GatedRepoError:
+        raise HubError(f"{repo_id}: gated repository; accept its terms on the Hub and pass --token (or set HF_TOKEN)") from None
+    except hub.RepositoryNotFoundError:
+        raise HubError(f"{repo_id}: repository not found (private? pass --token or set HF_TOKEN)") from None
+    except hub.RevisionNotFoundError:
+        raise HubError(f"{repo_id}: revision {revision!r} not found") from None
+    except hub.LocalEntryNotFoundError:
+        raise HubError(
+            f"{where}: not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network)"
+        ) from None
+    except hub.HfHubHTTPError as e:
+        raise HubError(f"{where}: Hub request failed ({e.__class__.__name__})") from None
+    try:
+        src = open_source(folder)
+    except SourceNotFoundError:
+        raise SourceNotFoundError(f"{where}: no safetensors weights in the repository (pickled *.bin weights are never loaded)") from None
+    src.name = repo_id
+    src.provenance = {"repo_id": repo_id, "revision": folder.name}
+    license_ = _license(folder / CARD_NAME)
+    if license_:
+        src.provenance["license"] = license_
+    return src
+
+
+def model_card(path: str | os.PathLike) -> str:
+    """Render the model card (``README.md``) of an NF4 folder from its manifest (and verify report, if saved)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    ckpt = open_checkpoint(path)
+    m = ckpt.manifest
+    source, options, summary = m.get("source", {}), m.get("options", {}), m.get("summary", {})
+    base = source.get("repo_id")
+    data = ModelCardData(
+        base_model=base,
+        base_model_relation="quantized" if base else None,
+        library_name="transformers",
+        license=source.get("license"),
+        tags=["nf4", "4-bit", "bitsandbytes", "nf4convert"],
+    )
+    total = sum(f["size"] for f in m.get("files", []))
+    name = Path(path).resolve().name
+    lines = [
+        f"# {name}",
+        "",
+        f"NF4 (4-bit NormalFloat, bitsandbytes) weights of [{base}](https://huggingface.co/{base})," if base else f"NF4 (4-bit NormalFloat, bitsandbytes) weights of `{source.get('name')}`,",
+        f"converted with nf4convert {m.get('tool', {}).get('version')} (format v{m.get('format_version')}, see `nf4convert.json` for hashes and provenance"
+        + (f"; source revision `{source['revision']}`)." if source.get("revision") else ")."),
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| block size | {options.get('blocksize')} |",
+        f"| double quantization | {options.get('double_quant')} |",
+        f"| compute dtype | {options.get('compute_dtype')} |",
+        f"| output head quantized | {options.get('quantize_lm_head')} |",
+        f"| kept in original dtype | {summary.get('tensors_kept')} tensors ({', '.join(options.get('skip') or []) or 'embeddings, norms, biases, output head'}) |",
+        f"| parameters | {summary.get('parameters', 0):,} ({summary.get('quantized_parameters', 0):,} quantized) |",
+        f"| size | {total / 1e9:.2f} GB |",
+        f"| bits per parameter | {summary.get('bits_per_parameter')} overall, {summary.get('quantized_bits_per_parameter')} for quantized weights |",
+        "",
+    ]
+    report_path = Path(path) / VERIFY_REPORT
+    if report_path.is_file():
+        s = json.loads(report_path.read_text()).get("summary", {})
+        if s.get("rel_rmse"):
+            lines += [
+                "Quantization error against the source (`nf4convert verify --source`): relative RMSE mean "
+                f"{s['rel_rmse']['mean']:.4f} (max {s['rel_rmse']['max']:.4f}), SQNR mean {s['sqnr_db']['mean']:.2f} dB "
+                f"(min {s['sqnr_db']['min']:.2f} dB).",
+                "",
+            ]
+    repo = "REPO_ID"
+    lines += [
+        "## Use",
+        "",
+        "With transformers and bitsandbytes (no extra step: the layout is the one `save_pretrained` writes):",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        f'model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
+        "```",
+        "",
+        "With nf4convert's loader (`pip install 'nf4convert[load]'`):",
+        "",
+        "```python",
+        "from huggingface_hub import snapshot_download",
+        "from nf4convert.load import load_model",
+        f'model = load_model(snapshot_download("{repo}"), device="cuda")',
+        "```",
+        "",
+    ]
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def push(
+    path: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    branch: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    dry_run: bool = False,
+) -> dict[str, Any]:
+    """Verify an NF4 folder, write its model card, and upload it to ``repo_id``.
+
+    Returns:
+        ``{"card": str, "files": [names], "url": str | None}`` (``url`` is ``None`` for a dry run).
+
+    Raises:
+        VerificationFailed: the folder does not match its manifest; nothing is uploaded.
+        HubError: the Hub refused (bad token, no permission, network).
+    """
+    from .verify import verify
+
+    if not REPO_ID.match(repo_id):
+        raise HubError(f"{repo_id!r} is not a Hub repo id (org/name)")
+    report = verify(path)
+    if not report["ok"]:
+        raise VerificationFailed(f"{path}: {len(report['problems'])} problem(s), first: {report['problems'][0]}; not uploading")
+    card = model_card(path).replace("REPO_ID", repo_id)
+    root = Path(path)
+    files = sorted({f["name"] for f in open_checkpoint(root).manifest["files"]} | {"nf4convert.json", CARD_NAME})
+    if dry_run:
+        return {"card": card, "files": files, "url": None}
+    (root / CARD_NAME).write_text(card)
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hub
+
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if branch:
+            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        info = api.upload_folder(
+            folder_path=root,
+            repo_id=repo_id,
+            revision=branch,
+            allow_patterns=files,
+            commit_message=commit_message or f"Upload NF4 weights ({Path(root).resolve().name}) with nf4convert",
+        )
+    except hub.HfHubHTTPError as e:
+        status = getattr(e.response, "status_code", "?")
+        raise HubError(f"{repo_id}: upload rejected (HTTP {status}); check the token's write permission") from None
+    except OSError as e:
+        raise HubError(f"{repo_id}: upload failed ({e.__class__.__name__}: {e})") from None
+    return {"card": card, "files": files, "url": str(getattr(info, "commit_url", info))}
