@@ -68,7 +68,7 @@ def decode_quant_state(blob: bytes, *, where: str) -> QuantState:
     """
     try:
         d: Any = json.loads(bytes(blob).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise FormatError(f"{where}: quant-state blob is not JSON") from None
     if not isinstance(d, dict):
         raise FormatError(f"{where}: quant-state blob is not a JSON object")

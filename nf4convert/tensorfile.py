@@ -123,7 +123,7 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
             raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise FormatError(f"header is not JSON ({e.__class__.__name__})") from None
         if not isinstance(header, dict):
             raise FormatError("header is not a JSON object")

@@ -1,0 +1,123 @@
+"""Hostile and broken input: fuzzed headers and quant-state blobs, a full disk, and Ctrl-C."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+
+from nf4convert.errors import FormatError
+from nf4convert.layout import decode_quant_state
+from nf4convert.tensorfile import read_header
+
+# CI runs a short fuzz; run longer by hand with NF4CONVERT_FUZZ_EXAMPLES=20000
+EXAMPLES = int(os.environ.get("NF4CONVERT_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+entries = st.fixed_dictionaries(
+    {
+        "dtype": st.sampled_from(["F32", "BF16", "U8", "I64", "Q4", 7]),
+        "shape": st.lists(st.integers(-2, 2**40), max_size=3) | json_values,
+        "data_offsets": st.lists(st.integers(-8, 2**40), min_size=0, max_size=3) | json_values,
+    }
+)
+headers = st.dictionaries(st.text(max_size=12), entries | json_values, max_size=5)
+
+
+def write(path, header: bytes, data: bytes, declared: int | None = None) -> None:
+    path.write_bytes(struct.pack("<Q", len(header) if declared is None else declared) + header + data)
+
+
+@FUZZ
+@given(header=headers, data=st.binary(max_size=64))
+def test_fuzzed_json_headers_are_read_or_refused_with_format_error(tmp_path, header, data):
+    path = tmp_path / "f.safetensors"
+    write(path, json.dumps(header).encode(), data)
+    try:
+        tensors, _ = read_header(path)
+    except FormatError:
+        return
+    end = 0
+    for info in tensors.values():  # whatever is accepted is consistent
+        assert info.start >= 8 and info.end <= path.stat().st_size and info.start == max(end, info.start)
+        end = info.end
+
+
+@FUZZ
+@given(raw=st.binary(max_size=256), declared=st.integers(0, 2**64 - 1) | st.none())
+def test_fuzzed_raw_bytes_are_refused_with_format_error(tmp_path, raw, declared):
+    path = tmp_path / "f.safetensors"
+    write(path, raw, b"", declared)
+    try:
+        read_header(path)
+    except FormatError:
+        pass
+
+
+def test_deeply_nested_header_is_refused_not_a_recursion_error(tmp_path):
+    path = tmp_path / "f.safetensors"
+    write(path, b"[" * 100_000 + b"]" * 100_000, b"")
+    with pytest.raises(FormatError):
+        read_header(path)
+
+
+@FUZZ
+@given(blob=st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_fuzzed_quant_state_blobs_are_parsed_or_refused(blob):
+    try:
+        state = decode_quant_state(blob, where="w")
+    except FormatError:
+        return
+    assert state.numel > 0 and state.blocksize > 0
+
+
+def test_full_disk_mid_write_leaves_nothing_that_looks_complete(tmp_path, cli, monkeypatch):
+    save_file({f"l{i}.weight": torch.randn(256, 256) for i in range(6)}, tmp_path / "src.safetensors")
+    real, calls = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        calls.append(offset)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    code, _, err = cli("convert", tmp_path / "src.safetensors", tmp_path / "out", "--quiet")
+    assert code != 0 and err.strip() == "nf4convert: error: [Errno 28] No space left on device"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
+
+
+def test_ctrl_c_exits_promptly_with_a_message_and_leaves_no_output(tmp_path):
+    save_file({f"l{i}.weight": torch.randn(2048, 4096) for i in range(12)}, tmp_path / "src.safetensors")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nf4convert", "convert", str(tmp_path / "src.safetensors"), str(tmp_path / "out"), "--kernel", "eager"],
+        stderr=subprocess.PIPE, text=True,
+    )
+    partial = tmp_path / "out.nf4convert-partial"
+    deadline = time.monotonic() + 60
+    while not partial.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - start < 15
+    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "nf4convert: interrupted"
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
