@@ -8,6 +8,7 @@ stderr and a non-zero exit; ``--debug`` (or ``NF4CONVERT_DEBUG=1``) shows the tr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import sys
@@ -236,10 +237,14 @@ def push(path: str, repo_id: str, private: bool, branch: str | None, commit_mess
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: run the CLI, turning expected errors into one line and an exit code."""
     debug = os.environ.get("NF4CONVERT_DEBUG") == "1" or "--debug" in (argv if argv is not None else sys.argv[1:])
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("nf4convert: %(message)s"))
+    logger = logging.getLogger("nf4convert")
+    logger.addHandler(handler)
     try:
         return cli.main(args=argv, prog_name="nf4convert", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("nf4convert: interrupted", err=True)
+    except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
+        click.echo("nf4convert: interrupted (run the same command again to resume a conversion)", err=True)
         sys.exit(130)
     except click.ClickException as e:
         e.show()
@@ -250,6 +255,5 @@ def main(argv: list[str] | None = None) -> Any:
         message = str(e).splitlines()[0] if str(e) else e.__class__.__name__
         click.echo(f"nf4convert: error: {message}", err=True)
         sys.exit(getattr(e, "exit_code", 1))
-    except KeyboardInterrupt:
-        click.echo("nf4convert: interrupted", err=True)
-        sys.exit(130)
+    finally:
+        logger.removeHandler(handler)

@@ -99,7 +99,7 @@ class _SourceShard:
         self.file.release(t.name)
 
 
-def _store(writer: ShardWriter, parts: dict[str, Any], shard: _SourceShard, t: PlannedTensor, progress: Progress | None) -> None:
+def _store(writer: ShardWriter | None, parts: dict[str, Any], shard: _SourceShard, t: PlannedTensor, progress: Progress | None) -> None:
     for key, value in parts.items():
         writer.write(key, value)
     shard.done(t)
@@ -107,34 +107,37 @@ def _store(writer: ShardWriter, parts: dict[str, Any], shard: _SourceShard, t: P
         progress(t.source.info.nbytes)
 
 
-def _finish(writer: ShardWriter, hashing: ThreadPoolExecutor, name: str) -> Future:
+def _finish(writer: ShardWriter, hashing: ThreadPoolExecutor, out: OutputFolder, name: str) -> Future:
     writer.finish()
-    return hashing.submit(file_record, writer.path, name)
+    return hashing.submit(out.record_shard, name)
 
 
 def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str, progress: Progress | None) -> tuple[list, list]:
     """Quantize in this thread while a writer thread writes, hashes the source and releases pages,
-    and a third thread hashes finished shards. Returns the output and source shard records."""
+    and a third thread hashes finished shards and journals them for resuming. Shards the journal
+    already holds are skipped (their source bytes are only hashed). Returns output and source records."""
     sources: dict[Path, _SourceShard] = {}
     writers: list[ShardWriter] = []
     try:
         with ThreadPoolExecutor(1, thread_name_prefix="nf4-write") as io, ThreadPoolExecutor(1, thread_name_prefix="nf4-hash") as hashing:
             pending: deque[Future] = deque()
-            records: list[Future] = []
+            records: list[dict | Future] = []
             for name, shard in zip(plan.shard_names(), plan.shards):
-                writer = ShardWriter(out.path(name), [e for t in shard for e in t.outputs], METADATA)
-                writers.append(writer)
+                done = out.completed.get(name)
+                writer = None if done else ShardWriter(out.path(name), [e for t in shard for e in t.outputs], METADATA)
+                if writer:
+                    writers.append(writer)
                 for t in shard:
                     src = sources.get(t.source.shard) or sources.setdefault(t.source.shard, _SourceShard(t.source.shard))
-                    parts = _tensor_outputs(src.file, t, options=plan.options, kernel=kernel, device=device)
+                    parts = {} if done else _tensor_outputs(src.file, t, options=plan.options, kernel=kernel, device=device)
                     pending.append(io.submit(_store, writer, parts, src, t, progress))
                     del parts
                     while len(pending) > _MAX_PENDING:
                         pending.popleft().result()
-                records.append(io.submit(_finish, writer, hashing, name))
+                records.append(done or io.submit(_finish, writer, hashing, out, name))
             for job in pending:
                 job.result()
-            outputs = [r.result().result() for r in records]
+            outputs = [r if isinstance(r, dict) else r.result().result() for r in records]
         source_records = [
             {"name": path.relative_to(plan.source.root).as_posix(), "size": path.stat().st_size, "sha256": s.hash.hexdigest()}
             for path, s in sources.items()
@@ -147,21 +150,38 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
             s.file.close()
 
 
+def fingerprint(plan: Plan) -> str:
+    """What must not change for a partial conversion to be resumed: format and tool version, options,
+    the planned output layout, and each source shard's name, size and header."""
+    sources = []
+    for path in plan.source.shards:
+        with open(path, "rb") as f:
+            header = f.read(8 + int.from_bytes(f.read(8), "little"))
+        sources.append([path.name, path.stat().st_size, hashlib.sha256(header).hexdigest()])
+    shards = [[name, [list(e) for t in shard for e in t.outputs]] for name, shard in zip(plan.shard_names(), plan.shards)]
+    key = [FORMAT_VERSION, __version__, manifest_options(plan), shards, sources]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+def manifest_options(plan: Plan) -> dict[str, Any]:
+    o = plan.options
+    return {
+        "blocksize": o.blocksize,
+        "double_quant": o.double_quant,
+        "compute_dtype": plan.compute_dtype,
+        "skip": list(o.skip),
+        "quantize_lm_head": o.quantize_lm_head,
+        "max_shard_size": o.max_shard_size,
+    }
+
+
 def manifest(plan: Plan, *, files: list[dict[str, Any]], source_files: list[dict[str, Any]]) -> dict[str, Any]:
     """The ``nf4convert.json`` manifest (spec section 8). Deterministic: no times, no absolute paths."""
-    o = plan.options
     return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "tool": {"name": "nf4convert", "version": __version__},
-        "options": {
-            "blocksize": o.blocksize,
-            "double_quant": o.double_quant,
-            "compute_dtype": plan.compute_dtype,
-            "skip": list(o.skip),
-            "quantize_lm_head": o.quantize_lm_head,
-            "max_shard_size": o.max_shard_size,
-        },
+        "options": manifest_options(plan),
         "source": {"name": plan.source.name, **plan.source.provenance, "files": source_files},
         "files": files,
         "summary": {
@@ -224,7 +244,7 @@ def convert(
     """
     plan = plan_conversion(source, options=options)
     src, options = plan.source, plan.options
-    with OutputFolder(Path(output), source=src.path, force=force) as out:
+    with OutputFolder(Path(output), source=src.path, force=force, fingerprint=fingerprint(plan)) as out:
         files, source_files = _convert_tensors(plan, out, kernel=kernel, device=device, progress=progress)
         if len(plan.shards) > 1:
             weight_map = {key: name for name, shard in zip(plan.shard_names(), plan.shards) for t in shard for key, _, _ in t.outputs}

@@ -3,12 +3,15 @@
 Every file is written inside a partial folder next to the target
 (``<name>.nf4convert-partial``) and the folder is renamed into place only once
 everything, the manifest last, is written and synced: an interrupted conversion
-never leaves an output that looks complete.
+never leaves an output that looks complete, and can be resumed after its last
+finished shard.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import math
 import os
 import shutil
@@ -22,6 +25,9 @@ from .errors import FormatError, OutputError
 from .tensorfile import build_header
 
 PARTIAL_SUFFIX = ".nf4convert-partial"
+#: The resume journal inside the partial folder (removed before the rename).
+JOURNAL_NAME = "nf4convert-progress.json"
+log = logging.getLogger("nf4convert")
 _HASH_CHUNK = 16 << 20
 
 
@@ -59,35 +65,66 @@ def check_output(target: Path, *, source: Path, force: bool = False) -> None:
 class OutputFolder:
     """The output folder, built in a partial folder beside it and renamed into place by :meth:`commit`.
 
-    Used as a context manager: leaving it by an exception removes the partial folder.
+    Used as a context manager: an error removes the partial folder; an interruption
+    (``KeyboardInterrupt``) keeps it, and so does a kill or a power loss. Each finished shard is
+    recorded in a journal in the partial folder (:meth:`record_shard`); a later conversion with the
+    same ``fingerprint`` finds the shards whose hashes still match in :attr:`completed` and skips
+    them. A different fingerprint starts over.
 
     Raises:
         OutputError: as :func:`check_output`, or the partial folder cannot be created.
     """
 
-    def __init__(self, target: Path, *, source: Path, force: bool = False) -> None:
+    def __init__(self, target: Path, *, source: Path, force: bool = False, fingerprint: str | None = None) -> None:
         check_output(target, source=source, force=force)
         self.target = target
         self.partial = target.with_name(target.name + PARTIAL_SUFFIX)
+        self.fingerprint = fingerprint
+        self.completed: dict[str, dict[str, Any]] = {}
         if self.partial.exists():
-            shutil.rmtree(self.partial)
+            self._resume()
         try:
-            self.partial.mkdir(parents=True)
+            self.partial.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OutputError(f"{self.partial}: cannot create ({e.strerror})") from None
+
+    def _resume(self) -> None:
+        try:
+            journal = json.loads((self.partial / JOURNAL_NAME).read_text())
+        except (OSError, ValueError):
+            journal = None
+        if not self.fingerprint or not isinstance(journal, dict) or journal.get("fingerprint") != self.fingerprint:
+            if journal is not None:
+                log.warning("%s: left by a conversion of another source or with other options; starting over", self.partial)
+            shutil.rmtree(self.partial)
+            return
+        for record in journal.get("shards", []):
+            path = self.partial / str(record.get("name"))
+            if not path.is_file() or path.stat().st_size != record.get("size") or sha256_file(path) != record.get("sha256"):
+                break
+            self.completed[record["name"]] = record
+        if self.completed:
+            log.warning("%s: resuming, %d shard(s) already done", self.partial, len(self.completed))
 
     def __enter__(self) -> OutputFolder:
         return self
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        if exc_type is not None and self.partial.exists():
+        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt) and self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
 
     def path(self, name: str) -> Path:
         return self.partial / name
 
+    def record_shard(self, name: str) -> dict[str, Any]:
+        """Hash a finished shard and journal it (atomically), so an interrupted run can resume after it."""
+        self.completed[name] = file_record(self.path(name), name)
+        _atomic_json(self.path(JOURNAL_NAME), {"fingerprint": self.fingerprint, "shards": list(self.completed.values())})
+        return self.completed[name]
+
     def commit(self) -> Path:
-        """Sync the partial folder and rename it to the target (replacing an old one)."""
+        """Drop the journal, sync the partial folder and rename it to the target (replacing an old one)."""
+        self.path(JOURNAL_NAME).unlink(missing_ok=True)
         fd = os.open(self.partial, os.O_RDONLY)
         try:
             os.fsync(fd)
@@ -102,6 +139,15 @@ class OutputFolder:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target
+
+
+def _atomic_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def as_bytes(t: torch.Tensor) -> memoryview:
