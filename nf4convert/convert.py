@@ -26,6 +26,7 @@ from .constants import DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MAN
 from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
 from .quantize import quantize_weight
+from .errors import SourceError
 from .source import Source, open_source
 from .tensorfile import SafetensorsFile
 from .write import OutputFolder, ShardWriter, file_record
@@ -93,6 +94,16 @@ class _SourceShard:
     def __init__(self, path: Path) -> None:
         self.file = SafetensorsFile(path)
         self.hash = hashlib.sha256(self.file.header_bytes())
+        self.stat = self._stat()
+
+    def _stat(self) -> tuple[int, int]:
+        st = self.file.path.stat()
+        return st.st_size, st.st_mtime_ns
+
+    def check_unchanged(self) -> None:
+        """Refuse to read on if the file changed since it was opened (a shrunk mapping would crash the process)."""
+        if self._stat() != self.stat:
+            raise SourceError(f"{self.file.path}: changed while being converted")
 
     def done(self, t: PlannedTensor) -> None:
         self.hash.update(self.file.raw(t.name))
@@ -129,6 +140,7 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
                     writers.append(writer)
                 for t in shard:
                     src = sources.get(t.source.shard) or sources.setdefault(t.source.shard, _SourceShard(t.source.shard))
+                    src.check_unchanged()
                     parts = {} if done else _tensor_outputs(src.file, t, options=plan.options, kernel=kernel, device=device)
                     pending.append(io.submit(_store, writer, parts, src, t, progress))
                     del parts

@@ -181,3 +181,18 @@ def test_output_does_not_depend_on_the_thread_count(tmp_path):
                        env=env, check=True)
     for f in sorted(p.name for p in (tmp_path / "1").iterdir()):
         assert (tmp_path / "1" / f).read_bytes() == (tmp_path / "2" / f).read_bytes(), f
+
+
+def test_a_source_that_changes_during_conversion_is_refused(tmp_path):
+    from nf4convert.convert import convert
+    from nf4convert.errors import SourceError
+
+    src = tmp_path / "src.safetensors"
+    save_file({f"l{i}.weight": torch.randn(256, 256) for i in range(4)}, src)
+
+    def rewritten(_: int) -> None:  # another process rewrites the file in place while it is read
+        os.utime(src, ns=(1, 1))
+
+    with pytest.raises(SourceError, match="changed while being converted"):
+        convert(src, tmp_path / "out", progress=rewritten, kernel="eager")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
