@@ -151,8 +151,10 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
                 job.result()
             outputs = [r if isinstance(r, dict) else r.result().result() for r in records]
         source_records = [
-            {"name": path.relative_to(plan.source.root).as_posix(), "size": path.stat().st_size, "sha256": s.hash.hexdigest()}
-            for path, s in sources.items()
+            {"name": path.relative_to(plan.source.root).as_posix(), "size": path.stat().st_size, "sha256": sources[path].hash.hexdigest()}
+            if path in sources
+            else file_record(path, path.relative_to(plan.source.root).as_posix())  # a shard with no tensors
+            for path in plan.source.shards
         ]
         return outputs, source_records
     finally:
@@ -164,12 +166,14 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
 
 def fingerprint(plan: Plan) -> str:
     """What must not change for a partial conversion to be resumed: format and tool version, options,
-    the planned output layout, and each source shard's name, size and header."""
+    the planned output layout, and each source shard's name, size, modification time and header."""
     sources = []
     for path in plan.source.shards:
         with open(path, "rb") as f:
-            header = f.read(8 + int.from_bytes(f.read(8), "little"))
-        sources.append([path.name, path.stat().st_size, hashlib.sha256(header).hexdigest()])
+            prefix = f.read(8)
+            header = prefix + f.read(int.from_bytes(prefix, "little"))
+        st = path.stat()
+        sources.append([path.name, st.st_size, st.st_mtime_ns, hashlib.sha256(header).hexdigest()])
     shards = [[name, [list(e) for t in shard for e in t.outputs]] for name, shard in zip(plan.shard_names(), plan.shards)]
     key = [FORMAT_VERSION, __version__, manifest_options(plan), shards, sources]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
