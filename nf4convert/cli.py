@@ -11,7 +11,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE
 from .errors import NF4ConvertError, VerificationFailed
 from .plan import DEFAULT_MAX_SHARD_SIZE, Options, Plan
 from .quantize import KERNELS
+from .source import Source
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -88,6 +91,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--revision", default=None, help="Hub source: branch, tag or commit [default: main].")
 @click.option("--cache-dir", default=None, help="Hub source: the Hugging Face cache folder.")
 @click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token (or HF_TOKEN), for private and gated repos.")
+@click.option("--allow-pickle", is_flag=True, help="Read pickled *.bin weights (torch.load weights_only=True) when there are no safetensors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor and the kernel used.")
 def convert(
@@ -106,14 +110,12 @@ def convert(
     revision: str | None,
     cache_dir: str | None,
     token: str | None,
+    allow_pickle: bool,
     quiet: bool,
     verbose: bool,
 ) -> None:
     """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT."""
-    from .convert import convert as run_convert
-    from .convert import plan_conversion, resolve_source
-    from .quantize import resolve_kernel
-    from .write import check_output
+    from .convert import resolve_source
 
     options = Options(
         blocksize=int(blocksize),
@@ -123,7 +125,28 @@ def convert(
         quantize_lm_head=not keep_lm_head,
         max_shard_size=parse_size(max_shard_size),
     )
-    plan = plan_conversion(resolve_source(source, revision=revision, cache_dir=cache_dir, token=token), options=options)
+    staging = None
+    if allow_pickle:  # beside OUTPUT like the partial folder, removed when done
+        staging = Path(output).with_name(Path(output).name + ".nf4convert-staging") if output else Path(tempfile.mkdtemp()) / "staging"
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        src = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=staging)
+        _convert(src, output, options, dry_run=dry_run, force=force, kernel=kernel, device=device, quiet=quiet, verbose=verbose)
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging if output else staging.parent, ignore_errors=True)
+
+
+def _convert(
+    src: Source, output: str | None, options: Options, *, dry_run: bool, force: bool, kernel: str, device: str, quiet: bool, verbose: bool
+) -> None:
+    """Plan, show and run the conversion of an opened source."""
+    from .convert import convert as run_convert
+    from .convert import plan_conversion
+    from .quantize import resolve_kernel
+    from .write import check_output
+
+    plan = plan_conversion(src, options=options)
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
     if dry_run:

@@ -26,7 +26,7 @@ from .constants import DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MAN
 from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
 from .quantize import quantize_weight
-from .errors import SourceError
+from .errors import SourceError, SourceNotFoundError
 from .source import Source, open_source
 from .tensorfile import SafetensorsFile
 from .write import OutputFolder, ShardWriter, file_record
@@ -45,8 +45,14 @@ def resolve_source(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
+    allow_pickle_staging: Path | None = None,
 ) -> Source:
     """A local folder or ``.safetensors`` file, or a Hub repo id (``org/name``, through the local cache).
+
+    Args:
+        allow_pickle_staging: if given, a source with only pickled ``*.bin`` weights is read with
+            ``torch.load(weights_only=True)`` and staged as safetensors in this (new) folder; otherwise
+            such a source is refused.
 
     Raises:
         SourceNotFoundError, SourceError, FormatError: a bad local source.
@@ -57,8 +63,15 @@ def resolve_source(
     from .hub import is_repo_id, open_hub_source
 
     if is_repo_id(str(source)):
-        return open_hub_source(str(source), revision=revision, cache_dir=cache_dir, token=token)
-    return open_source(source)
+        return open_hub_source(str(source), revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=allow_pickle_staging)
+    try:
+        return open_source(source)
+    except SourceNotFoundError:
+        if allow_pickle_staging is None or not Path(source).is_dir():
+            raise
+        from .pickled import stage_pickled
+
+        return stage_pickled(Path(source), allow_pickle_staging)
 
 
 def plan_conversion(source: str | os.PathLike | Source, *, options: Options | None = None) -> Plan:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import HubError, SourceNotFoundError, VerificationFailed
+from .pickled import PICKLE_PATTERN, stage_pickled
 from .read import open_checkpoint
 from .source import SIDE_FILE_PATTERNS, Source, open_source
 
@@ -41,9 +42,17 @@ def _license(card_path: Path) -> str | None:
 
 
 def open_hub_source(
-    repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None, token: str | None = None
+    repo_id: str,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    allow_pickle_staging: Path | None = None,
 ) -> Source:
     """Resolve a Hub repo to its snapshot in the local cache (downloading only what is needed when online).
+
+    With ``allow_pickle_staging``, ``*.bin`` weights are fetched too and, if the repo has no
+    safetensors, staged there as safetensors (see :mod:`nf4convert.pickled`).
 
     Raises:
         HubError: unknown or gated repo, unknown revision, or not cached while offline; one line each.
@@ -55,7 +64,13 @@ def open_hub_source(
     where = f"{repo_id}@{revision or 'main'}"
     try:
         folder = Path(
-            snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=ALLOW_PATTERNS)
+            snapshot_download(
+                repo_id,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                allow_patterns=ALLOW_PATTERNS + ([PICKLE_PATTERN] if allow_pickle_staging else []),
+            )
         )
     except hub.GatedRepoError:
         raise HubError(f"{repo_id}: gated repository; accept its terms on the Hub and pass --token (or set HF_TOKEN)") from None
@@ -72,9 +87,13 @@ def open_hub_source(
     try:
         src = open_source(folder)
     except SourceNotFoundError:
-        raise SourceNotFoundError(f"{where}: no safetensors weights in the repository (pickled *.bin weights are never loaded)") from None
+        if allow_pickle_staging is None:
+            raise SourceNotFoundError(
+                f"{where}: no safetensors weights in the repository (pickled *.bin weights are only read with --allow-pickle)"
+            ) from None
+        src = stage_pickled(folder, allow_pickle_staging)
     src.name = repo_id
-    src.provenance = {"repo_id": repo_id, "revision": folder.name}
+    src.provenance.update(repo_id=repo_id, revision=folder.name)
     license_ = _license(folder / CARD_NAME)
     if license_:
         src.provenance["license"] = license_

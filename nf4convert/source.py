@@ -137,7 +137,7 @@ def open_source(path: str | os.PathLike) -> Source:
                     raise SourceError(f"{shard}: leads outside the source folder")
         if not shards:
             others = [p.name for p in root.iterdir() if any(fnmatch.fnmatch(p.name, g) for g in OTHER_WEIGHT_PATTERNS)]
-            hint = f" (found {', '.join(sorted(others)[:3])}: other weight formats are not read)" if others else ""
+            hint = f" (found {', '.join(sorted(others)[:3])}: other weight formats are not read; *.bin only with --allow-pickle)" if others else ""
             raise SourceNotFoundError(f"{root}: no *.safetensors weights{hint}")
         config_path = root / "config.json"
         config = _load_json(config_path) if config_path.is_file() else None

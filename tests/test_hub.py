@@ -77,7 +77,7 @@ def test_allow_patterns_fetch_weights_configs_and_tokenizers_never_pickles():
     [
         ("org/not-cached", None, "org/not-cached@main: not in the local Hugging Face cache"),
         ("org/tiny-llama", "v2.0", "org/tiny-llama@v2.0: not in the local Hugging Face cache"),
-        ("org/pickles-only", None, "org/pickles-only@main: no safetensors weights in the repository (pickled *.bin weights are never loaded)"),
+        ("org/pickles-only", None, "org/pickles-only@main: no safetensors weights in the repository (pickled *.bin weights are only read with --allow-pickle)"),
     ],
 )
 def test_unresolvable_repos_fail_in_one_line(hub_cache, tmp_path, cli, repo, revision, match):
