@@ -82,7 +82,7 @@ def open_hub_source(
         raise HubError(
             f"{where}: not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network)"
         ) from None
-    except hub.HfHubHTTPError as e:
+    except Exception as e:  # noqa: BLE001 - HTTP errors, and connection errors of the HTTP client (not OSErrors)
         raise HubError(f"{where}: Hub request failed ({e.__class__.__name__})") from None
     try:
         src = open_source(folder)
@@ -219,6 +219,6 @@ def push(
     except hub.HfHubHTTPError as e:
         status = getattr(e.response, "status_code", "?")
         raise HubError(f"{repo_id}: upload rejected (HTTP {status}); check the token's write permission") from None
-    except OSError as e:
-        raise HubError(f"{repo_id}: upload failed ({e.__class__.__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - the HTTP client's connection errors are not OSErrors; answers it cannot parse
+        raise HubError(f"{repo_id}: upload failed ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     return {"card": card, "files": files, "url": str(getattr(info, "commit_url", info))}

@@ -1,0 +1,105 @@
+"""push against a recording Hub endpoint on 127.0.0.1 (HF_ENDPOINT): what huggingface_hub actually sends.
+
+The server answers the calls an upload makes (create repo, validate the card's YAML, preupload,
+commit) the way the Hub documents them, asking for plain (non-LFS) uploads, and records every request.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from nf4convert.convert import convert
+
+
+class RecordingHub(BaseHTTPRequestHandler):
+    requests: list[tuple[str, str, bytes]]
+    reject_commit = False
+
+    def _send(self, code: int, obj: object) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        self.requests.append(("POST", self.path, body))
+        base = f"http://{self.headers['Host']}/me/tiny-nf4"
+        if self.path == "/api/repos/create":
+            return self._send(200, {"url": base, "name": "me/tiny-nf4", "id": "1"})
+        if self.path == "/api/validate-yaml":
+            return self._send(200, {"errors": [], "warnings": []})
+        if "/preupload/" in self.path:
+            files = json.loads(body)["files"]
+            return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        if "/commit/" in self.path:
+            if self.reject_commit:
+                return self._send(403, {"error": "You don't have the rights to create a commit"})
+            return self._send(200, {"commitUrl": f"{base}/commit/{'a' * 40}", "commitOid": "a" * 40})
+        self._send(404, {"error": "not found"})
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.requests.append(("GET", self.path, b""))
+        self._send(404, {"error": "not found"})
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def hub():
+    handler = type("Handler", (RecordingHub,), {"requests": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield handler, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def push(folder, endpoint, *args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    return subprocess.run([sys.executable, "-m", "nf4convert", "push", str(folder), "me/tiny-nf4", *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_push_creates_the_repo_and_commits_every_file_with_the_card(hub, llama_dir, tmp_path):
+    handler, endpoint = hub
+    out = convert(llama_dir, tmp_path / "nf4")
+    p = push(out, endpoint, "--private", "--commit-message", "NF4 weights")
+    assert p.returncode == 0, p.stderr
+    assert f"{endpoint}/me/tiny-nf4/commit/" in p.stdout
+    posts = {path: body for method, path, body in handler.requests if method == "POST"}
+    assert json.loads(posts["/api/repos/create"]) == {"name": "tiny-nf4", "organization": "me", "visibility": "private"}
+    lines = [json.loads(line) for line in posts["/api/models/me/tiny-nf4/commit/main"].splitlines()]
+    assert lines[0] == {"key": "header", "value": {"summary": "NF4 weights", "description": ""}}
+    sent = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines[1:]}
+    assert set(sent) == {"README.md", "config.json", "generation_config.json", "model.safetensors", "nf4convert.json"}
+    for name, data in sent.items():
+        assert data == (out / name).read_bytes(), name
+    assert b"base_model_relation" not in sent["README.md"] and b"me/tiny-nf4" in sent["README.md"]
+
+
+def test_a_rejected_commit_is_one_line(hub, llama_dir, tmp_path):
+    handler, endpoint = hub
+    handler.reject_commit = True
+    out = convert(llama_dir, tmp_path / "nf4")
+    p = push(out, endpoint)
+    assert p.returncode == 9
+    assert p.stderr.strip() == "nf4convert: error: me/tiny-nf4: upload rejected (HTTP 403); check the token's write permission"
+
+
+def test_an_unreachable_hub_is_one_line(llama_dir, tmp_path):
+    out = convert(llama_dir, tmp_path / "nf4")
+    p = push(out, "http://127.0.0.1:9")
+    assert p.returncode == 9 and p.stderr.count("\n") == 1 and "me/tiny-nf4: upload failed" in p.stderr
