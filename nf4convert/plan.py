@@ -11,7 +11,6 @@ import math
 from dataclasses import dataclass, field
 
 from .constants import (
-    BLOCKSIZES,
     DEFAULT_BLOCKSIZE,
     DTYPE_SIZES,
     QUANTIZABLE_DTYPES,
@@ -20,6 +19,7 @@ from .constants import (
 )
 from .errors import QuantizationError
 from .layout import QuantState, quantization_config, quantized_tensors
+from .quantize import check_blocksize
 from .source import Source, SourceTensor
 
 #: Module names (last component) that are output heads, kept unless ``quantize_lm_head``.
@@ -57,8 +57,7 @@ class Options:
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
 
     def __post_init__(self) -> None:
-        if self.blocksize not in BLOCKSIZES:
-            raise QuantizationError(f"invalid blocksize {self.blocksize}; choose one of {', '.join(map(str, BLOCKSIZES))}")
+        check_blocksize(self.blocksize)
         if self.compute_dtype not in (None, *QUANTIZABLE_DTYPES.values()):
             raise QuantizationError(f"invalid compute dtype {self.compute_dtype!r}; choose float32, float16 or bfloat16")
         if self.max_shard_size <= 0:
