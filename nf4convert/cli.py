@@ -143,7 +143,7 @@ def _convert(
     """Plan, show and run the conversion of an opened source."""
     from .convert import convert as run_convert
     from .convert import plan_conversion
-    from .quantize import resolve_kernel
+    from .quantize import describe_kernel
     from .write import check_output
 
     plan = plan_conversion(src, options=options)
@@ -155,8 +155,9 @@ def _convert(
     if output is None:
         raise click.UsageError("Missing argument 'OUTPUT'.")
     check_output(Path(output), source=plan.source.path, force=force)
+    chosen = describe_kernel(kernel, device)
     if verbose:
-        click.echo(f"kernel: {resolve_kernel(kernel)}")
+        click.echo(f"kernel: {chosen}")
     with tqdm(total=plan.source.nbytes, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
         path = run_convert(plan.source, output, options=options, force=force, kernel=kernel, device=device, progress=bar.update)
     if not quiet:

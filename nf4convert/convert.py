@@ -25,7 +25,7 @@ from . import __version__
 from .constants import DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, METADATA, NF4_CODE
 from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
-from .quantize import quantize_weight
+from .quantize import quantize_weight, resolve_kernel
 from .errors import SourceError, SourceNotFoundError
 from .source import Source, open_source
 from .tensorfile import SafetensorsFile
@@ -253,7 +253,7 @@ def convert(
         output: the folder to create.
         options: quantization and sharding options.
         force: replace an existing output folder.
-        kernel: quantizer kernel, ``"auto"``, ``"compiled"`` or ``"eager"`` (same bytes).
+        kernel: quantizer kernel, ``"auto"``, ``"native"`` or ``"eager"`` (same bytes).
         device: where to quantize (``"cpu"``, ``"cuda"``); the output is the same.
         progress: called with the number of source bytes done after each tensor.
 
@@ -273,6 +273,7 @@ def convert(
     """
     plan = plan_conversion(source, options=options)
     src, options = plan.source, plan.options
+    kernel = resolve_kernel(kernel, device)
     with OutputFolder(Path(output), source=src.path, force=force, fingerprint=fingerprint(plan)) as out:
         files, source_files = _convert_tensors(plan, out, kernel=kernel, device=device, progress=progress)
         if len(plan.shards) > 1:

@@ -4,20 +4,17 @@ Pure functions on tensors. The 4-bit codes and first-level absmax are bit-identi
 to ``bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")``; the second
 level (double quantization) follows the spec's deterministic definition.
 
-Two kernels compute the same codes for full blocks: ``"compiled"`` (a
-``torch.compile``'d kernel, used when a C++ compiler is available) and ``"eager"``
-(plain torch, everywhere). ``"auto"`` uses the compiled kernel and falls back to eager,
-with a logged warning, if compiling fails.
+Two kernels compute the same codes for full blocks: ``"native"`` (``kernel.c``, built at
+first use by :mod:`nf4convert.native`; AVX2 where the CPU has it) and ``"eager"`` (plain torch,
+on any device). ``"auto"`` picks native on the CPU when a C compiler is available, else eager.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
-import shutil
-from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cache
 
 import numpy as np
 import torch
@@ -25,9 +22,8 @@ import torch
 from .constants import ABSMAX_FLOOR, BLOCKSIZES, DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_CODE
 from .errors import QuantizationError
 
-KERNELS = ("auto", "compiled", "eager")
-#: Elements the compiled kernel handles per call: a fixed shape, so one compilation per dtype and blocksize.
-CHUNK_ELEMENTS = 1 << 20
+log = logging.getLogger("nf4convert")
+KERNELS = ("auto", "native", "eager")
 
 _NF4 = torch.tensor(NF4_CODE, dtype=torch.float32)
 _DYNAMIC = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
@@ -75,28 +71,10 @@ def _scale(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     return (x * (1.0 / absmax.clamp(min=ABSMAX_FLOOR))).clamp(-1, 1)
 
 
-def _absmax(blocks: torch.Tensor) -> torch.Tensor:
-    """Kernel body: float32 absmax of each row, ``[rows, 1]``."""
-    return blocks.float().abs().amax(dim=1, keepdim=True)
-
-
-def _codes_compare(blocks: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """Kernel body: codes as the count of thresholds strictly below the scaled value.
-
-    Kept apart from :func:`_absmax`: fused with the reduction, inductor vectorizes the
-    comparisons across rows instead of along them and runs at half the speed.
-    """
-    scaled = _scale(blocks.float(), absmax)
-    codes = (scaled > _NF4_THRESHOLD_LIST[0]).to(torch.int32)
-    for t in _NF4_THRESHOLD_LIST[1:]:
-        codes = codes + (scaled > t).to(torch.int32)
-    return codes.to(torch.uint8)
-
-
 def _codes_bucketize(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eager kernel: the same definition through ``torch.bucketize`` (ties go to the lower code)."""
+    """Eager kernel: codes through ``torch.bucketize`` (ties go to the lower code), and the absmax."""
     x = blocks.float()
-    absmax = _absmax(blocks)
+    absmax = x.abs().amax(dim=1, keepdim=True)
     codes = torch.bucketize(_scale(x, absmax), NF4_THRESHOLDS.to(x.device), out_int32=True)
     return codes.to(torch.uint8), absmax.squeeze(1)
 
@@ -107,58 +85,55 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
-_compiled: tuple[Callable, Callable, Callable] | None = None
-_compile_failed = False
-log = logging.getLogger("nf4convert")
+def resolve_kernel(kernel: str = "auto", device: str | torch.device = "cpu") -> str:
+    """Name the kernel that ``kernel`` means for ``device`` on this machine: ``"native"`` or ``"eager"``.
 
-
-def _compile() -> tuple[Callable, Callable, Callable]:
-    global _compiled
-    if _compiled is None:
-        # One compilation per (dtype, blocksize): up to 24 shapes, more than dynamo's default limit of 8.
-        limit = 4 * len(BLOCKSIZES)
-        _compiled = tuple(torch.compile(f, dynamic=False, recompile_limit=limit) for f in (_absmax, _codes_compare, _pack))
-    return _compiled
-
-
-def resolve_kernel(kernel: str = "auto") -> str:
-    """Name the kernel that ``kernel`` means on this machine: ``"compiled"`` or ``"eager"``.
-
-    ``"auto"`` means compiled when a C++ compiler is on the PATH (torch.compile needs one on
-    the CPU) and compiling has not failed before in this process, else eager. Cheap: nothing
-    is compiled here.
+    ``"auto"`` means native on the CPU where it builds (the first call in a process may compile
+    it, well under a second; later processes reuse the cached library), else eager.
 
     Raises:
-        QuantizationError: ``kernel`` is not one of :data:`KERNELS`.
+        QuantizationError: ``kernel`` is not one of :data:`KERNELS`, or native is asked for
+            where it cannot run.
     """
+    from . import native
+
     if kernel not in KERNELS:
         raise QuantizationError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-    if kernel != "auto":
-        return kernel
-    compilers = (os.environ.get("CXX", ""), "c++", "g++", "clang++")
-    return "compiled" if not _compile_failed and any(c and shutil.which(c) for c in compilers) else "eager"
+    on_cpu = torch.device(device).type == "cpu"
+    if kernel == "eager" or (kernel == "auto" and not on_cpu):
+        return "eager"
+    if not on_cpu:
+        raise QuantizationError(f"the native kernel runs on the CPU only, not {device}; use --kernel eager or auto")
+    if native.library() is not None:
+        return "native"
+    if kernel == "native":
+        raise QuantizationError(f"the native kernel is unavailable ({native.unavailable_reason()}); use --kernel eager or auto")
+    _warn_fallback(native.unavailable_reason())
+    return "eager"
+
+
+@cache
+def _warn_fallback(reason: str) -> None:
+    log.warning("native NF4 kernel unavailable (%s); using the eager kernel", reason)
+
+
+def describe_kernel(kernel: str = "auto", device: str | torch.device = "cpu") -> str:
+    """What ``--verbose`` reports: the kernel, and for native, its variant and threads."""
+    from . import native
+
+    chosen = resolve_kernel(kernel, device)
+    return f"native ({native.variant()}, {torch.get_num_threads()} threads)" if chosen == "native" else f"eager ({torch.device(device).type})"
 
 
 def _quantize_full_blocks(blocks: torch.Tensor, kernel: str, packed: torch.Tensor, absmax: torch.Tensor) -> None:
-    """Quantize full blocks into ``packed`` (uint8 ``[rows * bs // 2]``) and ``absmax`` (float32 ``[rows]``).
+    """Quantize full blocks into ``packed`` (uint8 ``[rows * bs // 2]``) and ``absmax`` (float32 ``[rows]``)."""
+    if kernel == "native":
+        from . import native
 
-    The compiled kernel runs on chunks of a fixed shape (the last one zero-padded),
-    so each dtype and blocksize is compiled once.
-    """
-    if kernel == "eager":
-        codes, absmax[:] = _codes_bucketize(blocks)
-        packed[:] = _pack(codes)
+        native.quantize_blocks(blocks, NF4_THRESHOLDS, packed, absmax)
         return
-    find_absmax, find_codes, pack = _compile()
-    rows, bs = max(1, CHUNK_ELEMENTS // blocks.shape[1]), blocks.shape[1]
-    for start in range(0, blocks.shape[0], rows):
-        chunk = blocks[start : start + rows]
-        n = chunk.shape[0]
-        if n < rows:
-            chunk = torch.cat([chunk, chunk.new_zeros(rows - n, bs)])
-        chunk_absmax = find_absmax(chunk)
-        packed[start * bs // 2 : (start + n) * bs // 2] = pack(find_codes(chunk, chunk_absmax))[: n * bs // 2]
-        absmax[start : start + n] = chunk_absmax[:n, 0]
+    codes, absmax[:] = _codes_bucketize(blocks)
+    packed[:] = _pack(codes)
 
 
 def check_blocksize(blocksize: int) -> None:
@@ -175,7 +150,7 @@ def quantize_nf4(
     Args:
         weight: float32, float16 or bfloat16 tensor of any shape (flattened row-major).
         blocksize: elements per block, one of :data:`~nf4convert.constants.BLOCKSIZES`.
-        kernel: ``"auto"``, ``"compiled"`` or ``"eager"``; all give the same bytes.
+        kernel: ``"auto"``, ``"native"`` or ``"eager"``; all give the same bytes.
         name: used in error messages.
 
     Returns:
@@ -190,7 +165,6 @@ def quantize_nf4(
         >>> packed.shape, absmax.shape
         (torch.Size([4096, 1]), torch.Size([128]))
     """
-    global _compile_failed
     check_blocksize(blocksize)
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise QuantizationError(f"{name}: cannot quantize dtype {weight.dtype}")
@@ -201,15 +175,8 @@ def quantize_nf4(
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
-    blocks, chosen = flat[:full].view(-1, blocksize), resolve_kernel(kernel)
-    try:
-        _quantize_full_blocks(blocks, chosen, packed[: full // 2], absmax[: full // blocksize])
-    except Exception as e:
-        if kernel != "auto" or chosen != "compiled":
-            raise
-        _compile_failed = True  # a broken compiler toolchain: the eager kernel gives the same bytes
-        log.warning("compiled NF4 kernel unavailable (%s: %s); using the eager kernel", e.__class__.__name__, e)
-        _quantize_full_blocks(blocks, "eager", packed[: full // 2], absmax[: full // blocksize])
+    blocks = flat[:full].view(-1, blocksize)
+    _quantize_full_blocks(blocks, resolve_kernel(kernel, weight.device), packed[: full // 2], absmax[: full // blocksize])
     if full < n:
         tail = flat[full:].float()
         absmax[-1] = tail.abs().max().clamp(min=ABSMAX_FLOOR)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,7 +29,20 @@ from nf4convert.quantize import (
 F = pytest.importorskip("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-KERNELS = ["compiled", "eager"]
+#: Every path that computes codes: native AVX2 (where the CPU has it), native portable C, and torch.
+KERNELS = ["native", "portable", "eager"]
+
+
+@pytest.fixture(params=KERNELS)
+def kernel(request, monkeypatch) -> str:
+    """The kernel argument for one quantizer path; "portable" is the native kernel without SIMD."""
+    from nf4convert import native
+
+    if request.param == "portable":
+        monkeypatch.setenv("NF4CONVERT_SIMD", "0")
+        assert native.variant() == "portable"
+        return "native"
+    return request.param
 
 
 def bnb(w: torch.Tensor, blocksize: int):
@@ -45,7 +63,6 @@ def test_code_table_is_bitsandbytes_nf4():
     assert torch.equal(torch.tensor(DYNAMIC_MAP, dtype=torch.float32), F.create_dynamic_map(signed=True).float())
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("blocksize", BLOCKSIZES)
 def test_random_weights_are_bit_identical(kernel, dtype, blocksize):
@@ -55,7 +72,6 @@ def test_random_weights_are_bit_identical(kernel, dtype, blocksize):
         assert_same_as_bnb((torch.randn(shape) * 0.02).to(dtype), blocksize, kernel)
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_values_exactly_on_the_thresholds_go_to_the_lower_code(kernel, dtype):
     # a leading 1.0 makes absmax 1, so scaled == value: every threshold, its float32 neighbours, and the codes
@@ -67,7 +83,6 @@ def test_values_exactly_on_the_thresholds_go_to_the_lower_code(kernel, dtype):
     assert packed[0, 0] == (15 << 4) | 3  # the tie t[3] = (c[3] + c[4]) / 2 goes to code 3
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adversarial_blocks(kernel, dtype):
     finfo = torch.finfo(dtype)
@@ -86,11 +101,12 @@ def test_adversarial_blocks(kernel, dtype):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_non_finite_weights_are_refused_naming_the_tensor_and_place(bad):
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_weights_are_refused_naming_the_tensor_and_place(bad, dtype, kernel):
     w = torch.randn(4, 64)
     w[2, 5] = bad
     with pytest.raises(QuantizationError, match=r"layer\.weight: contains NaN or Inf \(first in elements 128\.\.191\)"):
-        quantize_nf4(w, name="layer.weight")
+        quantize_nf4(w.to(dtype), name="layer.weight", kernel=kernel)
 
 
 def test_bad_blocksize_and_dtype_are_refused():
@@ -196,11 +212,25 @@ def test_quantization_does_not_depend_on_threads():
     assert torch.equal(a.nested_absmax, b.nested_absmax)
 
 
-def test_without_a_compiler_auto_uses_the_eager_kernel(monkeypatch):
-    from nf4convert.quantize import resolve_kernel
+def convert_in_subprocess(src: Path, out: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """``nf4convert convert --verbose`` in a new process, where no native kernel has been loaded yet."""
+    cmd = [sys.executable, "-m", "nf4convert", "convert", str(src), str(out), "--verbose", "--quiet", *args]
+    return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
 
-    monkeypatch.setenv("PATH", "/nonexistent")
-    monkeypatch.delenv("CXX", raising=False)
-    assert resolve_kernel("auto") == "eager"
-    w = torch.randn(8, 64)
-    assert torch.equal(quantize_nf4(w)[0], bnb(w, 64)[0])
+
+@pytest.mark.parametrize("compiler", ["none on the PATH", "a broken one in $CC"])
+def test_without_a_working_compiler_auto_falls_back_to_eager_with_the_same_bytes(compiler, llama_dir, tmp_path):
+    env = {"NF4CONVERT_CACHE": str(tmp_path / "cache")}
+    env.update({"PATH": str(tmp_path / "empty")} if compiler.startswith("none") else {"CC": shutil.which("false")})
+    fallback = convert_in_subprocess(llama_dir, tmp_path / "eager", env)
+    assert fallback.returncode == 0, fallback.stderr
+    assert "kernel: eager (cpu)" in fallback.stdout and "native NF4 kernel unavailable" in fallback.stderr
+    native = convert_in_subprocess(llama_dir, tmp_path / "native", {"NF4CONVERT_CACHE": str(tmp_path / "cache2")})
+    assert native.returncode == 0 and "kernel: native (" in native.stdout
+    assert sorted((tmp_path / "cache2").glob("nf4kernel-*"))  # built once, reused by later processes
+    for f in sorted(p.name for p in (tmp_path / "native").iterdir()):
+        assert (tmp_path / "native" / f).read_bytes() == (tmp_path / "eager" / f).read_bytes(), f
+    asked = convert_in_subprocess(llama_dir, tmp_path / "refused", env, "--kernel", "native")
+    assert asked.returncode == 4 and asked.stderr.strip().startswith("nf4convert: error: the native kernel is unavailable")
+    assert len(asked.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()

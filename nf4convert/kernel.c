@@ -1,0 +1,164 @@
+/* NF4 quantization of full blocks: spec/FORMAT.md section 2, in C.
+ *
+ * Built by nf4convert/native.py at first use (cc -O3 -shared -fPIC -ffp-contract=off) and called
+ * through ctypes, which releases the GIL: Python threads run it on disjoint block ranges.
+ *
+ * Bit-exactness with bitsandbytes rests on doing the spec's float32 operations and nothing else:
+ *   absmax = max |x| (compared as integers: for non-negative IEEE floats the order is the same,
+ *            and a NaN sorts above +Inf, so a non-finite block always gives a non-finite absmax);
+ *   inv    = 1.0f / max(absmax, floor);  v = x * inv  (IEEE single, no fused operations);
+ *   code   = the number of thresholds t[i] with t[i] < v  (ties go to the lower code).
+ * Clamping v to [-1, 1] cannot change a code (every threshold lies inside), so it is left out.
+ * The thresholds and the floor come from the caller (nf4convert/constants.py), not from here.
+ *
+ * Two paths give the same bytes: AVX2 (x86-64, chosen at run time when the CPU has AVX2 and F16C)
+ * and portable C. nf4_quantize_blocks(..., simd=0) forces the portable one, for the tests.
+ */
+#include <stdint.h>
+#include <string.h>
+
+enum { NF4_F32 = 0, NF4_F16 = 1, NF4_BF16 = 2 };
+
+static float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* IEEE half -> single, exact for every value (subnormals, Inf, NaN). */
+static uint32_t half_to_single_bits(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
+    if (exp == 0x1F) return sign | 0x7F800000 | (man << 13);
+    if (exp != 0) return sign | ((exp + 112) << 23) | (man << 13);
+    if (man == 0) return sign;
+    exp = 113; /* subnormal: normalize */
+    while (!(man & 0x400)) {
+        man <<= 1;
+        exp--;
+    }
+    return sign | (exp << 23) | ((man & 0x3FF) << 13);
+}
+
+static uint32_t element_bits(const void *src, int dtype, int64_t i) {
+    if (dtype == NF4_F32) return ((const uint32_t *)src)[i];
+    uint16_t h = ((const uint16_t *)src)[i];
+    return dtype == NF4_BF16 ? (uint32_t)h << 16 : half_to_single_bits(h);
+}
+
+static float scale(float absmax, float floor) { return 1.0f / (absmax > floor ? absmax : floor); }
+
+static void blocks_portable(const void *src, int dtype, int64_t first, int64_t count, int64_t bs,
+                            const float *t, float floor, uint8_t *packed, float *absmax) {
+    float v[4096]; /* one block; loops simple enough for the compiler to vectorize */
+    uint8_t codes[4096];
+    for (int64_t b = first; b < first + count; b++) {
+        int64_t base = b * bs;
+        uint32_t m = 0;
+        for (int64_t i = 0; i < bs; i++) {
+            uint32_t a = element_bits(src, dtype, base + i) & 0x7FFFFFFF;
+            m = a > m ? a : m;
+        }
+        absmax[b] = bits_to_float(m);
+        float inv = scale(absmax[b], floor);
+        for (int64_t i = 0; i < bs; i++) {
+            v[i] = bits_to_float(element_bits(src, dtype, base + i)) * inv;
+            codes[i] = 0;
+        }
+        for (int k = 0; k < 15; k++)
+            for (int64_t i = 0; i < bs; i++) codes[i] += t[k] < v[i];
+        for (int64_t i = 0; i < bs; i += 2) packed[(base + i) / 2] = (uint8_t)(codes[i] << 4 | codes[i + 1]);
+    }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define NF4_AVX2 __attribute__((target("avx2,f16c")))
+
+/* The block's absmax as float32 bits: integer max of |x| bits, 256 bits at a time. */
+NF4_AVX2 static uint32_t absmax_bits_avx2(const void *src, int dtype, int64_t base, int64_t bs) {
+    if (dtype == NF4_F32) {
+        const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+        __m256i m = _mm256_setzero_si256();
+        for (int64_t i = 0; i < bs; i += 8)
+            m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)((const uint32_t *)src + base + i)), mask));
+        __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+        h = _mm_max_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+        return (uint32_t)_mm_cvtsi128_si32(_mm_max_epi32(h, _mm_shuffle_epi32(h, 0xB1)));
+    }
+    const __m256i mask = _mm256_set1_epi16(0x7FFF);
+    __m256i m = _mm256_setzero_si256();
+    for (int64_t i = 0; i < bs; i += 16)
+        m = _mm256_max_epu16(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)((const uint16_t *)src + base + i)), mask));
+    __m128i h = _mm_max_epu16(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+    h = _mm_max_epu16(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_max_epu16(h, _mm_shuffle_epi32(h, 0xB1));
+    uint16_t r = (uint16_t)_mm_extract_epi16(_mm_max_epu16(h, _mm_srli_epi32(h, 16)), 0);
+    return dtype == NF4_BF16 ? (uint32_t)r << 16 : half_to_single_bits(r);
+}
+
+NF4_AVX2 static __m256 load8_avx2(const void *src, int dtype, int64_t i) {
+    if (dtype == NF4_F32) return _mm256_loadu_ps((const float *)src + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)src + i));
+    if (dtype == NF4_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* Codes of 8 scaled values as int32 lanes: a 4-level binary search over the 15 thresholds,
+ * each level comparing against t[code + 7], t[code + 3], t[code + 1], t[code] (code so far). */
+NF4_AVX2 static __m256i codes8_avx2(__m256 v, __m256 t7, __m256 t3, __m256 t11, __m256 odd, __m256 even) {
+    const __m256i one = _mm256_set1_epi32(1);
+    __m256 gt = _mm256_cmp_ps(v, t7, _CMP_GT_OQ);
+    __m256i code = _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(8));
+    gt = _mm256_cmp_ps(v, _mm256_blendv_ps(t3, t11, gt), _CMP_GT_OQ);
+    code = _mm256_or_si256(code, _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(4)));
+    gt = _mm256_cmp_ps(v, _mm256_permutevar8x32_ps(odd, _mm256_srli_epi32(code, 2)), _CMP_GT_OQ);
+    code = _mm256_or_si256(code, _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(2)));
+    gt = _mm256_cmp_ps(v, _mm256_permutevar8x32_ps(even, _mm256_srli_epi32(code, 1)), _CMP_GT_OQ);
+    return _mm256_or_si256(code, _mm256_and_si256(_mm256_castps_si256(gt), one));
+}
+
+NF4_AVX2 static void blocks_avx2(const void *src, int dtype, int64_t first, int64_t count, int64_t bs,
+                                 const float *t, float floor, uint8_t *packed, float *absmax) {
+    const __m256 t7 = _mm256_set1_ps(t[7]), t3 = _mm256_set1_ps(t[3]), t11 = _mm256_set1_ps(t[11]);
+    const __m256 odd = _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0);
+    const __m256 even = _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i high_then_low = _mm256_set1_epi16(0x0110); /* byte weights 16, 1 */
+    for (int64_t b = first; b < first + count; b++) {
+        int64_t base = b * bs;
+        absmax[b] = bits_to_float(absmax_bits_avx2(src, dtype, base, bs));
+        const __m256 inv = _mm256_set1_ps(scale(absmax[b], floor));
+        for (int64_t i = 0; i < bs; i += 32) {
+            __m256i c[4];
+            for (int k = 0; k < 4; k++)
+                c[k] = codes8_avx2(_mm256_mul_ps(load8_avx2(src, dtype, base + i + 8 * k), inv), t7, t3, t11, odd, even);
+            /* 32 int32 codes -> 32 bytes in order -> 16 bytes of (first << 4 | second). */
+            __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
+            bytes = _mm256_permutevar8x32_epi32(bytes, order);
+            __m256i pairs = _mm256_maddubs_epi16(bytes, high_then_low);
+            pairs = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
+            _mm_storeu_si128((__m128i *)(packed + (base + i) / 2), _mm256_castsi256_si128(pairs));
+        }
+    }
+}
+
+int nf4_simd(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"); }
+#else
+int nf4_simd(void) { return 0; }
+#endif
+
+/* Quantize blocks [first, first + count) of `bs` elements (bs a multiple of 32) of `src`
+ * (dtype NF4_F32/F16/BF16) into `packed` (bs / 2 bytes a block) and `absmax` (one float a block);
+ * `thresholds` holds the 15 float32 thresholds in increasing order. Uses AVX2 when `simd` is
+ * non-zero and the CPU has it. */
+void nf4_quantize_blocks(const void *src, int dtype, int64_t first, int64_t count, int64_t bs,
+                         const float *thresholds, float floor, uint8_t *packed, float *absmax, int simd) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (simd && nf4_simd()) {
+        blocks_avx2(src, dtype, first, count, bs, thresholds, floor, packed, absmax);
+        return;
+    }
+#endif
+    (void)simd;
+    blocks_portable(src, dtype, first, count, bs, thresholds, floor, packed, absmax);
+}

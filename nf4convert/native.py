@@ -1,0 +1,136 @@
+"""The native NF4 kernel: ``kernel.c``, compiled at first use and called through ctypes.
+
+The shared library is built once per source, compiler and platform into a cache folder
+(``$NF4CONVERT_CACHE``, else ``$XDG_CACHE_HOME/nf4convert``, else ``~/.cache/nf4convert``)
+and reused by later processes. ctypes releases the GIL during the call, so Python threads
+quantize disjoint block ranges in parallel. Where no C compiler works, :func:`library`
+returns ``None`` and the caller uses the eager torch kernel. ``NF4CONVERT_SIMD=0`` in the
+environment selects the portable C path over AVX2 (same bytes; for debugging and the tests).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from .constants import ABSMAX_FLOOR
+
+SOURCE = Path(__file__).with_name("kernel.c")
+FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
+_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: Blocks per call: large enough to amortize the call, small enough to share work between threads.
+_BLOCKS_PER_CALL = 1 << 14
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("NF4CONVERT_CACHE"):
+        return Path(os.environ["NF4CONVERT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nf4convert"
+
+
+def _compiler() -> str | None:
+    return next((shutil.which(c) for c in (os.environ.get("CC", ""), "cc", "gcc", "clang") if c and shutil.which(c)), None)
+
+
+def build() -> Path:
+    """Compile ``kernel.c`` into a shared library (or reuse a cached one); return its path.
+
+    Raises:
+        OSError, subprocess.CalledProcessError: no working C compiler.
+    """
+    cc = _compiler()
+    if cc is None:
+        raise FileNotFoundError("no C compiler (cc, gcc or clang) on the PATH")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), platform.platform().encode()])).hexdigest()[:16]
+    folder = _cache_dir()
+    lib = folder / f"nf4kernel-{key}{'.dll' if sys.platform == 'win32' else '.so'}"
+    if lib.exists():
+        return lib
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:  # a read-only home: build for this process only
+        folder = Path(tempfile.mkdtemp(prefix="nf4convert-"))
+        lib = folder / lib.name
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        built = Path(tmp) / lib.name
+        subprocess.run([cc, *FLAGS, "-o", str(built), str(SOURCE)], check=True, capture_output=True, timeout=120)
+        os.replace(built, lib)  # atomic: concurrent first uses each build, one wins
+    return lib
+
+
+@cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    try:
+        lib = ctypes.CDLL(str(build()))
+    except subprocess.CalledProcessError as e:
+        first = (e.stderr or b"").decode(errors="replace").strip().splitlines()[:1]
+        return None, f"{e.cmd[0]} failed: {first[0] if first else f'exit {e.returncode}'}"
+    except (OSError, subprocess.SubprocessError) as e:
+        return None, str(e)
+    lib.nf4_quantize_blocks.restype = None
+    lib.nf4_quantize_blocks.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.nf4_simd.restype = ctypes.c_int
+    return lib, ""
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (built on the first call in a process), or ``None`` where it cannot be built."""
+    return _load()[0]
+
+
+def unavailable_reason() -> str:
+    """Why :func:`library` is ``None`` (empty when it is not)."""
+    return _load()[1]
+
+
+def _simd() -> bool:
+    return os.environ.get("NF4CONVERT_SIMD") != "0"
+
+
+def variant() -> str:
+    """What the native kernel runs as here: ``"avx2"`` or ``"portable"``."""
+    lib = library()
+    return "avx2" if _simd() and lib is not None and lib.nf4_simd() else "portable"
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(threads, thread_name_prefix="nf4-quantize")
+
+
+def quantize_blocks(blocks: torch.Tensor, thresholds: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> None:
+    """Quantize full blocks (a contiguous CPU ``[rows, bs]`` tensor, bs a multiple of 32) into
+    ``packed`` (uint8 ``[rows * bs // 2]``) and ``absmax`` (float32 ``[rows]``), on
+    ``torch.get_num_threads()`` threads."""
+    lib = library()
+    assert lib is not None and blocks.is_contiguous() and blocks.shape[1] % 32 == 0
+    rows, bs = blocks.shape
+    t = thresholds.contiguous()
+    args = (blocks.data_ptr(), _DTYPES[blocks.dtype])
+    out = (t.data_ptr(), ABSMAX_FLOOR, packed.data_ptr(), absmax.data_ptr(), int(_simd()))
+
+    def run(first: int) -> None:
+        lib.nf4_quantize_blocks(*args, first, min(_BLOCKS_PER_CALL, rows - first), bs, *out)
+
+    starts = range(0, rows, _BLOCKS_PER_CALL)
+    threads = min(torch.get_num_threads(), len(starts))
+    if threads <= 1:
+        for first in starts:
+            run(first)
+    else:
+        list(_pool(threads).map(run, starts))
