@@ -1,10 +1,11 @@
 """The conversion pipeline: source -> plan -> quantize -> write.
 
 Tensors are read one at a time from memory-mapped shards and quantized in the
-calling thread; a writer thread writes them at their planned offset, hashes the
-source bytes in file order and releases their pages, and a third thread hashes
-finished output shards. At most a few tensors are in flight: peak memory does not
-grow with the model's size.
+calling thread; a writer thread writes them at their planned offset (starting their
+writeback at once) and releases their source pages, a second thread hashes, syncs and
+journals finished output shards, and a third hashes the source files from the start,
+reading them apart from the mapping. At most a few tensors are in flight: peak memory
+does not grow with the model's size.
 """
 
 from __future__ import annotations
@@ -102,11 +103,10 @@ def _tensor_outputs(f: SafetensorsFile, t: PlannedTensor, *, options: Options, k
 
 
 class _SourceShard:
-    """An open source shard and the sha256 of its bytes, fed in file order as tensors are done."""
+    """An open source shard, and the size and modification time it had when opened."""
 
     def __init__(self, path: Path) -> None:
         self.file = SafetensorsFile(path)
-        self.hash = hashlib.sha256(self.file.header_bytes())
         self.stat = self._stat()
 
     def _stat(self) -> tuple[int, int]:
@@ -114,63 +114,70 @@ class _SourceShard:
         return st.st_size, st.st_mtime_ns
 
     def check_unchanged(self) -> None:
-        """Refuse to read on if the file changed since it was opened (a shrunk mapping would crash the process)."""
+        """Refuse to go on if the file changed since it was opened (a shrunk mapping would crash the process)."""
         if self._stat() != self.stat:
             raise SourceError(f"{self.file.path}: changed while being converted")
 
-    def done(self, t: PlannedTensor) -> None:
-        self.hash.update(self.file.raw(t.name))
-        self.file.release(t.name)
-
 
 def _store(writer: ShardWriter | None, parts: dict[str, Any], shard: _SourceShard, t: PlannedTensor, progress: Progress | None) -> None:
+    """Writer thread: write one tensor's outputs, then release its source pages."""
     for key, value in parts.items():
         writer.write(key, value)
-    shard.done(t)
+    shard.file.release(t.name)
     if progress:
         progress(t.source.info.nbytes)
 
 
-def _finish(writer: ShardWriter, hashing: ThreadPoolExecutor, out: OutputFolder, name: str) -> Future:
+def _seal(writer: ShardWriter, out: OutputFolder, name: str) -> dict[str, Any]:
+    """Hash a written shard, sync it and journal it; off the writer thread, so writing goes on."""
+    record = file_record(out.path(name), name)
     writer.finish()
-    return hashing.submit(out.record_shard, name)
+    return out.record_shard(record)
+
+
+def _hash_sources(paths: list[Path], root: Path) -> list[dict[str, Any]]:
+    return [file_record(path, path.relative_to(root).as_posix()) for path in paths]
 
 
 def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str, progress: Progress | None) -> tuple[list, list]:
-    """Quantize in this thread while a writer thread writes, hashes the source and releases pages,
-    and a third thread hashes finished shards and journals them for resuming. Shards the journal
-    already holds are skipped (their source bytes are only hashed). Returns output and source records."""
+    """Quantize in this thread while worker threads write (and release source pages), sync, hash and
+    journal finished shards for resuming, and hash the source files from the start (reading them
+    apart from the mapping). At most ``_MAX_PENDING`` tensors are in flight. Shards the journal
+    already holds are skipped. Returns output and source records."""
     sources: dict[Path, _SourceShard] = {}
     writers: list[ShardWriter] = []
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("write", "seal", "hash-source")]
+    io, sealer, hasher = pools
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="nf4-write") as io, ThreadPoolExecutor(1, thread_name_prefix="nf4-hash") as hashing:
-            pending: deque[Future] = deque()
-            records: list[dict | Future] = []
-            for name, shard in zip(plan.shard_names(), plan.shards):
-                done = out.completed.get(name)
-                writer = None if done else ShardWriter(out.path(name), [e for t in shard for e in t.outputs], METADATA)
-                if writer:
-                    writers.append(writer)
-                for t in shard:
-                    src = sources.get(t.source.shard) or sources.setdefault(t.source.shard, _SourceShard(t.source.shard))
-                    src.check_unchanged()
-                    parts = {} if done else _tensor_outputs(src.file, t, options=plan.options, kernel=kernel, device=device)
-                    pending.append(io.submit(_store, writer, parts, src, t, progress))
-                    del parts
-                    while len(pending) > _MAX_PENDING:
-                        pending.popleft().result()
-                records.append(done or io.submit(_finish, writer, hashing, out, name))
-            for job in pending:
-                job.result()
-            outputs = [r if isinstance(r, dict) else r.result().result() for r in records]
-        source_records = [
-            {"name": path.relative_to(plan.source.root).as_posix(), "size": path.stat().st_size, "sha256": sources[path].hash.hexdigest()}
-            if path in sources
-            else file_record(path, path.relative_to(plan.source.root).as_posix())  # a shard with no tensors
-            for path in plan.source.shards
-        ]
-        return outputs, source_records
+        source_records = hasher.submit(_hash_sources, plan.source.shards, plan.source.root)
+        pending: deque[Future] = deque()
+        records: list[dict | Future] = []
+        for name, shard in zip(plan.shard_names(), plan.shards):
+            done = out.completed.get(name)
+            if done:
+                records.append(done)
+                continue
+            writer = ShardWriter(out.path(name), [e for t in shard for e in t.outputs], METADATA)
+            writers.append(writer)
+            for t in shard:
+                src = sources.get(t.source.shard) or sources.setdefault(t.source.shard, _SourceShard(t.source.shard))
+                src.check_unchanged()
+                parts = _tensor_outputs(src.file, t, options=plan.options, kernel=kernel, device=device)
+                pending.append(io.submit(_store, writer, parts, src, t, progress))
+                del parts
+                while len(pending) > _MAX_PENDING:
+                    pending.popleft().result()
+            records.append(io.submit(sealer.submit, _seal, writer, out, name))
+        for job in pending:
+            job.result()
+        outputs = [r if isinstance(r, dict) else r.result().result() for r in records]
+        hashed = source_records.result()
+        for src in sources.values():
+            src.check_unchanged()
+        return outputs, hashed
     finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
         for w in writers:
             w.close()
         for s in sources.values():

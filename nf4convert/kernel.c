@@ -162,3 +162,42 @@ void nf4_quantize_blocks(const void *src, int dtype, int64_t first, int64_t coun
     (void)simd;
     blocks_portable(src, dtype, first, count, bs, thresholds, floor, packed, absmax);
 }
+
+/* Double quantization (spec section 3), step 1: the significands of `n` non-negative finite
+ * floats summed by biased exponent, `sums[e]` (with the implicit bit where e > 0), so that the
+ * exact sum is sum(sums[e] << max(e, 1)) / 2^150. Exact while n < 2^39. */
+void nf4_exponent_sums(const float *v, int64_t n, int64_t *sums) {
+    for (int e = 0; e < 256; e++) sums[e] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, v + i, sizeof u);
+        uint32_t e = (u >> 23) & 0xFF, m = u & 0x7FFFFF;
+        sums[e] += e ? (m | 0x800000) : m;
+    }
+}
+
+/* Double quantization, step 2: d = absmax[i] - offset, blockwise over `nested_bs` values to the
+ * count of the 255 `thresholds` below the scaled value. A full block is scaled by
+ * 1 / max(its max |d|, floor) and stores max |d|; a partial last block is divided by
+ * m = max(max |d|, floor) and stores m. */
+void nf4_quantize_nested(const float *absmax, int64_t n, int64_t nested_bs, float offset,
+                         const float *thresholds, float floor, uint8_t *codes, float *nested) {
+    for (int64_t b = 0; b * nested_bs < n; b++) {
+        int64_t start = b * nested_bs, end = start + nested_bs < n ? start + nested_bs : n;
+        int full = end - start == nested_bs;
+        float m = 0.0f;
+        for (int64_t i = start; i < end; i++) {
+            float d = absmax[i] - offset;
+            d = d < 0 ? -d : d;
+            m = d > m ? d : m;
+        }
+        float divisor = m > floor ? m : floor, inv = 1.0f / divisor;
+        nested[b] = full ? m : divisor;
+        for (int64_t i = start; i < end; i++) {
+            float d = absmax[i] - offset, v = full ? d * inv : d / divisor;
+            int pos = 0; /* branch-free binary search: the number of thresholds below v */
+            for (int step = 128; step; step >>= 1) pos += step & -(int)(thresholds[pos + step - 1] < v);
+            codes[i] = (uint8_t)pos;
+        }
+    }
+}

@@ -85,6 +85,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     lib.nf4_simd.restype = ctypes.c_int
+    lib.nf4_exponent_sums.restype = None
+    lib.nf4_exponent_sums.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.nf4_quantize_nested.restype = None
+    lib.nf4_quantize_nested.argtypes = [
+        ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
+    ]  # fmt: skip
     return lib, ""
 
 
@@ -134,3 +140,20 @@ def quantize_blocks(blocks: torch.Tensor, thresholds: torch.Tensor, packed: torc
             run(first)
     else:
         list(_pool(threads).map(run, starts))
+
+
+def exponent_sums(values: torch.Tensor) -> list[int]:
+    """Significands of non-negative finite float32 values summed by biased exponent (256 sums)."""
+    v = values.contiguous()
+    sums = torch.zeros(256, dtype=torch.int64)
+    library().nf4_exponent_sums(v.data_ptr(), v.numel(), sums.data_ptr())
+    return sums.tolist()
+
+
+def quantize_nested(absmax: torch.Tensor, offset: float, thresholds: torch.Tensor, nested_blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit codes of ``absmax - offset`` per block of ``nested_blocksize``, and each block's scale."""
+    a, t = absmax.contiguous(), thresholds.contiguous()
+    codes = torch.empty(a.numel(), dtype=torch.uint8)
+    nested = torch.empty(-(-a.numel() // nested_blocksize), dtype=torch.float32)
+    library().nf4_quantize_nested(a.data_ptr(), a.numel(), nested_blocksize, offset, t.data_ptr(), ABSMAX_FLOOR, codes.data_ptr(), nested.data_ptr())
+    return codes, nested

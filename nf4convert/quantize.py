@@ -193,26 +193,44 @@ def quantize_nf4(
     return packed.unsqueeze(1), absmax
 
 
-def exact_mean(values: torch.Tensor) -> float:
-    """The exact mean of non-negative finite float32 values, rounded to float64 then to float32.
+def exponent_sums(values: torch.Tensor) -> list[int]:
+    """Significands of non-negative finite float32 values summed by biased exponent (256 sums).
 
-    Computed in integer arithmetic, so it does not depend on thread count, order or device.
+    With the implicit bit for normal numbers, the exact sum of the values is
+    ``sum(sums[e] << max(e, 1)) / 2**150``.
     """
     bits = values.detach().reshape(-1).cpu().contiguous().view(torch.int32).to(torch.int64)
     exponent = (bits >> 23) & 0xFF
     mantissa = torch.where(exponent > 0, (bits & 0x7FFFFF) | 0x800000, bits & 0x7FFFFF)
-    sums = torch.zeros(256, dtype=torch.int64).scatter_add_(0, exponent, mantissa).tolist()
+    return torch.zeros(256, dtype=torch.int64).scatter_add_(0, exponent, mantissa).tolist()
+
+
+def exact_mean(values: torch.Tensor, kernel: str = "eager") -> float:
+    """The exact mean of non-negative finite float32 values, rounded to float64 then to float32.
+
+    Computed in integer arithmetic, so it does not depend on thread count, order, device or kernel.
+    """
+    if kernel == "native":
+        from . import native
+
+        sums = native.exponent_sums(values)
+    else:
+        sums = exponent_sums(values)
     total = sum(s << max(e, 1) for e, s in enumerate(sums) if s)
     return float(np.float32(total / (values.numel() << 150)))
 
 
-def double_quantize(absmax: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Quantize first-level absmax to 8 bits (spec section 3).
+def double_quantize(absmax: torch.Tensor, kernel: str = "eager") -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Quantize first-level absmax to 8 bits (spec section 3); every kernel gives the same result.
 
     Returns:
         ``(quantized, nested_absmax, offset)``: uint8 ``[n]``, float32 ``[ceil(n / 256)]``, and the offset.
     """
-    offset = exact_mean(absmax)
+    offset = exact_mean(absmax, kernel)
+    if kernel == "native":
+        from . import native
+
+        return (*native.quantize_nested(absmax, offset, _DYNAMIC_THRESHOLDS, NESTED_BLOCKSIZE), offset)
     v = absmax - torch.tensor(offset, dtype=torch.float32, device=absmax.device)
     n = v.numel()
     full = n - n % NESTED_BLOCKSIZE
@@ -242,10 +260,11 @@ def quantize_weight(
     Raises:
         QuantizationError: as :func:`quantize_nf4`.
     """
+    kernel = resolve_kernel(kernel, weight.device)
     packed, absmax = quantize_nf4(weight, blocksize=blocksize, kernel=kernel, name=name)
     if not double_quant:
         return NF4Weight(packed, absmax, tuple(weight.shape), weight.dtype, blocksize)
-    quantized, nested, offset = double_quantize(absmax)
+    quantized, nested, offset = double_quantize(absmax, kernel)
     return NF4Weight(packed, quantized, tuple(weight.shape), weight.dtype, blocksize, nested, offset)
 
 

@@ -32,11 +32,12 @@ _HASH_CHUNK = 16 << 20
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
+    """Hex sha256 of a file, read in chunks into one reused buffer."""
+    h, buffer = hashlib.sha256(), bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            h.update(view[:n])
     return h.hexdigest()
 
 
@@ -116,11 +117,11 @@ class OutputFolder:
     def path(self, name: str) -> Path:
         return self.partial / name
 
-    def record_shard(self, name: str) -> dict[str, Any]:
-        """Hash a finished shard and journal it (atomically), so an interrupted run can resume after it."""
-        self.completed[name] = file_record(self.path(name), name)
+    def record_shard(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Journal a finished (synced) shard's :func:`file_record` atomically, so an interrupted run can resume after it."""
+        self.completed[record["name"]] = record
         _atomic_json(self.path(JOURNAL_NAME), {"fingerprint": self.fingerprint, "shards": list(self.completed.values())})
-        return self.completed[name]
+        return record
 
     def commit(self) -> Path:
         """Drop the journal, sync the partial folder and rename it to the target (replacing an old one)."""
@@ -158,6 +159,10 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+#: Writes at least this large start their writeback at once.
+_WRITEBACK_MIN = 1 << 20
+
+
 class ShardWriter:
     """Writes one safetensors shard whose layout is known up front.
 
@@ -186,6 +191,10 @@ class ShardWriter:
         if name not in self.pending or view.nbytes != self.sizes[name]:
             raise FormatError(f"{self.path.name}: tensor {name!r} does not match the plan ({view.nbytes} bytes)")
         self._pwrite(view, self.offsets[name])
+        if view.nbytes >= _WRITEBACK_MIN and hasattr(os, "posix_fadvise"):
+            # Start writing these pages to disk now (Linux starts writeback on DONTNEED), so the
+            # disk works while later tensors are quantized instead of all at once in finish().
+            os.posix_fadvise(self.fd, self.offsets[name], view.nbytes, os.POSIX_FADV_DONTNEED)
         self.pending.discard(name)
 
     def finish(self) -> None:

@@ -118,11 +118,11 @@ def test_bad_blocksize_and_dtype_are_refused():
         quantize_nf4(torch.zeros(64), kernel="fast")
 
 
-def test_exact_mean_is_the_rounded_exact_rational_mean():
+def test_exact_mean_is_the_rounded_exact_rational_mean(kernel):
     torch.manual_seed(0)
     values = torch.cat([torch.rand(100_000) * 10, torch.tensor([0.0, 1e-40, 3e38])]).float()
     exact = sum(Fraction(v) for v in values.tolist()) / values.numel()
-    assert exact_mean(values) == float(np.float32(float(exact)))
+    assert exact_mean(values, kernel) == float(np.float32(float(exact)))
 
 
 def test_exact_mean_does_not_depend_on_threads():
@@ -162,15 +162,22 @@ def reference_double_quant(absmax: torch.Tensor) -> tuple[list[int], list[float]
     return codes, nested, float(offset)
 
 
-def test_double_quant_matches_the_spec_reference_exactly():
+@pytest.mark.parametrize("n", [700, 256, 3])  # a partial last nested block; one full block; only a partial one
+def test_double_quant_matches_the_spec_reference_exactly(kernel, n):
     torch.manual_seed(3)
-    absmax = (torch.rand(700) * 0.1).float()  # a partial last nested block
+    absmax = (torch.rand(n) * 0.1).float()
     absmax[::97] = 0.0
-    q, nested, offset = double_quantize(absmax)
+    q, nested, offset = double_quantize(absmax, kernel)
     codes, ref_nested, ref_offset = reference_double_quant(absmax)
     assert offset == ref_offset
     assert q.tolist() == codes
     assert nested.tolist() == ref_nested
+
+
+def test_double_quant_of_equal_absmax_gives_zero_blocks(kernel):
+    q, nested, offset = double_quantize(torch.full((300,), 0.25), kernel)
+    assert offset == 0.25 and nested.tolist() == [0.0, float(np.float32(1e-38))]  # the partial block stores the floor
+    assert q.tolist() == reference_double_quant(torch.full((300,), 0.25))[0]
 
 
 def test_double_quant_is_within_one_8bit_step_of_bitsandbytes():
@@ -190,10 +197,10 @@ def test_double_quant_is_within_one_8bit_step_of_bitsandbytes():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_nf4_values_are_fixed_points_of_quantize_dequantize(dtype, double_quant):
+def test_nf4_values_are_fixed_points_of_quantize_dequantize(dtype, double_quant, kernel):
     torch.manual_seed(5)
-    q = quantize_weight((torch.randn(64, 300) * 0.05).to(dtype), double_quant=double_quant, blocksize=64)
-    again = quantize_weight(dequantize(q), double_quant=double_quant, blocksize=64)
+    q = quantize_weight((torch.randn(64, 300) * 0.05).to(dtype), double_quant=double_quant, blocksize=64, kernel=kernel)
+    again = quantize_weight(dequantize(q), double_quant=double_quant, blocksize=64, kernel=kernel)
     assert torch.equal(again.packed, q.packed)
 
 
