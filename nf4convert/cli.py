@@ -22,10 +22,9 @@ import click
 from tqdm import tqdm
 
 from . import __version__
-from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE
+from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE, KERNELS
 from .errors import NF4ConvertError, VerificationFailed
 from .plan import DEFAULT_MAX_SHARD_SIZE, Options, Plan
-from .quantize import KERNELS
 from .source import Source
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -115,7 +114,7 @@ def convert(
     verbose: bool,
 ) -> None:
     """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT."""
-    from .convert import resolve_source
+    from .source import resolve_source
 
     options = Options(
         blocksize=int(blocksize),
@@ -141,12 +140,10 @@ def _convert(
     src: Source, output: str | None, options: Options, *, dry_run: bool, force: bool, kernel: str, device: str, quiet: bool, verbose: bool
 ) -> None:
     """Plan, show and run the conversion of an opened source."""
-    from .convert import convert as run_convert
-    from .convert import plan_conversion
-    from .quantize import describe_kernel
+    from .plan import make_plan
     from .write import check_output
 
-    plan = plan_conversion(src, options=options)
+    plan = make_plan(src, options)
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
     if dry_run:
@@ -155,6 +152,10 @@ def _convert(
     if output is None:
         raise click.UsageError("Missing argument 'OUTPUT'.")
     check_output(Path(output), source=plan.source.path, force=force)
+    src.start_hashing()  # reads the source on another core while torch loads (the next imports)
+    from .convert import convert as run_convert
+    from .quantize import describe_kernel
+
     chosen = describe_kernel(kernel, device)
     if verbose:
         click.echo(f"kernel: {chosen}")

@@ -32,6 +32,8 @@ NF4_CODE = (
 #: Block sizes (elements per absmax) that bitsandbytes accepts.
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BLOCKSIZE = 64
+#: Quantizer kernels (``--kernel``): all give the same bytes.
+KERNELS = ("auto", "native", "eager")
 #: Block size of the second-level (8-bit) quantization of absmax.
 NESTED_BLOCKSIZE = 256
 #: Scales are divided by max(absmax, ABSMAX_FLOOR) (float32), so an all-zero block is defined.

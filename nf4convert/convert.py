@@ -1,10 +1,10 @@
 """The conversion pipeline: source -> plan -> quantize -> write.
 
 Tensors are read one at a time from memory-mapped shards and quantized in the
-calling thread; a writer thread writes them at their planned offset (starting their
-writeback at once) and releases their source pages, a second thread hashes, syncs and
-journals finished output shards, and a third hashes the source files from the start,
-reading them apart from the mapping. At most a few tensors are in flight: peak memory
+calling thread; a writer thread writes them at their planned offset and releases their
+source pages, and other threads hash, sync and journal finished output shards. The
+source files are hashed from the start by the source's own thread, reading them apart
+from the mapping. At most a few tensors are in flight: peak memory
 does not grow with the model's size.
 """
 
@@ -24,13 +24,14 @@ import torch
 
 from . import __version__
 from .constants import DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, METADATA, NF4_CODE
+from .errors import SourceError
+from .files import file_record, file_state
 from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
 from .quantize import quantize_weight, resolve_kernel
-from .errors import SourceError, SourceNotFoundError
-from .source import Source, open_source
+from .source import Source, resolve_source
 from .tensorfile import SafetensorsFile
-from .write import OutputFolder, ShardWriter, file_record
+from .write import OutputFolder, ShardWriter
 
 Progress = Callable[[int], None]
 #: Tensors quantized ahead of the writer thread: bounds memory to a few tensors.
@@ -38,41 +39,6 @@ _MAX_PENDING = 2
 
 _NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
 _DYNAMIC_TABLE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
-
-
-def resolve_source(
-    source: str | os.PathLike | Source,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | None = None,
-    allow_pickle_staging: Path | None = None,
-) -> Source:
-    """A local folder or ``.safetensors`` file, or a Hub repo id (``org/name``, through the local cache).
-
-    Args:
-        allow_pickle_staging: if given, a source with only pickled ``*.bin`` weights is read with
-            ``torch.load(weights_only=True)`` and staged as safetensors in this (new) folder; otherwise
-            such a source is refused.
-
-    Raises:
-        SourceNotFoundError, SourceError, FormatError: a bad local source.
-        HubError: the repo cannot be resolved (see :func:`nf4convert.hub.open_hub_source`).
-    """
-    if isinstance(source, Source):
-        return source
-    from .hub import is_repo_id, open_hub_source
-
-    if is_repo_id(str(source)):
-        return open_hub_source(str(source), revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=allow_pickle_staging)
-    try:
-        return open_source(source)
-    except SourceNotFoundError:
-        if allow_pickle_staging is None or not Path(source).is_dir():
-            raise
-        from .pickled import stage_pickled
-
-        return stage_pickled(Path(source), allow_pickle_staging)
 
 
 def plan_conversion(source: str | os.PathLike | Source, *, options: Options | None = None) -> Plan:
@@ -107,15 +73,11 @@ class _SourceShard:
 
     def __init__(self, path: Path) -> None:
         self.file = SafetensorsFile(path)
-        self.stat = self._stat()
-
-    def _stat(self) -> tuple[int, int]:
-        st = self.file.path.stat()
-        return st.st_size, st.st_mtime_ns
+        self.state = file_state(path)
 
     def check_unchanged(self) -> None:
         """Refuse to go on if the file changed since it was opened (a shrunk mapping would crash the process)."""
-        if self._stat() != self.stat:
+        if file_state(self.file.path) != self.state:
             raise SourceError(f"{self.file.path}: changed while being converted")
 
 
@@ -128,28 +90,25 @@ def _store(writer: ShardWriter | None, parts: dict[str, Any], shard: _SourceShar
         progress(t.source.info.nbytes)
 
 
-def _seal(writer: ShardWriter, out: OutputFolder, name: str) -> dict[str, Any]:
-    """Hash a written shard, sync it and journal it; off the writer thread, so writing goes on."""
+def _seal(writer: ShardWriter, out: OutputFolder, name: str, syncer: ThreadPoolExecutor) -> dict[str, Any]:
+    """Hash a written shard while another thread syncs it, then journal it; off the writer
+    thread, so writing goes on."""
+    synced = syncer.submit(writer.finish)
     record = file_record(out.path(name), name)
-    writer.finish()
+    synced.result()
     return out.record_shard(record)
 
 
-def _hash_sources(paths: list[Path], root: Path) -> list[dict[str, Any]]:
-    return [file_record(path, path.relative_to(root).as_posix()) for path in paths]
-
-
 def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str, progress: Progress | None) -> tuple[list, list]:
-    """Quantize in this thread while worker threads write (and release source pages), sync, hash and
-    journal finished shards for resuming, and hash the source files from the start (reading them
-    apart from the mapping). At most ``_MAX_PENDING`` tensors are in flight. Shards the journal
-    already holds are skipped. Returns output and source records."""
+    """Quantize in this thread while worker threads write (and release source pages), and hash, sync
+    and journal finished shards for resuming; the source's own hashing thread reads on meanwhile.
+    At most ``_MAX_PENDING`` tensors are in flight. Shards the journal already holds are skipped.
+    Returns output and source records."""
     sources: dict[Path, _SourceShard] = {}
     writers: list[ShardWriter] = []
-    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("write", "seal", "hash-source")]
-    io, sealer, hasher = pools
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("write", "seal", "sync")]
+    io, sealer, syncer = pools
     try:
-        source_records = hasher.submit(_hash_sources, plan.source.shards, plan.source.root)
         pending: deque[Future] = deque()
         records: list[dict | Future] = []
         for name, shard in zip(plan.shard_names(), plan.shards):
@@ -167,11 +126,11 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
                 del parts
                 while len(pending) > _MAX_PENDING:
                     pending.popleft().result()
-            records.append(io.submit(sealer.submit, _seal, writer, out, name))
+            records.append(io.submit(sealer.submit, _seal, writer, out, name, syncer))
         for job in pending:
             job.result()
         outputs = [r if isinstance(r, dict) else r.result().result() for r in records]
-        hashed = source_records.result()
+        hashed = plan.source.shard_records()
         for src in sources.values():
             src.check_unchanged()
         return outputs, hashed
@@ -281,26 +240,37 @@ def convert(
     plan = plan_conversion(source, options=options)
     src, options = plan.source, plan.options
     kernel = resolve_kernel(kernel, device)
-    with OutputFolder(Path(output), source=src.path, force=force, fingerprint=fingerprint(plan)) as out:
-        files, source_files = _convert_tensors(plan, out, kernel=kernel, device=device, progress=progress)
-        if len(plan.shards) > 1:
-            weight_map = {key: name for name, shard in zip(plan.shard_names(), plan.shards) for t in shard for key, _, _ in t.outputs}
-            index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-            _write_json(out.path(INDEX_NAME), index)
-            files.append(file_record(out.path(INDEX_NAME), INDEX_NAME))
-        names = [p.relative_to(src.root).as_posix() for p in src.side_files]
-        for side, name in zip(src.side_files, names):
-            out.path(name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(side, out.path(name))
-        if src.config is not None:
-            names.append("config.json")
-            _write_json(out.path("config.json"), {**src.config, "quantization_config": plan.quantization_config()})
-        files += [file_record(out.path(name), name) for name in names]
-        side_inputs = src.side_files + ([src.root / "config.json"] if src.config is not None else [])
-        source_files += [file_record(p, p.relative_to(src.root).as_posix()) for p in side_inputs]
-        source_files.sort(key=lambda r: r["name"])
-        _write_json(out.path(MANIFEST_NAME), manifest(plan, files=sorted(files, key=lambda r: r["name"]), source_files=source_files))
-        return out.commit()
+    src.start_hashing()
+    try:
+        with OutputFolder(Path(output), source=src.path, force=force, fingerprint=fingerprint(plan)) as out:
+            return _write_output(plan, out, kernel=kernel, device=device, progress=progress)
+    except BaseException:
+        src.stop_hashing()
+        raise
+
+
+def _write_output(plan: Plan, out: OutputFolder, *, kernel: str, device: str, progress: Progress | None) -> Path:
+    """The tensors, the index, side files, config and manifest, then the rename into place."""
+    src = plan.source
+    files, source_files = _convert_tensors(plan, out, kernel=kernel, device=device, progress=progress)
+    if len(plan.shards) > 1:
+        weight_map = {key: name for name, shard in zip(plan.shard_names(), plan.shards) for t in shard for key, _, _ in t.outputs}
+        index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(out.path(INDEX_NAME), index)
+        files.append(file_record(out.path(INDEX_NAME), INDEX_NAME))
+    names = [p.relative_to(src.root).as_posix() for p in src.side_files]
+    for side, name in zip(src.side_files, names):
+        out.path(name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(side, out.path(name))
+    if src.config is not None:
+        names.append("config.json")
+        _write_json(out.path("config.json"), {**src.config, "quantization_config": plan.quantization_config()})
+    files += [file_record(out.path(name), name) for name in names]
+    side_inputs = src.side_files + ([src.root / "config.json"] if src.config is not None else [])
+    source_files += [file_record(p, p.relative_to(src.root).as_posix()) for p in side_inputs]
+    source_files.sort(key=lambda r: r["name"])
+    _write_json(out.path(MANIFEST_NAME), manifest(plan, files=sorted(files, key=lambda r: r["name"]), source_files=source_files))
+    return out.commit()
 
 
 def _write_json(path: Path, data: Any) -> None:

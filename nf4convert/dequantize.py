@@ -18,11 +18,11 @@ import torch
 from .constants import DTYPE_SIZES, INDEX_NAME, MANIFEST_NAME, SHARD_NAME_TEMPLATE, SINGLE_SHARD_NAME
 from .errors import FormatError
 from .layout import quantized_tensors
-from .paths import is_inside, is_plain_relative
+from .files import is_inside, is_plain_relative
 from .plan import DEFAULT_MAX_SHARD_SIZE
 from .quantize import dequantize
 from .read import open_checkpoint, stored_weight
-from .tensorfile import SAFETENSORS_DTYPES, TORCH_DTYPES, SafetensorsFile
+from .tensorfile import SafetensorsFile, torch_dtypes
 from .write import OutputFolder, ShardWriter
 
 
@@ -54,6 +54,8 @@ def dequantize_folder(
         OutputError: as for conversion.
     """
     ckpt = open_checkpoint(path)
+    to_torch = torch_dtypes()
+    to_safetensors = {v: k for k, v in to_torch.items()}
     transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
     companions = {n for k, s in ckpt.quant_states.items() for n, _, _ in quantized_tensors(k, s) if n != k}
     plan: list[tuple[str, str, tuple[int, ...]]] = []
@@ -65,10 +67,10 @@ def dequantize_folder(
                 state = ckpt.quant_states[key]
                 out_dtype = dtype or getattr(torch, state.dtype)
                 shape = state.shape[::-1] if key in transposed else state.shape
-                plan.append((key, SAFETENSORS_DTYPES[out_dtype], tuple(shape)))
+                plan.append((key, to_safetensors[out_dtype], tuple(shape)))
             else:
-                floating = info.dtype in TORCH_DTYPES and TORCH_DTYPES[info.dtype].is_floating_point
-                plan.append((key, SAFETENSORS_DTYPES[dtype] if dtype and floating else info.dtype, info.shape))
+                floating = info.dtype in to_torch and to_torch[info.dtype].is_floating_point
+                plan.append((key, to_safetensors[dtype] if dtype and floating else info.dtype, info.shape))
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for entry in plan:
@@ -90,9 +92,9 @@ def dequantize_folder(
                         f = files.get(where[key]) or files.setdefault(where[key], SafetensorsFile(ckpt.root / where[key]))
                         if key in ckpt.quant_states:
                             value = dequantize(stored_weight(f, ckpt, key))
-                            value = (value.t() if key in transposed else value).to(TORCH_DTYPES[sdtype])
+                            value = (value.t() if key in transposed else value).to(to_torch[sdtype])
                         else:
-                            value = f.tensor(key).to(TORCH_DTYPES[sdtype]) if TORCH_DTYPES.get(sdtype) else f.raw(key)
+                            value = f.tensor(key).to(to_torch[sdtype]) if to_torch.get(sdtype) else f.raw(key)
                         writer.write(key, value)
                         f.release(key)
                         if progress:

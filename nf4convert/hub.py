@@ -14,7 +14,6 @@ from typing import Any
 
 from .errors import HubError, SourceNotFoundError, VerificationFailed
 from .pickled import PICKLE_PATTERN, stage_pickled
-from .read import open_checkpoint
 from .source import SIDE_FILE_PATTERNS, Source, open_source
 
 #: A Hub repo id: ``name`` or ``org/name``.
@@ -104,6 +103,8 @@ def model_card(path: str | os.PathLike) -> str:
     """Render the model card (``README.md``) of an NF4 folder from its manifest (and verify report, if saved)."""
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .read import open_checkpoint
+
     ckpt = open_checkpoint(path)
     m = ckpt.manifest
     source, options, summary = m.get("source", {}), m.get("options", {}), m.get("summary", {})
@@ -188,6 +189,7 @@ def push(
         VerificationFailed: the folder does not match its manifest; nothing is uploaded.
         HubError: the Hub refused (bad token, no permission, network).
     """
+    from .read import open_checkpoint
     from .verify import verify
 
     if not REPO_ID.match(repo_id):

@@ -167,36 +167,64 @@ void nf4_quantize_blocks(const void *src, int dtype, int64_t first, int64_t coun
  * floats summed by biased exponent, `sums[e]` (with the implicit bit where e > 0), so that the
  * exact sum is sum(sums[e] << max(e, 1)) / 2^150. Exact while n < 2^39. */
 void nf4_exponent_sums(const float *v, int64_t n, int64_t *sums) {
-    for (int e = 0; e < 256; e++) sums[e] = 0;
+    int64_t lanes[4][256] = {{0}}; /* four partial sums: neighbours mostly share an exponent */
     for (int64_t i = 0; i < n; i++) {
         uint32_t u;
         memcpy(&u, v + i, sizeof u);
         uint32_t e = (u >> 23) & 0xFF, m = u & 0x7FFFFF;
-        sums[e] += e ? (m | 0x800000) : m;
+        lanes[i & 3][e] += e ? (m | 0x800000) : m;
     }
+    for (int e = 0; e < 256; e++) sums[e] = lanes[0][e] + lanes[1][e] + lanes[2][e] + lanes[3][e];
 }
+
+/* An order-preserving map of float32 bits to uint32: a < b as floats iff key(a) < key(b)
+ * (for non-NaN values, with -0 just below +0, which no threshold separates). */
+static uint32_t order_key(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u >> 31 ? ~u : u | 0x80000000u;
+}
+
+enum { NESTED_BUCKET_SHIFT = 18, NESTED_BUCKETS = 1 << (32 - NESTED_BUCKET_SHIFT) };
 
 /* Double quantization, step 2: d = absmax[i] - offset, blockwise over `nested_bs` values to the
  * count of the 255 `thresholds` below the scaled value. A full block is scaled by
  * 1 / max(its max |d|, floor) and stores max |d|; a partial last block is divided by
- * m = max(max |d|, floor) and stores m. */
+ * m = max(max |d|, floor) and stores m.
+ * The count is found through a table over the top bits of order_key(v): the number of
+ * thresholds below the bucket, then a comparison with each threshold inside the bucket. */
 void nf4_quantize_nested(const float *absmax, int64_t n, int64_t nested_bs, float offset,
                          const float *thresholds, float floor, uint8_t *codes, float *nested) {
+    uint8_t below[NESTED_BUCKETS];
+    float t[2 * 255]; /* padded with +Inf: a bucket's comparisons never run off the end */
+    int per_bucket = 0;
+    for (int k = 0; k < 2 * 255; k++) t[k] = k < 255 ? thresholds[k] : __builtin_inff();
+    for (int64_t b = 0, k = 0; b < NESTED_BUCKETS; b++) {
+        while (k < 255 && (order_key(t[k]) >> NESTED_BUCKET_SHIFT) < (uint64_t)b) k++;
+        below[b] = (uint8_t)k;
+    }
+    for (int k = 0, run = 0; k < 255; k++) {
+        run = k && (order_key(t[k]) >> NESTED_BUCKET_SHIFT) == (order_key(t[k - 1]) >> NESTED_BUCKET_SHIFT) ? run + 1 : 1;
+        per_bucket = run > per_bucket ? run : per_bucket;
+    }
     for (int64_t b = 0; b * nested_bs < n; b++) {
         int64_t start = b * nested_bs, end = start + nested_bs < n ? start + nested_bs : n;
         int full = end - start == nested_bs;
-        float m = 0.0f;
+        uint32_t m_bits = 0; /* max |d|, compared as integers (see absmax above) */
         for (int64_t i = start; i < end; i++) {
             float d = absmax[i] - offset;
-            d = d < 0 ? -d : d;
-            m = d > m ? d : m;
+            uint32_t u;
+            memcpy(&u, &d, sizeof u);
+            u &= 0x7FFFFFFF;
+            m_bits = u > m_bits ? u : m_bits;
         }
-        float divisor = m > floor ? m : floor, inv = 1.0f / divisor;
+        float m = bits_to_float(m_bits), divisor = m > floor ? m : floor, inv = 1.0f / divisor;
         nested[b] = full ? m : divisor;
         for (int64_t i = start; i < end; i++) {
             float d = absmax[i] - offset, v = full ? d * inv : d / divisor;
-            int pos = 0; /* branch-free binary search: the number of thresholds below v */
-            for (int step = 128; step; step >>= 1) pos += step & -(int)(thresholds[pos + step - 1] < v);
+            int pos = below[order_key(v) >> NESTED_BUCKET_SHIFT];
+            const float *candidates = t + pos;
+            for (int j = 0; j < per_bucket; j++) pos += candidates[j] < v;
             codes[i] = (uint8_t)pos;
         }
     }

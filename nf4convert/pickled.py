@@ -11,19 +11,22 @@ from __future__ import annotations
 import fnmatch
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import SourceError, SourceNotFoundError
 from .source import SIDE_FILE_PATTERNS, Source, open_source
-from .write import file_record
+from .files import file_record
+
+if TYPE_CHECKING:
+    import torch
 
 #: Pickled shards as transformers names them (``pytorch_model.bin``, ``pytorch_model-00001-of-00002.bin``).
 PICKLE_PATTERN = "*.bin"
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         state: Any = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling refusal or corrupt zip is the same user error

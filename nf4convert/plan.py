@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from .constants import (
+    BLOCKSIZES,
     DEFAULT_BLOCKSIZE,
     DTYPE_SIZES,
     QUANTIZABLE_DTYPES,
@@ -19,7 +20,6 @@ from .constants import (
 )
 from .errors import QuantizationError
 from .layout import QuantState, quantization_config, quantized_tensors
-from .quantize import check_blocksize
 from .source import Source, SourceTensor
 
 #: Module names (last component) that are output heads, kept unless ``quantize_lm_head``.
@@ -35,6 +35,12 @@ CONV1D_MODULES = {
 }
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 
+
+
+def check_blocksize(blocksize: int) -> None:
+    """Raise :class:`QuantizationError` unless ``blocksize`` is one bitsandbytes accepts."""
+    if blocksize not in BLOCKSIZES:
+        raise QuantizationError(f"invalid blocksize {blocksize}; choose one of {', '.join(map(str, BLOCKSIZES))}")
 
 @dataclass(frozen=True)
 class Options:

@@ -19,11 +19,11 @@ from functools import cache
 import numpy as np
 import torch
 
-from .constants import ABSMAX_FLOOR, BLOCKSIZES, DYNAMIC_MAP, NESTED_BLOCKSIZE, NF4_CODE
+from .constants import ABSMAX_FLOOR, DYNAMIC_MAP, KERNELS, NESTED_BLOCKSIZE, NF4_CODE
 from .errors import QuantizationError
+from .plan import check_blocksize
 
 log = logging.getLogger("nf4convert")
-KERNELS = ("auto", "native", "eager")
 
 _NF4 = torch.tensor(NF4_CODE, dtype=torch.float32)
 _DYNAMIC = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
@@ -134,12 +134,6 @@ def _quantize_full_blocks(blocks: torch.Tensor, kernel: str, packed: torch.Tenso
         return
     codes, absmax[:] = _codes_bucketize(blocks)
     packed[:] = _pack(codes)
-
-
-def check_blocksize(blocksize: int) -> None:
-    """Raise :class:`QuantizationError` unless ``blocksize`` is one bitsandbytes accepts."""
-    if blocksize not in BLOCKSIZES:
-        raise QuantizationError(f"invalid blocksize {blocksize}; choose one of {', '.join(map(str, BLOCKSIZES))}")
 
 
 def quantize_nf4(

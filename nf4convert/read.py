@@ -24,7 +24,7 @@ from .constants import (
     SINGLE_SHARD_NAME,
 )
 from .errors import FormatError, SourceNotFoundError
-from .paths import is_inside, is_plain_relative
+from .files import is_inside, is_plain_relative
 from .layout import QuantState, check_version, decode_quant_state, quantized_tensors
 from .quantize import NF4Weight
 from .tensorfile import SafetensorsFile, TensorInfo, read_header

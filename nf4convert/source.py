@@ -15,7 +15,7 @@ from typing import Any
 
 from .constants import INDEX_NAME, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
-from .paths import is_inside, is_plain_relative
+from .files import FileHasher, file_state, is_inside, is_plain_relative
 from .tensorfile import TensorInfo, read_header
 
 #: Side files copied next to the weights: configs, tokenizers, chat templates, licenses (subfolders too,
@@ -60,10 +60,37 @@ class Source:
     config: dict[str, Any] | None
     side_files: list[Path] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    _hasher: FileHasher | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def nbytes(self) -> int:
         return sum(t.info.nbytes for t in self.tensors)
+
+    def start_hashing(self) -> None:
+        """Start hashing the shards in a background thread (idempotent), so that it overlaps
+        whatever comes next; :meth:`shard_records` collects the result."""
+        if self._hasher is None:
+            self._hasher = FileHasher([(p, p.relative_to(self.root).as_posix()) for p in self.shards])
+
+    def shard_records(self) -> list[dict[str, Any]]:
+        """:func:`~nf4convert.files.file_record` of each shard, in order (waits for the hashing).
+
+        Raises:
+            SourceError: a shard changed since it was hashed.
+        """
+        self.start_hashing()
+        hasher, self._hasher = self._hasher, None  # a later conversion hashes afresh
+        records = hasher.result()
+        for path, state in hasher.states.items():
+            if file_state(path) != state:
+                raise SourceError(f"{path}: changed while being converted")
+        return records
+
+    def stop_hashing(self) -> None:
+        """Abandon unfinished hashing (after an error); a later :meth:`shard_records` starts over."""
+        if self._hasher is not None:
+            self._hasher.cancel()
+            self._hasher = None
 
 
 def _load_json(path: Path) -> Any:
@@ -172,3 +199,38 @@ def open_source(path: str | os.PathLike) -> Source:
     if not tensors:
         raise SourceError(f"{path}: the safetensors files hold no tensors")
     return Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side)
+
+
+def resolve_source(
+    source: str | os.PathLike | Source,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    allow_pickle_staging: Path | None = None,
+) -> Source:
+    """A local folder or ``.safetensors`` file, or a Hub repo id (``org/name``, through the local cache).
+
+    Args:
+        allow_pickle_staging: if given, a source with only pickled ``*.bin`` weights is read with
+            ``torch.load(weights_only=True)`` and staged as safetensors in this (new) folder; otherwise
+            such a source is refused.
+
+    Raises:
+        SourceNotFoundError, SourceError, FormatError: a bad local source.
+        HubError: the repo cannot be resolved (see :func:`nf4convert.hub.open_hub_source`).
+    """
+    if isinstance(source, Source):
+        return source
+    from .hub import is_repo_id, open_hub_source
+
+    if is_repo_id(str(source)):
+        return open_hub_source(str(source), revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=allow_pickle_staging)
+    try:
+        return open_source(source)
+    except SourceNotFoundError:
+        if allow_pickle_staging is None or not Path(source).is_dir():
+            raise
+        from .pickled import stage_pickled
+
+        return stage_pickled(Path(source), allow_pickle_staging)

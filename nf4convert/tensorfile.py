@@ -17,24 +17,30 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 from .constants import DTYPE_SIZES, MAX_HEADER_BYTES
 from .errors import FormatError
 
-#: safetensors dtype -> torch dtype, for the dtypes this torch knows.
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr)
-    for name, attr in {
-        "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-        "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
-        "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
-    }.items()
-    if hasattr(torch, attr)
-}
-SAFETENSORS_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+if TYPE_CHECKING:
+    import torch
+
+#: safetensors dtype -> the name of the torch dtype.
+_TORCH_DTYPE_NAMES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+    "I16": "int16", "U16": "uint16", "F16": "float16", "BF16": "bfloat16",
+    "I32": "int32", "U32": "uint32", "F32": "float32", "I64": "int64", "U64": "uint64", "F64": "float64",
+}  # fmt: skip
+
+
+@cache
+def torch_dtypes() -> dict[str, torch.dtype]:
+    """safetensors dtype -> torch dtype, for the dtypes this torch knows. Imports torch, which
+    nothing else here needs: reading headers and raw bytes stays free of its start-up time."""
+    import torch
+
+    return {name: getattr(torch, attr) for name, attr in _TORCH_DTYPE_NAMES.items() if hasattr(torch, attr)}
 
 
 @dataclass(frozen=True)
@@ -204,10 +210,12 @@ class SafetensorsFile:
         Raises:
             FormatError: its dtype has no torch equivalent here.
         """
+        import torch
+
         info = self.tensors[name]
-        if info.dtype not in TORCH_DTYPES:
+        if info.dtype not in torch_dtypes():
             raise FormatError(f"{self.path}: tensor {name!r} has dtype {info.dtype}, which this torch cannot read")
-        dtype = TORCH_DTYPES[info.dtype]
+        dtype = torch_dtypes()[info.dtype]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         with warnings.catch_warnings():

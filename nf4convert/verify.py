@@ -13,12 +13,11 @@ import torch
 
 from .constants import MANIFEST_NAME
 from .errors import FormatError, NF4ConvertError
-from .paths import is_inside, is_plain_relative
+from .files import is_inside, is_plain_relative, sha256_file
 from .quantize import dequantize
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
 from .source import open_source
 from .tensorfile import SafetensorsFile
-from .write import sha256_file
 
 
 def _check_files(ckpt: NF4Checkpoint) -> list[str]:

@@ -9,41 +9,26 @@ finished shard.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import os
 import shutil
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .constants import DTYPE_SIZES
 from .errors import FormatError, OutputError
+from .files import sha256_file
 from .tensorfile import build_header
+
+if TYPE_CHECKING:
+    import torch
 
 PARTIAL_SUFFIX = ".nf4convert-partial"
 #: The resume journal inside the partial folder (removed before the rename).
 JOURNAL_NAME = "nf4convert-progress.json"
 log = logging.getLogger("nf4convert")
-_HASH_CHUNK = 16 << 20
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks into one reused buffer."""
-    h, buffer = hashlib.sha256(), bytearray(_HASH_CHUNK)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buffer):
-            h.update(view[:n])
-    return h.hexdigest()
-
-
-def file_record(path: Path, name: str) -> dict[str, Any]:
-    """``{"name", "size", "sha256"}`` of one file, as the manifest lists it."""
-    return {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def check_output(target: Path, *, source: Path, force: bool = False) -> None:
@@ -153,14 +138,12 @@ def _atomic_json(path: Path, data: Any) -> None:
 
 def as_bytes(t: torch.Tensor) -> memoryview:
     """A tensor's bytes in memory order (CPU, contiguous), without a copy when possible."""
+    import torch
+
     t = t.detach().cpu().contiguous()
     if t.numel() == 0:
         return memoryview(b"")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
-
-
-#: Writes at least this large start their writeback at once.
-_WRITEBACK_MIN = 1 << 20
 
 
 class ShardWriter:
@@ -187,14 +170,10 @@ class ShardWriter:
 
     def write(self, name: str, data: memoryview | torch.Tensor) -> None:
         """Write one tensor's bytes at its planned place."""
-        view = as_bytes(data) if isinstance(data, torch.Tensor) else data
+        view = data if isinstance(data, memoryview) else as_bytes(data)
         if name not in self.pending or view.nbytes != self.sizes[name]:
             raise FormatError(f"{self.path.name}: tensor {name!r} does not match the plan ({view.nbytes} bytes)")
         self._pwrite(view, self.offsets[name])
-        if view.nbytes >= _WRITEBACK_MIN and hasattr(os, "posix_fadvise"):
-            # Start writing these pages to disk now (Linux starts writeback on DONTNEED), so the
-            # disk works while later tensors are quantized instead of all at once in finish().
-            os.posix_fadvise(self.fd, self.offsets[name], view.nbytes, os.POSIX_FADV_DONTNEED)
         self.pending.discard(name)
 
     def finish(self) -> None:

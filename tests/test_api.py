@@ -27,3 +27,37 @@ except nf4convert.errors.MissingDependencyError as e:
     lines = p.stdout.strip().splitlines()
     assert lines[0] == "True ['layer.weight']"
     assert lines[1] == "load_model needs transformers and accelerate: pip install 'nf4convert[load]'"
+
+
+def test_starting_the_cli_and_planning_do_not_import_torch(llama_dir):
+    """The CLI plans and starts hashing the source before torch loads (its start-up is seconds)."""
+    code = f"""
+import sys
+import nf4convert, nf4convert.cli
+from nf4convert.source import resolve_source
+from nf4convert.plan import make_plan, Options
+src = resolve_source(r"{llama_dir}")
+make_plan(src, Options())
+src.start_hashing()
+records = src.shard_records()
+print("torch" in sys.modules, len(records) == len(src.shards))
+import nf4convert.convert, nf4convert.verify, nf4convert.dequantize
+print(all(callable(f) and not isinstance(f, type(sys)) for f in (nf4convert.convert, nf4convert.verify, nf4convert.dequantize)))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", "True", "True"]
+
+
+def test_source_hashing_stops_when_cancelled(tmp_path):
+    import threading
+
+    import pytest
+
+    from nf4convert.files import sha256_file
+
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(InterruptedError):
+        sha256_file(tmp_path / "f", stop=stop)

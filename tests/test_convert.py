@@ -13,7 +13,7 @@ from nf4convert.constants import INDEX_NAME, MANIFEST_NAME
 from nf4convert.convert import convert
 from nf4convert.plan import Options
 from nf4convert.read import open_checkpoint
-from nf4convert.write import sha256_file
+from nf4convert.files import sha256_file
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")

@@ -1,0 +1,96 @@
+"""Files: path safety for names read from files (indexes, manifests), and sha256 records."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+_HASH_CHUNK = 16 << 20
+
+
+def is_plain_relative(name: object) -> bool:
+    """True for a relative POSIX path with no ``..``, no backslash and no empty or absolute part."""
+    if not isinstance(name, str) or not name or "\\" in name:
+        return False
+    pure = PurePosixPath(name)
+    return not pure.is_absolute() and ".." not in pure.parts
+
+
+def is_inside(path: Path, root: Path) -> bool:
+    """True if ``path`` resolves (symlinks followed) inside ``root``."""
+    return path.resolve().is_relative_to(root.resolve())
+
+
+def sha256_file(path: Path, *, stop: threading.Event | None = None) -> str:
+    """Hex sha256 of a file, read in chunks into one reused buffer.
+
+    Raises:
+        InterruptedError: ``stop`` was set before the end.
+    """
+    h, buffer = hashlib.sha256(), bytearray(_HASH_CHUNK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buffer):
+            if stop is not None and stop.is_set():
+                raise InterruptedError(f"{path}: hashing stopped")
+            h.update(view[:n])
+    return h.hexdigest()
+
+
+def file_record(path: Path, name: str, *, stop: threading.Event | None = None) -> dict[str, Any]:
+    """``{"name", "size", "sha256"}`` of one file, as the manifest lists it."""
+    return {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path, stop=stop)}
+
+
+def file_state(path: Path) -> tuple[int, int]:
+    """A file's size and modification time (ns): what changes when it is rewritten."""
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+class FileHasher:
+    """:func:`file_record` of several files, computed in a background thread from creation on.
+
+    Each file's :func:`file_state` is taken before it is read (:attr:`states`), so that a caller
+    can tell whether the hashed bytes are still the file's. The thread is a daemon and checks
+    :meth:`cancel` between chunks, so an abandoned hasher neither delays the process's exit nor
+    keeps reading.
+    """
+
+    def __init__(self, files: list[tuple[Path, str]]) -> None:
+        self._stop = threading.Event()
+        self._records: list[dict[str, Any]] = []
+        self.states: dict[Path, tuple[int, int]] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(files,), name="nf4-hash-source", daemon=True)
+        self._thread.start()
+
+    def _run(self, files: list[tuple[Path, str]]) -> None:
+        if hasattr(os, "setpriority"):  # Linux threads have their own nice value: yield to the quantizer,
+            try:  # use idle cores (while torch loads, while output shards are sealed)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+            except OSError:
+                pass
+        try:
+            for path, name in files:
+                self.states[path] = file_state(path)
+                self._records.append(file_record(path, name, stop=self._stop))
+        except BaseException as e:  # re-raised by result(), in the caller's thread
+            self._error = e
+
+    def result(self) -> list[dict[str, Any]]:
+        """The records, in the given order, once all are hashed.
+
+        Raises:
+            OSError: a file could not be read.
+        """
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._records
+
+    def cancel(self) -> None:
+        self._stop.set()
