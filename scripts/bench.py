@@ -112,7 +112,7 @@ def quantizer_throughput(repeats: int = 3) -> dict[str, float]:
 
     def timed(fn) -> float:
         for t in tensors:
-            fn(t)  # warm-up (and compilation)
+            fn(t)  # warm-up
         runs = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -177,7 +177,7 @@ def main() -> None:
 
     out = work / "nf4"
     shutil.rmtree(out, ignore_errors=True)
-    print("nf4convert convert (warm-up run: compiles the kernel once) ...", file=sys.stderr)
+    print("nf4convert convert (warm-up run: builds the native kernel once, warms the page cache) ...", file=sys.stderr)
     cmd = ["nf4convert", "convert", str(src), str(out), "--quiet"]
     run_measured(cmd, work)
     shutil.rmtree(out)
