@@ -1,11 +1,12 @@
 """The conversion pipeline: source -> plan -> quantize -> write.
 
-Tensors are read one at a time from memory-mapped shards and quantized in the
-calling thread; a writer thread writes them at their planned offset and releases their
-source pages, and other threads hash, sync and journal finished output shards. The
-source files are hashed from the start by the source's own thread, reading them apart
-from the mapping. At most a few tensors are in flight: peak memory
-does not grow with the model's size.
+Weights are read with ``pread`` into two reused buffers, each on a reader thread while the
+one before is quantized in the calling thread; a writer thread writes the results (and
+copies kept tensors in chunks) at their planned offsets, and other threads hash, sync and
+journal finished output shards. The source files are hashed from the start by the
+source's own thread. Nothing is memory-mapped, so a source file truncated under the
+converter is a one-line error, not SIGBUS; at most a few tensors are in flight, so peak
+memory does not grow with the model's size.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import json
 import os
 import shutil
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
 from .quantize import quantize_weight, resolve_kernel
 from .source import Source, resolve_source
-from .tensorfile import SafetensorsFile
+from .tensorfile import ShardReader, torch_dtypes
 from .write import OutputFolder, ShardWriter
 
 Progress = Callable[[int], None]
@@ -50,11 +51,8 @@ def plan_conversion(source: str | os.PathLike | Source, *, options: Options | No
     return make_plan(resolve_source(source), options or Options())
 
 
-def _tensor_outputs(f: SafetensorsFile, t: PlannedTensor, *, options: Options, kernel: str, device: str) -> dict[str, Any]:
-    """The output tensors of one source tensor: its own bytes if kept, the NF4 parts if quantized."""
-    if not t.quantize:
-        return {t.name: f.raw(t.name)}
-    weight = f.tensor(t.name)
+def _quantized_outputs(weight: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str, device: str) -> dict[str, Any]:
+    """The NF4 tensors of one source weight."""
     if t.transpose:
         weight = weight.t()
     if weight.device.type != device or t.transpose:
@@ -69,23 +67,42 @@ def _tensor_outputs(f: SafetensorsFile, t: PlannedTensor, *, options: Options, k
 
 
 class _SourceShard:
-    """An open source shard, and the size and modification time it had when opened."""
+    """A source shard read with ``pread`` (see :class:`ShardReader`), and its size and
+    modification time when opened."""
 
     def __init__(self, path: Path) -> None:
-        self.file = SafetensorsFile(path)
+        self.reader = ShardReader(path)
         self.state = file_state(path)
 
     def check_unchanged(self) -> None:
-        """Refuse to go on if the file changed since it was opened (a shrunk mapping would crash the process)."""
-        if file_state(self.file.path) != self.state:
-            raise SourceError(f"{self.file.path}: changed while being converted")
+        """Refuse to go on if the file changed since it was opened."""
+        if file_state(self.reader.path) != self.state:
+            raise SourceError(f"{self.reader.path}: changed while being converted")
 
 
-def _store(writer: ShardWriter | None, parts: dict[str, Any], shard: _SourceShard, t: PlannedTensor, progress: Progress | None) -> None:
-    """Writer thread: write one tensor's outputs, then release its source pages."""
+def _read_ahead(tensors: list[PlannedTensor], sources: dict[Path, _SourceShard], pool: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
+    """The weights of ``tensors`` in order, each read on ``pool`` while the one before is
+    quantized: two reused buffers of the largest one's size, whatever the model's size."""
+    size = max((t.source.info.nbytes for t in tensors), default=0)
+    buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(tensors) > 1 else len(tensors))]
+
+    def read(i: int) -> torch.Tensor:
+        info = tensors[i].source.info
+        data = buffers[i % 2][: info.nbytes]
+        sources[tensors[i].source.shard].reader.read_into(info, memoryview(data.numpy()))
+        return data.view(torch_dtypes()[info.dtype]).view(info.shape)
+
+    coming = pool.submit(read, 0) if tensors else None
+    for i in range(len(tensors)):
+        weight = coming.result()
+        coming = pool.submit(read, i + 1) if i + 1 < len(tensors) else None
+        yield weight
+
+
+def _store(writer: ShardWriter, parts: dict[str, Any], t: PlannedTensor, progress: Progress | None) -> None:
+    """Writer thread: write one tensor's outputs."""
     for key, value in parts.items():
         writer.write(key, value)
-    shard.file.release(t.name)
     if progress:
         progress(t.source.info.nbytes)
 
@@ -100,36 +117,38 @@ def _seal(writer: ShardWriter, out: OutputFolder, name: str, syncer: ThreadPoolE
 
 
 def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str, progress: Progress | None) -> tuple[list, list]:
-    """Quantize in this thread while worker threads write (and release source pages), and hash, sync
-    and journal finished shards for resuming; the source's own hashing thread reads on meanwhile.
-    At most ``_MAX_PENDING`` tensors are in flight. Shards the journal already holds are skipped.
-    Returns output and source records."""
-    sources: dict[Path, _SourceShard] = {}
+    """Quantize in this thread while worker threads read ahead, write, and hash, sync and journal
+    finished shards for resuming; at most ``_MAX_PENDING`` tensors wait for the writer. Shards the
+    journal already holds are skipped. Returns output and source records."""
+    sources = {path: _SourceShard(path) for path in plan.source.shards}
     writers: list[ShardWriter] = []
-    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("write", "seal", "sync")]
-    io, sealer, syncer = pools
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write", "seal", "sync")]
+    reader, io, sealer, syncer = pools
     try:
+        todo = [(name, shard) for name, shard in zip(plan.shard_names(), plan.shards) if name not in out.completed]
+        weights = _read_ahead([t for _, shard in todo for t in shard if t.quantize], sources, reader)
         pending: deque[Future] = deque()
-        records: list[dict | Future] = []
-        for name, shard in zip(plan.shard_names(), plan.shards):
-            done = out.completed.get(name)
-            if done:
-                records.append(done)
-                continue
+        records: list[Future] = []
+        for name, shard in todo:
             writer = ShardWriter(out.path(name), [e for t in shard for e in t.outputs], METADATA)
             writers.append(writer)
             for t in shard:
-                src = sources.get(t.source.shard) or sources.setdefault(t.source.shard, _SourceShard(t.source.shard))
+                src = sources[t.source.shard]
                 src.check_unchanged()
-                parts = _tensor_outputs(src.file, t, options=plan.options, kernel=kernel, device=device)
-                pending.append(io.submit(_store, writer, parts, src, t, progress))
+                if t.quantize:
+                    parts = _quantized_outputs(next(weights), t, options=plan.options, kernel=kernel, device=device)
+                else:
+                    parts = {t.name: src.reader.chunks(t.source.info)}
+                pending.append(io.submit(_store, writer, parts, t, progress))
                 del parts
                 while len(pending) > _MAX_PENDING:
                     pending.popleft().result()
             records.append(io.submit(sealer.submit, _seal, writer, out, name, syncer))
         for job in pending:
             job.result()
-        outputs = [r if isinstance(r, dict) else r.result().result() for r in records]
+        for r in records:
+            r.result().result()
+        outputs = [out.completed[name] for name in plan.shard_names()]  # journaled before, or just now
         hashed = plan.source.shard_records()
         for src in sources.values():
             src.check_unchanged()
@@ -139,8 +158,8 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
             pool.shutdown(cancel_futures=True)
         for w in writers:
             w.close()
-        for s in sources.values():
-            s.file.close()
+        for src in sources.values():
+            src.reader.close()
 
 
 def fingerprint(plan: Plan) -> str:

@@ -71,7 +71,7 @@ class FileHasher:
     def _run(self, files: list[tuple[Path, str]]) -> None:
         if hasattr(os, "setpriority"):  # Linux threads have their own nice value: yield to the quantizer,
             try:  # use idle cores (while torch loads, while output shards are sealed)
-                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 5)
             except OSError:
                 pass
         try:

@@ -15,13 +15,14 @@ import math
 import mmap
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from functools import cache
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .constants import DTYPE_SIZES, MAX_HEADER_BYTES
-from .errors import FormatError
+from .errors import FormatError, SourceError
 
 if TYPE_CHECKING:
     import torch
@@ -230,6 +231,46 @@ class SafetensorsFile:
         start = info.start // page * page
         if self._mmap is not None and info.end > start and hasattr(self._mmap, "madvise"):
             self._mmap.madvise(mmap.MADV_DONTNEED, start, info.end - start)
+
+
+class ShardReader:
+    """A safetensors file read with ``pread``, never mapped: a file that shrinks while it is being
+    read gives a :class:`~nf4convert.errors.SourceError` on a short read, where a mapping would
+    kill the process with SIGBUS. Safe to use from several threads (reads carry their offset)."""
+
+    #: Bytes per chunk of :meth:`chunks`.
+    CHUNK = 16 << 20
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def read_into(self, info: TensorInfo, out: memoryview, offset: int = 0) -> None:
+        """Read ``out.nbytes`` bytes of the tensor, from ``offset`` within it, into ``out``.
+
+        Raises:
+            SourceError: the file ends before them.
+        """
+        done = 0
+        while done < out.nbytes:
+            n = os.preadv(self._fd, [out[done:]], info.start + offset + done)
+            if n == 0:
+                raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted")
+            done += n
+
+    def chunks(self, info: TensorInfo) -> Iterator[memoryview]:
+        """The tensor's bytes in order, :attr:`CHUNK` at a time, through one reused buffer: each chunk
+        is valid until the next one is asked for."""
+        buffer = memoryview(bytearray(min(self.CHUNK, info.nbytes)))
+        for offset in range(0, info.nbytes, self.CHUNK):
+            part = buffer[: min(self.CHUNK, info.nbytes - offset)]
+            self.read_into(info, part, offset)
+            yield part
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def build_header(

@@ -9,11 +9,14 @@ finished shard.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import math
 import os
 import shutil
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -146,6 +149,33 @@ def as_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
 
 
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """Linux's ``sync_file_range`` from libc, or ``None`` elsewhere (Python's ``os`` lacks it)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        f = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    return f
+
+
+_SYNC_FILE_RANGE = _sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2
+#: Writes at least this large are sent to the disk at once.
+_WRITEBACK_MIN = 1 << 20
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing a just-written range to the disk without waiting for it (and without dropping
+    it from the page cache, which the shard's hash reads next): the disk works while later tensors
+    are quantized instead of all at once in the final fsync. Advisory: a no-op where unsupported,
+    and its errors are ignored (the fsync in :meth:`ShardWriter.finish` is what makes data durable)."""
+    if _SYNC_FILE_RANGE is not None and nbytes >= _WRITEBACK_MIN:
+        _SYNC_FILE_RANGE(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
 class ShardWriter:
     """Writes one safetensors shard whose layout is known up front.
 
@@ -168,13 +198,23 @@ class ShardWriter:
             n = os.pwrite(self.fd, data, offset)
             data, offset = data[n:], offset + n
 
-    def write(self, name: str, data: memoryview | torch.Tensor) -> None:
-        """Write one tensor's bytes at its planned place."""
-        view = data if isinstance(data, memoryview) else as_bytes(data)
-        if name not in self.pending or view.nbytes != self.sizes[name]:
-            raise FormatError(f"{self.path.name}: tensor {name!r} does not match the plan ({view.nbytes} bytes)")
-        self._pwrite(view, self.offsets[name])
-        self.pending.discard(name)
+    def write(self, name: str, data: memoryview | torch.Tensor | Iterator[memoryview]) -> None:
+        """Write one tensor's bytes at its planned place: all at once, or as successive chunks."""
+        if name not in self.pending:
+            raise FormatError(f"{self.path.name}: tensor {name!r} is not planned or already written")
+        chunks = data if isinstance(data, Iterator) else [data if isinstance(data, memoryview) else as_bytes(data)]
+        written = 0
+        for chunk in chunks:
+            if written + chunk.nbytes > self.sizes[name]:
+                break
+            self._pwrite(chunk, self.offsets[name] + written)
+            _start_writeback(self.fd, self.offsets[name] + written, chunk.nbytes)
+            written += chunk.nbytes
+        else:
+            if written == self.sizes[name]:
+                self.pending.discard(name)
+                return
+        raise FormatError(f"{self.path.name}: tensor {name!r} does not match the plan ({self.sizes[name]} bytes)")
 
     def finish(self) -> None:
         """Check that every planned tensor was written, sync and close."""

@@ -196,3 +196,40 @@ def test_a_source_that_changes_during_conversion_is_refused(tmp_path):
     with pytest.raises(SourceError, match="changed while being converted"):
         convert(src, tmp_path / "out", progress=rewritten, kernel="eager")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
+
+
+def test_a_source_truncated_during_conversion_is_an_error_not_a_crash(tmp_path):
+    """Weights are read with pread, not mapped: a shrinking file gives a short read, not SIGBUS."""
+    src = tmp_path / "src.safetensors"
+    save_file({f"l{i}.weight": torch.randn(512, 512) for i in range(6)}, src)
+    code = f"""
+import os
+from nf4convert.convert import convert
+from nf4convert.errors import SourceError
+def truncate(_):
+    os.truncate(r"{src}", os.path.getsize(r"{src}") // 3)
+try:
+    convert(r"{src}", r"{tmp_path / 'out'}", progress=truncate)
+except SourceError as e:
+    print("SourceError", e)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, (p.returncode, p.stderr)  # a SIGBUS would be returncode -7
+    assert p.stdout.startswith("SourceError") and "changed while being converted" in p.stdout
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["src.safetensors"]
+
+
+def test_a_short_read_names_the_file_and_tensor(tmp_path):
+    from nf4convert.errors import SourceError
+    from nf4convert.tensorfile import ShardReader
+
+    src = tmp_path / "src.safetensors"
+    save_file({"a.weight": torch.randn(64, 64)}, src)
+    info = read_header(src)[0]["a.weight"]
+    os.truncate(src, info.start + 100)
+    reader = ShardReader(src)
+    try:
+        with pytest.raises(SourceError, match=r"src\.safetensors: ends inside tensor 'a\.weight'"):
+            list(reader.chunks(info))
+    finally:
+        reader.close()
