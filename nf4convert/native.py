@@ -29,8 +29,8 @@ from .constants import ABSMAX_FLOOR
 SOURCE = Path(__file__).with_name("kernel.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-#: Blocks per call: large enough to amortize the call, small enough to share work between threads.
-_BLOCKS_PER_CALL = 1 << 14
+#: Elements per call: enough to amortize the call, few enough to share a tensor between threads.
+_ELEMENTS_PER_CALL = 1 << 20
 
 
 def _cache_dir() -> Path:
@@ -126,14 +126,15 @@ def quantize_blocks(blocks: torch.Tensor, thresholds: torch.Tensor, packed: torc
     lib = library()
     assert lib is not None and blocks.is_contiguous() and blocks.shape[1] % 32 == 0
     rows, bs = blocks.shape
+    per_call = max(1, _ELEMENTS_PER_CALL // bs)
     t = thresholds.contiguous()
     args = (blocks.data_ptr(), _DTYPES[blocks.dtype])
     out = (t.data_ptr(), ABSMAX_FLOOR, packed.data_ptr(), absmax.data_ptr(), int(_simd()))
 
     def run(first: int) -> None:
-        lib.nf4_quantize_blocks(*args, first, min(_BLOCKS_PER_CALL, rows - first), bs, *out)
+        lib.nf4_quantize_blocks(*args, first, min(per_call, rows - first), bs, *out)
 
-    starts = range(0, rows, _BLOCKS_PER_CALL)
+    starts = range(0, rows, per_call)
     threads = min(torch.get_num_threads(), len(starts))
     if threads <= 1:
         for first in starts:
