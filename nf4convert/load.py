@@ -10,6 +10,7 @@ quantized weight ever exists.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -30,7 +31,42 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
+#: What bitsandbytes logs at import on AVX512-BF16 CPUs when the optional ``kernels`` package (which
+#: downloads a CPU kernel from the Hub) is absent; it then uses its own built-in kernel.
+_KERNELS_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+
+
+class _DropKernelsWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_KERNELS_WARNING)
+
+
+def quiet_bitsandbytes() -> None:
+    """Drop bitsandbytes' import-time warning about the optional Hub ``kernels`` package (AVX512-BF16
+    CPUs only; bitsandbytes falls back to its own kernel, so nothing is wrong). Call before bitsandbytes
+    is imported (directly or through transformers); other bitsandbytes messages are kept. Idempotent."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    if not any(isinstance(f, _DropKernelsWarning) for f in logger.filters):
+        logger.addFilter(_DropKernelsWarning())
+
+
+def float_numerics(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off bitsandbytes' AVX512-BF16 CPU path in every ``Linear4bit`` of ``model``, so that a CPU
+    forward dequantizes and multiplies in the compute dtype, the same on every CPU.
+
+    That path (taken only on CPUs with AVX512-BF16, in eval mode) repacks each weight on its first
+    forward and computes in bfloat16: results then depend on the CPU, and it fails outright for
+    ``out_features % 32 != 0`` or ``in_features % blocksize != 0`` (which :func:`replace_linear`
+    already turns it off for). Returns ``model``.
+    """
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+    return model
+
+
 def _bnb() -> Any:
+    quiet_bitsandbytes()
     try:
         import bitsandbytes
     except ImportError:
@@ -39,6 +75,7 @@ def _bnb() -> Any:
 
 
 def _transformers() -> Any:
+    quiet_bitsandbytes()
     try:
         import accelerate  # noqa: F401  (init_empty_weights)
         import transformers

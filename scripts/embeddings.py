@@ -14,13 +14,15 @@ from pathlib import Path
 import torch
 from transformers import AutoModel, AutoTokenizer, BitsAndBytesConfig
 
+from nf4convert.load import float_numerics, quiet_bitsandbytes
+
+quiet_bitsandbytes()
+
 SENTENCES = (Path(__file__).resolve().parent / "data" / "sentences.txt").read_text().splitlines()
 
 
 def embed(model: torch.nn.Module, tokenizer) -> torch.Tensor:
-    for m in model.modules():  # bitsandbytes' AVX512-BF16 CPU path computes in bf16: keep float32 numerics
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    float_numerics(model)  # the same float32 numerics on every CPU
     batch = tokenizer(SENTENCES, padding=True, truncation=True, return_tensors="pt")
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state

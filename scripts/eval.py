@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import embeddings  # noqa: E402
 
 from nf4convert.convert import convert  # noqa: E402
-from nf4convert.load import load_model  # noqa: E402
+from nf4convert.load import float_numerics, load_model  # noqa: E402
 from nf4convert.plan import Options  # noqa: E402
 from nf4convert.verify import verify  # noqa: E402
 
@@ -59,13 +59,6 @@ def smollm2_bf16(workdir: Path) -> Path:
     return out
 
 
-def float_numerics(model: torch.nn.Module) -> torch.nn.Module:
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model.eval()
-
-
 def perplexity(model: torch.nn.Module, tokenizer, window: int = 512) -> float:
     ids = tokenizer(TEXT, return_tensors="pt").input_ids[0]
     nll, count = 0.0, 0
@@ -74,7 +67,7 @@ def perplexity(model: torch.nn.Module, tokenizer, window: int = 512) -> float:
             chunk = ids[start : start + window + 1].unsqueeze(0)
             if chunk.shape[1] < 2:
                 break
-            loss = float_numerics(model)(input_ids=chunk[:, :-1], labels=chunk[:, :-1]).loss
+            loss = float_numerics(model.eval())(input_ids=chunk[:, :-1], labels=chunk[:, :-1]).loss
             n = chunk.shape[1] - 2
             nll += loss.item() * n
             count += n

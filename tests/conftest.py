@@ -11,6 +11,47 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+#: x86 CPU flags that change which code runs: ours (avx2, f16c) and bitsandbytes' (avx512*).
+_FLAGS = ("avx2", "f16c", "avx512f", "avx512bw", "avx512_bf16")
+
+
+def cpu_line() -> str:
+    """One line naming the CPU, the features that matter, and the code paths this run exercises."""
+    import platform
+
+    from nf4convert import native
+
+    model, flags = platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    features = " ".join(f"{f}={'yes' if f in flags else 'no'}" for f in _FLAGS) if flags else "no x86 flags"
+    try:
+        from nf4convert.load import quiet_bitsandbytes
+
+        quiet_bitsandbytes()
+        from bitsandbytes.functional import has_avx512bf16
+
+        peer = "on" if has_avx512bf16() else "off"
+    except ImportError:
+        peer = "not installed"
+    return (
+        f"cpu: {model} ({platform.machine()}); {features}; torch capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"nf4convert native kernel: {native.variant() if native.library() else 'unavailable'} (portable and eager also tested); "
+        f"bitsandbytes AVX512-BF16 path: {peer}"
+    )
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    terminalreporter.write_line(cpu_line())
+
 
 def _save(model: torch.nn.Module, path: Path, **kwargs) -> Path:
     model.save_pretrained(path, **kwargs)

@@ -14,6 +14,7 @@ from nf4convert.convert import convert
 from nf4convert.plan import Options
 from nf4convert.read import open_checkpoint
 from nf4convert.files import sha256_file
+from nf4convert.load import float_numerics
 
 pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
@@ -34,14 +35,6 @@ def on_the_fly(src: Path, *, double_quant: bool, auto_cls=None):
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant, bnb_4bit_compute_dtype=torch.float32
     )
     return cls.from_pretrained(src, quantization_config=config, device_map="cpu")
-
-
-def no_fused_cpu_path(model: torch.nn.Module) -> torch.nn.Module:
-    """bitsandbytes' AVX512-BF16 CPU path repacks weights on first forward and computes in bf16: compare without it."""
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +84,8 @@ def test_output_is_sharded_with_an_index_and_metadata(llama_dir, tmp_path):
 def test_transformers_loads_the_output_and_its_logits_match_the_on_the_fly_model(llama_dir, tmp_path):
     out = convert(llama_dir, tmp_path / "out", options=Options(compute_dtype="float32"))
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
-    ours = no_fused_cpu_path(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
-    peer = no_fused_cpu_path(on_the_fly(llama_dir, double_quant=True))
+    ours = float_numerics(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
+    peer = float_numerics(on_the_fly(llama_dir, double_quant=True))
     assert type(ours.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
     with torch.no_grad():
         a, b = ours(ids).logits, peer(ids).logits
@@ -103,8 +96,8 @@ def test_transformers_loads_the_output_and_its_logits_match_the_on_the_fly_model
 def test_transformers_logits_are_exactly_equal_without_double_quant(llama_dir, tmp_path):
     out = convert(llama_dir, tmp_path / "out", options=Options(double_quant=False, compute_dtype="float32"))
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
-    ours = no_fused_cpu_path(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
-    peer = no_fused_cpu_path(on_the_fly(llama_dir, double_quant=False))
+    ours = float_numerics(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
+    peer = float_numerics(on_the_fly(llama_dir, double_quant=False))
     with torch.no_grad():
         assert torch.equal(ours(ids).logits, peer(ids).logits)
 
@@ -160,7 +153,7 @@ def test_quantize_lm_head_quantizes_it_and_transformers_still_loads(llama_dir, t
     out = convert(llama_dir, tmp_path / "out", options=Options(quantize_lm_head=True))
     ckpt = open_checkpoint(out)
     assert "lm_head.weight" in ckpt.quant_states
-    model = no_fused_cpu_path(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
+    model = float_numerics(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
     assert type(model.lm_head).__name__ == "Linear4bit"
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 

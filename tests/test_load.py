@@ -12,20 +12,15 @@ import torch
 from nf4convert.constants import MANIFEST_NAME
 from nf4convert.convert import convert
 from nf4convert.errors import FormatError, LoadError, UnsupportedVersionError
-from nf4convert.load import load_model, load_state_dict, replace_linear
+from nf4convert.load import float_numerics, load_model, load_state_dict, replace_linear
 from nf4convert.plan import Options
+
+from .reference import reference_dequantize
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
 
 IDS = torch.tensor([[1, 5, 9, 42, 7, 3, 11]])
-
-
-def float_numerics(model: torch.nn.Module) -> torch.nn.Module:
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
-    return model
 
 
 def logits(model: torch.nn.Module) -> torch.Tensor:
@@ -86,12 +81,10 @@ def test_replace_linear_on_a_plain_sequential_matches_a_float_reference(tmp_path
     result = replace_linear(fresh, sd, compute_dtype=torch.float32)
     assert result == ([], [])
     assert isinstance(fresh[0], bnb.nn.Linear4bit) and isinstance(fresh[2], bnb.nn.Linear4bit)
-    # float reference: the dequantized weights through F.linear
-    import bitsandbytes.functional as F
-
+    # float reference: the spec's dequantization through F.linear (not bitsandbytes' own, which is
+    # wrong on AVX-512 CPUs when in_features % blocksize != 0)
     x = torch.randn(5, 96)
-    w0 = F.dequantize_4bit(sd["0.weight"].data, sd["0.weight"].quant_state)
-    w2 = F.dequantize_4bit(sd["2.weight"].data, sd["2.weight"].quant_state)
+    w0, w2 = (reference_dequantize(w.data, w.quant_state.absmax, tuple(w.quant_state.shape), torch.float32, 32) for w in (sd["0.weight"], sd["2.weight"]))
     reference = torch.relu(x @ w0.T + sd["0.bias"]) @ w2.T
     with torch.no_grad():
         assert torch.allclose(fresh(x), reference, atol=1e-5, rtol=1e-5)
@@ -191,3 +184,24 @@ def test_loader_without_bitsandbytes_says_what_to_install(tmp_path):
     )
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "MissingDependencyError loading NF4 weights needs bitsandbytes: pip install 'nf4convert[load]'" in p.stdout
+
+
+def test_quiet_bitsandbytes_drops_only_the_optional_kernels_warning(caplog):
+    import logging
+
+    from nf4convert.load import quiet_bitsandbytes
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    quiet_bitsandbytes()
+    quiet_bitsandbytes()  # idempotent: one filter
+    assert len(logger.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module named 'kernels'")
+        logger.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
+
+
+def test_float_numerics_turns_off_the_avx512bf16_path_on_every_layer(llama_nf4):
+    model = float_numerics(transformers.AutoModelForCausalLM.from_pretrained(llama_nf4, device_map="cpu"))
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
