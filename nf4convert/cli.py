@@ -22,7 +22,7 @@ import click
 from tqdm import tqdm
 
 from . import __version__
-from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE, KERNELS
+from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE, EXPERT_MODES, KERNELS
 from .errors import NF4ConvertError, VerificationFailed
 from .plan import DEFAULT_MAX_SHARD_SIZE, Options, Plan
 from .source import Source
@@ -59,6 +59,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
     src = plan.source
     reasons = Counter(t.reason for t in plan.kept)
     click.echo(f"Plan for {src.name}: {len(src.shards)} source shard(s), {human(src.nbytes)}")
+    click.echo(f"  decided by {plan.decided_by}")
     q_params = sum(t.source.info.numel for t in plan.quantized)
     click.echo(f"  quantize {len(plan.quantized):>5} tensors, {q_params:,} parameters -> {human(sum(t.output_bytes for t in plan.quantized))}")
     click.echo(f"  keep     {len(plan.kept):>5} tensors -> {human(sum(t.output_bytes for t in plan.kept))}")
@@ -68,6 +69,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
         f"  output: {human(plan.output_bytes)} in {len(plan.shards)} shard(s); {plan.bits_per_parameter:.3f} bits/parameter overall, "
         f"{plan.quantized_bits_per_parameter:.3f} for the quantized weights"
     )
+    click.echo(f"  loads in: {'; '.join(plan.loaders)}")
     if verbose:
         for t in plan.tensors:
             mark = "Q" if t.quantize else "K"
@@ -82,6 +84,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--compute-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="bnb_4bit_compute_dtype to record [default: the weights' dtype].")
 @click.option("--skip", "skip", multiple=True, metavar="PATTERN", help="Keep weights of modules matching this glob (repeatable), e.g. '*.mlp.gate'.")
 @click.option("--keep-lm-head/--quantize-lm-head", default=True, show_default=True, help="Keep the output head unquantized.")
+@click.option("--experts", type=click.Choice(EXPERT_MODES), default="quantize", show_default=True, help="MoE expert weights: quantize per expert, or keep them as transformers 5 does.")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (what is quantized, kept, sizes); write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
@@ -101,6 +104,7 @@ def convert(
     compute_dtype: str | None,
     skip: tuple[str, ...],
     keep_lm_head: bool,
+    experts: str,
     max_shard_size: str,
     dry_run: bool,
     force: bool,
@@ -123,6 +127,7 @@ def convert(
         skip=skip,
         quantize_lm_head=not keep_lm_head,
         max_shard_size=parse_size(max_shard_size),
+        experts=experts,
     )
     staging = None
     if allow_pickle:  # beside OUTPUT like the partial folder, removed when done
@@ -143,16 +148,21 @@ def _convert(
     from .plan import make_plan
     from .write import check_output
 
-    plan = make_plan(src, options)
+    if not dry_run:
+        if output is None:
+            raise click.UsageError("Missing argument 'OUTPUT'.")
+        check_output(Path(output), source=src.path, force=force)
+        src.start_hashing()  # reads the source on another core while torch and transformers load (planning)
+    try:
+        plan = make_plan(src, options)
+    except BaseException:
+        src.stop_hashing()
+        raise
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
     if dry_run:
         click.echo("Nothing written (--dry-run).")
         return
-    if output is None:
-        raise click.UsageError("Missing argument 'OUTPUT'.")
-    check_output(Path(output), source=plan.source.path, force=force)
-    src.start_hashing()  # reads the source on another core while torch loads (the next imports)
     from .convert import convert as run_convert
     from .quantize import describe_kernel
 

@@ -34,6 +34,8 @@ BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 DEFAULT_BLOCKSIZE = 64
 #: Quantizer kernels (``--kernel``): all give the same bytes.
 KERNELS = ("auto", "native", "eager")
+#: What happens to MoE expert weights (``--experts``): quantized per expert, or kept as transformers 5 keeps them.
+EXPERT_MODES = ("quantize", "keep")
 #: Block size of the second-level (8-bit) quantization of absmax.
 NESTED_BLOCKSIZE = 256
 #: Scales are divided by max(absmax, ABSMAX_FLOOR) (float32), so an all-zero block is defined.

@@ -186,6 +186,7 @@ def manifest_options(plan: Plan) -> dict[str, Any]:
         "skip": list(o.skip),
         "quantize_lm_head": o.quantize_lm_head,
         "max_shard_size": o.max_shard_size,
+        "experts": o.experts,
     }
 
 
@@ -196,6 +197,8 @@ def manifest(plan: Plan, *, files: list[dict[str, Any]], source_files: list[dict
         "format_version": FORMAT_VERSION,
         "tool": {"name": "nf4convert", "version": __version__},
         "options": manifest_options(plan),
+        "decided_by": plan.decided_by,
+        "loaders": plan.loaders,
         "source": {"name": plan.source.name, **plan.source.provenance, "files": source_files},
         "files": files,
         "summary": {
@@ -209,7 +212,7 @@ def manifest(plan: Plan, *, files: list[dict[str, Any]], source_files: list[dict
         },
         "tensors": {
             "quantized": [
-                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "transposed": t.transpose}
+                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "transposed": t.transpose, "expert": t.expert}
                 for t in plan.quantized
             ],
             "kept": [

@@ -1,12 +1,12 @@
 """The conversion plan: which tensors are quantized, which are kept and why, and the output shards.
 
-The choice is made from names, shapes, dtypes and ``config.json`` alone (spec/FORMAT.md,
-section 6), so a plan costs no tensor reads and ``--dry-run`` is instant.
+The choice is made by :mod:`nf4convert.architecture` from the model transformers builds for
+``config.json`` on the meta device, or by name rules where it cannot (spec/FORMAT.md, section 6):
+a plan costs no tensor reads.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 from dataclasses import dataclass, field
 
@@ -14,25 +14,16 @@ from .constants import (
     BLOCKSIZES,
     DEFAULT_BLOCKSIZE,
     DTYPE_SIZES,
+    EXPERT_MODES,
     QUANTIZABLE_DTYPES,
     SHARD_NAME_TEMPLATE,
     SINGLE_SHARD_NAME,
 )
+from .architecture import Decisions, decide
 from .errors import QuantizationError
 from .layout import QuantState, quantization_config, quantized_tensors
 from .source import Source, SourceTensor
 
-#: Module names (last component) that are output heads, kept unless ``quantize_lm_head``.
-OUTPUT_HEADS = ("lm_head", "embed_out")
-#: Last components of embedding modules (besides any component containing "embed").
-EMBEDDING_NAMES = ("wte", "wpe", "shared", "relative_attention_bias")
-#: model_type -> last components of GPT-2 style ``Conv1D`` modules, whose weight is stored transposed.
-CONV1D_MODULES = {
-    "gpt2": ("c_attn", "c_proj", "c_fc", "q_attn"),
-    "openai-gpt": ("c_attn", "c_proj", "c_fc"),
-    "decision_transformer": ("c_attn", "c_proj", "c_fc", "q_attn"),
-    "imagegpt": ("c_attn", "c_proj", "c_fc", "q_attn"),
-}
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 
 
@@ -53,6 +44,7 @@ class Options:
         skip: glob patterns over module names whose weights are kept.
         quantize_lm_head: quantize the output head too (kept by default).
         max_shard_size: output shard size limit in bytes.
+        experts: MoE expert weights: ``"quantize"`` (per expert) or ``"keep"`` (as transformers 5 does).
     """
 
     blocksize: int = DEFAULT_BLOCKSIZE
@@ -61,6 +53,7 @@ class Options:
     skip: tuple[str, ...] = ()
     quantize_lm_head: bool = False
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
+    experts: str = "quantize"
 
     def __post_init__(self) -> None:
         check_blocksize(self.blocksize)
@@ -68,6 +61,8 @@ class Options:
             raise QuantizationError(f"invalid compute dtype {self.compute_dtype!r}; choose float32, float16 or bfloat16")
         if self.max_shard_size <= 0:
             raise QuantizationError("max shard size must be positive")
+        if self.experts not in EXPERT_MODES:
+            raise QuantizationError(f"invalid experts mode {self.experts!r}; choose {' or '.join(EXPERT_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -79,6 +74,7 @@ class PlannedTensor:
         quantize: whether it is quantized (else copied byte for byte).
         reason: why, in a few words.
         transpose: quantize the transpose (GPT-2 ``Conv1D`` weights).
+        expert: a per-expert MoE weight.
         outputs: the output tensors ``(key, dtype, shape)`` it becomes.
     """
 
@@ -86,6 +82,7 @@ class PlannedTensor:
     quantize: bool
     reason: str
     transpose: bool = False
+    expert: bool = False
     outputs: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
 
     @property
@@ -110,6 +107,7 @@ class Plan:
     source: Source
     options: Options
     tensors: list[PlannedTensor]
+    decisions: Decisions
     shards: list[list[PlannedTensor]] = field(default_factory=list)
 
     @property
@@ -147,12 +145,21 @@ class Plan:
         return QUANTIZABLE_DTYPES[max(set(dtypes), key=dtypes.count)] if dtypes else "float32"
 
     @property
+    def decided_by(self) -> str:
+        """What decided which tensors are quantized: transformers (version, class) or the name rules."""
+        return self.decisions.decided_by
+
+    @property
     def skip_modules(self) -> list[str]:
-        """Modules transformers must leave unquantized: every kept 2-D ``*.weight``, and the output head."""
-        names = {t.name[: -len(".weight")] for t in self.kept if t.name.endswith(".weight") and len(t.source.info.shape) == 2}
-        if not self.options.quantize_lm_head:
-            names.add("lm_head")
-        return sorted(names)
+        """``llm_int8_skip_modules``: the exact modules a loader must leave unquantized."""
+        return self.decisions.skip_modules
+
+    @property
+    def loaders(self) -> list[str]:
+        """Which loaders read the output (what the tests check)."""
+        if self.decisions.experts_quantized:
+            return ["nf4convert.load_model (transformers 5)", "transformers 4.x from_pretrained (experts as per-expert Linear4bit)"]
+        return ["transformers from_pretrained (bitsandbytes)", "nf4convert.load_model"]
 
     def quantization_config(self) -> dict:
         return quantization_config(
@@ -165,34 +172,6 @@ class Plan:
         return [SHARD_NAME_TEMPLATE.format(index=i + 1, count=len(self.shards)) for i in range(len(self.shards))]
 
 
-def classify(tensor: SourceTensor, *, options: Options, config: dict | None) -> tuple[bool, str, bool]:
-    """Decide one tensor: ``(quantize, reason, transpose)`` (spec section 6)."""
-    info = tensor.info
-    if not info.name.endswith(".weight"):
-        return False, "not a weight", False
-    if info.dtype not in QUANTIZABLE_DTYPES:
-        return False, f"dtype {info.dtype}", False
-    if len(info.shape) != 2:
-        return False, f"{len(info.shape)}-D", False
-    if info.numel == 0:
-        return False, "empty", False
-    module = info.name[: -len(".weight")]
-    parts = module.split(".")
-    is_head = parts[-1] in OUTPUT_HEADS
-    if not is_head and (parts[-1] in EMBEDDING_NAMES or any("embed" in p for p in parts)):
-        return False, "embedding", False
-    config = config or {}
-    if is_head and not options.quantize_lm_head:
-        return False, "output head (--quantize-lm-head to quantize it)", False
-    if is_head and config.get("tie_word_embeddings"):
-        return False, "output head tied to the input embedding", False
-    for pattern in options.skip:
-        if fnmatch.fnmatchcase(module, pattern):
-            return False, f"--skip {pattern}", False
-    transpose = parts[-1] in CONV1D_MODULES.get(config.get("model_type", ""), ())
-    return True, "linear weight (Conv1D, transposed)" if transpose else "linear weight", transpose
-
-
 def make_plan(source: Source, options: Options) -> Plan:
     """Plan the conversion of ``source``: classify every tensor and cut the output into shards.
 
@@ -202,16 +181,20 @@ def make_plan(source: Source, options: Options) -> Plan:
     Raises:
         QuantizationError: nothing to quantize would be an empty conversion, so it is refused.
     """
+    decisions = decide(
+        [t.info for t in source.tensors], config=source.config, skip=options.skip,
+        quantize_lm_head=options.quantize_lm_head, experts=options.experts,
+    )  # fmt: skip
     planned = []
     for tensor in source.tensors:
-        quantize, reason, transpose = classify(tensor, options=options, config=source.config)
-        p = PlannedTensor(tensor, quantize, reason, transpose)
-        if quantize:
+        d = decisions.tensors[tensor.name]
+        p = PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert)
+        if d.quantize:
             outputs = quantized_tensors(tensor.name, p.quant_state(options))
         else:
             outputs = [(tensor.name, tensor.info.dtype, tensor.info.shape)]
-        planned.append(PlannedTensor(tensor, quantize, reason, transpose, tuple(outputs)))
-    plan = Plan(source, options, planned)
+        planned.append(PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert, tuple(outputs)))
+    plan = Plan(source, options, planned, decisions)
     if not plan.quantized:
         raise QuantizationError(f"{source.name}: no tensor to quantize (no 2-D floating-point linear weights found)")
     shard: list[PlannedTensor] = []

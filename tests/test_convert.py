@@ -142,7 +142,7 @@ def test_manifest_records_options_source_hashes_outputs_and_decisions(llama_dir,
     kept = {t["name"]: t["reason"] for t in m["tensors"]["kept"]}
     assert kept["model.layers.0.mlp.down_proj.weight"] == "--skip *.mlp.down_proj"
     assert kept["lm_head.weight"].startswith("output head")
-    assert kept["model.embed_tokens.weight"] == "embedding"
+    assert kept["model.embed_tokens.weight"] == "Embedding (not nn.Linear)"
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["llm_int8_skip_modules"] == ["lm_head", "model.embed_tokens", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     model = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
