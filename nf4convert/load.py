@@ -17,8 +17,10 @@ from typing import Any, NamedTuple
 
 import torch
 
+from .architecture import CannotAsk, map_keys, model_class
 from .constants import QUANTIZABLE_DTYPES
 from .errors import LoadError, MissingDependencyError
+from .experts import place_experts
 from .layout import quantized_tensors
 from .read import NF4Checkpoint, open_checkpoint
 from .tensorfile import SafetensorsFile
@@ -208,6 +210,36 @@ def replace_linear(
     return LoadResult(missing, unexpected)
 
 
+def to_model_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[list[torch.Tensor]]]]:
+    """Rename checkpoint keys as transformers does when loading, and gather per-expert MoE weights by
+    the fused parameter they make up: ``(state dict, {fused parameter: [expert][source] tensors})``.
+
+    Raises:
+        LoadError: a tensor transformers fuses in a way nf4convert does not map, or an expert missing.
+    """
+    mapping = map_keys(model, list(state_dict))
+    renamed: dict[str, torch.Tensor] = {}
+    slots: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    sizes: dict[str, int] = {}
+    for key, value in state_dict.items():
+        where = mapping.get(key)
+        if where is None or (where.expert is None and where.layout is None):
+            renamed[where.key if where else key] = value
+        elif where.layout is not None:
+            raise LoadError(f"{key}: {where.layout}; nf4convert.load_model cannot place it")
+        else:
+            slots.setdefault(where.key, {})[(where.expert, where.part)] = value
+            sizes[where.key] = where.parts
+    experts = {}
+    for key, parts in slots.items():
+        count = model.get_parameter(key).shape[0]
+        grid = [[parts.get((e, p)) for p in range(sizes[key])] for e in range(count)]
+        if any(t is None for row in grid for t in row):
+            raise LoadError(f"{key}: the checkpoint lacks some of its {count} experts")
+        experts[key] = grid
+    return renamed, experts
+
+
 def load_model(
     path: str | os.PathLike, *, device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None
 ) -> torch.nn.Module:
@@ -232,7 +264,7 @@ def load_model(
     Example:
         >>> model = load_model("./Llama-3-8B-nf4", device="cuda")            # doctest: +SKIP
     """
-    transformers = _transformers()
+    _transformers()
     from accelerate import init_empty_weights
 
     ckpt = open_checkpoint(path)
@@ -241,18 +273,22 @@ def load_model(
         raise LoadError(f"{ckpt.root}: no config.json to build the model from (use load_state_dict and replace_linear)")
     config_dict = json.loads(config_path.read_text())
     quant = config_dict.pop("quantization_config", {}) or {}
-    config = transformers.AutoConfig.for_model(**config_dict)
-    architectures = config_dict.get("architectures") or []
-    cls = getattr(transformers, architectures[0], None) if architectures else None
+    try:
+        cls, config = model_class(config_dict)
+    except CannotAsk as e:
+        raise LoadError(f"{ckpt.root}: cannot build the model: {e}") from None
     with init_empty_weights(include_buffers=False):
-        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+        model = cls(config)
     dtype = compute_dtype or getattr(torch, quant.get("bnb_4bit_compute_dtype") or "float32")
     if str(dtype).removeprefix("torch.") not in QUANTIZABLE_DTYPES.values():
         raise LoadError(f"unsupported compute dtype {dtype}")
-    state_dict = load_state_dict(ckpt, device=device)
+    state_dict, experts = to_model_keys(model, load_state_dict(ckpt, device=device))
     tied = {k for k in getattr(model, "all_tied_weights_keys", {}) or {} if k not in state_dict}
     result = replace_linear(model, state_dict, compute_dtype=dtype, strict=False)
-    missing = [k for k in result.missing_keys if k not in tied]
+    for key, grid in experts.items():
+        module_name, _, name = key.rpartition(".")
+        place_experts(model.get_submodule(module_name), name, grid)
+    missing = [k for k in result.missing_keys if k not in tied and k not in experts]
     if missing or result.unexpected_keys:
         raise LoadError(f"{ckpt.root}: weights do not fit {type(model).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
     model.tie_weights()

@@ -8,6 +8,7 @@ a plan costs no tensor reads.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .constants import (
@@ -196,7 +197,9 @@ def make_plan(source: Source, options: Options) -> Plan:
         planned.append(PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert, tuple(outputs)))
     plan = Plan(source, options, planned, decisions)
     if not plan.quantized:
-        raise QuantizationError(f"{source.name}: no tensor to quantize (no 2-D floating-point linear weights found)")
+        reasons = Counter(t.reason for t in plan.kept if len(t.source.info.shape) == 2 and t.source.info.dtype in QUANTIZABLE_DTYPES)
+        why = f"{decisions.decided_by}: " + ", ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) if reasons else "no 2-D floating-point linear weights found"
+        raise QuantizationError(f"{source.name}: no tensor to quantize ({why})")
     shard: list[PlannedTensor] = []
     size = 0
     for t in planned:

@@ -1,0 +1,111 @@
+"""Tiny random-weight models of many transformers architectures, and inputs to run them on.
+
+Each entry: model class name -> config class name and its keyword arguments (small sizes, 2 layers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+_TEXT = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+_DECODER = dict(_TEXT, num_key_value_heads=2, tie_word_embeddings=False)
+_MOE = dict(_DECODER, num_experts=4, num_local_experts=4, num_experts_per_tok=2, moe_intermediate_size=96)
+_VISION = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+_BART = dict(
+    vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+    encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+)
+
+#: class -> (kind, config class, config kwargs)
+ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
+    # dense decoders
+    "LlamaForCausalLM": ("dense", "LlamaConfig", _DECODER),
+    "MistralForCausalLM": ("dense", "MistralConfig", _DECODER),
+    "Qwen2ForCausalLM": ("dense, qkv biases", "Qwen2Config", _DECODER),
+    "Qwen3ForCausalLM": ("dense", "Qwen3Config", dict(_DECODER, head_dim=16)),
+    "Gemma2ForCausalLM": ("dense, tied head", "Gemma2Config", dict(_DECODER, head_dim=16, tie_word_embeddings=True)),
+    "Phi3ForCausalLM": ("dense, fused qkv and gate_up", "Phi3Config", dict(_DECODER, pad_token_id=0)),
+    "PhiForCausalLM": ("dense, biases", "PhiConfig", _DECODER),
+    "GPT2LMHeadModel": ("dense, Conv1D, tied head", "GPT2Config", dict(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
+    "GPTNeoXForCausalLM": ("dense, embed_out head", "GPTNeoXConfig", _DECODER),
+    "FalconForCausalLM": ("dense, FalconLinear", "FalconConfig", dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)),
+    "OPTForCausalLM": ("dense, biases", "OPTConfig", dict(vocab_size=128, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=64)),
+    "BloomForCausalLM": ("dense, fused qkv", "BloomConfig", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)),
+    "GPTBigCodeForCausalLM": ("dense, multi-query", "GPTBigCodeConfig", dict(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
+    "StableLmForCausalLM": ("dense", "StableLmConfig", _DECODER),
+    # MoE
+    "MixtralForCausalLM": ("MoE, per-expert", "MixtralConfig", _MOE),
+    "Qwen2MoeForCausalLM": ("MoE, shared expert", "Qwen2MoeConfig", dict(_MOE, shared_expert_intermediate_size=96)),
+    "Qwen3MoeForCausalLM": ("MoE, per-expert", "Qwen3MoeConfig", dict(_MOE, head_dim=16)),
+    "OlmoeForCausalLM": ("MoE, per-expert", "OlmoeConfig", _MOE),
+    "DeepseekV3ForCausalLM": ("MoE, MLA, dense first layer", "DeepseekV3Config", dict(
+        _MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+        qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
+    )),
+    "GptOssForCausalLM": ("MoE, fused 3-D experts in the checkpoint", "GptOssConfig", dict(_MOE, head_dim=16, num_local_experts=4, layer_types=["full_attention", "full_attention"])),
+    # encoder-decoder
+    "T5ForConditionalGeneration": ("encoder-decoder, fp32 wo", "T5Config", dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)),
+    "BartForConditionalGeneration": ("encoder-decoder", "BartConfig", _BART),
+    # encoder-only with heads
+    "BertForMaskedLM": ("encoder, MLM head", "BertConfig", _TEXT),
+    "RobertaForMaskedLM": ("encoder, lm_head.dense", "RobertaConfig", dict(_TEXT, pad_token_id=1, max_position_embeddings=80)),
+    "DistilBertForSequenceClassification": ("encoder, classifier", "DistilBertConfig", dict(vocab_size=128, dim=64, hidden_dim=128, n_layers=2, n_heads=4, max_position_embeddings=64)),
+    "ElectraForPreTraining": ("encoder, discriminator head", "ElectraConfig", dict(_TEXT, embedding_size=32)),
+    # speech
+    "WhisperForConditionalGeneration": ("speech, tied proj_out", "WhisperConfig", dict(
+        vocab_size=128, d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=16, max_source_positions=32, max_target_positions=32,
+        decoder_start_token_id=1, pad_token_id=0,
+    )),
+    "Wav2Vec2ForCTC": ("speech, CTC head", "Wav2Vec2Config", dict(
+        vocab_size=32, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        conv_dim=(32, 32), conv_stride=(5, 4), conv_kernel=(10, 8), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+    )),
+    # vision and vision-language
+    "CLIPModel": ("text + vision towers", "CLIPConfig", dict(text_config=dict(_TEXT, vocab_size=128), vision_config=_VISION, projection_dim=32)),
+    "SiglipVisionModel": ("vision, MultiheadAttention pooling head", "SiglipVisionConfig", _VISION),
+    "LlavaForConditionalGeneration": ("vision-language", "LlavaConfig", dict(
+        text_config=dict(_DECODER, model_type="llama"), vision_config=dict(_VISION, model_type="clip_vision_model", projection_dim=32),
+        image_token_index=127, vision_feature_layer=-1,
+    )),
+}
+
+MOE = [name for name, (kind, _, _) in ARCHITECTURES.items() if kind.startswith("MoE")]
+
+
+def build(name: str, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """The tiny model ``name`` with random weights (seeded), in ``dtype``."""
+    import transformers
+
+    _, config_name, kwargs = ARCHITECTURES[name]
+    config = getattr(transformers, config_name)(**kwargs)
+    torch.manual_seed(0)
+    model = getattr(transformers, name)(config).to(dtype).eval()
+    return model
+
+
+def inputs(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Inputs for one forward pass of ``model`` (seeded)."""
+    g = torch.Generator().manual_seed(1)
+    config = model.config
+    main = model.main_input_name
+    ids = torch.randint(2, 100, (1, 7), generator=g)
+    if main == "input_features":
+        return {"input_features": torch.randn(1, config.num_mel_bins, 2 * config.max_source_positions, generator=g), "decoder_input_ids": ids}
+    if main == "input_values":
+        return {"input_values": torch.randn(1, 1600, generator=g)}
+    vision = getattr(config, "vision_config", config)
+    pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=g) if hasattr(vision, "image_size") else None
+    if main == "pixel_values" and not hasattr(config, "text_config"):
+        return {"pixel_values": pixels}
+    if name.startswith("Llava"):
+        tokens = (vision.image_size // vision.patch_size) ** 2
+        ids = torch.cat([ids[:, :2], torch.full((1, tokens), config.image_token_index), ids[:, 2:]], dim=1)
+        return {"input_ids": ids, "pixel_values": pixels}
+    if pixels is not None:
+        return {"input_ids": ids, "pixel_values": pixels}
+    if config.is_encoder_decoder:
+        return {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
+    return {"input_ids": ids}

@@ -1,0 +1,161 @@
+"""The architecture matrix: tiny random-weight models of 31 transformers architectures, converted, then
+loaded by transformers and by ``nf4convert.load_model``, checked against bitsandbytes quantizing on load.
+
+- every architecture: with ``--experts keep`` (what stock transformers 5 loads), every tensor equals
+  transformers' own ``save_pretrained`` of the model bitsandbytes quantized on load, and the outputs of
+  ``from_pretrained(OUT)`` and ``load_model(OUT)`` equal that model's exactly (no double quant);
+- MoE, default ``--experts quantize``: every expert weight is quantized per expert, routers never, and
+  ``load_model(OUT)``'s logits equal the same model with each expert weight replaced by its NF4
+  dequantization;
+- what decided, and the exact skip list, are in the plan and the manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from nf4convert.convert import convert, plan_conversion
+from nf4convert.errors import QuantizationError
+from nf4convert.load import to_model_keys, float_numerics, load_model, load_state_dict
+from nf4convert.plan import Options
+
+from .architectures import ARCHITECTURES, MOE, build, inputs
+from .test_convert import load_all
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+NO_NF4 = {"FalconForCausalLM"}  # transformers quantizes none of its layers (FalconLinear is not nn.Linear)
+FUSED_IN_CHECKPOINT = {"GptOssForCausalLM"}  # its checkpoints store experts as fused 3-D tensors
+OPTIONS = dict(double_quant=False, compute_dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict[str, Path]:
+    """Each architecture saved once by transformers (float32), on first use."""
+    root = tmp_path_factory.mktemp("arch")
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            cache[name] = root / name
+            build(name).save_pretrained(cache[name])
+        return cache[name]
+
+    return get
+
+
+def on_load(name: str, src: Path) -> torch.nn.Module:
+    config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    return float_numerics(getattr(transformers, name).from_pretrained(src, quantization_config=config, device_map="cpu").eval())
+
+
+def output(model: torch.nn.Module, x: dict) -> torch.Tensor:
+    with torch.no_grad():
+        o = model(**x)
+    return next(getattr(o, k) for k in ("logits", "logits_per_image", "last_hidden_state") if getattr(o, k, None) is not None)
+
+
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n not in NO_NF4])
+def test_output_equals_bitsandbytes_on_load_in_both_loaders(name, sources, tmp_path):
+    src = sources(name)
+    out = convert(src, tmp_path / "nf4", options=Options(experts="keep", **OPTIONS))
+    peer = on_load(name, src)
+    peer.save_pretrained(tmp_path / "peer")
+    ours, theirs = load_all(out), load_all(tmp_path / "peer")
+    assert set(ours) == set(theirs)
+    assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+    assert any(k.endswith(".absmax") for k in ours)
+    x = inputs(name, peer)
+    expected = output(peer, x)
+    assert torch.equal(output(float_numerics(getattr(transformers, name).from_pretrained(out, device_map="cpu").eval()), x), expected)
+    assert torch.equal(output(float_numerics(load_model(out)), x), expected)
+    manifest = json.loads((out / "nf4convert.json").read_text())
+    assert manifest["decided_by"] == f"transformers {transformers.__version__} ({name})"
+
+
+@pytest.mark.parametrize("name", [n for n in MOE if n not in FUSED_IN_CHECKPOINT])
+def test_moe_experts_are_quantized_per_expert_and_load_model_runs_them(name, sources, tmp_path):
+    from nf4convert.experts import PackedExperts, nf4_weight
+    from nf4convert.quantize import dequantize
+
+    src = sources(name)
+    plan = plan_conversion(src, options=Options(**OPTIONS))
+    experts = [t for t in plan.tensors if ".experts." in t.name and t.name.endswith(".weight")]
+    assert experts and all(t.quantize and t.expert for t in experts)
+    routers = [t for t in plan.tensors if t.name.endswith((".gate.weight", ".router.weight")) and "experts" not in t.name]
+    assert routers and not any(t.quantize for t in routers)
+    assert {t.name.removesuffix(".weight") for t in routers} <= set(plan.skip_modules)
+    assert plan.loaders[0].startswith("nf4convert.load_model")
+    out = convert(src, tmp_path / "nf4", options=Options(**OPTIONS))
+
+    model = float_numerics(load_model(out))
+    packed = [m for m in model.modules() if isinstance(m, PackedExperts)]
+    assert packed and all(p.weights[0].dtype == torch.uint8 for p in packed)
+    # the reference: bitsandbytes on load, with every fused expert parameter replaced by the
+    # dequantization of our per-expert files, run by the same (eager) experts implementation
+    reference = on_load(name, src)
+    for key, grid in to_model_keys(reference, load_state_dict(out))[1].items():
+        module_name, _, attr = key.rpartition(".")
+        module = reference.get_submodule(module_name)
+        fused = torch.stack([torch.cat([dequantize(nf4_weight(w)) for w in row]) for row in grid])
+        setattr(module, attr, torch.nn.Parameter(fused, requires_grad=False))
+        module.config._experts_implementation = "eager"
+    x = inputs(name, reference)
+    assert torch.equal(output(model, x), output(reference, x))
+
+
+def test_stock_transformers_5_refuses_per_expert_nf4_so_keep_mode_exists(sources, tmp_path):
+    out = convert(sources("MixtralForCausalLM"), tmp_path / "nf4", options=Options(**OPTIONS))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        transformers.MixtralForCausalLM.from_pretrained(out, device_map="cpu")
+
+
+def test_fused_3d_experts_in_the_checkpoint_are_kept_as_transformers_keeps_them(sources):
+    plan = plan_conversion(sources("GptOssForCausalLM"), options=Options(**OPTIONS))
+    fused = [t for t in plan.tensors if t.name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    assert fused and not any(t.quantize for t in fused)
+
+
+def test_an_architecture_transformers_quantizes_nothing_of_is_refused_saying_why(sources):
+    with pytest.raises(QuantizationError, match=r"no tensor to quantize .*FalconLinear \(not nn.Linear\)"):
+        plan_conversion(sources("FalconForCausalLM"))
+
+
+def test_whisper_tied_proj_out_not_in_the_checkpoint_is_in_the_skip_list(sources):
+    plan = plan_conversion(sources("WhisperForConditionalGeneration"))
+    assert "proj_out" in plan.skip_modules
+    assert "proj_out.weight" not in {t.name for t in plan.tensors}
+
+
+def test_roberta_skip_list_names_the_tied_decoder_not_the_whole_head(sources):
+    plan = plan_conversion(sources("RobertaForMaskedLM"))
+    assert "lm_head.dense.weight" in {t.name for t in plan.quantized}
+    assert "lm_head.decoder" in plan.skip_modules and "lm_head" not in plan.skip_modules
+
+
+def test_t5_keeps_its_float32_modules(sources):
+    plan = plan_conversion(sources("T5ForConditionalGeneration"))
+    wo = [t for t in plan.tensors if t.name.endswith("DenseReluDense.wo.weight")]
+    assert wo and all(not t.quantize and "_keep_in_fp32_modules" in t.reason for t in wo)
+
+
+def test_without_transformers_the_name_rules_decide_and_say_so(sources):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+sys.modules["transformers"] = None
+from nf4convert.convert import plan_conversion
+plan = plan_conversion(r"{sources('MixtralForCausalLM')}")
+print(plan.decided_by)
+print(sorted({{t.reason for t in plan.tensors if t.name.endswith("gate.weight")}}))
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == ["name rules (transformers is not installed)", "['MoE router']"]
