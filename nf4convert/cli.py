@@ -190,6 +190,10 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo(f"{s['path']}: {s['format']} format v{s['format_version']} (written by nf4convert {s['tool_version']})")
     click.echo(f"  source:    {', '.join(f'{k}={v}' for k, v in source.items())}")
     click.echo(f"  options:   {', '.join(f'{k}={v}' for k, v in s['options'].items())}")
+    if s["decided_by"]:
+        click.echo(f"  decided by {s['decided_by']}")
+    if s["loaders"]:
+        click.echo(f"  loads in:  {'; '.join(s['loaders'])}")
     for kind in ("quantized", "kept"):
         d = s[kind]
         click.echo(f"  {kind + ':':<10} {d['tensors']} tensors, {d['parameters']:,} parameters, {human(d['bytes'])}")

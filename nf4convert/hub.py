@@ -148,16 +148,17 @@ def model_card(path: str | os.PathLike) -> str:
                 "",
             ]
     repo = "REPO_ID"
-    lines += [
-        "## Use",
-        "",
-        "With transformers and bitsandbytes (no extra step: the layout is the one `save_pretrained` writes):",
-        "",
+    config = json.loads((ckpt.root / "config.json").read_text()) if (ckpt.root / "config.json").is_file() else {}
+    cls = (config.get("architectures") or ["AutoModel"])[0]
+    experts = any(t.get("expert") for t in m.get("tensors", {}).get("quantized", []))
+    transformers_use = [
         "```python",
-        "from transformers import AutoModelForCausalLM",
-        f'model = AutoModelForCausalLM.from_pretrained("{repo}", device_map="auto")',
+        f"from transformers import {cls}",
+        f'model = {cls}.from_pretrained("{repo}", device_map="auto")',
         "```",
         "",
+    ]
+    own_use = [
         "With nf4convert's loader (`pip install 'nf4convert[load]'`):",
         "",
         "```python",
@@ -167,6 +168,29 @@ def model_card(path: str | os.PathLike) -> str:
         "```",
         "",
     ]
+    lines += [f"Loads in: {'; '.join(m['loaders'])}.", ""] if m.get("loaders") else []
+    if experts:
+        lines += [
+            "## Use",
+            "",
+            "The MoE experts are 4-bit, stored per expert. transformers 5 fuses experts into 3-D parameters",
+            "that bitsandbytes does not quantize, so it cannot load them; nf4convert's loader runs them on",
+            "transformers 5:",
+            "",
+            *own_use,
+            "transformers 4.x (experts are per-expert `Linear4bit` there) loads the folder as is:",
+            "",
+            *transformers_use,
+        ]
+    else:
+        lines += [
+            "## Use",
+            "",
+            "With transformers and bitsandbytes (no extra step: the layout is the one `save_pretrained` writes):",
+            "",
+            *transformers_use,
+            *own_use,
+        ]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 

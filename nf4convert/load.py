@@ -247,6 +247,9 @@ def load_model(
 
     The architecture comes from ``config.json`` and is built without allocating weights; then
     :func:`load_state_dict` and :func:`replace_linear` fill it, and weights are tied as the config says.
+    Checkpoint keys are renamed as transformers renames them when loading; per-expert MoE weights become
+    :class:`~nf4convert.experts.PackedExperts` in place of transformers 5's fused expert parameters. Also
+    loads bitsandbytes 4-bit folders saved by transformers (no manifest), e.g. 4.x per-expert MoE ones.
 
     Args:
         path: the NF4 folder.
@@ -267,7 +270,7 @@ def load_model(
     _transformers()
     from accelerate import init_empty_weights
 
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, bitsandbytes_folders=True)
     config_path = ckpt.root / "config.json"
     if not config_path.is_file():
         raise LoadError(f"{ckpt.root}: no config.json to build the model from (use load_state_dict and replace_linear)")

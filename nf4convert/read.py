@@ -47,8 +47,9 @@ class NF4Checkpoint:
     quant_states: dict[str, QuantState]
 
     @property
-    def version(self) -> int:
-        return self.manifest["format_version"]
+    def version(self) -> int | None:
+        """The format version; ``None`` for a bitsandbytes folder saved by transformers (no manifest)."""
+        return self.manifest.get("format_version")
 
     def summary(self) -> dict[str, Any]:
         """What ``nf4convert inspect`` shows."""
@@ -73,6 +74,8 @@ class NF4Checkpoint:
             "tool_version": self.manifest.get("tool", {}).get("version"),
             "source": {k: v for k, v in self.manifest.get("source", {}).items() if k != "files"},
             "options": self.manifest.get("options", {}),
+            "decided_by": self.manifest.get("decided_by"),
+            "loaders": self.manifest.get("loaders", []),
             "shards": len(self.shards),
             "quantized": {"tensors": quantized, "parameters": q_params, "bytes": q_bytes},
             "kept": {"tensors": kept, "parameters": k_params, "bytes": k_bytes},
@@ -96,6 +99,12 @@ def _load_json(path: Path) -> Any:
         raise FormatError(f"{path}: missing") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise FormatError(f"{path}: not valid JSON") from None
+
+
+def _is_bitsandbytes_4bit(root: Path) -> bool:
+    config = _load_json(root / "config.json") if (root / "config.json").is_file() else None
+    quant = config.get("quantization_config") if isinstance(config, dict) else None
+    return isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit") is True
 
 
 def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None]:
@@ -131,11 +140,14 @@ def _check_weight(key: str, tensors: dict[str, TensorInfo], blob: bytes, where: 
     return state
 
 
-def open_checkpoint(path: str | os.PathLike) -> NF4Checkpoint:
+def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = False) -> NF4Checkpoint:
     """Open and structurally validate an nf4convert output folder.
 
     Args:
         path: the folder ``nf4convert convert`` wrote.
+        bitsandbytes_folders: also accept a folder with no manifest whose ``config.json`` says
+            bitsandbytes 4-bit, as transformers' ``save_pretrained`` writes it (e.g. per-expert MoE
+            checkpoints saved by transformers 4.x): the same checks, less the version ones.
 
     Returns:
         The validated :class:`NF4Checkpoint`.
@@ -148,10 +160,14 @@ def open_checkpoint(path: str | os.PathLike) -> NF4Checkpoint:
     root = Path(path)
     if not root.is_dir():
         raise SourceNotFoundError(f"{root}: no such folder")
-    manifest = _load_json(root / MANIFEST_NAME)
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise FormatError(f"{root / MANIFEST_NAME}: not an nf4convert manifest")
-    version = check_version(manifest, where=str(root / MANIFEST_NAME))
+    if bitsandbytes_folders and not (root / MANIFEST_NAME).exists() and _is_bitsandbytes_4bit(root):
+        manifest: dict[str, Any] = {}
+        version = None
+    else:
+        manifest = _load_json(root / MANIFEST_NAME)
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+            raise FormatError(f"{root / MANIFEST_NAME}: not an nf4convert manifest")
+        version = check_version(manifest, where=str(root / MANIFEST_NAME))
     shards: dict[str, dict[str, TensorInfo]] = {}
     states: dict[str, QuantState] = {}
     owner: dict[str, str] = {}
@@ -163,7 +179,7 @@ def open_checkpoint(path: str | os.PathLike) -> NF4Checkpoint:
         if not is_inside(shard, root):
             raise FormatError(f"{shard}: leads outside the folder")
         tensors, metadata = read_header(shard)
-        if metadata.get("nf4convert.version") != str(version):
+        if version is not None and metadata.get("nf4convert.version") != str(version):
             raise FormatError(f"{shard}: __metadata__ names format version {metadata.get('nf4convert.version')!r}, manifest {version}")
         for key in tensors:
             if key in owner:

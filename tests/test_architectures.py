@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from nf4convert.convert import convert, plan_conversion
-from nf4convert.errors import QuantizationError
+from nf4convert.errors import FormatError, QuantizationError
 from nf4convert.load import to_model_keys, float_numerics, load_model, load_state_dict
 from nf4convert.plan import Options
 
@@ -159,3 +159,20 @@ print(sorted({{t.reason for t in plan.tensors if t.name.endswith("gate.weight")}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
     assert p.stdout.splitlines() == ["name rules (transformers is not installed)", "['MoE router']"]
+
+
+def test_load_model_reads_per_expert_bitsandbytes_folders_without_a_manifest(sources, tmp_path):
+    """What transformers 4.x saves for an MoE model quantized on load: per-expert Linear4bit weights,
+    plain safetensors metadata, no manifest (our default output, stripped of what is ours)."""
+    from safetensors.torch import save_file
+
+    ours = convert(sources("Qwen3MoeForCausalLM"), tmp_path / "nf4", options=Options(**OPTIONS))
+    foreign = tmp_path / "saved-by-transformers-4"
+    foreign.mkdir()
+    (foreign / "config.json").write_bytes((ours / "config.json").read_bytes())
+    save_file(load_all(ours), foreign / "model.safetensors", metadata={"format": "pt"})
+    x = inputs("Qwen3MoeForCausalLM", build("Qwen3MoeForCausalLM"))
+    assert torch.equal(output(float_numerics(load_model(foreign)), x), output(float_numerics(load_model(ours)), x))
+    (foreign / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
+    with pytest.raises(FormatError, match="nf4convert.json: missing"):
+        load_model(foreign)

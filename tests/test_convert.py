@@ -180,8 +180,18 @@ def test_cli_convert_then_inspect(llama_dir, tmp_path, cli):
     assert code == 0 and summary["format_version"] == 1 and summary["options"]["blocksize"] == 128
     assert summary["quantized"]["tensors"] == 14 and summary["kept"]["tensors"] == 7
     assert summary["quantized_bits_per_parameter"] == pytest.approx(4 + 32 / 128, abs=0.1)  # + per-tensor quant_map and blob
+    assert summary["decided_by"] == f"transformers {transformers.__version__} (LlamaForCausalLM)"
     code, out, _ = cli("inspect", tmp_path / "out")
     assert code == 0 and "nf4convert format v1" in out
+    assert "  decided by transformers" in out and "  loads in:  transformers from_pretrained (bitsandbytes); nf4convert.load_model" in out
+
+
+def test_dry_run_says_what_decided_and_which_loaders_read_the_output(llama_dir, cli):
+    code, out, err = cli("convert", llama_dir, "--dry-run")
+    assert code == 0, err
+    assert f"  decided by transformers {transformers.__version__} (LlamaForCausalLM)" in out
+    assert "  loads in: transformers from_pretrained (bitsandbytes); nf4convert.load_model" in out
+    assert "Embedding (not nn.Linear)" in out and "Nothing written (--dry-run)." in out
 
 
 def test_single_file_source(llama_dir, tmp_path):

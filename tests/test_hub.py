@@ -116,3 +116,19 @@ def test_push_refuses_a_folder_that_fails_verification(llama_dir, tmp_path, cli)
     assert code == 8 and "config.json: size" in err and "not uploading" in err
     with pytest.raises(Exception, match="not a Hub repo id"):
         push(out, "not a repo id!", dry_run=True)
+
+
+def test_model_card_loads_with_the_architectures_own_class(bert_dir, tmp_path):
+    card = model_card(convert(bert_dir, tmp_path / "out"))
+    assert "from transformers import BertModel" in card and "BertModel.from_pretrained(" in card
+    assert "AutoModelForCausalLM" not in card
+    assert "Loads in: transformers from_pretrained (bitsandbytes); nf4convert.load_model." in card
+
+
+def test_model_card_of_quantized_moe_experts_says_which_loaders_read_them(tmp_path):
+    from .architectures import build
+
+    build("MixtralForCausalLM").save_pretrained(tmp_path / "src")
+    card = model_card(convert(tmp_path / "src", tmp_path / "out"))
+    assert "Loads in: nf4convert.load_model (transformers 5); transformers 4.x from_pretrained" in card
+    assert card.index("load_model(snapshot_download") < card.index("MixtralForCausalLM.from_pretrained(")

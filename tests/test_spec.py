@@ -88,3 +88,12 @@ def test_blob_without_double_quant_is_what_bitsandbytes_writes():
 def test_blob_offset_has_a_fixed_length():
     lengths = {len(encode_quant_state(QuantState((8, 8), "float16", 64, o))) for o in (0.0, 1e-30, 0.05, 3.4e38)}
     assert len(lengths) == 1
+
+
+def test_name_rules_in_spec_equal_the_code():
+    from nf4convert import architecture as a
+
+    section = TEXT[TEXT.index("### 6.2 Decided by name rules") : TEXT.index("## 7. Side files")]
+    for names in (a.EMBEDDING_NAMES, a.OUTPUT_HEADS, a.ROUTER_NAMES, a.MOE_BLOCKS, *a.CONV1D_MODULES.values(), a.CONV1D_MODULES):
+        for name in names:
+            assert f"`{name}`" in section, name
