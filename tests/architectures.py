@@ -70,6 +70,11 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
         text_config=dict(_DECODER, model_type="llama"), vision_config=dict(_VISION, model_type="clip_vision_model", projection_dim=32),
         image_token_index=127, vision_feature_layer=-1,
     )),
+    "Gemma3ForConditionalGeneration": ("vision-language, SigLIP tower", "Gemma3Config", dict(
+        text_config=dict(_DECODER, model_type="gemma3_text", head_dim=16, sliding_window=16),
+        vision_config=dict(_VISION, model_type="siglip_vision_model"), mm_tokens_per_image=4, image_token_index=127,
+        boi_token_index=125, eoi_token_index=126,
+    )),
 }
 
 MOE = [name for name, (kind, _, _) in ARCHITECTURES.items() if kind.startswith("MoE")]
@@ -100,8 +105,8 @@ def inputs(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=g) if hasattr(vision, "image_size") else None
     if main == "pixel_values" and not hasattr(config, "text_config"):
         return {"pixel_values": pixels}
-    if name.startswith("Llava"):
-        tokens = (vision.image_size // vision.patch_size) ** 2
+    if name.startswith(("Llava", "Gemma3")):
+        tokens = getattr(config, "mm_tokens_per_image", None) or (vision.image_size // vision.patch_size) ** 2
         ids = torch.cat([ids[:, :2], torch.full((1, tokens), config.image_token_index), ids[:, 2:]], dim=1)
         return {"input_ids": ids, "pixel_values": pixels}
     if pixels is not None:
