@@ -1,12 +1,14 @@
 """The conversion pipeline: source -> plan -> quantize -> write.
 
-Weights are read with ``pread`` into two reused buffers, each on a reader thread while the
-one before is quantized in the calling thread; a writer thread writes the results (and
-copies kept tensors in chunks) at their planned offsets, and other threads hash, sync and
-journal finished output shards. The source files are hashed from the start by the
-source's own thread. Nothing is memory-mapped, so a source file truncated under the
-converter is a one-line error, not SIGBUS; at most a few tensors are in flight, so peak
-memory does not grow with the model's size.
+Weights are read in pieces of whole blocks (at most :data:`PIECE_BYTES` each) with ``pread`` into
+two reused buffers, each on a reader thread while the one before is quantized in the calling
+thread; a writer thread writes each piece's codes at its planned offset (and copies kept tensors in
+chunks), then a weight's absmax once all its pieces are done (double quantization needs them all:
+4 bytes per block, 1/16 of a bf16 weight at blocksize 64). Other threads hash, sync and journal
+finished output shards; the source files are hashed from the start by the source's own thread.
+Nothing is memory-mapped, so a source file truncated under the converter is a one-line error, not
+SIGBUS; at most a few pieces are in flight, so peak memory grows neither with the model's size nor
+with the largest tensor's.
 """
 
 from __future__ import annotations
@@ -24,19 +26,22 @@ from typing import Any
 import torch
 
 from . import __version__
-from .constants import DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, METADATA, NF4_CODE
+from .constants import DTYPE_SIZES, DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, METADATA, NF4_CODE
 from .errors import SourceError
 from .files import file_record, file_state
 from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
-from .quantize import quantize_weight, resolve_kernel
+from .quantize import double_quantize, quantize_nf4, resolve_kernel
 from .source import Source, resolve_source
 from .tensorfile import ShardReader, torch_dtypes
 from .write import OutputFolder, ShardWriter
 
 Progress = Callable[[int], None]
-#: Tensors quantized ahead of the writer thread: bounds memory to a few tensors.
+#: Pieces quantized ahead of the writer thread: bounds memory to a few pieces.
 _MAX_PENDING = 2
+#: The most source bytes of one weight read and quantized at a time: memory stays bounded whatever the
+#: size of a single tensor, and the bytes written do not depend on it (blocks are independent).
+PIECE_BYTES = 64 << 20
 
 _NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
 _DYNAMIC_TABLE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
@@ -51,18 +56,36 @@ def plan_conversion(source: str | os.PathLike | Source, *, options: Options | No
     return make_plan(resolve_source(source), options or Options())
 
 
-def _quantized_outputs(weight: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str, device: str) -> dict[str, Any]:
-    """The NF4 tensors of one source weight."""
+def pieces(t: PlannedTensor, blocksize: int) -> list[tuple[int, int]]:
+    """The element ranges ``[start, stop)`` in which weight ``t`` is read and quantized: whole blocks,
+    at most :data:`PIECE_BYTES` of source each (a transposed ``Conv1D`` weight in one piece)."""
+    info = t.source.info
+    if t.transpose:
+        return [(0, info.numel)]
+    step = max(blocksize, PIECE_BYTES // DTYPE_SIZES[info.dtype] // blocksize * blocksize)
+    return [(start, min(info.numel, start + step)) for start in range(0, info.numel, step)]
+
+
+def _quantize_piece(weight: torch.Tensor, t: PlannedTensor, start: int, *, blocksize: int, kernel: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed codes and absmax of one piece of weight ``t`` (elements from ``start``)."""
     if t.transpose:
         weight = weight.t()
     if weight.device.type != device or t.transpose:
         weight = weight.to(device).contiguous()
-    q = quantize_weight(weight, blocksize=options.blocksize, double_quant=options.double_quant, kernel=kernel, name=t.name)
-    parts: dict[str, Any] = {t.name: q.packed, f"{t.name}.absmax": q.absmax, f"{t.name}.quant_map": _NF4_TABLE}
-    if q.nested:
-        parts[f"{t.name}.nested_absmax"] = q.nested_absmax
-        parts[f"{t.name}.nested_quant_map"] = _DYNAMIC_TABLE
-    parts[t.outputs[-1][0]] = memoryview(encode_quant_state(t.quant_state(options, q.offset)))
+    return quantize_nf4(weight, blocksize=blocksize, kernel=kernel, name=t.name, first=start)
+
+
+def _scales(absmax: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str) -> list[tuple[str, Any, int]]:
+    """The tensors that follow weight ``t``'s codes, once all its absmax are known: absmax (8-bit with
+    double quantization, over the whole tensor), the code tables, the quant-state blob."""
+    parts: list[tuple[str, Any, int]] = [(f"{t.name}.quant_map", _NF4_TABLE, 0)]
+    offset = None
+    if options.double_quant:
+        quantized, nested, offset = double_quantize(absmax, kernel)
+        parts += [(f"{t.name}.absmax", quantized, 0), (f"{t.name}.nested_absmax", nested, 0), (f"{t.name}.nested_quant_map", _DYNAMIC_TABLE, 0)]
+    else:
+        parts.append((f"{t.name}.absmax", absmax, 0))
+    parts.append((t.outputs[-1][0], memoryview(encode_quant_state(t.quant_state(options, offset))), 0))
     return parts
 
 
@@ -80,31 +103,34 @@ class _SourceShard:
             raise SourceError(f"{self.reader.path}: changed while being converted")
 
 
-def _read_ahead(tensors: list[PlannedTensor], sources: dict[Path, _SourceShard], pool: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
-    """The weights of ``tensors`` in order, each read on ``pool`` while the one before is
-    quantized: two reused buffers of the largest one's size, whatever the model's size."""
-    size = max((t.source.info.nbytes for t in tensors), default=0)
-    buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(tensors) > 1 else len(tensors))]
+def _read_ahead(items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, _SourceShard], pool: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
+    """The pieces ``(tensor, start, stop)`` in order, each read on ``pool`` while the one before is
+    quantized: two reused buffers of the largest piece's size, whatever the model's size. A piece is a
+    flat tensor, or the shaped weight where it is quantized transposed."""
+    size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items), default=0)
+    buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(items) > 1 else len(items))]
 
     def read(i: int) -> torch.Tensor:
-        info = tensors[i].source.info
-        data = buffers[i % 2][: info.nbytes]
-        sources[tensors[i].source.shard].reader.read_into(info, memoryview(data.numpy()))
-        return data.view(torch_dtypes()[info.dtype]).view(info.shape)
+        t, start, stop = items[i]
+        info, k = t.source.info, DTYPE_SIZES[t.source.info.dtype]
+        data = buffers[i % 2][: (stop - start) * k]
+        sources[t.source.shard].reader.read_into(info, memoryview(data.numpy()), start * k)
+        data = data.view(torch_dtypes()[info.dtype])
+        return data.view(info.shape) if t.transpose else data
 
-    coming = pool.submit(read, 0) if tensors else None
-    for i in range(len(tensors)):
-        weight = coming.result()
-        coming = pool.submit(read, i + 1) if i + 1 < len(tensors) else None
-        yield weight
+    coming = pool.submit(read, 0) if items else None
+    for i in range(len(items)):
+        piece = coming.result()
+        coming = pool.submit(read, i + 1) if i + 1 < len(items) else None
+        yield piece
 
 
-def _store(writer: ShardWriter, parts: dict[str, Any], t: PlannedTensor, progress: Progress | None) -> None:
-    """Writer thread: write one tensor's outputs."""
-    for key, value in parts.items():
-        writer.write(key, value)
-    if progress:
-        progress(t.source.info.nbytes)
+def _store(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int, progress: Progress | None) -> None:
+    """Writer thread: write ``(key, data, byte offset)`` parts, then report ``done`` source bytes."""
+    for key, value, offset in parts:
+        writer.write(key, value, offset)
+    if progress and done:
+        progress(done)
 
 
 def _seal(writer: ShardWriter, out: OutputFolder, name: str, syncer: ThreadPoolExecutor) -> dict[str, Any]:
@@ -126,23 +152,34 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
     reader, io, sealer, syncer = pools
     try:
         todo = [(name, shard) for name, shard in zip(plan.shard_names(), plan.shards) if name not in out.completed]
-        weights = _read_ahead([t for _, shard in todo for t in shard if t.quantize], sources, reader)
+        bs = plan.options.blocksize
+        items = [(t, start, stop) for _, shard in todo for t in shard if t.quantize for start, stop in pieces(t, bs)]
+        weights = _read_ahead(items, sources, reader)
         pending: deque[Future] = deque()
         records: list[Future] = []
+
+        def submit(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int) -> None:
+            pending.append(io.submit(_store, writer, parts, done, progress))
+            while len(pending) > _MAX_PENDING:
+                pending.popleft().result()
+
         for name, shard in todo:
             writer = ShardWriter(out.path(name), [e for t in shard for e in t.outputs], METADATA)
             writers.append(writer)
             for t in shard:
+                info = t.source.info
                 src = sources[t.source.shard]
                 src.check_unchanged()
-                if t.quantize:
-                    parts = _quantized_outputs(next(weights), t, options=plan.options, kernel=kernel, device=device)
-                else:
-                    parts = {t.name: src.reader.chunks(t.source.info)}
-                pending.append(io.submit(_store, writer, parts, t, progress))
-                del parts
-                while len(pending) > _MAX_PENDING:
-                    pending.popleft().result()
+                if not t.quantize:
+                    submit(writer, [(t.name, src.reader.chunks(info), 0)], info.nbytes)
+                    continue
+                absmax = torch.empty(-(-info.numel // bs), dtype=torch.float32, device=device)
+                for start, stop in pieces(t, bs):
+                    packed, scales = _quantize_piece(next(weights), t, start, blocksize=bs, kernel=kernel, device=device)
+                    absmax[start // bs : start // bs + scales.numel()] = scales
+                    submit(writer, [(t.name, packed, start // 2)], (stop - start) * DTYPE_SIZES[info.dtype])
+                    del packed
+                submit(writer, _scales(absmax, t, options=plan.options, kernel=kernel), 0)
             records.append(io.submit(sealer.submit, _seal, writer, out, name, syncer))
         for job in pending:
             job.result()

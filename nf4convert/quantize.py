@@ -137,15 +137,19 @@ def _quantize_full_blocks(blocks: torch.Tensor, kernel: str, packed: torch.Tenso
 
 
 def quantize_nf4(
-    weight: torch.Tensor, *, blocksize: int = 64, kernel: str = "auto", name: str = "tensor"
+    weight: torch.Tensor, *, blocksize: int = 64, kernel: str = "auto", name: str = "tensor", first: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a float tensor to packed NF4 codes and float32 absmax (spec section 2).
+
+    Blocks are independent, so a weight may be quantized in pieces of whole blocks and the results
+    concatenated: the bytes are those of the whole.
 
     Args:
         weight: float32, float16 or bfloat16 tensor of any shape (flattened row-major).
         blocksize: elements per block, one of :data:`~nf4convert.constants.BLOCKSIZES`.
         kernel: ``"auto"``, ``"native"`` or ``"eager"``; all give the same bytes.
         name: used in error messages.
+        first: the index of ``weight``'s first element in the tensor ``name`` (a piece's place), for error messages.
 
     Returns:
         ``(packed, absmax)``: uint8 ``[(n + 1) // 2, 1]`` and float32 ``[ceil(n / blocksize)]``,
@@ -182,7 +186,7 @@ def quantize_nf4(
     if bad.numel():
         block = int(bad[0])
         raise QuantizationError(
-            f"{name}: contains NaN or Inf (first in elements {block * blocksize}..{min(n, (block + 1) * blocksize) - 1})"
+            f"{name}: contains NaN or Inf (first in elements {first + block * blocksize}..{first + min(n, (block + 1) * blocksize) - 1})"
         )
     return packed.unsqueeze(1), absmax
 

@@ -188,6 +188,7 @@ class ShardWriter:
         header, self.offsets = build_header(entries, metadata)
         self.sizes = {name: DTYPE_SIZES[dtype] * math.prod(shape) for name, dtype, shape in entries}
         self.pending = set(self.sizes)
+        self.written = dict.fromkeys(self.sizes, 0)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._pwrite(memoryview(header), 0)
         os.ftruncate(self.fd, len(header) + sum(self.sizes.values()))
@@ -198,23 +199,21 @@ class ShardWriter:
             n = os.pwrite(self.fd, data, offset)
             data, offset = data[n:], offset + n
 
-    def write(self, name: str, data: memoryview | torch.Tensor | Iterator[memoryview]) -> None:
-        """Write one tensor's bytes at its planned place: all at once, or as successive chunks."""
+    def write(self, name: str, data: memoryview | torch.Tensor | Iterator[memoryview], offset: int = 0) -> None:
+        """Write a tensor's bytes, or part of them from ``offset`` bytes in, at their planned place: all at
+        once or as successive chunks. The tensor is complete once each of its bytes is written."""
         if name not in self.pending:
             raise FormatError(f"{self.path.name}: tensor {name!r} is not planned or already written")
         chunks = data if isinstance(data, Iterator) else [data if isinstance(data, memoryview) else as_bytes(data)]
-        written = 0
         for chunk in chunks:
-            if written + chunk.nbytes > self.sizes[name]:
-                break
-            self._pwrite(chunk, self.offsets[name] + written)
-            _start_writeback(self.fd, self.offsets[name] + written, chunk.nbytes)
-            written += chunk.nbytes
-        else:
-            if written == self.sizes[name]:
-                self.pending.discard(name)
-                return
-        raise FormatError(f"{self.path.name}: tensor {name!r} does not match the plan ({self.sizes[name]} bytes)")
+            if offset + chunk.nbytes > self.sizes[name]:
+                raise FormatError(f"{self.path.name}: tensor {name!r} does not match the plan ({self.sizes[name]} bytes)")
+            self._pwrite(chunk, self.offsets[name] + offset)
+            _start_writeback(self.fd, self.offsets[name] + offset, chunk.nbytes)
+            offset += chunk.nbytes
+            self.written[name] += chunk.nbytes
+        if self.written[name] == self.sizes[name]:
+            self.pending.discard(name)
 
     def finish(self) -> None:
         """Check that every planned tensor was written, sync and close."""

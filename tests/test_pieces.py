@@ -1,0 +1,112 @@
+"""Large weights are read, quantized and written in pieces of whole blocks: the bytes are those of the
+whole weight, and resume, determinism and the truncated-source error hold for pieces too."""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nf4convert.constants import DTYPE_SIZES
+from nf4convert.convert import convert, pieces
+from nf4convert.errors import QuantizationError, SourceError
+from nf4convert.plan import Options, make_plan
+from nf4convert.source import open_source
+
+conversion = importlib.import_module("nf4convert.convert")  # the module (the package's `convert` is the function)
+#: Sets a small piece size in a new process, then runs the CLI with the arguments that follow.
+SMALL_PIECES = "import importlib, sys; importlib.import_module('nf4convert.convert').PIECE_BYTES = {}; from nf4convert.cli import main; main(sys.argv[1:])"
+
+
+@pytest.fixture
+def source(tmp_path):
+    torch.manual_seed(0)
+    tensors = {
+        "odd.weight": torch.randn(301, 1001),  # float32, odd numel, a partial last block
+        "wide.weight": torch.randn(513, 2048).to(torch.bfloat16) * 0.02,
+        "half.weight": torch.randn(77, 640).to(torch.float16),
+        "norm.weight": torch.ones(64),
+    }
+    save_file(tensors, tmp_path / "src.safetensors")
+    return tmp_path / "src.safetensors"
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("blocksize", [64, 4096])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_pieces_give_the_bytes_of_the_whole_weight(source, tmp_path, monkeypatch, blocksize, double_quant):
+    options = Options(blocksize=blocksize, double_quant=double_quant)
+    whole = convert(source, tmp_path / "whole", options=options)
+    monkeypatch.setattr(conversion, "PIECE_BYTES", 4096)  # 2 to 512 pieces per weight
+    assert len(pieces(make_plan(open_source(source), options).quantized[0], blocksize)) > 1
+    assert files(convert(source, tmp_path / "pieces", options=options)) == files(whole)
+
+
+def test_pieces_are_whole_blocks_covering_the_weight(source, monkeypatch):
+    monkeypatch.setattr(conversion, "PIECE_BYTES", 10_000)
+    for t in make_plan(open_source(source), Options()).quantized:
+        ranges = pieces(t, 64)
+        assert ranges[0][0] == 0 and ranges[-1][1] == t.source.info.numel
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        size = DTYPE_SIZES[t.source.info.dtype]
+        assert all(start % 64 == 0 and (stop - start) * size <= 10_000 for start, stop in ranges)
+
+
+def test_a_non_finite_value_in_a_later_piece_names_its_place_in_the_weight(tmp_path, monkeypatch):
+    w = torch.randn(64, 1024)
+    w[50, 7] = float("nan")  # element 51207, in piece 12 of 16
+    save_file({"a.weight": w}, tmp_path / "src.safetensors")
+    monkeypatch.setattr(conversion, "PIECE_BYTES", 16384)
+    with pytest.raises(QuantizationError, match=r"a\.weight: contains NaN or Inf \(first in elements 51200\.\.51263\)"):
+        convert(tmp_path / "src.safetensors", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_truncated_inside_a_weight_is_an_error_naming_it(tmp_path):
+    src = tmp_path / "src.safetensors"
+    save_file({"big.weight": torch.randn(1024, 1024)}, src)
+    code = f"""
+import importlib, os
+from nf4convert.errors import SourceError
+c = importlib.import_module("nf4convert.convert")
+c.PIECE_BYTES = 65536
+def truncate(_):
+    os.truncate(r"{src}", os.path.getsize(r"{src}") // 2)
+try:
+    c.convert(r"{src}", r"{tmp_path / 'out'}", progress=truncate)
+except SourceError as e:
+    print("SourceError", e)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("SourceError") and "ends inside tensor 'big.weight'" in p.stdout
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["src.safetensors"]
+
+
+def test_a_conversion_killed_inside_a_weight_resumes_to_the_same_bytes(tmp_path):
+    from .test_hostile import wait_for_shards
+
+    src = tmp_path / "src.safetensors"
+    save_file({f"l{i}.weight": torch.randn(1024, 1024) for i in range(12)}, src)  # 4 MB each, a shard each
+
+    def run(out):
+        args = ["convert", str(src), str(out), "--max-shard-size", "5MB", "--kernel", "eager", "--quiet"]
+        return subprocess.Popen([sys.executable, "-c", SMALL_PIECES.format(1 << 18), *args], stderr=subprocess.PIPE, text=True)
+
+    reference = run(tmp_path / "reference")
+    assert reference.wait(timeout=300) == 0
+    proc = run(tmp_path / "out")
+    wait_for_shards(tmp_path / "out.nf4convert-partial", proc, 2)
+    proc.kill()
+    proc.wait()
+    resumed = run(tmp_path / "out")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0 and "resuming" in err, err
+    assert files(tmp_path / "out") == files(tmp_path / "reference")
