@@ -1,15 +1,21 @@
 """Benchmark nf4convert against its peers in one run, and print one table (also written as JSON).
 
-Builds a synthetic Llama-7B-shaped checkpoint (bf16, hidden 4096, intermediate 11008, vocab 32000,
-`--layers` decoder layers, several shards), then measures:
+Builds synthetic bf16 checkpoints of two kinds of shapes:
+  - 7b: Llama-7B-shaped (hidden 4096, intermediate 11008, vocab 32000, `--layers` decoder layers,
+    several shards);
+  - huge: the shapes of the largest open models, in one file: a 53248 x 16384 weight (a Llama-3.1-405B
+    MLP projection, 1.74 GB), a 65536 x 32768 weight (4.29 GB) and a 152064 x 3584 embedding (1.09 GB,
+    kept); written in chunks, so building it takes little memory;
+then measures:
   - quantizer throughput (params/s): nf4convert vs bitsandbytes.functional.quantize_4bit, same tensors;
-  - end-to-end `nf4convert convert` wall time vs a copy baseline that reads the same source bytes and
-    writes (and fsyncs) as many bytes as the output has: the I/O floor;
-  - peak RSS of the conversion (a child process, from wait4), and of transformers loading the source
-    with a bitsandbytes NF4 config and save_pretrained (the peer's way), unless --no-peer;
+  - for each checkpoint, end-to-end `nf4convert convert` wall time vs a copy baseline that reads the same
+    source bytes and writes (and fsyncs) as many bytes as the output has: the I/O floor; and the peak
+    RSS of the conversion (a child process);
+  - transformers loading the 7b source with a bitsandbytes NF4 config and save_pretrained (the peer's
+    way), unless --no-peer;
   - output bits per parameter.
 
-Usage: python scripts/bench.py [--layers 10] [--workdir bench-out] [--no-peer] [--keep]
+Usage: python scripts/bench.py [--shapes 7b,huge] [--layers 10] [--workdir bench-out] [--no-peer] [--keep]
 Needs bitsandbytes and transformers (pip install -e .[test]). Not a test: timings depend on the machine.
 """
 
@@ -70,6 +76,33 @@ def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2_000_000_000) -
     }
     (path / "config.json").write_text(json.dumps(config))
     return sum(torch.Size(s).numel() for _, s in tensors)
+
+
+#: The huge-shapes checkpoint: (name, shape) in file order.
+HUGE = [
+    ("model.embed_tokens.weight", (152064, 3584)),
+    ("model.layers.0.mlp.down_proj.weight", (53248, 16384)),
+    ("model.layers.0.mlp.up_proj.weight", (65536, 32768)),
+]
+
+
+def make_huge_checkpoint(path: Path) -> int:
+    """The :data:`HUGE` tensors in one file, random bf16 written 64 MB at a time; returns the parameter count."""
+    from nf4convert.write import ShardWriter, as_bytes
+
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    step = 32 << 20  # elements per chunk
+
+    def chunks(numel: int):
+        for start in range(0, numel, step):
+            yield as_bytes((torch.randn(min(step, numel - start), generator=g) * 0.02).to(torch.bfloat16))
+
+    writer = ShardWriter(path / "model.safetensors", [(n, "BF16", s) for n, s in HUGE], {"format": "pt"})
+    for name, shape in HUGE:
+        writer.write(name, chunks(torch.Size(shape).numel()))
+    writer.finish()  # no config.json: no architecture has these shapes, so the name rules decide
+    return sum(torch.Size(s).numel() for _, s in HUGE)
 
 
 CHILD = """
@@ -155,89 +188,98 @@ m.save_pretrained(sys.argv[2])
 """
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--layers", type=int, default=10, help="decoder layers (10: 2.3 G params, 4.6 GB)")
-    ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
-    ap.add_argument("--no-peer", action="store_true", help="skip transformers + bitsandbytes save_pretrained")
-    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoint for the next run")
-    args = ap.parse_args()
-
-    work = args.workdir
-    src = work / f"llama-{args.layers}l-bf16"
-    work.mkdir(exist_ok=True)
-    if not (src / "config.json").exists():
-        shutil.rmtree(src, ignore_errors=True)
-        print(f"building {src} ...", file=sys.stderr)
-        make_checkpoint(src, args.layers)
-    src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-
-    print("quantizer throughput ...", file=sys.stderr)
-    q = quantizer_throughput()
-
+def measure(src: Path, work: Path) -> dict:
+    """Convert ``src`` twice (the first run warms the page cache and the kernel cache) and run the copy
+    baseline, in this order; returns the second conversion's time and peak RSS, and the baseline's time."""
     out = work / "nf4"
     shutil.rmtree(out, ignore_errors=True)
-    print("nf4convert convert (warm-up run: builds the native kernel once, warms the page cache) ...", file=sys.stderr)
     cmd = ["nf4convert", "convert", str(src), str(out), "--quiet"]
+    print(f"nf4convert convert {src.name} (warm-up run) ...", file=sys.stderr)
     run_measured(cmd, work)
     shutil.rmtree(out)
-    print("nf4convert convert ...", file=sys.stderr)
+    print(f"nf4convert convert {src.name} ...", file=sys.stderr)
     convert_s, convert_rss, _ = run_measured(cmd, work)
     manifest = json.loads((out / "nf4convert.json").read_text())
     out_bytes = sum(f["size"] for f in manifest["files"])
-    params = manifest["summary"]["parameters"]
-
+    shutil.rmtree(out)
     print("copy baseline ...", file=sys.stderr)
     copy_s = copy_baseline(src, out_bytes, work / "copy.bin")
     (work / "copy.bin").unlink()
+    src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    largest = max(t["shape"][0] * t["shape"][1] * 2 for t in manifest["tensors"]["quantized"] + manifest["tensors"]["kept"] if len(t["shape"]) == 2)
+    return {
+        "parameters": manifest["summary"]["parameters"], "bytes": src_bytes, "largest_tensor_bytes": largest,
+        "shards": len(list(src.glob("*.safetensors"))), "convert_s": convert_s, "copy_baseline_s": copy_s,
+        "convert_vs_copy": convert_s / copy_s, "convert_peak_rss": convert_rss, "output_bytes": out_bytes,
+        "bits_per_parameter": manifest["summary"]["bits_per_parameter"],
+        "quantized_bits_per_parameter": manifest["summary"]["quantized_bits_per_parameter"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="7b,huge", help="checkpoints to measure: 7b, huge or both (7b,huge)")
+    ap.add_argument("--layers", type=int, default=10, help="decoder layers of the 7b checkpoint (10: 2.3 G params, 4.6 GB)")
+    ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers + bitsandbytes save_pretrained")
+    ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints for the next run")
+    args = ap.parse_args()
+
+    work = args.workdir
+    work.mkdir(exist_ok=True)
+    sources = {}
+    for shape in args.shapes.split(","):
+        src = work / (f"llama-{args.layers}l-bf16" if shape == "7b" else "huge-bf16")
+        if not any(src.glob("*.safetensors")):
+            shutil.rmtree(src, ignore_errors=True)
+            print(f"building {src} ...", file=sys.stderr)
+            make_checkpoint(src, args.layers) if shape == "7b" else make_huge_checkpoint(src)
+        sources[shape] = src
+
+    print("quantizer throughput ...", file=sys.stderr)
+    q = quantizer_throughput()
+    runs = {shape: measure(src, work) for shape, src in sources.items()}
 
     peer = None
-    if not args.no_peer:
+    if not args.no_peer and "7b" in sources:
         print("transformers + bitsandbytes load and save_pretrained ...", file=sys.stderr)
         peer_out = work / "peer"
         shutil.rmtree(peer_out, ignore_errors=True)
         script = work / "peer.py"
         script.write_text(PEER)
-        peer = run_measured([str(script), str(src), str(peer_out)], work)[:2]
+        peer = run_measured([str(script), str(sources["7b"]), str(peer_out)], work)[:2]
         shutil.rmtree(peer_out, ignore_errors=True)
 
     result = {
-        "checkpoint": {"layers": args.layers, "parameters": params, "bytes": src_bytes, "shards": len(list(src.glob("*.safetensors")))},
-        "quantizer_params_per_s": q,
-        "quantizer_ratio": q["nf4convert"] / q["bitsandbytes"],
-        "convert_s": convert_s,
-        "copy_baseline_s": copy_s,
-        "convert_vs_copy": convert_s / copy_s,
-        "convert_peak_rss": convert_rss,
-        "peer_s": peer[0] if peer else None,
-        "peer_peak_rss": peer[1] if peer else None,
-        "output_bytes": out_bytes,
-        "bits_per_parameter": manifest["summary"]["bits_per_parameter"],
-        "quantized_bits_per_parameter": manifest["summary"]["quantized_bits_per_parameter"],
-        "threads": torch.get_num_threads(),
+        "quantizer_params_per_s": q, "quantizer_ratio": q["nf4convert"] / q["bitsandbytes"], "runs": runs,
+        "peer_s": peer[0] if peer else None, "peer_peak_rss": peer[1] if peer else None, "threads": torch.get_num_threads(),
     }
     (work / "bench.json").write_text(json.dumps(result, indent=2))
     gb = 1e9
     rows = [
-        ("checkpoint", f"{params / 1e9:.2f} G params, {src_bytes / gb:.2f} GB bf16, {result['checkpoint']['shards']} shards", ""),
         ("quantizer, nf4convert", f"{q['nf4convert'] / 1e6:,.0f} M params/s", f"{result['quantizer_ratio']:.1f}x bitsandbytes"),
         ("quantizer, bitsandbytes quantize_4bit", f"{q['bitsandbytes'] / 1e6:,.0f} M params/s", "1.0x"),
-        ("nf4convert convert (end to end)", f"{convert_s:.1f} s ({params / convert_s / 1e6:,.0f} M params/s, {src_bytes / convert_s / gb:.2f} GB/s)", f"{result['convert_vs_copy']:.2f}x copy baseline"),
-        ("copy baseline (read src, write+fsync out bytes)", f"{copy_s:.1f} s", "1.00x"),
-        ("peak RSS, nf4convert convert", f"{convert_rss / 2**20:,.0f} MiB", ""),
     ]
+    for shape, r in runs.items():
+        p, s_ = r["parameters"], r["convert_s"]
+        rows += [
+            (f"{shape}: checkpoint", f"{p / 1e9:.2f} G params, {r['bytes'] / gb:.2f} GB bf16, {r['shards']} shard(s), largest tensor {r['largest_tensor_bytes'] / gb:.2f} GB", ""),
+            (f"{shape}: nf4convert convert (end to end)", f"{s_:.1f} s ({p / s_ / 1e6:,.0f} M params/s, {r['bytes'] / s_ / gb:.2f} GB/s)", f"{r['convert_vs_copy']:.2f}x copy baseline"),
+            (f"{shape}: copy baseline (read src, write+fsync out bytes)", f"{r['copy_baseline_s']:.1f} s", "1.00x"),
+            (f"{shape}: peak RSS, nf4convert convert", f"{r['convert_peak_rss'] / 2**20:,.0f} MiB", ""),
+            (f"{shape}: output", f"{r['output_bytes'] / gb:.2f} GB, {r['bits_per_parameter']:.3f} bits/param overall", f"{r['quantized_bits_per_parameter']:.3f} for quantized weights"),
+        ]
     if peer:
         rows += [
-            ("transformers+bnb load + save_pretrained", f"{peer[0]:.1f} s", f"nf4convert {peer[0] / convert_s:.1f}x faster"),
-            ("peak RSS, transformers+bnb", f"{peer[1] / 2**20:,.0f} MiB", f"{peer[1] / convert_rss:.1f}x nf4convert's"),
+            ("7b: transformers+bnb load + save_pretrained", f"{peer[0]:.1f} s", f"nf4convert {peer[0] / runs['7b']['convert_s']:.1f}x faster"),
+            ("7b: peak RSS, transformers+bnb", f"{peer[1] / 2**20:,.0f} MiB", f"{peer[1] / runs['7b']['convert_peak_rss']:.1f}x nf4convert's"),
         ]
-    rows.append(("output", f"{out_bytes / gb:.2f} GB, {result['bits_per_parameter']:.3f} bits/param overall", f"{result['quantized_bits_per_parameter']:.3f} for quantized weights"))
     print("| measure | value | ratio |\n|---|---|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")
     if not args.keep:
-        shutil.rmtree(src)
-    shutil.rmtree(out)
+        for src in sources.values():
+            shutil.rmtree(src)
 
 
 if __name__ == "__main__":
