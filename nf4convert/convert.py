@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from collections import deque
@@ -29,6 +30,7 @@ from . import __version__
 from .constants import DTYPE_SIZES, DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, METADATA, NF4_CODE
 from .errors import SourceError
 from .files import file_record, file_state
+from .fp8 import decode_rows
 from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
 from .quantize import double_quantize, quantize_nf4, resolve_kernel
@@ -58,11 +60,16 @@ def plan_conversion(source: str | os.PathLike | Source, *, options: Options | No
 
 def pieces(t: PlannedTensor, blocksize: int) -> list[tuple[int, int]]:
     """The element ranges ``[start, stop)`` in which weight ``t`` is read and quantized: whole blocks,
-    at most :data:`PIECE_BYTES` of source each (a transposed ``Conv1D`` weight in one piece)."""
+    at most :data:`PIECE_BYTES` of source each (a transposed ``Conv1D`` weight in one piece). An FP8
+    weight goes in whole rows, at most :data:`PIECE_BYTES` once decoded to float32."""
     info = t.source.info
     if t.transpose:
         return [(0, info.numel)]
-    step = max(blocksize, PIECE_BYTES // DTYPE_SIZES[info.dtype] // blocksize * blocksize)
+    if t.scale is None:
+        unit, size = blocksize, DTYPE_SIZES[info.dtype]
+    else:
+        unit, size = math.lcm(info.shape[1], blocksize), DTYPE_SIZES["F32"]
+    step = max(unit, PIECE_BYTES // size // unit * unit)
     return [(start, min(info.numel, start + step)) for start in range(0, info.numel, step)]
 
 
@@ -103,18 +110,30 @@ class _SourceShard:
             raise SourceError(f"{self.reader.path}: changed while being converted")
 
 
-def _read_ahead(items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, _SourceShard], pool: ThreadPoolExecutor) -> Iterator[torch.Tensor]:
+def _read_ahead(
+    items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, _SourceShard], pool: ThreadPoolExecutor, fp8_block: tuple[int, int] | None
+) -> Iterator[torch.Tensor]:
     """The pieces ``(tensor, start, stop)`` in order, each read on ``pool`` while the one before is
     quantized: two reused buffers of the largest piece's size, whatever the model's size. A piece is a
-    flat tensor, or the shaped weight where it is quantized transposed."""
+    flat tensor (FP8 decoded to float32 with ``fp8_block`` scales), or the shaped weight where it is
+    quantized transposed."""
     size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items), default=0)
     buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(items) > 1 else len(items))]
+
+    scales: dict[str, torch.Tensor] = {}  # the FP8 scales of the weight being read (small: one per block)
 
     def read(i: int) -> torch.Tensor:
         t, start, stop = items[i]
         info, k = t.source.info, DTYPE_SIZES[t.source.info.dtype]
         data = buffers[i % 2][: (stop - start) * k]
         sources[t.source.shard].reader.read_into(info, memoryview(data.numpy()), start * k)
+        if t.scale is not None:
+            if t.name not in scales:
+                scales.clear()
+                scales[t.name] = torch.empty(t.scale.info.shape, dtype=torch.float32)
+                sources[t.scale.shard].reader.read_into(t.scale.info, memoryview(scales[t.name].numpy()).cast("B"))
+            cols = info.shape[1]
+            return decode_rows(data.view(-1, cols), scales[t.name], start // cols, fp8_block).reshape(-1)
         data = data.view(torch_dtypes()[info.dtype])
         return data.view(info.shape) if t.transpose else data
 
@@ -153,8 +172,8 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
     try:
         todo = [(name, shard) for name, shard in zip(plan.shard_names(), plan.shards) if name not in out.completed]
         bs = plan.options.blocksize
-        items = [(t, start, stop) for _, shard in todo for t in shard if t.quantize for start, stop in pieces(t, bs)]
-        weights = _read_ahead(items, sources, reader)
+        items = [(t, start, stop) for _, shard in todo for t in shard if t.quantize or t.scale for start, stop in pieces(t, bs)]
+        weights = _read_ahead(items, sources, reader, plan.source.fp8_block)
         pending: deque[Future] = deque()
         records: list[Future] = []
 
@@ -170,8 +189,12 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
                 info = t.source.info
                 src = sources[t.source.shard]
                 src.check_unchanged()
-                if not t.quantize:
+                if not t.quantize and t.scale is None:
                     submit(writer, [(t.name, src.reader.chunks(info), 0)], info.nbytes)
+                    continue
+                if not t.quantize:  # a kept FP8 weight: its bfloat16 decoding
+                    for start, stop in pieces(t, bs):
+                        submit(writer, [(t.name, next(weights).to(torch.bfloat16), start * 2)], stop - start)
                     continue
                 absmax = torch.empty(-(-info.numel // bs), dtype=torch.float32, device=device)
                 for start, stop in pieces(t, bs):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .constants import (
     BLOCKSIZES,
@@ -21,6 +21,7 @@ from .constants import (
     SINGLE_SHARD_NAME,
 )
 from .architecture import Decisions, decide
+from .fp8 import LOGICAL_DTYPE, pair_scales
 from .errors import QuantizationError
 from .layout import QuantState, quantization_config, quantized_tensors
 from .source import Source, SourceTensor
@@ -77,6 +78,7 @@ class PlannedTensor:
         transpose: quantize the transpose (GPT-2 ``Conv1D`` weights).
         expert: a per-expert MoE weight.
         outputs: the output tensors ``(key, dtype, shape)`` it becomes.
+        scale: for an FP8 weight, its ``_scale_inv`` tensor (:mod:`nf4convert.fp8`).
     """
 
     source: SourceTensor
@@ -85,10 +87,16 @@ class PlannedTensor:
     transpose: bool = False
     expert: bool = False
     outputs: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
+    scale: SourceTensor | None = None
 
     @property
     def name(self) -> str:
         return self.source.name
+
+    @property
+    def dtype(self) -> str:
+        """The safetensors dtype the weight counts as: its own, or bfloat16 for a decoded FP8 weight."""
+        return LOGICAL_DTYPE if self.scale is not None else self.source.info.dtype
 
     @property
     def output_bytes(self) -> int:
@@ -97,7 +105,7 @@ class PlannedTensor:
     def quant_state(self, options: Options, offset: float | None = None) -> QuantState:
         """The quant state this tensor is written with (``offset`` is known after quantizing)."""
         shape = self.source.info.shape[::-1] if self.transpose else self.source.info.shape
-        dtype = QUANTIZABLE_DTYPES[self.source.info.dtype]
+        dtype = QUANTIZABLE_DTYPES[self.dtype]
         return QuantState(tuple(shape), dtype, options.blocksize, (offset or 0.0) if options.double_quant else None)
 
 
@@ -142,7 +150,7 @@ class Plan:
     def compute_dtype(self) -> str:
         if self.options.compute_dtype:
             return self.options.compute_dtype
-        dtypes = [t.source.info.dtype for t in self.quantized]
+        dtypes = [t.dtype for t in self.quantized]
         return QUANTIZABLE_DTYPES[max(set(dtypes), key=dtypes.count)] if dtypes else "float32"
 
     @property
@@ -182,22 +190,27 @@ def make_plan(source: Source, options: Options) -> Plan:
     Raises:
         QuantizationError: nothing to quantize would be an empty conversion, so it is refused.
     """
+    scales = pair_scales([t.info for t in source.tensors], source.fp8_block, where=source.name) if source.fp8_block else {}
+    folded = {s.name for s in scales.values()}
+    owners = {t.name: t for t in source.tensors}
+    tensors = [t for t in source.tensors if t.name not in folded]
     decisions = decide(
-        [t.info for t in source.tensors], config=source.config, skip=options.skip,
-        quantize_lm_head=options.quantize_lm_head, experts=options.experts,
+        [replace(t.info, dtype=LOGICAL_DTYPE) if t.name in scales else t.info for t in tensors], config=source.config,
+        skip=options.skip, quantize_lm_head=options.quantize_lm_head, experts=options.experts,
     )  # fmt: skip
     planned = []
-    for tensor in source.tensors:
+    for tensor in tensors:
         d = decisions.tensors[tensor.name]
-        p = PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert)
+        scale = owners[scales[tensor.name].name] if tensor.name in scales else None
+        p = PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert, scale=scale)
         if d.quantize:
             outputs = quantized_tensors(tensor.name, p.quant_state(options))
         else:
-            outputs = [(tensor.name, tensor.info.dtype, tensor.info.shape)]
-        planned.append(PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert, tuple(outputs)))
+            outputs = [(tensor.name, p.dtype, tensor.info.shape)]
+        planned.append(replace(p, outputs=tuple(outputs)))
     plan = Plan(source, options, planned, decisions)
     if not plan.quantized:
-        reasons = Counter(t.reason for t in plan.kept if len(t.source.info.shape) == 2 and t.source.info.dtype in QUANTIZABLE_DTYPES)
+        reasons = Counter(t.reason for t in plan.kept if len(t.source.info.shape) == 2 and t.dtype in QUANTIZABLE_DTYPES)
         why = f"{decisions.decided_by}: " + ", ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) if reasons else "no 2-D floating-point linear weights found"
         raise QuantizationError(f"{source.name}: no tensor to quantize ({why})")
     shard: list[PlannedTensor] = []

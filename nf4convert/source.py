@@ -16,6 +16,7 @@ from typing import Any
 from .constants import INDEX_NAME, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
 from .files import FileHasher, file_state, is_inside, is_plain_relative
+from .fp8 import block_size
 from .tensorfile import TensorInfo, read_header
 
 #: Side files copied next to the weights: configs, tokenizers, chat templates, licenses (subfolders too,
@@ -50,6 +51,7 @@ class Source:
         config: ``config.json``'s content, or ``None``.
         side_files: non-weight files to copy to the output (``config.json`` is rewritten, not copied).
         provenance: extra facts for the manifest (Hub repo and commit, ...).
+        fp8_block: ``weight_block_size`` of a block-scaled FP8 checkpoint (:mod:`nf4convert.fp8`), else ``None``.
     """
 
     path: Path
@@ -60,6 +62,7 @@ class Source:
     config: dict[str, Any] | None
     side_files: list[Path] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
+    fp8_block: tuple[int, int] | None = None
     _hasher: FileHasher | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -151,7 +154,7 @@ def open_source(path: str | os.PathLike) -> Source:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise SourceError(f"{path}: not a .safetensors file (pickled weights are never loaded)")
-        root, shards, weight_map, config, side = path.parent, [path], None, None, []
+        root, shards, weight_map, config, side, fp8_block = path.parent, [path], None, None, [], None
     else:
         root = path
         index_path = root / INDEX_NAME
@@ -170,8 +173,7 @@ def open_source(path: str | os.PathLike) -> Source:
         config = _load_json(config_path) if config_path.is_file() else None
         if config is not None and not isinstance(config, dict):
             raise SourceError(f"{config_path}: not a JSON object")
-        if config and config.get("quantization_config"):
-            raise SourceError(f"{config_path}: the model is already quantized ({config['quantization_config'].get('quant_method', '?')})")
+        fp8_block = block_size(config, where=str(config_path))
         side = sorted(
             p
             for p in root.rglob("*")
@@ -198,7 +200,7 @@ def open_source(path: str | os.PathLike) -> Source:
             raise SourceError(f"{INDEX_NAME} lists {missing[0]!r} ({len(missing)} in all) that no shard holds")
     if not tensors:
         raise SourceError(f"{path}: the safetensors files hold no tensors")
-    return Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side)
+    return Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side, fp8_block=fp8_block)
 
 
 def resolve_source(

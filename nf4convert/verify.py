@@ -14,6 +14,7 @@ import torch
 from .constants import MANIFEST_NAME
 from .errors import FormatError, NF4ConvertError
 from .files import is_inside, is_plain_relative, sha256_file
+from .fp8 import SCALE_SUFFIX, decode_rows
 from .quantize import dequantize
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
 from .source import open_source
@@ -115,7 +116,12 @@ def _check_source(ckpt: NF4Checkpoint, source: Path, report: dict[str, Any]) -> 
                     path = originals[key].shard
                     g = opened.get(path) or opened.setdefault(path, SafetensorsFile(path))
                     restored = dequantize(stored_weight(f, ckpt, key))
-                    quality[key] = _quality(g.tensor(key), restored.t() if key in transposed else restored)
+                    original = g.tensor(key)
+                    if src.fp8_block and key + SCALE_SUFFIX in originals:
+                        scale = originals[key + SCALE_SUFFIX]
+                        h = opened.get(scale.shard) or opened.setdefault(scale.shard, SafetensorsFile(scale.shard))
+                        original = decode_rows(original.view(torch.uint8), h.tensor(scale.name), 0, src.fp8_block)
+                    quality[key] = _quality(original, restored.t() if key in transposed else restored)
                     g.release(key)
                     f.release(key)
     finally:
