@@ -119,6 +119,8 @@ def _read_ahead(
     quantized transposed."""
     size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items), default=0)
     buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(items) > 1 else len(items))]
+    decoded_size = max((stop - start for t, start, stop in items if t.scale is not None), default=0)
+    decoded = [torch.empty(decoded_size, dtype=torch.float32) for _ in buffers] if decoded_size else []
 
     scales: dict[str, torch.Tensor] = {}  # the FP8 scales of the weight being read (small: one per block)
 
@@ -133,7 +135,7 @@ def _read_ahead(
                 scales[t.name] = torch.empty(t.scale.info.shape, dtype=torch.float32)
                 sources[t.scale.shard].reader.read_into(t.scale.info, memoryview(scales[t.name].numpy()).cast("B"))
             cols = info.shape[1]
-            return decode_rows(data.view(-1, cols), scales[t.name], start // cols, fp8_block).reshape(-1)
+            return decode_rows(data.view(-1, cols), scales[t.name], start // cols, fp8_block, decoded[i % 2]).reshape(-1)
         data = data.view(torch_dtypes()[info.dtype])
         return data.view(info.shape) if t.transpose else data
 

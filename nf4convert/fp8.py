@@ -68,19 +68,27 @@ def pair_scales(infos: list[TensorInfo], block: tuple[int, int], *, where: str) 
     return pairs
 
 
-def decode_rows(data: torch.Tensor, scale_inv: torch.Tensor, first_row: int, block: tuple[int, int]) -> torch.Tensor:
-    """Rows ``first_row ...`` of an FP8 weight in float32: ``fp8.float() * scale_inv`` per block.
+def decode_rows(data: torch.Tensor, scale_inv: torch.Tensor, first_row: int, block: tuple[int, int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``first_row ...`` of an FP8 weight in float32: ``fp8.float() * scale_inv`` per block (the
+    native kernel on the CPU where it is built, else torch: the same IEEE products).
 
     Args:
         data: the rows' bytes, uint8 ``[rows, cols]`` (``float8_e4m3fn`` bit patterns).
         scale_inv: the whole weight's float32 scales ``[ceil(R / block[0]), ceil(cols / block[1])]``.
         first_row: the index of ``data``'s first row in the weight.
         block: ``weight_block_size``.
+        out: a float32 buffer of at least as many elements to decode into (reused by callers that
+            decode piece after piece), else a new tensor.
     """
     import torch
 
+    from . import native
+
     rows, cols = data.shape
-    out = data.view(torch.float8_e4m3fn).float()
+    out = torch.empty(rows * cols, dtype=torch.float32) if out is None else out[: rows * cols]
+    if data.device.type == "cpu" and data.is_contiguous() and native.library() is not None:
+        return native.decode_fp8(data, scale_inv, first_row, block, out)
+    out = out.view(rows, cols).copy_(data.view(torch.float8_e4m3fn))
     row_scales = scale_inv.repeat_interleave(block[0], dim=0)[first_row : first_row + rows]
     for j in range(scale_inv.shape[1]):
         out[:, j * block[1] : (j + 1) * block[1]] *= row_scales[:, j : j + 1]

@@ -229,3 +229,75 @@ void nf4_quantize_nested(const float *absmax, int64_t n, int64_t nested_bs, floa
         }
     }
 }
+
+/* Block-scaled FP8 sources (spec section 6.3): the float32 value of one E4M3 code (sign, 4 exponent
+ * bits of bias 7, 3 significand bits; no infinities; S.1111.111 is NaN), branch-free so that loops
+ * over it vectorize. */
+static inline float fp8_e4m3(uint8_t b) {
+    uint32_t sign = (uint32_t)(b & 0x80) << 24, e = (b >> 3) & 0xF, m = b & 7;
+    uint32_t normal = sign | ((e + 120) << 23) | (m << 20);
+    float sub = (float)m * 0x1p-9f, v;
+    uint32_t sub_bits;
+    memcpy(&sub_bits, &sub, sizeof sub_bits);
+    sub_bits |= sign;
+    uint32_t bits = e ? normal : sub_bits;
+    bits = (e == 15 && m == 7) ? 0x7FC00000u : bits;
+    memcpy(&v, &bits, sizeof v);
+    return v;
+}
+
+static void decode_fp8_portable(const uint8_t *q, int64_t rows, int64_t cols, const float *scale,
+                                int64_t scale_cols, int64_t first_row, int64_t br, int64_t bc, float *out) {
+    for (int64_t r = 0; r < rows; r++) {
+        const float *srow = scale + ((first_row + r) / br) * scale_cols;
+        for (int64_t c = 0; c < cols; c++) out[r * cols + c] = fp8_e4m3(q[r * cols + c]) * srow[c / bc];
+    }
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* The same, 8 codes at a time: fp8_e4m3's bit arithmetic on 32-bit lanes. */
+NF4_AVX2 static void decode_fp8_avx2(const uint8_t *q, int64_t rows, int64_t cols, const float *scale,
+                                     int64_t scale_cols, int64_t first_row, int64_t br, int64_t bc, float *out) {
+    const __m256i k80 = _mm256_set1_epi32(0x80), k7f = _mm256_set1_epi32(0x7F), kf = _mm256_set1_epi32(0xF);
+    const __m256i k7 = _mm256_set1_epi32(7), k120 = _mm256_set1_epi32(120), knan = _mm256_set1_epi32(0x7FC00000);
+    const __m256 ksub = _mm256_set1_ps(0x1p-9f);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *srow = scale + ((first_row + r) / br) * scale_cols;
+        const uint8_t *qr = q + r * cols;
+        float *o = out + r * cols;
+        for (int64_t c0 = 0; c0 < cols; c0 += bc) {
+            int64_t c1 = c0 + bc < cols ? c0 + bc : cols, c = c0;
+            float s = srow[c0 / bc];
+            __m256 vs = _mm256_set1_ps(s);
+            for (; c + 8 <= c1; c += 8) {
+                int64_t eight;
+                memcpy(&eight, qr + c, sizeof eight);
+                __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(eight));
+                __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, k80), 24);
+                __m256i e = _mm256_and_si256(_mm256_srli_epi32(b, 3), kf), m = _mm256_and_si256(b, k7);
+                __m256i normal = _mm256_or_si256(sign, _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(e, k120), 23), _mm256_slli_epi32(m, 20)));
+                __m256i sub = _mm256_or_si256(_mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(m), ksub)), sign);
+                __m256i bits = _mm256_blendv_epi8(normal, sub, _mm256_cmpeq_epi32(e, _mm256_setzero_si256()));
+                bits = _mm256_blendv_epi8(bits, knan, _mm256_cmpeq_epi32(_mm256_and_si256(b, k7f), k7f));
+                _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_castsi256_ps(bits), vs));
+            }
+            for (; c < c1; c++) o[c] = fp8_e4m3(qr[c]) * s;
+        }
+    }
+}
+#endif
+
+/* Rows [0, rows) of an FP8 weight of `cols` columns, the first being row `first_row` of the
+ * weight, decoded to float32: out[r][c] = value(q[r][c]) * scale[(first_row + r) / br][c / bc],
+ * one IEEE single multiply. */
+void nf4_decode_fp8(const uint8_t *q, int64_t rows, int64_t cols, const float *scale, int64_t scale_cols,
+                    int64_t first_row, int64_t br, int64_t bc, float *out, int simd) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (simd && nf4_simd()) {
+        decode_fp8_avx2(q, rows, cols, scale, scale_cols, first_row, br, bc, out);
+        return;
+    }
+#endif
+    (void)simd;
+    decode_fp8_portable(q, rows, cols, scale, scale_cols, first_row, br, bc, out);
+}

@@ -91,6 +91,8 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.nf4_quantize_nested.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
     ]  # fmt: skip
+    lib.nf4_decode_fp8.restype = None
+    lib.nf4_decode_fp8.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 2, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int]
     return lib, ""
 
 
@@ -141,6 +143,37 @@ def quantize_blocks(blocks: torch.Tensor, thresholds: torch.Tensor, packed: torc
             run(first)
     else:
         list(_pool(threads).map(run, starts))
+
+
+def _split_rows(rows: int, cols: int, run) -> None:
+    """Call ``run(first, count)`` over row ranges of about :data:`_ELEMENTS_PER_CALL` elements, on threads."""
+    per_call = max(1, _ELEMENTS_PER_CALL // max(1, cols))
+    starts = range(0, rows, per_call)
+    threads = min(torch.get_num_threads(), len(starts))
+    jobs = [(first, min(per_call, rows - first)) for first in starts]
+    if threads <= 1:
+        for job in jobs:
+            run(*job)
+    else:
+        list(_pool(threads).map(lambda job: run(*job), jobs))
+
+
+def decode_fp8(data: torch.Tensor, scale: torch.Tensor, first_row: int, block: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
+    """float32 decoding of FP8 rows (``data`` uint8 ``[rows, cols]``, contiguous; see ``nf4_decode_fp8``)
+    into ``out`` (float32, contiguous, as many elements); returns ``out`` shaped ``[rows, cols]``."""
+    lib = library()
+    rows, cols = data.shape
+    out = out.view(rows, cols)
+    s = scale.contiguous()
+
+    def run(first: int, count: int) -> None:
+        lib.nf4_decode_fp8(
+            data.data_ptr() + first * cols, count, cols, s.data_ptr(), s.shape[1],
+            first_row + first, block[0], block[1], out.data_ptr() + 4 * first * cols, int(_simd()),
+        )  # fmt: skip
+
+    _split_rows(rows, cols, run)
+    return out
 
 
 def exponent_sums(values: torch.Tensor) -> list[int]:

@@ -6,6 +6,8 @@ Builds synthetic bf16 checkpoints of two kinds of shapes:
   - huge: the shapes of the largest open models, in one file: a 53248 x 16384 weight (a Llama-3.1-405B
     MLP projection, 1.74 GB), a 65536 x 32768 weight (4.29 GB) and a 152064 x 3584 embedding (1.09 GB,
     kept); written in chunks, so building it takes little memory;
+  - fp8: the huge shapes as a block-scaled FP8 checkpoint (DeepSeek-V3 style: F8_E4M3 weights with a
+    float32 scale per 128 x 128 block), decoded while converting;
 then measures:
   - quantizer throughput (params/s): nf4convert vs bitsandbytes.functional.quantize_4bit, same tensors;
   - for each checkpoint, end-to-end `nf4convert convert` wall time vs a copy baseline that reads the same
@@ -15,7 +17,7 @@ then measures:
     way), unless --no-peer;
   - output bits per parameter.
 
-Usage: python scripts/bench.py [--shapes 7b,huge] [--layers 10] [--workdir bench-out] [--no-peer] [--keep]
+Usage: python scripts/bench.py [--shapes 7b,huge,fp8] [--layers 10] [--workdir bench-out] [--no-peer] [--keep]
 Needs bitsandbytes and transformers (pip install -e .[test]). Not a test: timings depend on the machine.
 """
 
@@ -102,6 +104,32 @@ def make_huge_checkpoint(path: Path) -> int:
     for name, shape in HUGE:
         writer.write(name, chunks(torch.Size(shape).numel()))
     writer.finish()  # no config.json: no architecture has these shapes, so the name rules decide
+    return sum(torch.Size(s).numel() for _, s in HUGE)
+
+
+def make_fp8_checkpoint(path: Path) -> int:
+    """The :data:`HUGE` shapes as a block-scaled FP8 checkpoint (DeepSeek-V3 style): the two weights F8_E4M3
+    with a float32 ``_scale_inv`` per 128 x 128 block, the embedding bf16; written 1024 rows at a time."""
+    from nf4convert.write import ShardWriter, as_bytes
+
+    path.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    entries = [HUGE[0] + ("BF16",)] + [e for n, s in HUGE[1:] for e in ((n, s, "F8_E4M3"), (n + "_scale_inv", (s[0] // 128, s[1] // 128), "F32"))]
+    writer = ShardWriter(path / "model.safetensors", [(n, d, s) for n, s, d in entries], {"format": "pt"})
+    emb_name, emb_shape = HUGE[0]
+    writer.write(emb_name, (as_bytes((torch.randn(min(1024, emb_shape[0] - r), emb_shape[1], generator=g) * 0.02).to(torch.bfloat16)) for r in range(0, emb_shape[0], 1024)))
+    for name, (rows, cols) in HUGE[1:]:
+        scales = torch.empty(rows // 128, cols // 128)
+        for r in range(0, rows, 1024):
+            w = torch.randn(1024, cols, generator=g) * 0.02
+            s = w.view(8, 128, cols // 128, 128).abs().amax(dim=(1, 3)) / 448
+            scales[r // 128 : r // 128 + 8] = s
+            q = (w.view(8, 128, cols // 128, 128) / s[:, None, :, None]).to(torch.float8_e4m3fn)
+            writer.write(name, as_bytes(q.view(torch.uint8)), r * cols)
+        writer.write(name + "_scale_inv", scales)
+    writer.finish()
+    fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
+    (path / "config.json").write_text(json.dumps({"quantization_config": fp8}))  # no model_type: the name rules decide
     return sum(torch.Size(s).numel() for _, s in HUGE)
 
 
@@ -218,7 +246,7 @@ def measure(src: Path, work: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="7b,huge", help="checkpoints to measure: 7b, huge or both (7b,huge)")
+    ap.add_argument("--shapes", default="7b,huge,fp8", help="checkpoints to measure, comma-separated: 7b, huge, fp8")
     ap.add_argument("--layers", type=int, default=10, help="decoder layers of the 7b checkpoint (10: 2.3 G params, 4.6 GB)")
     ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
     ap.add_argument("--no-peer", action="store_true", help="skip transformers + bitsandbytes save_pretrained")
@@ -229,11 +257,11 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     sources = {}
     for shape in args.shapes.split(","):
-        src = work / (f"llama-{args.layers}l-bf16" if shape == "7b" else "huge-bf16")
+        src = work / {"7b": f"llama-{args.layers}l-bf16", "huge": "huge-bf16", "fp8": "huge-fp8"}[shape]
         if not any(src.glob("*.safetensors")):
             shutil.rmtree(src, ignore_errors=True)
             print(f"building {src} ...", file=sys.stderr)
-            make_checkpoint(src, args.layers) if shape == "7b" else make_huge_checkpoint(src)
+            {"7b": lambda p: make_checkpoint(p, args.layers), "huge": make_huge_checkpoint, "fp8": make_fp8_checkpoint}[shape](src)
         sources[shape] = src
 
     print("quantizer throughput ...", file=sys.stderr)
@@ -263,7 +291,7 @@ def main() -> None:
     for shape, r in runs.items():
         p, s_ = r["parameters"], r["convert_s"]
         rows += [
-            (f"{shape}: checkpoint", f"{p / 1e9:.2f} G params, {r['bytes'] / gb:.2f} GB bf16, {r['shards']} shard(s), largest tensor {r['largest_tensor_bytes'] / gb:.2f} GB", ""),
+            (f"{shape}: checkpoint", f"{p / 1e9:.2f} G params, {r['bytes'] / gb:.2f} GB, {r['shards']} shard(s), largest tensor {r['largest_tensor_bytes'] / gb:.2f} GB as bf16", ""),
             (f"{shape}: nf4convert convert (end to end)", f"{s_:.1f} s ({p / s_ / 1e6:,.0f} M params/s, {r['bytes'] / s_ / gb:.2f} GB/s)", f"{r['convert_vs_copy']:.2f}x copy baseline"),
             (f"{shape}: copy baseline (read src, write+fsync out bytes)", f"{r['copy_baseline_s']:.1f} s", "1.00x"),
             (f"{shape}: peak RSS, nf4convert convert", f"{r['convert_peak_rss'] / 2**20:,.0f} MiB", ""),

@@ -133,3 +133,16 @@ def test_bad_fp8_sources_are_refused_in_one_line(cli, tmp_path, tensors, quant, 
     code, _, err = cli("convert", src, tmp_path / "out", "--quiet")
     assert code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("simd", ["1", "0"])
+def test_decoding_is_the_float32_product_for_every_code_on_every_path(simd, monkeypatch):
+    from nf4convert.fp8 import decode_rows
+
+    monkeypatch.setenv("NF4CONVERT_SIMD", simd)
+    codes = torch.arange(256, dtype=torch.uint8).repeat(300, 3)[:, :700]  # 300 x 700: edge blocks both ways
+    scale = torch.rand(4, 6) * 3 + 1e-3
+    expected = decoded(codes.view(torch.float8_e4m3fn), scale)[100:]
+    for got in (decode_rows(codes[100:].contiguous(), scale, 100, (BLOCK, BLOCK)), decode_rows(codes[100:].t().contiguous().t(), scale, 100, (BLOCK, BLOCK))):
+        nan = expected.isnan()  # codes 0x7F and 0xFF
+        assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan], expected[~nan])
