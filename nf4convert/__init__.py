@@ -20,7 +20,7 @@ __version__ = "0.2.0"
 
 #: Public name -> the module that defines it.
 _EXPORTS = {
-    "convert": "convert", "plan_conversion": "convert", "resolve_source": "source", "dequantize_folder": "dequantize",
+    "convert": "convert", "plan_conversion": "convert", "resolve_source": "resolve", "dequantize_folder": "dequantize",
     "push": "hub", "load_model": "load", "load_state_dict": "load", "replace_linear": "load", "Options": "plan",
     "dequantize": "quantize", "quantize_weight": "quantize", "open_checkpoint": "read", "verify": "verify",
 }  # fmt: skip

@@ -118,7 +118,7 @@ def convert(
     verbose: bool,
 ) -> None:
     """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT."""
-    from .source import resolve_source
+    from .resolve import resolve_source
 
     options = Options(
         blocksize=int(blocksize),

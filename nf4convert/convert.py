@@ -34,7 +34,8 @@ from .fp8 import decode_rows
 from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
 from .quantize import double_quantize, quantize_nf4, resolve_kernel
-from .source import Source, resolve_source
+from .resolve import resolve_source
+from .source import Source
 from .tensorfile import ShardReader, torch_dtypes
 from .write import OutputFolder, ShardWriter
 

@@ -10,11 +10,17 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import NESTED_BLOCKSIZE, QUANT_STATE_SUFFIX, QUANTIZABLE_DTYPES, SUPPORTED_VERSIONS
-from .errors import FormatError, UnsupportedVersionError
+from .constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_STATE_SUFFIX, QUANTIZABLE_DTYPES, SUPPORTED_VERSIONS
+from .errors import FormatError, QuantizationError, UnsupportedVersionError
 
 #: How ``nested_offset`` is written in the blob: fixed length, so the blob's size is known before quantizing.
 OFFSET_FORMAT = "{:.9e}"
+
+
+def check_blocksize(blocksize: int) -> None:
+    """Raise :class:`QuantizationError` unless ``blocksize`` is one bitsandbytes accepts."""
+    if blocksize not in BLOCKSIZES:
+        raise QuantizationError(f"invalid blocksize {blocksize}; choose one of {', '.join(map(str, BLOCKSIZES))}")
 
 
 @dataclass(frozen=True)

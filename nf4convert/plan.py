@@ -12,7 +12,6 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from .constants import (
-    BLOCKSIZES,
     DEFAULT_BLOCKSIZE,
     DTYPE_SIZES,
     EXPERT_MODES,
@@ -21,19 +20,13 @@ from .constants import (
     SINGLE_SHARD_NAME,
 )
 from .architecture import Decisions, decide
-from .fp8 import LOGICAL_DTYPE, pair_scales
 from .errors import QuantizationError
-from .layout import QuantState, quantization_config, quantized_tensors
+from .fp8 import LOGICAL_DTYPE, pair_scales
+from .layout import QuantState, check_blocksize, quantization_config, quantized_tensors
 from .source import Source, SourceTensor
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 
-
-
-def check_blocksize(blocksize: int) -> None:
-    """Raise :class:`QuantizationError` unless ``blocksize`` is one bitsandbytes accepts."""
-    if blocksize not in BLOCKSIZES:
-        raise QuantizationError(f"invalid blocksize {blocksize}; choose one of {', '.join(map(str, BLOCKSIZES))}")
 
 @dataclass(frozen=True)
 class Options:

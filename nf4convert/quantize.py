@@ -21,7 +21,7 @@ import torch
 
 from .constants import ABSMAX_FLOOR, DYNAMIC_MAP, KERNELS, NESTED_BLOCKSIZE, NF4_CODE
 from .errors import QuantizationError
-from .plan import check_blocksize
+from .layout import check_blocksize
 
 log = logging.getLogger("nf4convert")
 

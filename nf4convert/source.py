@@ -202,37 +202,3 @@ def open_source(path: str | os.PathLike) -> Source:
         raise SourceError(f"{path}: the safetensors files hold no tensors")
     return Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side, fp8_block=fp8_block)
 
-
-def resolve_source(
-    source: str | os.PathLike | Source,
-    *,
-    revision: str | None = None,
-    cache_dir: str | os.PathLike | None = None,
-    token: str | None = None,
-    allow_pickle_staging: Path | None = None,
-) -> Source:
-    """A local folder or ``.safetensors`` file, or a Hub repo id (``org/name``, through the local cache).
-
-    Args:
-        allow_pickle_staging: if given, a source with only pickled ``*.bin`` weights is read with
-            ``torch.load(weights_only=True)`` and staged as safetensors in this (new) folder; otherwise
-            such a source is refused.
-
-    Raises:
-        SourceNotFoundError, SourceError, FormatError: a bad local source.
-        HubError: the repo cannot be resolved (see :func:`nf4convert.hub.open_hub_source`).
-    """
-    if isinstance(source, Source):
-        return source
-    from .hub import is_repo_id, open_hub_source
-
-    if is_repo_id(str(source)):
-        return open_hub_source(str(source), revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=allow_pickle_staging)
-    try:
-        return open_source(source)
-    except SourceNotFoundError:
-        if allow_pickle_staging is None or not Path(source).is_dir():
-            raise
-        from .pickled import stage_pickled
-
-        return stage_pickled(Path(source), allow_pickle_staging)

@@ -35,7 +35,7 @@ def test_starting_the_cli_and_planning_do_not_import_torch(llama_dir):
     code = f"""
 import sys
 import nf4convert, nf4convert.cli
-from nf4convert.source import resolve_source
+from nf4convert.resolve import resolve_source
 from nf4convert.plan import make_plan, Options
 src = resolve_source(r"{llama_dir}")
 src.start_hashing()

@@ -1,0 +1,47 @@
+"""Where a source comes from: a local folder or file, a Hub repo id through the local cache, or (opted
+in) pickled ``*.bin`` weights staged as safetensors. Above :mod:`nf4convert.source` and
+:mod:`nf4convert.hub`, which it chooses between.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .errors import SourceNotFoundError
+from .source import Source, open_source
+
+
+def resolve_source(
+    source: str | os.PathLike | Source,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | None = None,
+    allow_pickle_staging: Path | None = None,
+) -> Source:
+    """A local folder or ``.safetensors`` file, or a Hub repo id (``org/name``, through the local cache).
+
+    Args:
+        allow_pickle_staging: if given, a source with only pickled ``*.bin`` weights is read with
+            ``torch.load(weights_only=True)`` and staged as safetensors in this (new) folder; otherwise
+            such a source is refused.
+
+    Raises:
+        SourceNotFoundError, SourceError, FormatError: a bad local source.
+        HubError: the repo cannot be resolved (see :func:`nf4convert.hub.open_hub_source`).
+    """
+    if isinstance(source, Source):
+        return source
+    from .hub import is_repo_id, open_hub_source  # huggingface_hub loads only for repo ids
+
+    if is_repo_id(str(source)):
+        return open_hub_source(str(source), revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=allow_pickle_staging)
+    try:
+        return open_source(source)
+    except SourceNotFoundError:
+        if allow_pickle_staging is None or not Path(source).is_dir():
+            raise
+        from .pickled import stage_pickled
+
+        return stage_pickled(Path(source), allow_pickle_staging)
