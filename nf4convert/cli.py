@@ -22,7 +22,7 @@ import click
 from tqdm import tqdm
 
 from . import __version__
-from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE, EXPERT_MODES, KERNELS
+from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE, EXPERT_MODES, KERNELS, SCALE_METHODS
 from .errors import NF4ConvertError, VerificationFailed
 from .plan import DEFAULT_MAX_SHARD_SIZE, Options, Plan
 from .source import Source
@@ -84,6 +84,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--compute-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="bnb_4bit_compute_dtype to record [default: the weights' dtype].")
 @click.option("--skip", "skip", multiple=True, metavar="PATTERN", help="Keep weights of modules matching this glob (repeatable), e.g. '*.mlp.gate'.")
 @click.option("--keep-lm-head/--quantize-lm-head", default=True, show_default=True, help="Keep the output head unquantized.")
+@click.option("--scales", type=click.Choice(SCALE_METHODS), default="absmax", show_default=True, help="Block scales: absmax (bit-exact with bitsandbytes) or search (lower error, same format).")
 @click.option("--experts", type=click.Choice(EXPERT_MODES), default="quantize", show_default=True, help="MoE expert weights: quantize per expert, or keep them as transformers 5 does.")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (what is quantized, kept, sizes); write nothing.")
@@ -104,6 +105,7 @@ def convert(
     compute_dtype: str | None,
     skip: tuple[str, ...],
     keep_lm_head: bool,
+    scales: str,
     experts: str,
     max_shard_size: str,
     dry_run: bool,
@@ -128,6 +130,7 @@ def convert(
         quantize_lm_head=not keep_lm_head,
         max_shard_size=parse_size(max_shard_size),
         experts=experts,
+        scales=scales,
     )
     staging = None
     if allow_pickle:  # beside OUTPUT like the partial folder, removed when done

@@ -36,6 +36,13 @@ DEFAULT_BLOCKSIZE = 64
 KERNELS = ("auto", "native", "eager")
 #: What happens to MoE expert weights (``--experts``): quantized per expert, or kept as transformers 5 keeps them.
 EXPERT_MODES = ("quantize", "keep")
+#: How each block's scale is chosen (``--scales``, spec section 2.6): its absmax (bitsandbytes' rule,
+#: bit-exact), or a search for the scale of least squared error.
+SCALE_METHODS = ("absmax", "search")
+#: The search's candidate scales, as factors of the block's absmax (each also refitted by least squares).
+SEARCH_FACTORS = (0.95, 0.9, 0.85)
+#: Blocks whose absmax is below this keep the absmax encoding (their reciprocal would overflow).
+SEARCH_MIN_SCALE = 1e-30
 #: Block size of the second-level (8-bit) quantization of absmax.
 NESTED_BLOCKSIZE = 256
 #: Scales are divided by max(absmax, ABSMAX_FLOOR) (float32), so an all-zero block is defined.

@@ -28,12 +28,12 @@ import torch
 
 from . import __version__
 from .constants import DTYPE_SIZES, DYNAMIC_MAP, FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME, METADATA, NF4_CODE
-from .errors import SourceError
+from .errors import QuantizationError, SourceError
 from .files import file_record, file_state
 from .fp8 import decode_rows
 from .layout import encode_quant_state
 from .plan import Options, Plan, PlannedTensor, make_plan
-from .quantize import double_quantize, quantize_nf4, resolve_kernel
+from .quantize import dequantize_absmax, double_quantize, encode_nf4, quantize_nf4, resolve_kernel
 from .resolve import resolve_source
 from .source import Source
 from .tensorfile import ShardReader, torch_dtypes
@@ -74,27 +74,35 @@ def pieces(t: PlannedTensor, blocksize: int) -> list[tuple[int, int]]:
     return [(start, min(info.numel, start + step)) for start in range(0, info.numel, step)]
 
 
-def _quantize_piece(weight: torch.Tensor, t: PlannedTensor, start: int, *, blocksize: int, kernel: str, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Packed codes and absmax of one piece of weight ``t`` (elements from ``start``)."""
+def _on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Tensor:
+    """A piece as the quantizer takes it: transposed for a ``Conv1D`` weight, on ``device``."""
     if t.transpose:
         weight = weight.t()
     if weight.device.type != device or t.transpose:
         weight = weight.to(device).contiguous()
-    return quantize_nf4(weight, blocksize=blocksize, kernel=kernel, name=t.name, first=start)
+    return weight
 
 
-def _scales(absmax: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str) -> list[tuple[str, Any, int]]:
-    """The tensors that follow weight ``t``'s codes, once all its absmax are known: absmax (8-bit with
-    double quantization, over the whole tensor), the code tables, the quant-state blob."""
+def _scales(absmax: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str) -> tuple[list[tuple[str, Any, int]], torch.Tensor]:
+    """The tensors that follow weight ``t``'s codes, once all its scales are known: absmax (8-bit with
+    double quantization, over the whole tensor), the code tables, the quant-state blob; and the scales
+    a loader will use (``absmax`` itself without double quantization)."""
     parts: list[tuple[str, Any, int]] = [(f"{t.name}.quant_map", _NF4_TABLE, 0)]
-    offset = None
+    offset, used = None, absmax
     if options.double_quant:
         quantized, nested, offset = double_quantize(absmax, kernel)
         parts += [(f"{t.name}.absmax", quantized, 0), (f"{t.name}.nested_absmax", nested, 0), (f"{t.name}.nested_quant_map", _DYNAMIC_TABLE, 0)]
+        used = dequantize_absmax(quantized, nested, offset)
     else:
         parts.append((f"{t.name}.absmax", absmax, 0))
     parts.append((t.outputs[-1][0], memoryview(encode_quant_state(t.quant_state(options, offset))), 0))
-    return parts
+    return parts, used
+
+
+def _passes(t: PlannedTensor, options: Options) -> int:
+    """Reads of weight ``t``: two where its codes must follow its double-quantized searched scales
+    (spec section 2.6), which need every piece's scales first; else one."""
+    return 2 if t.quantize and options.scales == "search" and options.double_quant else 1
 
 
 class _SourceShard:
@@ -175,7 +183,11 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
     try:
         todo = [(name, shard) for name, shard in zip(plan.shard_names(), plan.shards) if name not in out.completed]
         bs = plan.options.blocksize
-        items = [(t, start, stop) for _, shard in todo for t in shard if t.quantize or t.scale for start, stop in pieces(t, bs)]
+        items = [
+            (t, start, stop)
+            for _, shard in todo for t in shard if t.quantize or t.scale
+            for _ in range(_passes(t, plan.options)) for start, stop in pieces(t, bs)
+        ]  # fmt: skip
         weights = _read_ahead(items, sources, reader, plan.source.fp8_block)
         pending: deque[Future] = deque()
         records: list[Future] = []
@@ -200,12 +212,19 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
                         submit(writer, [(t.name, next(weights).to(torch.bfloat16), start * 2)], stop - start)
                     continue
                 absmax = torch.empty(-(-info.numel // bs), dtype=torch.float32, device=device)
+                two_pass = _passes(t, plan.options) == 2
                 for start, stop in pieces(t, bs):
-                    packed, scales = _quantize_piece(next(weights), t, start, blocksize=bs, kernel=kernel, device=device)
+                    weight = _on_device(next(weights), t, device)
+                    packed, scales = quantize_nf4(weight, blocksize=bs, kernel=kernel, name=t.name, first=start, scales=plan.options.scales)
                     absmax[start // bs : start // bs + scales.numel()] = scales
-                    submit(writer, [(t.name, packed, start // 2)], (stop - start) * DTYPE_SIZES[info.dtype])
+                    parts = [] if two_pass else [(t.name, packed, start // 2)]  # else written in the second pass
+                    submit(writer, parts, (stop - start) * DTYPE_SIZES[info.dtype])
                     del packed
-                submit(writer, _scales(absmax, t, options=plan.options, kernel=kernel), 0)
+                parts, used = _scales(absmax, t, options=plan.options, kernel=kernel)
+                submit(writer, parts, 0)
+                for start, stop in pieces(t, bs) if two_pass else ():
+                    weight = _on_device(next(weights), t, device)
+                    submit(writer, [(t.name, encode_nf4(weight, used[start // bs : -(-stop // bs)], blocksize=bs), start // 2)], 0)
             records.append(io.submit(sealer.submit, _seal, writer, out, name, syncer))
         for job in pending:
             job.result()
@@ -250,6 +269,7 @@ def manifest_options(plan: Plan) -> dict[str, Any]:
         "quantize_lm_head": o.quantize_lm_head,
         "max_shard_size": o.max_shard_size,
         "experts": o.experts,
+        "scales": o.scales,
     }
 
 
@@ -325,6 +345,8 @@ def convert(
     plan = plan_conversion(source, options=options)
     src, options = plan.source, plan.options
     kernel = resolve_kernel(kernel, device)
+    if options.scales == "search" and kernel != "native":
+        raise QuantizationError("--scales search runs in the native kernel only (the CPU, with a C compiler)")
     src.start_hashing()
     try:
         with OutputFolder(Path(output), source=src.path, force=force, fingerprint=fingerprint(plan)) as out:

@@ -301,3 +301,158 @@ void nf4_decode_fp8(const uint8_t *q, int64_t rows, int64_t cols, const float *s
     (void)simd;
     decode_fp8_portable(q, rows, cols, scale, scale_cols, first_row, br, bc, out);
 }
+
+/* --scales search (spec section 2.6), portable and AVX2: every float operation and its order are
+ * fixed (8 lanes of partial sums, added in a fixed tree), so both give the same bytes. */
+
+/* Eight partial sums (lane i % 8), added in a fixed tree: the same result on every machine. */
+static float lanes_sum(const float l[8]) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
+
+static void pack_block(const uint8_t *q, int64_t n, uint8_t *packed) {
+    for (int64_t i = 0; i < n; i += 2) packed[i / 2] = (uint8_t)(q[i] << 4 | (i + 1 < n ? q[i + 1] : 7));
+}
+
+/* Squared error of coding x[0..n) (n a multiple of 8; padding zeros add nothing) as c[q[i]] * s,
+ * with sum x*c and sum c*c for the least-squares refit. With `inv` non-zero the codes are first
+ * chosen for x * inv: the number of thresholds below it. */
+typedef float (*block_error_fn)(const float *, int64_t, float, float, const float *, const float *, uint8_t *, float *, float *);
+
+static float block_error_portable(const float *x, int64_t n, float s, float inv, const float *t, const float *c,
+                                  uint8_t *q, float *num, float *den) {
+    float e[8] = {0}, a[8] = {0}, d[8] = {0};
+    for (int64_t i = 0; i < n; i += 8)
+        for (int j = 0; j < 8; j++) {
+            float xv = x[i + j];
+            if (inv != 0.0f) {
+                float v = xv * inv;
+                int k = 0;
+                for (int m = 0; m < 15; m++) k += t[m] < v;
+                q[i + j] = (uint8_t)k;
+            }
+            float cq = c[q[i + j]], r = xv - s * cq;
+            e[j] += r * r;
+            a[j] += xv * cq;
+            d[j] += cq * cq;
+        }
+    *num = lanes_sum(a);
+    *den = lanes_sum(d);
+    return lanes_sum(e);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+/* Whole groups of 8 of x[0..len); returns how many values it loaded. */
+NF4_AVX2 static int64_t load_block_avx2(const void *src, int dtype, int64_t base, int64_t len, float *x) {
+    int64_t i = 0;
+    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(x + i, load8_avx2(src, dtype, base + i));
+    return i;
+}
+
+/* The same operations on 8 lanes: lane j takes elements i + j, as the partial sums above. */
+NF4_AVX2 static float block_error_avx2(const float *x, int64_t n, float s, float inv, const float *t, const float *c,
+                                       uint8_t *q, float *num, float *den) {
+    const __m256 t7 = _mm256_set1_ps(t[7]), t3 = _mm256_set1_ps(t[3]), t11 = _mm256_set1_ps(t[11]);
+    const __m256 odd = _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0);
+    const __m256 even = _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]);
+    const __m256 c_lo = _mm256_loadu_ps(c), c_hi = _mm256_loadu_ps(c + 8), vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv);
+    __m256 e = _mm256_setzero_ps(), a = _mm256_setzero_ps(), d = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i);
+        __m256i code;
+        if (inv != 0.0f) {
+            code = codes8_avx2(_mm256_mul_ps(xv, vinv), t7, t3, t11, odd, even);
+            __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
+            _mm_storel_epi64((__m128i *)(q + i), _mm_packus_epi16(w, w));
+        } else {
+            code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
+        }
+        __m256 cq = _mm256_blendv_ps(_mm256_permutevar8x32_ps(c_lo, code), _mm256_permutevar8x32_ps(c_hi, code),
+                                     _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+        __m256 r = _mm256_sub_ps(xv, _mm256_mul_ps(vs, cq));
+        e = _mm256_add_ps(e, _mm256_mul_ps(r, r));
+        a = _mm256_add_ps(a, _mm256_mul_ps(xv, cq));
+        d = _mm256_add_ps(d, _mm256_mul_ps(cq, cq));
+    }
+    float le[8], la[8], ld[8];
+    _mm256_storeu_ps(le, e);
+    _mm256_storeu_ps(la, a);
+    _mm256_storeu_ps(ld, d);
+    *num = lanes_sum(la);
+    *den = lanes_sum(ld);
+    return lanes_sum(le);
+}
+#endif
+
+/* x[0..len) = the block's values as float32. */
+static void load_block(const void *src, int dtype, int64_t base, int64_t len, float *x, int simd) {
+    int64_t i = 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (simd && nf4_simd()) i = load_block_avx2(src, dtype, base, len, x);
+#endif
+    (void)simd;
+    for (; i < len; i++) x[i] = bits_to_float(element_bits(src, dtype, base + i));
+}
+
+static block_error_fn block_error_for(int simd) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (simd && nf4_simd()) return block_error_avx2;
+#endif
+    (void)simd;
+    return block_error_portable;
+}
+
+/* Blocks [first, first + count) of the n elements of `src`, already coded by absmax (`absmax`,
+ * `packed`): for each block whose absmax is at least `min_scale`, keep the scale of least squared
+ * error among: absmax with its codes; then for each scale s in absmax * factors[k] the codes of
+ * x * (1/s); and after absmax and after each s, the least-squares refit r = sum(x c) / sum(c c) of
+ * those codes, with the codes of x * (1/r). A later candidate wins only with a strictly smaller
+ * error. Writes the chosen scale to absmax[b] and its codes to packed. */
+void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
+                       const float *t, const float *c, const float *factors, int nfactors, float min_scale,
+                       float *absmax, uint8_t *packed, int simd) {
+    block_error_fn block_error = block_error_for(simd);
+    float x[4096];
+    uint8_t q[4096], best_q[4096];
+    for (int64_t b = first; b < first + count; b++) {
+        int64_t base = b * bs, len = n - base < bs ? n - base : bs, padded = (len + 7) & ~(int64_t)7;
+        float m = absmax[b], num, den;
+        if (!(m >= min_scale)) continue;
+        load_block(src, dtype, base, len, x, simd);
+        for (int64_t i = len; i < padded; i++) x[i] = 0.0f;
+        for (int64_t i = 0; i < padded; i++)
+            best_q[i] = i >= len ? 7 : (uint8_t)(i & 1 ? packed[(base + i) / 2] & 0xF : packed[(base + i) / 2] >> 4);
+        float best = block_error(x, padded, m, 0.0f, t, c, best_q, &num, &den), best_s = m;
+        for (int k = -1; k < nfactors; k++) {
+            float s = m, err;
+            if (k >= 0) {
+                s = m * factors[k];
+                err = block_error(x, padded, s, 1.0f / s, t, c, q, &num, &den);
+                if (err < best) best = err, best_s = s, memcpy(best_q, q, (size_t)padded);
+            }
+            if (!(num > 0.0f && den > 0.0f)) continue;
+            float r = num / den;
+            if (!(r >= min_scale)) continue;
+            err = block_error(x, padded, r, 1.0f / r, t, c, q, &num, &den);
+            if (err < best) best = err, best_s = r, memcpy(best_q, q, (size_t)padded);
+        }
+        absmax[b] = best_s;
+        pack_block(best_q, len, packed + base / 2);
+    }
+}
+
+/* Codes of blocks [first, first + count) for given scales (with double quantization, the scales a
+ * loader will use): x * (1/s), or code 7 (zero) everywhere where s < min_scale. */
+void nf4_encode_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
+                       const float *t, const float *scales, float min_scale, uint8_t *packed) {
+    uint8_t q[4096];
+    for (int64_t b = first; b < first + count; b++) {
+        int64_t base = b * bs, len = n - base < bs ? n - base : bs;
+        float s = scales[b], inv = s >= min_scale ? 1.0f / s : 0.0f;
+        for (int64_t i = 0; i < len; i++) {
+            float v = bits_to_float(element_bits(src, dtype, base + i)) * inv;
+            q[i] = 0;
+            for (int k = 0; k < 15; k++) q[i] += t[k] < v;
+            q[i] = inv != 0.0f ? q[i] : 7;
+        }
+        pack_block(q, len, packed + base / 2);
+    }
+}

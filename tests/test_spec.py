@@ -97,3 +97,11 @@ def test_name_rules_in_spec_equal_the_code():
     for names in (a.EMBEDDING_NAMES, a.OUTPUT_HEADS, a.ROUTER_NAMES, a.MOE_BLOCKS, *a.CONV1D_MODULES.values(), a.CONV1D_MODULES):
         for name in names:
             assert f"`{name}`" in section, name
+
+
+def test_search_encoder_constants_in_spec_equal_the_code():
+    from nf4convert.constants import SEARCH_FACTORS, SEARCH_MIN_SCALE
+
+    section = TEXT[TEXT.index("### 2.6 Encoders") : TEXT.index("## 3. Double quantization")]
+    assert f"`SEARCH_FACTORS` (`{', '.join(str(f) for f in SEARCH_FACTORS)}`)" in section
+    assert f"`SEARCH_MIN_SCALE` (`{SEARCH_MIN_SCALE:g}`)" in section

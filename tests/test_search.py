@@ -1,0 +1,98 @@
+"""``--scales search`` (spec section 2.6): per block, the scale of least squared error among the
+candidates, in the same format, read unchanged by stock transformers + bitsandbytes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from nf4convert.convert import convert
+from nf4convert.load import float_numerics
+from nf4convert.plan import Options
+from nf4convert.quantize import NF4Weight, dequantize, dequantize_absmax, quantize_nf4
+
+from .test_convert import load_all
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("bitsandbytes")
+
+
+def block_errors(w: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
+    restored = dequantize(NF4Weight(packed, scales, tuple(w.shape), torch.float32, blocksize)).reshape(-1).double()
+    x = w.reshape(-1).double()
+    err = (x - restored) ** 2
+    return torch.nn.functional.pad(err, (0, -err.numel() % blocksize)).view(-1, blocksize).sum(1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 1024), (7, 999)])  # the second: a partial last block, odd size
+def test_no_block_has_more_error_than_absmax_and_the_total_is_lower(dtype, shape):
+    torch.manual_seed(0)
+    w = (torch.randn(shape) * 0.02).to(dtype)
+    w.view(-1)[:64] = 0  # an all-zero block keeps absmax's encoding
+    absmax = block_errors(w.float(), *quantize_nf4(w, kernel="native"))
+    search = block_errors(w.float(), *quantize_nf4(w, kernel="native", scales="search"))
+    assert (search <= absmax * (1 + 1e-6) + 1e-30).all()
+    assert search.sum() < 0.9 * absmax.sum()
+
+
+def test_same_bytes_on_every_path_and_thread_count(tmp_path):
+    code = """
+import sys, torch
+from nf4convert.quantize import quantize_nf4
+torch.set_num_threads(int(sys.argv[2]))
+torch.manual_seed(0)
+out = []
+for dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for shape in [(300, 1000), (3, 1001)]:
+        p, a = quantize_nf4((torch.randn(shape) * 0.02).to(dtype), kernel="native", scales="search")
+        out += [p.flatten(), a.view(torch.uint8)]
+torch.save(torch.cat(out), sys.argv[1])
+"""
+    results = []
+    for simd, threads in [("1", "2"), ("1", "1"), ("0", "2")]:
+        path = tmp_path / f"{simd}-{threads}.pt"
+        subprocess.run([sys.executable, "-c", code, str(path), threads], env={**os.environ, "NF4CONVERT_SIMD": simd}, check=True)
+        results.append(torch.load(path))
+    assert all(torch.equal(results[0], r) for r in results[1:])
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_stock_transformers_reads_search_output_as_the_spec_dequantizes_it(gpt2_dir, tmp_path, double_quant):
+    """float32 GPT-2 (Conv1D, transposed): stock transformers + bitsandbytes on the output against the
+    same model with plain weights from the spec's dequantization."""
+    from nf4convert.dequantize import dequantize_folder
+
+    options = Options(scales="search", double_quant=double_quant, compute_dtype="float32")
+    out = convert(gpt2_dir, tmp_path / "nf4", options=options)
+    assert json.loads((out / "nf4convert.json").read_text())["options"]["scales"] == "search"
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    ours = float_numerics(transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu"))
+    reference = transformers.AutoModelForCausalLM.from_pretrained(dequantize_folder(out, tmp_path / "plain"))
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_with_double_quant_codes_follow_the_scales_a_loader_uses(llama_dir, tmp_path):
+    out = load_all(convert(llama_dir, tmp_path / "nf4", options=Options(scales="search")))
+    src = load_all(llama_dir)
+    key = "model.layers.0.mlp.up_proj.weight"
+    used = dequantize_absmax(out[f"{key}.absmax"], out[f"{key}.nested_absmax"], json.loads(bytes(out[f"{key}.quant_state.bitsandbytes__nf4"].tolist()))["nested_offset"])
+    from nf4convert.quantize import encode_nf4
+
+    assert torch.equal(out[key], encode_nf4(src[key], used))
+    absmax = load_all(convert(llama_dir, tmp_path / "absmax"))
+    w = src[key].float()
+    error = lambda o: ((w - dequantize(NF4Weight(o[key], used if o is out else dequantize_absmax(o[f"{key}.absmax"], o[f"{key}.nested_absmax"], json.loads(bytes(o[f"{key}.quant_state.bitsandbytes__nf4"].tolist()))["nested_offset"]), tuple(w.shape), torch.float32, 64))) ** 2).sum()  # noqa: E731
+    assert error(out) < 0.92 * error(absmax)
+
+
+def test_search_without_the_native_kernel_is_refused_in_one_line(llama_dir, tmp_path, cli):
+    code, _, err = cli("convert", llama_dir, tmp_path / "out", "--scales", "search", "--kernel", "eager", "--quiet")
+    assert code == 4 and err.strip() == "nf4convert: error: --scales search runs in the native kernel only (the CPU, with a C compiler)"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.nf4convert-partial").exists()
