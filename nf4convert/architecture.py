@@ -73,13 +73,11 @@ class Decisions:
         skip_modules: ``llm_int8_skip_modules``: exact names of the modules a loader must leave
             unquantized, in the model's and the checkpoint's spelling; none of them covers a
             quantized module under any loader's matching rule (:func:`covers`).
-        model_class: the transformers class the checkpoint is for, when known.
     """
 
     decided_by: str
     tensors: dict[str, Decision]
     skip_modules: list[str] = field(default_factory=list)
-    model_class: str | None = None
 
     @property
     def experts_quantized(self) -> bool:
@@ -340,7 +338,7 @@ def ask_transformers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, 
         is_conv1d = isinstance(module, conv1d)
         tensors[info.name] = Decision(True, "linear weight (Conv1D, transposed)" if is_conv1d else "linear weight", is_conv1d)
     skip_modules = _skip_modules(model, infos, mapping, tensors, linear, conv1d)
-    return Decisions(f"transformers {transformers.__version__} ({type(model).__name__})", tensors, skip_modules, type(model).__name__)
+    return Decisions(f"transformers {transformers.__version__} ({type(model).__name__})", tensors, skip_modules)
 
 
 def _skip_modules(model: Any, infos: list[TensorInfo], mapping: dict[str, KeyMapping], tensors: dict[str, Decision], linear: Any, conv1d: Any) -> list[str]:
