@@ -83,16 +83,16 @@ def _on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Ten
     return weight
 
 
-def _scales(absmax: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str) -> tuple[list[tuple[str, Any, int]], torch.Tensor]:
+def _scales(absmax: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str, loader_scales: bool = False) -> tuple[list[tuple[str, Any, int]], torch.Tensor | None]:
     """The tensors that follow weight ``t``'s codes, once all its scales are known: absmax (8-bit with
-    double quantization, over the whole tensor), the code tables, the quant-state blob; and the scales
-    a loader will use (``absmax`` itself without double quantization)."""
+    double quantization, over the whole tensor), the code tables, the quant-state blob; and, if asked,
+    the scales a loader will use (``absmax`` itself without double quantization)."""
     parts: list[tuple[str, Any, int]] = [(f"{t.name}.quant_map", _NF4_TABLE, 0)]
     offset, used = None, absmax
     if options.double_quant:
         quantized, nested, offset = double_quantize(absmax, kernel)
         parts += [(f"{t.name}.absmax", quantized, 0), (f"{t.name}.nested_absmax", nested, 0), (f"{t.name}.nested_quant_map", _DYNAMIC_TABLE, 0)]
-        used = dequantize_absmax(quantized, nested, offset)
+        used = dequantize_absmax(quantized, nested, offset) if loader_scales else None
     else:
         parts.append((f"{t.name}.absmax", absmax, 0))
     parts.append((t.outputs[-1][0], memoryview(encode_quant_state(t.quant_state(options, offset))), 0))
@@ -220,7 +220,7 @@ def _convert_tensors(plan: Plan, out: OutputFolder, *, kernel: str, device: str,
                     parts = [] if two_pass else [(t.name, packed, start // 2)]  # else written in the second pass
                     submit(writer, parts, (stop - start) * DTYPE_SIZES[info.dtype])
                     del packed
-                parts, used = _scales(absmax, t, options=plan.options, kernel=kernel)
+                parts, used = _scales(absmax, t, options=plan.options, kernel=kernel, loader_scales=two_pass)
                 submit(writer, parts, 0)
                 for start, stop in pieces(t, bs) if two_pass else ():
                     weight = _on_device(next(weights), t, device)
