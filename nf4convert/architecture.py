@@ -6,7 +6,8 @@ and ``llm_int8_skip_modules``. :func:`decide` builds the model's skeleton on the
 memory), applies that same rule with transformers' own functions, and maps each module to the
 checkpoint's tensor names through transformers' own key mapping (the renames and expert fusions it
 applies when loading). Where transformers is missing, too old, or does not know the architecture,
-the documented name rules of spec section 6 decide, and the result says so.
+the documented name rules of spec section 6.2 (:mod:`nf4convert.decisions`) decide, and the result
+says so. transformers' answers are cached (see :func:`decide`).
 
 MoE experts: transformers 5 fuses per-expert checkpoint weights into 3-D parameters, which
 bitsandbytes leaves in full precision. With ``experts="quantize"`` each expert weight is quantized
@@ -18,134 +19,65 @@ Everything here works on names, shapes and ``config.json``; no tensor data is re
 
 from __future__ import annotations
 
-import fnmatch
-import re
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from .constants import QUANTIZABLE_DTYPES
+from .decisions import EXPERT_PATTERN, Decision, Decisions, decide_by_rules, precheck, settle, skip_reason
+from .files import cache_dir
 from .tensorfile import TensorInfo
-
-RULES = "name rules"
-
-#: Name rules (spec section 6): module names (last component) that are output heads.
-OUTPUT_HEADS = ("lm_head", "embed_out")
-#: Last components of embedding modules (besides any component containing "embed").
-EMBEDDING_NAMES = ("wte", "wpe", "shared", "relative_attention_bias")
-#: Last components of MoE routers (under a component naming an MoE block).
-ROUTER_NAMES = ("gate", "router")
-MOE_BLOCKS = ("mlp", "moe", "block_sparse_moe", "feed_forward", "ffn")
-#: model_type -> last components of GPT-2 style ``Conv1D`` modules, whose weight is stored transposed.
-CONV1D_MODULES = {
-    "gpt2": ("c_attn", "c_proj", "c_fc", "q_attn"),
-    "openai-gpt": ("c_attn", "c_proj", "c_fc"),
-    "decision_transformer": ("c_attn", "c_proj", "c_fc", "q_attn"),
-    "imagegpt": ("c_attn", "c_proj", "c_fc", "q_attn"),
-}
-_EXPERT = re.compile(r"\.experts\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class Decision:
-    """What happens to one checkpoint tensor, and why.
-
-    Attributes:
-        quantize: quantized (else kept byte for byte).
-        reason: why, in a few words.
-        transpose: quantize the transpose (GPT-2 ``Conv1D``).
-        expert: a per-expert MoE weight.
-    """
-
-    quantize: bool
-    reason: str
-    transpose: bool = False
-    expert: bool = False
-
-
-@dataclass
-class Decisions:
-    """The decision for every tensor of a checkpoint, and what a loader must be told.
-
-    Attributes:
-        decided_by: ``"transformers 5.x (ClassName)"`` or ``"name rules (why transformers did not)"``.
-        tensors: checkpoint tensor name -> :class:`Decision`.
-        skip_modules: ``llm_int8_skip_modules``: exact names of the modules a loader must leave
-            unquantized, in the model's and the checkpoint's spelling; none of them covers a
-            quantized module under any loader's matching rule (:func:`covers`).
-    """
-
-    decided_by: str
-    tensors: dict[str, Decision]
-    skip_modules: list[str] = field(default_factory=list)
-
-    @property
-    def experts_quantized(self) -> bool:
-        return any(d.quantize and d.expert for d in self.tensors.values())
 
 
 class CannotAsk(Exception):
     """transformers cannot answer for this checkpoint (the message says why)."""
 
 
-def covering_entry(module: str, entries: set[str]) -> str | None:
-    """The ``llm_int8_skip_modules`` entry that keeps ``module`` unquantized in some loader, if any.
+def _cache_key(infos: list[TensorInfo], config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str) -> str:
+    """What transformers' decisions depend on, hashed.
 
-    The union of the loaders' rules, for entries that are plain module names: transformers 5 matches
-    from the start up to a module boundary, or as a suffix; transformers 4.x matches equal names,
-    ``entry + "."`` anywhere in the name, or the last component alone.
+    Raises:
+        CannotAsk: transformers cannot be imported (checked without importing it).
     """
-    if module in entries:
-        return module
-    candidates = [module[i:] for i in range(1, len(module))]  # suffixes
-    candidates.append(module.rpartition(".")[2])
-    starts = [0] + [i + 1 for i, c in enumerate(module) if c == "."]
-    candidates += [module[i:j] for i in starts for j in starts[1:] if j - 1 > i]  # `entry + "."` inside
-    return next((c for c in candidates if c in entries), None)
+    from . import __version__
+
+    if sys.modules.get("transformers", True) is None or importlib.util.find_spec("transformers") is None:
+        raise CannotAsk("transformers is not installed")
+    version = importlib.metadata.version("transformers")
+    if int(version.split(".")[0]) < 5:
+        raise CannotAsk(f"transformers {version} < 5")
+    what = [__version__, version, config, [[i.name, i.dtype, list(i.shape)] for i in infos], list(skip), quantize_lm_head, experts]
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
-def _precheck(info: TensorInfo) -> Decision | None:
-    """What no architecture changes: only 2-D floating-point ``*.weight`` tensors can be quantized."""
-    if not info.name.endswith(".weight"):
-        return Decision(False, "not a weight")
-    if info.dtype not in QUANTIZABLE_DTYPES:
-        return Decision(False, f"dtype {info.dtype}")
-    if len(info.shape) != 2:
-        return Decision(False, f"{len(info.shape)}-D")
-    if info.numel == 0:
-        return Decision(False, "empty")
-    return None
+def _cache_path(key: str) -> Path:
+    return cache_dir() / "decisions" / f"{key}.json"
 
 
-def _skipped(modules: tuple[str, ...], skip: tuple[str, ...]) -> str | None:
-    return next((f"--skip {p}" for p in skip for m in modules if fnmatch.fnmatchcase(m, p)), None)
+def _load_cached(key: str) -> Decisions | None:
+    try:
+        d = json.loads(_cache_path(key).read_text())
+        return Decisions(d["decided_by"], {n: Decision(*v) for n, v in d["tensors"].items()}, d["skip_modules"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
-def rule_decision(info: TensorInfo, *, config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str) -> Decision:
-    """Decide one tensor by the name rules of spec section 6."""
-    pre = _precheck(info)
-    if pre is not None:
-        return pre
-    module = info.name[: -len(".weight")]
-    parts = module.split(".")
-    is_head = parts[-1] in OUTPUT_HEADS
-    if not is_head and (parts[-1] in EMBEDDING_NAMES or any("embed" in p for p in parts)):
-        return Decision(False, "embedding")
-    if is_head and not quantize_lm_head:
-        return Decision(False, "output head (--quantize-lm-head to quantize it)")
-    if is_head and config.get("tie_word_embeddings"):
-        return Decision(False, "output head tied to the input embedding")
-    if parts[-1] in ROUTER_NAMES and len(parts) > 1 and parts[-2] in MOE_BLOCKS:
-        return Decision(False, "MoE router")
-    skipped = _skipped((module,), skip)
-    if skipped:
-        return Decision(False, skipped)
-    expert = _EXPERT.search(f".{module}.") is not None
-    if expert and experts == "keep":
-        return Decision(False, "MoE expert (--experts keep)", expert=True)
-    transpose = parts[-1] in CONV1D_MODULES.get(config.get("model_type", ""), ())
-    reason = "MoE expert" if expert else "linear weight (Conv1D, transposed)" if transpose else "linear weight"
-    return Decision(True, reason, transpose, expert)
+def _store_cached(key: str, decisions: Decisions) -> None:
+    """Write atomically; a cache that cannot be written is no error."""
+    tensors = {n: [d.quantize, d.reason, d.transpose, d.expert] for n, d in decisions.tensors.items()}
+    path = _cache_path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"decided_by": decisions.decided_by, "tensors": tensors, "skip_modules": decisions.skip_modules}))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _transformers() -> Any:
@@ -252,7 +184,7 @@ def map_keys(model: Any, keys: list[str]) -> dict[str, KeyMapping]:
             out[key] = KeyMapping(new)
             continue
         converter = by_pattern[pattern]
-        index = _EXPERT.search(f".{key}")
+        index = EXPERT_PATTERN.search(f".{key}")
         layout = _merge_layout(converter) if index else "fused by transformers on load"
         sources = list(converter.source_patterns)
         out[key] = KeyMapping(new, int(index.group(1)) if index else None, sources.index(pattern), len(sources), layout)
@@ -297,20 +229,20 @@ def ask_transformers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, 
     model = meta_model(config)
     linear, conv1d = _replaced_types()
     mapping = map_keys(model, [i.name for i in infos])
-    if not any(i.name in mapping for i in infos if _precheck(i) is None):
+    if not any(i.name in mapping for i in infos if precheck(i) is None):
         raise CannotAsk(f"no 2-D weight of the checkpoint is a parameter of {type(model).__name__}")
     not_converted = _not_converted(model, quantize_lm_head=quantize_lm_head)
     patterns = list(not_converted)
     tensors: dict[str, Decision] = {}
     for info in infos:
-        pre = _precheck(info)
+        pre = precheck(info)
         where = mapping.get(info.name)
         if pre is not None or where is None:
             tensors[info.name] = pre or Decision(False, "not a parameter of the model")
             continue
         module_name, _, param = where.key.rpartition(".")
         ckpt_module = info.name[: -len(".weight")]
-        skipped = _skipped((ckpt_module, module_name), skip)
+        skipped = skip_reason((ckpt_module, module_name), skip)
         if where.expert is not None or where.layout is not None:
             if where.layout is not None:
                 tensors[info.name] = Decision(False, f"{where.layout} (kept, as transformers does)", expert=where.expert is not None)
@@ -353,40 +285,29 @@ def _skip_modules(model: Any, infos: list[TensorInfo], mapping: dict[str, KeyMap
 
     def entries(quantized: set[str]) -> set[str]:
         listed = linears - {modules(n)[-1] for n in quantized}
-        return listed | {m for i in infos if i.name not in quantized and _precheck(i) is None for m in modules(i.name)}
+        return listed | {m for i in infos if i.name not in quantized and precheck(i) is None for m in modules(i.name)}
 
-    return _settle(tensors, entries, modules)
-
-
-def _settle(tensors: dict[str, Decision], entries: Callable[[set[str]], set[str]], modules: Callable[[str], tuple[str, ...]]) -> list[str]:
-    """The skip list ``entries`` gives for the quantized tensors, after keeping every quantized tensor
-    that an entry would cover (a loader would build it unquantized): repeated until nothing changes,
-    so the list never says more than the files hold."""
-    while True:
-        quantized = {n for n, d in tensors.items() if d.quantize}
-        listed = entries(quantized)
-        covered = {n: e for n in quantized for m in modules(n) if (e := covering_entry(m, listed))}
-        if not covered:
-            return sorted(listed)
-        for n, e in covered.items():
-            tensors[n] = Decision(False, f"a loader would read it unquantized (skip entry {e!r} covers it)", expert=tensors[n].expert)
+    return settle(tensors, entries, modules)
 
 
 def decide(infos: list[TensorInfo], *, config: dict | None, skip: tuple[str, ...] = (), quantize_lm_head: bool = False, experts: str = "quantize") -> Decisions:
-    """Decide every tensor of a checkpoint: by transformers where it can answer, else by the name rules."""
+    """Decide every tensor of a checkpoint: by transformers where it can answer, else by the name rules.
+
+    transformers' answer is kept in the cache folder under a hash of everything it depends on (the
+    versions, ``config.json``, every tensor's name, dtype and shape, the options): importing
+    transformers' modeling code costs seconds, and a resumed or repeated conversion plans the same.
+    """
     config = config or {}
     try:
         if not config:
             raise CannotAsk("no config.json")
-        return ask_transformers(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts)
+        key = _cache_key(infos, config, skip, quantize_lm_head, experts)
+        cached = _load_cached(key)
+        if cached is not None:
+            return cached
+        decisions = ask_transformers(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts)
+        _store_cached(key, decisions)
+        return decisions
     except CannotAsk as e:
         why = str(e)
-    tensors = {i.name: rule_decision(i, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts) for i in infos}
-    kept_2d = {i.name[: -len(".weight")] for i in infos if _precheck(i) is None}
-
-    def entries(quantized: set[str]) -> set[str]:
-        listed = {m for m in kept_2d if f"{m}.weight" not in quantized}
-        return listed if quantize_lm_head else listed | {"lm_head"}
-
-    skip_modules = _settle(tensors, entries, lambda name: (name[: -len(".weight")],))
-    return Decisions(f"{RULES} ({why})", tensors, skip_modules)
+    return decide_by_rules(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, why=why)

@@ -1,4 +1,4 @@
-"""Files: path safety for names read from files (indexes, manifests), and sha256 records."""
+"""Files: path safety for names read from files (indexes, manifests), sha256 records, the cache folder."""
 
 from __future__ import annotations
 
@@ -9,6 +9,14 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 _HASH_CHUNK = 16 << 20
+
+
+def cache_dir() -> Path:
+    """nf4convert's cache folder (the built kernel, planning decisions): ``$NF4CONVERT_CACHE``, else
+    ``$XDG_CACHE_HOME/nf4convert``, else ``~/.cache/nf4convert``. Nothing in it is needed: it only saves time."""
+    if os.environ.get("NF4CONVERT_CACHE"):
+        return Path(os.environ["NF4CONVERT_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nf4convert"
 
 
 def is_plain_relative(name: object) -> bool:

@@ -25,18 +25,13 @@ from pathlib import Path
 import torch
 
 from .constants import ABSMAX_FLOOR, SEARCH_FACTORS, SEARCH_MIN_SCALE
+from .files import cache_dir
 
 SOURCE = Path(__file__).with_name("kernel.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 #: Elements per call: enough to amortize the call, few enough to share a tensor between threads.
 _ELEMENTS_PER_CALL = 1 << 20
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("NF4CONVERT_CACHE"):
-        return Path(os.environ["NF4CONVERT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nf4convert"
 
 
 def _compiler() -> str | None:
@@ -54,7 +49,7 @@ def build() -> Path:
         raise FileNotFoundError("no C compiler (cc, gcc or clang) on the PATH")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(FLAGS).encode(), platform.platform().encode()])).hexdigest()[:16]
-    folder = _cache_dir()
+    folder = cache_dir()
     lib = folder / f"nf4kernel-{key}{'.dll' if sys.platform == 'win32' else '.so'}"
     if lib.exists():
         return lib

@@ -20,7 +20,8 @@ from .constants import (
     SHARD_NAME_TEMPLATE,
     SINGLE_SHARD_NAME,
 )
-from .architecture import Decisions, decide
+from .architecture import decide
+from .decisions import Decisions
 from .errors import QuantizationError
 from .fp8 import LOGICAL_DTYPE, pair_scales
 from .layout import QuantState, check_blocksize, quantization_config, quantized_tensors

@@ -176,3 +176,20 @@ def test_load_model_reads_per_expert_bitsandbytes_folders_without_a_manifest(sou
     (foreign / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
     with pytest.raises(FormatError, match="nf4convert.json: missing"):
         load_model(foreign)
+
+
+def test_transformers_decisions_are_cached_under_a_hash_of_what_they_depend_on(sources, tmp_path, monkeypatch):
+    from nf4convert.architecture import decide
+    from nf4convert.source import open_source
+
+    monkeypatch.setenv("NF4CONVERT_CACHE", str(tmp_path / "cache"))
+    src = open_source(sources("MixtralForCausalLM"))
+    infos = [t.info for t in src.tensors]
+    first = decide(infos, config=src.config)
+    cached = list((tmp_path / "cache" / "decisions").glob("*.json"))
+    assert len(cached) == 1
+    assert decide(infos, config=src.config) == first
+    decide(infos, config=src.config, experts="keep")  # other options: another entry
+    assert len(list((tmp_path / "cache" / "decisions").glob("*.json"))) == 2
+    cached[0].write_text("{not json")  # a damaged entry is recomputed
+    assert decide(infos, config=src.config) == first

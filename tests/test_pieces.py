@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from nf4convert.constants import DTYPE_SIZES
 from nf4convert.convert import convert, pieces
-from nf4convert.errors import QuantizationError, SourceError
+from nf4convert.errors import QuantizationError
 from nf4convert.plan import Options, make_plan
 from nf4convert.source import open_source
 

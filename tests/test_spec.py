@@ -91,7 +91,7 @@ def test_blob_offset_has_a_fixed_length():
 
 
 def test_name_rules_in_spec_equal_the_code():
-    from nf4convert import architecture as a
+    from nf4convert import decisions as a
 
     section = TEXT[TEXT.index("### 6.2 Decided by name rules") : TEXT.index("## 7. Side files")]
     for names in (a.EMBEDDING_NAMES, a.OUTPUT_HEADS, a.ROUTER_NAMES, a.MOE_BLOCKS, *a.CONV1D_MODULES.values(), a.CONV1D_MODULES):
