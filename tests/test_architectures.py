@@ -193,3 +193,43 @@ def test_transformers_decisions_are_cached_under_a_hash_of_what_they_depend_on(s
     assert len(list((tmp_path / "cache" / "decisions").glob("*.json"))) == 2
     cached[0].write_text("{not json")  # a damaged entry is recomputed
     assert decide(infos, config=src.config) == first
+
+
+def test_a_folder_missing_an_expert_is_a_load_error_naming_the_parameter(sources, tmp_path):
+    from safetensors.torch import save_file
+
+    from nf4convert.errors import LoadError
+
+    ours = convert(sources("MixtralForCausalLM"), tmp_path / "nf4", options=Options(**OPTIONS))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((ours / "config.json").read_bytes())
+    tensors = {k: v for k, v in load_all(ours).items() if ".experts.3.w1." not in k or "layers.0." not in k}
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LoadError, match=r"model\.layers\.0\.mlp\.experts\.gate_up_proj: the checkpoint lacks some of its 4 experts"):
+        load_model(broken)
+
+
+def test_an_architecture_transformers_does_not_know_is_a_load_error(tmp_path):
+    from nf4convert.errors import LoadError
+
+    out = convert_plain_weight(tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "model_type": "no-such-model"}))
+    with pytest.raises(LoadError, match="cannot build the model: transformers .* does not know model_type 'no-such-model'"):
+        load_model(out)
+
+
+def convert_plain_weight(tmp_path: Path) -> Path:
+    from safetensors.torch import save_file
+
+    (tmp_path / "src").mkdir()
+    save_file({"layer.weight": torch.randn(64, 64)}, tmp_path / "src" / "model.safetensors")
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    return convert(tmp_path / "src", tmp_path / "nf4")
+
+
+@pytest.mark.parametrize("field, value, match", [("experts", "fuse", "invalid experts mode 'fuse'"), ("scales", "mse", "invalid scale method 'mse'")])
+def test_bad_options_are_refused(field, value, match):
+    with pytest.raises(QuantizationError, match=match):
+        Options(**{field: value})

@@ -4,6 +4,7 @@ whole weight, and resume, determinism and the truncated-source error hold for pi
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 
@@ -18,8 +19,6 @@ from nf4convert.plan import Options, make_plan
 from nf4convert.source import open_source
 
 conversion = importlib.import_module("nf4convert.convert")  # the module (the package's `convert` is the function)
-#: Sets a small piece size in a new process, then runs the CLI with the arguments that follow.
-SMALL_PIECES = "import importlib, sys; importlib.import_module('nf4convert.convert').PIECE_BYTES = {}; from nf4convert.cli import main; main(sys.argv[1:])"
 
 
 @pytest.fixture
@@ -91,22 +90,33 @@ except SourceError as e:
 
 
 def test_a_conversion_killed_inside_a_weight_resumes_to_the_same_bytes(tmp_path):
-    from .test_hostile import wait_for_shards
-
+    """kill -9 from the progress callback inside a weight (pieces of 256 KiB, 16 to a weight) once two
+    shards are journaled; the resumed conversion gives the uninterrupted one's bytes."""
     src = tmp_path / "src.safetensors"
-    save_file({f"l{i}.weight": torch.randn(1024, 1024) for i in range(12)}, src)  # 4 MB each, a shard each
+    save_file({f"l{i}.weight": torch.randn(1024, 1024) for i in range(12)}, src)  # 4 MiB each; 0.53 MB of output: a shard each
+    code = """
+import importlib, json, os, signal, sys, time
+from nf4convert.plan import Options
+c = importlib.import_module("nf4convert.convert")
+c.PIECE_BYTES = 1 << 18
+journal, kill, done = sys.argv[2] + ".nf4convert-partial/nf4convert-progress.json", sys.argv[3] == "kill", 0
+def journaled():
+    return os.path.exists(journal) and len(json.load(open(journal))["shards"]) >= 2
+def progress(n):  # the writer thread, slowed down so that finished shards are journaled meanwhile
+    global done
+    done += n
+    time.sleep(0.01)
+    if kill and done % (4 << 20) and journaled():
+        os.kill(os.getpid(), signal.SIGKILL)
+c.convert(sys.argv[1], sys.argv[2], options=Options(max_shard_size=1_000_000), progress=progress)
+"""
 
-    def run(out):
-        args = ["convert", str(src), str(out), "--max-shard-size", "5MB", "--kernel", "eager", "--quiet"]
-        return subprocess.Popen([sys.executable, "-c", SMALL_PIECES.format(1 << 18), *args], stderr=subprocess.PIPE, text=True)
+    def run(out, kill=False):
+        return subprocess.run([sys.executable, "-c", code, str(src), str(out), "kill" if kill else "-"], capture_output=True, text=True, timeout=300)
 
-    reference = run(tmp_path / "reference")
-    assert reference.wait(timeout=300) == 0
-    proc = run(tmp_path / "out")
-    wait_for_shards(tmp_path / "out.nf4convert-partial", proc, 2)
-    proc.kill()
-    proc.wait()
-    resumed = run(tmp_path / "out")
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0 and "resuming" in err, err
+    assert run(tmp_path / "reference").returncode == 0
+    killed = run(tmp_path / "out", kill=True)
+    assert killed.returncode == -9 and not (tmp_path / "out").exists()
+    assert len(json.loads((tmp_path / "out.nf4convert-partial" / "nf4convert-progress.json").read_text())["shards"]) >= 2
+    assert run(tmp_path / "out").returncode == 0
     assert files(tmp_path / "out") == files(tmp_path / "reference")
