@@ -59,10 +59,6 @@ class PackedExperts(torch.nn.Module):
         rows = sum(self.weights[p].quant_state.shape[0] for p in range(self.parts))
         return torch.Size((len(self), rows, first[1]))
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weights[0].quant_state.dtype
-
     def extra_repr(self) -> str:
         return f"experts={len(self)}, shape={tuple(self.shape)}, nf4"
 
