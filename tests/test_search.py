@@ -78,18 +78,26 @@ def test_stock_transformers_reads_search_output_as_the_spec_dequantizes_it(gpt2_
         assert torch.allclose(ours(ids).logits, reference(ids).logits, rtol=0, atol=1e-5)
 
 
+def loader_scales(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """The float32 scales a loader computes from a double-quantized weight's tensors (spec section 3.3)."""
+    offset = json.loads(bytes(tensors[f"{key}.quant_state.bitsandbytes__nf4"].tolist()))["nested_offset"]
+    return dequantize_absmax(tensors[f"{key}.absmax"], tensors[f"{key}.nested_absmax"], offset)
+
+
 def test_with_double_quant_codes_follow_the_scales_a_loader_uses(llama_dir, tmp_path):
-    out = load_all(convert(llama_dir, tmp_path / "nf4", options=Options(scales="search")))
-    src = load_all(llama_dir)
-    key = "model.layers.0.mlp.up_proj.weight"
-    used = dequantize_absmax(out[f"{key}.absmax"], out[f"{key}.nested_absmax"], json.loads(bytes(out[f"{key}.quant_state.bitsandbytes__nf4"].tolist()))["nested_offset"])
     from nf4convert.quantize import encode_nf4
 
-    assert torch.equal(out[key], encode_nf4(src[key], used))
+    key = "model.layers.0.mlp.up_proj.weight"
+    w = load_all(llama_dir)[key]
+    searched = load_all(convert(llama_dir, tmp_path / "search", options=Options(scales="search")))
     absmax = load_all(convert(llama_dir, tmp_path / "absmax"))
-    w = src[key].float()
-    error = lambda o: ((w - dequantize(NF4Weight(o[key], used if o is out else dequantize_absmax(o[f"{key}.absmax"], o[f"{key}.nested_absmax"], json.loads(bytes(o[f"{key}.quant_state.bitsandbytes__nf4"].tolist()))["nested_offset"]), tuple(w.shape), torch.float32, 64))) ** 2).sum()  # noqa: E731
-    assert error(out) < 0.92 * error(absmax)
+    assert torch.equal(searched[key], encode_nf4(w, loader_scales(searched, key)))
+
+    def error(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        restored = dequantize(NF4Weight(tensors[key], loader_scales(tensors, key), tuple(w.shape), torch.float32, 64))
+        return ((w.float() - restored) ** 2).sum()
+
+    assert error(searched) < 0.92 * error(absmax)
 
 
 def test_search_without_the_native_kernel_is_refused_in_one_line(llama_dir, tmp_path, cli):
