@@ -94,6 +94,9 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--revision", default=None, help="Hub source: branch, tag or commit [default: main].")
 @click.option("--cache-dir", default=None, help="Hub source: the Hugging Face cache folder.")
 @click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token (or HF_TOKEN), for private and gated repos.")
+@click.option("--stream", is_flag=True, help="Hub source: fetch one shard at a time into a scratch folder beside OUTPUT, deleting each once converted.")
+@click.option("--workers", type=click.IntRange(min=1), default=None, help="Run the shard tasks on a local Dask cluster of N worker processes.")
+@click.option("--scheduler", default=None, metavar="ADDRESS", help="Run the shard tasks on this Dask cluster (e.g. tcp://host:8786); its workers must see SOURCE and OUTPUT.")
 @click.option("--allow-pickle", is_flag=True, help="Read pickled *.bin weights (torch.load weights_only=True) when there are no safetensors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor and the kernel used.")
@@ -115,6 +118,9 @@ def convert(
     revision: str | None,
     cache_dir: str | None,
     token: str | None,
+    stream: bool,
+    workers: int | None,
+    scheduler: str | None,
     allow_pickle: bool,
     quiet: bool,
     verbose: bool,
@@ -132,35 +138,34 @@ def convert(
         experts=experts,
         scales=scales,
     )
-    staging = None
-    if allow_pickle:  # beside OUTPUT like the partial folder, removed when done
-        staging = Path(output).with_name(Path(output).name + ".nf4convert-staging") if output else Path(tempfile.mkdtemp()) / "staging"
-        shutil.rmtree(staging, ignore_errors=True)
+    # beside OUTPUT like the partial folder (a temporary folder for a dry run), removed when done
+    beside = (lambda kind: Path(output).with_name(f"{Path(output).name}.nf4convert-{kind}")) if output else (lambda kind: Path(tempfile.mkdtemp()) / kind)
+    staging = beside("staging") if allow_pickle else None
+    scratch = beside("scratch") if stream else None
+    for folder in (staging, scratch):
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     try:
-        src = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=staging)
-        _convert(src, output, options, dry_run=dry_run, force=force, kernel=kernel, device=device, quiet=quiet, verbose=verbose)
+        src = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=staging, stream_scratch=scratch)
+        run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler}
+        _convert(src, output, options, dry_run=dry_run, run=run, quiet=quiet, verbose=verbose)
     finally:
-        if staging is not None:
-            shutil.rmtree(staging if output else staging.parent, ignore_errors=True)
+        for folder in (staging, scratch):
+            if folder is not None:
+                shutil.rmtree(folder if output else folder.parent, ignore_errors=True)
 
 
-def _convert(
-    src: Source, output: str | None, options: Options, *, dry_run: bool, force: bool, kernel: str, device: str, quiet: bool, verbose: bool
-) -> None:
-    """Plan, show and run the conversion of an opened source."""
+def _convert(src: Source, output: str | None, options: Options, *, dry_run: bool, run: dict[str, Any], quiet: bool, verbose: bool) -> None:
+    """Plan, show and run the conversion of an opened source (``run``: :func:`nf4convert.convert.convert`'s
+    keywords)."""
     from .plan import make_plan
     from .write import check_output
 
     if not dry_run:
         if output is None:
             raise click.UsageError("Missing argument 'OUTPUT'.")
-        check_output(Path(output), source=src.path, force=force)
-        src.start_hashing()  # reads the source on another core while torch and transformers load (planning)
-    try:
-        plan = make_plan(src, options)
-    except BaseException:
-        src.stop_hashing()
-        raise
+        check_output(Path(output), source=src.path, force=run["force"])
+    plan = make_plan(src, options)
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
     if dry_run:
@@ -169,11 +174,11 @@ def _convert(
     from .convert import convert as run_convert
     from .quantize import describe_kernel
 
-    chosen = describe_kernel(kernel, device)
+    chosen = describe_kernel(run["kernel"], run["device"])
     if verbose:
         click.echo(f"kernel: {chosen}")
     with tqdm(total=plan.source.nbytes, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
-        path = run_convert(plan.source, output, options=options, force=force, kernel=kernel, device=device, progress=bar.update)
+        path = run_convert(plan.source, output, options=options, progress=bar.update, **run)
     if not quiet:
         click.echo(f"Wrote {path}: {human(plan.output_bytes)}, {plan.bits_per_parameter:.3f} bits/parameter")
 

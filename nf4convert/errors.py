@@ -68,3 +68,9 @@ class HubError(NF4ConvertError, OSError):
     """The Hugging Face Hub (or its local cache) cannot give or take what was asked."""
 
     exit_code = 9
+
+
+class ClusterError(NF4ConvertError, RuntimeError):
+    """The Dask cluster cannot be started or reached, or a shard task kept failing on it."""
+
+    exit_code = 10

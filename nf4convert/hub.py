@@ -6,15 +6,20 @@ huggingface_hub is imported here only, when a repo id or ``push`` is used.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import HubError, SourceNotFoundError, VerificationFailed
+from .errors import FormatError, HubError, SourceNotFoundError, VerificationFailed
 from .pickled import PICKLE_PATTERN, stage_pickled
 from .source import SIDE_FILE_PATTERNS, Source, open_source
+from .tensorfile import TensorInfo, header_length, parse_header
 
 #: A Hub repo id: ``name`` or ``org/name``.
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
@@ -58,10 +63,9 @@ def open_hub_source(
         SourceNotFoundError: the repo has no safetensors weights.
     """
     from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as hub
 
     where = f"{repo_id}@{revision or 'main'}"
-    try:
+    with _hub_errors(repo_id, revision):
         folder = Path(
             snapshot_download(
                 repo_id,
@@ -71,18 +75,6 @@ def open_hub_source(
                 allow_patterns=ALLOW_PATTERNS + ([PICKLE_PATTERN] if allow_pickle_staging else []),
             )
         )
-    except hub.GatedRepoError:
-        raise HubError(f"{repo_id}: gated repository; accept its terms on the Hub and pass --token (or set HF_TOKEN)") from None
-    except hub.RepositoryNotFoundError:
-        raise HubError(f"{repo_id}: repository not found (private? pass --token or set HF_TOKEN)") from None
-    except hub.RevisionNotFoundError:
-        raise HubError(f"{repo_id}: revision {revision!r} not found") from None
-    except hub.LocalEntryNotFoundError:
-        raise HubError(
-            f"{where}: not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network)"
-        ) from None
-    except Exception as e:  # noqa: BLE001 - HTTP errors, and connection errors of the HTTP client (not OSErrors)
-        raise HubError(f"{where}: Hub request failed ({e.__class__.__name__})") from None
     try:
         src = open_source(folder)
     except SourceNotFoundError:
@@ -94,6 +86,142 @@ def open_hub_source(
     src.name = repo_id
     src.provenance.update(repo_id=repo_id, revision=folder.name)
     license_ = _license(folder / CARD_NAME)
+    if license_:
+        src.provenance["license"] = license_
+    return src
+
+
+@dataclass(frozen=True)
+class HubShards:
+    """The safetensors shards of one Hub repo commit, fetched one at a time into a scratch folder
+    (``--stream``, :class:`~nf4convert.source.ShardFetcher`); sent to Dask workers with the tasks.
+
+    Attributes:
+        repo_id, commit: the repo and the commit every file is fetched at.
+        folder: the scratch folder (the source's root).
+        published: ``name -> (size, sha256)`` as the Hub lists each shard.
+        endpoint: the Hub's URL; token: for private and gated repos (``None``: the worker's own).
+    """
+
+    repo_id: str
+    commit: str
+    folder: Path
+    published: dict[str, tuple[int, str]]
+    endpoint: str
+    token: str | None = None
+
+    def names(self) -> list[str]:
+        return sorted(self.published)
+
+    def _name(self, path: Path) -> str:
+        return path.relative_to(self.folder).as_posix()
+
+    def header(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        """Two range requests: the length prefix, then the JSON header."""
+        from huggingface_hub import hf_hub_url
+        from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+        name = self._name(path)
+        size = self.published[name][0]
+        url = hf_hub_url(self.repo_id, name, revision=self.commit, endpoint=self.endpoint)
+
+        def get(first: int, last: int) -> bytes:
+            headers = {**build_hf_headers(token=self.token), "Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"}
+            with _hub_errors(self.repo_id, self.commit, name):
+                r = get_session().get(url, headers=headers, follow_redirects=True)
+                hf_raise_for_status(r)
+            if r.status_code != 206 and first:  # a server that ignores Range sends the whole file
+                return r.content[first : last + 1]
+            return r.content[: last - first + 1]
+
+        try:
+            n = header_length(get(0, 7), size)
+            return parse_header(get(8, 7 + n), size) if n else parse_header(b"", size)
+        except FormatError as e:
+            raise FormatError(f"{self.repo_id}/{name}: {e}") from None
+
+    def fetch(self, path: Path) -> Path:
+        """``hf_hub_download`` into the scratch folder (not the shared cache); a complete copy is kept."""
+        from huggingface_hub import hf_hub_download
+
+        name = self._name(path)
+        with _hub_errors(self.repo_id, self.commit, name):
+            got = Path(hf_hub_download(self.repo_id, name, revision=self.commit, local_dir=self.folder, token=self.token, endpoint=self.endpoint))
+        if got.stat().st_size != self.published[name][0]:
+            raise HubError(f"{self.repo_id}/{name}: downloaded {got.stat().st_size} bytes, the Hub lists {self.published[name][0]}")
+        return got
+
+    def release(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def records(self) -> list[dict[str, Any]]:
+        return [{"name": name, "size": size, "sha256": sha} for name, (size, sha) in sorted(self.published.items())]
+
+    def identity(self) -> list[list[Any]]:
+        return [[self.repo_id, self.commit], *([r["name"], r["size"], r["sha256"]] for r in self.records())]
+
+
+@contextmanager
+def _hub_errors(repo_id: str, revision: str | None = None, file: str | None = None) -> Iterator[None]:
+    """Turn huggingface_hub's and the HTTP client's errors into one-line :class:`HubError` s."""
+    from huggingface_hub import errors as hub
+
+    where = f"{repo_id}@{revision or 'main'}" + (f": {file}" if file else "")
+    try:
+        yield
+    except hub.GatedRepoError:
+        raise HubError(f"{repo_id}: gated repository; accept its terms on the Hub and pass --token (or set HF_TOKEN)") from None
+    except hub.RepositoryNotFoundError:
+        raise HubError(f"{repo_id}: repository not found (private? pass --token or set HF_TOKEN)") from None
+    except hub.RevisionNotFoundError:
+        raise HubError(f"{repo_id}: revision {revision!r} not found") from None
+    except hub.LocalEntryNotFoundError:
+        raise HubError(f"{where}: not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network)") from None
+    except hub.OfflineModeIsEnabled:
+        raise HubError(f"{where}: --stream fetches from the Hub, which HF_HUB_OFFLINE=1 forbids (convert from the cache without --stream)") from None
+    except hub.EntryNotFoundError:
+        raise HubError(f"{where}: no such file in the repository") from None
+    except HubError:
+        raise
+    except Exception as e:  # noqa: BLE001 - HTTP errors, and connection errors of the HTTP client (not OSErrors)
+        raise HubError(f"{where}: Hub request failed ({e.__class__.__name__})") from None
+
+
+def open_streamed_source(repo_id: str, scratch: Path, *, revision: str | None = None, token: str | None = None) -> Source:
+    """A Hub repo read without downloading its weights first (``--stream``): the listing, the small
+    files (into ``scratch``) and each shard's header (two range requests); a shard is fetched into
+    ``scratch`` only when a task converts it (:class:`HubShards`).
+
+    Raises:
+        HubError: the repo or revision cannot be resolved, or the Hub is unreachable or offline.
+        SourceNotFoundError, SourceError, FormatError: as :func:`~nf4convert.source.open_source`.
+    """
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import constants as hub_constants
+
+    where = f"{repo_id}@{revision or 'main'}"
+    endpoint = hub_constants.ENDPOINT
+    with _hub_errors(repo_id, revision):
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
+    published: dict[str, tuple[int, str]] = {}
+    small = []
+    for f in info.siblings or []:
+        if f.rfilename.endswith(".safetensors"):
+            if f.lfs is None or f.size is None:
+                raise HubError(f"{where}: {f.rfilename} has no LFS size and sha256 in the Hub's listing")
+            published[f.rfilename] = (f.size, f.lfs.sha256)
+        elif any(fnmatch.fnmatch(Path(f.rfilename).name, g) for g in ALLOW_PATTERNS):
+            small.append(f.rfilename)
+    scratch.mkdir(parents=True, exist_ok=True)
+    with _hub_errors(repo_id, revision):
+        for name in small:
+            hf_hub_download(repo_id, name, revision=info.sha, local_dir=scratch, token=token, endpoint=endpoint)
+    if not published:
+        raise SourceNotFoundError(f"{where}: no safetensors weights in the repository")
+    src = open_source(scratch, fetcher=HubShards(repo_id, info.sha, scratch, published, endpoint, token))
+    src.name = repo_id
+    src.provenance.update(repo_id=repo_id, revision=info.sha)
+    license_ = _license(scratch / CARD_NAME)
     if license_:
         src.provenance["license"] = license_
     return src

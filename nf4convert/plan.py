@@ -184,8 +184,10 @@ class Plan:
 def make_plan(source: Source, options: Options) -> Plan:
     """Plan the conversion of ``source``: classify every tensor and cut the output into shards.
 
-    Tensors go to shards in source order; a shard is closed before the tensor that would
-    take it past ``options.max_shard_size`` (a tensor larger than the limit gets a shard of its own).
+    Tensors go to shards in source order; a shard is closed at the end of each source shard (so that
+    each output shard is one task reading one source shard, :mod:`nf4convert.task`) and before the
+    tensor that would take it past ``options.max_shard_size`` (a tensor larger than the limit gets a
+    shard of its own).
 
     Raises:
         QuantizationError: nothing to quantize would be an empty conversion, so it is refused.
@@ -216,7 +218,7 @@ def make_plan(source: Source, options: Options) -> Plan:
     shard: list[PlannedTensor] = []
     size = 0
     for t in planned:
-        if shard and size + t.output_bytes > options.max_shard_size:
+        if shard and (size + t.output_bytes > options.max_shard_size or t.source.shard != shard[-1].source.shard):
             plan.shards.append(shard)
             shard, size = [], 0
         shard.append(t)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import SourceNotFoundError
+from .errors import SourceError, SourceNotFoundError
 from .source import Source, open_source
 
 
@@ -19,6 +19,7 @@ def resolve_source(
     cache_dir: str | os.PathLike | None = None,
     token: str | None = None,
     allow_pickle_staging: Path | None = None,
+    stream_scratch: Path | None = None,
 ) -> Source:
     """A local folder or ``.safetensors`` file, or a Hub repo id (``org/name``, through the local cache).
 
@@ -26,6 +27,8 @@ def resolve_source(
         allow_pickle_staging: if given, a source with only pickled ``*.bin`` weights is read with
             ``torch.load(weights_only=True)`` and staged as safetensors in this (new) folder; otherwise
             such a source is refused.
+        stream_scratch: for a Hub repo id, do not download the weights first: fetch each shard into this
+            (new) folder when it is converted (:func:`nf4convert.hub.open_streamed_source`).
 
     Raises:
         SourceNotFoundError, SourceError, FormatError: a bad local source.
@@ -33,8 +36,12 @@ def resolve_source(
     """
     if isinstance(source, Source):
         return source
-    from .hub import is_repo_id, open_hub_source  # huggingface_hub loads only for repo ids
+    from .hub import is_repo_id, open_hub_source, open_streamed_source  # huggingface_hub loads only for repo ids
 
+    if stream_scratch is not None:
+        if not is_repo_id(str(source)):
+            raise SourceError(f"{source}: --stream fetches a Hub repo one shard at a time; a local source needs no streaming")
+        return open_streamed_source(str(source), stream_scratch, revision=revision, token=token)
     if is_repo_id(str(source)):
         return open_hub_source(str(source), revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=allow_pickle_staging)
     try:

@@ -7,15 +7,17 @@ Nothing here reads tensor data; it reads and validates headers, the index and
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from .constants import INDEX_NAME, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
-from .files import FileHasher, file_state, is_inside, is_plain_relative
+from .files import is_inside, is_plain_relative
 from .fp8 import block_size
 from .tensorfile import TensorInfo, read_header
 
@@ -24,6 +26,29 @@ from .tensorfile import TensorInfo, read_header
 SIDE_FILE_PATTERNS = ("*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "LICENSE*", "NOTICE*", "USE_POLICY*")
 #: Weights in formats nf4convert does not read; never copied.
 OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.h5", "*.msgpack", "*.onnx", "*.pkl")
+
+
+class ShardFetcher(Protocol):
+    """Brings remote source shards to local disk one at a time (:class:`nf4convert.hub.HubShards`).
+    Sent to worker processes with the tasks: it must pickle."""
+
+    def names(self) -> list[str]:
+        """The remote ``*.safetensors`` files, as paths relative to the source folder."""
+
+    def header(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        """The shard's validated header (:func:`~nf4convert.tensorfile.read_header`), fetched alone."""
+
+    def fetch(self, path: Path) -> Path:
+        """Make the shard planned at ``path`` a complete local file (idempotent) and return its path."""
+
+    def release(self, path: Path) -> None:
+        """Delete the shard's local copy: no later task reads it."""
+
+    def records(self) -> list[dict[str, Any]]:
+        """``{"name", "size", "sha256"}`` of every shard, as the remote publishes them."""
+
+    def identity(self) -> list[list[Any]]:
+        """What identifies the remote shards (for resuming), without fetching them."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +77,8 @@ class Source:
         side_files: non-weight files to copy to the output (``config.json`` is rewritten, not copied).
         provenance: extra facts for the manifest (Hub repo and commit, ...).
         fp8_block: ``weight_block_size`` of a block-scaled FP8 checkpoint (:mod:`nf4convert.fp8`), else ``None``.
+        fetcher: for a source whose shards are not on local disk yet (``--stream``), what brings each
+            one to its path in :attr:`shards` when a task needs it.
     """
 
     path: Path
@@ -63,37 +90,25 @@ class Source:
     side_files: list[Path] = field(default_factory=list)
     provenance: dict[str, Any] = field(default_factory=dict)
     fp8_block: tuple[int, int] | None = None
-    _hasher: FileHasher | None = field(default=None, init=False, repr=False, compare=False)
+    fetcher: ShardFetcher | None = None
 
     @property
     def nbytes(self) -> int:
         return sum(t.info.nbytes for t in self.tensors)
 
-    def start_hashing(self) -> None:
-        """Start hashing the shards in a background thread (idempotent), so that it overlaps
-        whatever comes next; :meth:`shard_records` collects the result."""
-        if self._hasher is None:
-            self._hasher = FileHasher([(p, p.relative_to(self.root).as_posix()) for p in self.shards])
-
-    def shard_records(self) -> list[dict[str, Any]]:
-        """:func:`~nf4convert.files.file_record` of each shard, in order (waits for the hashing).
-
-        Raises:
-            SourceError: a shard changed since it was hashed.
-        """
-        self.start_hashing()
-        hasher, self._hasher = self._hasher, None  # a later conversion hashes afresh
-        records = hasher.result()
-        for path, state in hasher.states.items():
-            if file_state(path) != state:
-                raise SourceError(f"{path}: changed while being converted")
-        return records
-
-    def stop_hashing(self) -> None:
-        """Abandon unfinished hashing (after an error); a later :meth:`shard_records` starts over."""
-        if self._hasher is not None:
-            self._hasher.cancel()
-            self._hasher = None
+    def identity(self) -> list[list[Any]]:
+        """What tells this source's shards from any other's: name, size, modification time and a hash
+        of the header of each local shard; a remote source's own records (:meth:`ShardFetcher.identity`)."""
+        if self.fetcher is not None:
+            return self.fetcher.identity()
+        shards = []
+        for path in self.shards:
+            with open(path, "rb") as f:
+                prefix = f.read(8)
+                header = prefix + f.read(int.from_bytes(prefix, "little"))
+            st = path.stat()
+            shards.append([path.name, st.st_size, st.st_mtime_ns, hashlib.sha256(header).hexdigest()])
+        return shards
 
 
 def _load_json(path: Path) -> Any:
@@ -103,7 +118,7 @@ def _load_json(path: Path) -> Any:
         raise SourceError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
 
 
-def _shards_from_index(root: Path, index_path: Path, containment: Path) -> tuple[list[Path], dict[str, str]]:
+def _shards_from_index(root: Path, index_path: Path, containment: Path, exists: Callable[[Path], bool]) -> tuple[list[Path], dict[str, str]]:
     index = _load_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -117,7 +132,7 @@ def _shards_from_index(root: Path, index_path: Path, containment: Path) -> tuple
         path = root / filename
         if not is_inside(path, containment):
             raise SourceError(f"{index_path}: shard {filename!r} leads outside the source folder")
-        if not path.is_file():
+        if not exists(path):
             raise SourceNotFoundError(f"{index_path}: shard {filename!r} (for {tensor!r}) does not exist")
         shards[filename] = path
     return [shards[k] for k in sorted(shards)], weight_map
@@ -131,7 +146,7 @@ def _default_containment(root: Path) -> Path:
     return root
 
 
-def open_source(path: str | os.PathLike) -> Source:
+def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None) -> Source:
     """Resolve a local source: a folder of safetensors shards or a single ``.safetensors`` file.
 
     Files the index names, and side files, must resolve inside the source folder (or, for a Hugging
@@ -139,6 +154,8 @@ def open_source(path: str | os.PathLike) -> Source:
 
     Args:
         path: the folder or file.
+        fetcher: the shards are remote (``--stream``): ``path`` holds the other files, ``fetcher``
+            lists the shards and reads their headers; they are fetched when converted.
 
     Returns:
         The :class:`Source`, with every shard header validated.
@@ -158,10 +175,15 @@ def open_source(path: str | os.PathLike) -> Source:
     else:
         root = path
         index_path = root / INDEX_NAME
-        if index_path.is_file():
-            shards, weight_map = _shards_from_index(root, index_path, _default_containment(root))
+        if fetcher is None:
+            exists, listed = Path.is_file, [p for p in root.glob("*.safetensors") if p.is_file()]
         else:
-            shards, weight_map = sorted(p for p in root.glob("*.safetensors") if p.is_file()), None
+            remote = {root / name for name in fetcher.names()}
+            exists, listed = remote.__contains__, [p for p in remote if p.parent == root]
+        if index_path.is_file():
+            shards, weight_map = _shards_from_index(root, index_path, _default_containment(root), exists)
+        else:
+            shards, weight_map = sorted(listed), None
             for shard in shards:
                 if not is_inside(shard, _default_containment(root)):
                     raise SourceError(f"{shard}: leads outside the source folder")
@@ -186,7 +208,7 @@ def open_source(path: str | os.PathLike) -> Source:
     tensors: list[SourceTensor] = []
     owner: dict[str, Path] = {}
     for shard in shards:
-        infos, _ = read_header(shard)
+        infos, _ = fetcher.header(shard) if fetcher else read_header(shard)
         for info in infos.values():
             if info.name in owner:
                 raise SourceError(f"duplicate tensor {info.name!r} in {owner[info.name].name} and {shard.name}")
@@ -200,5 +222,5 @@ def open_source(path: str | os.PathLike) -> Source:
             raise SourceError(f"{INDEX_NAME} lists {missing[0]!r} ({len(missing)} in all) that no shard holds")
     if not tensors:
         raise SourceError(f"{path}: the safetensors files hold no tensors")
-    return Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side, fp8_block=fp8_block)
+    return Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side, fp8_block=fp8_block, fetcher=fetcher)
 

@@ -102,6 +102,56 @@ def _parse_entry(name: str, entry: Any, data_size: int) -> tuple[str, tuple[int,
     return dtype, tuple(shape), offsets[0], offsets[1]
 
 
+def header_length(prefix: bytes, size: int) -> int:
+    """The JSON header's length from a file's first 8 bytes, checked against the file's ``size``.
+
+    Raises:
+        FormatError: too short, or a length past the limit or the end of the file.
+    """
+    if len(prefix) < 8:
+        raise FormatError("too short for a safetensors header (truncated?)")
+    n = int.from_bytes(prefix[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise FormatError(f"header claims {n} bytes, more than the {MAX_HEADER_BYTES} allowed")
+    if 8 + n > size:
+        raise FormatError(f"header claims {n} bytes but the file has {size - 8} (truncated?)")
+    return n
+
+
+def parse_header(raw: bytes, size: int) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Validate the JSON header ``raw`` of a safetensors file of ``size`` bytes (see :func:`read_header`).
+
+    Raises:
+        FormatError: what is wrong, without the file's name.
+    """
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise FormatError(f"header is not JSON ({e.__class__.__name__})") from None
+    if not isinstance(header, dict):
+        raise FormatError("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise FormatError("__metadata__ is not a map of strings")
+    data_start = 8 + len(raw)
+    data_size = size - data_start
+    entries = sorted(
+        ((name, *_parse_entry(name, entry, data_size)) for name, entry in header.items()),
+        key=lambda e: (e[3], e[4]),
+    )
+    position = 0
+    tensors: dict[str, TensorInfo] = {}
+    for name, dtype, shape, begin, end in entries:
+        if begin != position:
+            what = "overlaps the previous tensor" if begin < position else "leaves a hole before it"
+            raise FormatError(f"tensor {name!r}: data at byte {begin} {what}")
+        tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+        position = end
+    if position != data_size:
+        raise FormatError(f"{data_size - position} bytes after the last tensor")
+    return tensors, metadata
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Read and validate a safetensors file's header.
 
@@ -119,40 +169,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise FormatError("too short for a safetensors header (truncated?)")
-            n = int.from_bytes(prefix, "little")
-            if n > MAX_HEADER_BYTES:
-                raise FormatError(f"header claims {n} bytes, more than the {MAX_HEADER_BYTES} allowed")
-            if 8 + n > size:
-                raise FormatError(f"header claims {n} bytes but the file has {size - 8} (truncated?)")
-            raw = f.read(n)
-        try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise FormatError(f"header is not JSON ({e.__class__.__name__})") from None
-        if not isinstance(header, dict):
-            raise FormatError("header is not a JSON object")
-        metadata = header.pop("__metadata__", None) or {}
-        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise FormatError("__metadata__ is not a map of strings")
-        data_start, data_size = 8 + n, size - 8 - n
-        entries = sorted(
-            ((name, *_parse_entry(name, entry, data_size)) for name, entry in header.items()),
-            key=lambda e: (e[3], e[4]),
-        )
-        position = 0
-        tensors: dict[str, TensorInfo] = {}
-        for name, dtype, shape, begin, end in entries:
-            if begin != position:
-                what = "overlaps the previous tensor" if begin < position else "leaves a hole before it"
-                raise FormatError(f"tensor {name!r}: data at byte {begin} {what}")
-            tensors[name] = TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
-            position = end
-        if position != data_size:
-            raise FormatError(f"{data_size - position} bytes after the last tensor")
-        return tensors, metadata
+            n = header_length(f.read(8), size)
+            return parse_header(f.read(n), size)
     except FormatError as e:
         raise FormatError(f"{path}: {e}") from None
 

@@ -87,13 +87,18 @@ class OutputFolder:
                 log.warning("%s: left by a conversion of another source or with other options; starting over", self.partial)
             shutil.rmtree(self.partial)
             return
+        self._drop_strays()
         for record in journal.get("shards", []):
             path = self.partial / str(record.get("name"))
-            if not path.is_file() or path.stat().st_size != record.get("size") or sha256_file(path) != record.get("sha256"):
-                break
-            self.completed[record["name"]] = record
+            if path.is_file() and path.stat().st_size == record.get("size") and sha256_file(path) == record.get("sha256"):
+                self.completed[record["name"]] = record
         if self.completed:
             log.warning("%s: resuming, %d shard(s) already done", self.partial, len(self.completed))
+
+    def _drop_strays(self) -> None:
+        """Remove shards that tasks killed before their rename left under temporary names."""
+        for stray in self.partial.glob(".*.tmp"):
+            stray.unlink(missing_ok=True)
 
     def __enter__(self) -> OutputFolder:
         return self
@@ -114,11 +119,8 @@ class OutputFolder:
     def commit(self) -> Path:
         """Drop the journal, sync the partial folder and rename it to the target (replacing an old one)."""
         self.path(JOURNAL_NAME).unlink(missing_ok=True)
-        fd = os.open(self.partial, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        self._drop_strays()
+        fsync_folder(self.partial)
         old = None
         if self.target.exists():
             old = self.target.with_name(self.target.name + ".nf4convert-old")
@@ -128,6 +130,15 @@ class OutputFolder:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target
+
+
+def fsync_folder(folder: Path) -> None:
+    """Sync a folder's entries (a rename into it survives a power loss)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_json(path: Path, data: Any) -> None:

@@ -81,6 +81,20 @@ def test_output_is_sharded_with_an_index_and_metadata(llama_dir, tmp_path):
         assert index["weight_map"][base] == shard
 
 
+def test_each_output_shard_holds_tensors_of_one_source_shard(llama_dir, tmp_path):
+    """Spec section 7: shards are cut at source shard boundaries too, so each output shard is one task
+    reading one source shard (with --stream, one download)."""
+    source_of = json.loads((llama_dir / INDEX_NAME).read_text())["weight_map"]
+    out = convert(llama_dir, tmp_path / "out")
+    index = json.loads((out / INDEX_NAME).read_text())["weight_map"]
+    sources = {}
+    for key, shard in index.items():
+        base = key.split(".weight.")[0] + ".weight" if ".weight." in key else key
+        sources.setdefault(shard, set()).add(source_of[base])
+    assert all(len(s) == 1 for s in sources.values())
+    assert len(sources) == len(set(source_of.values()))
+
+
 def test_transformers_loads_the_output_and_its_logits_match_the_on_the_fly_model(llama_dir, tmp_path):
     out = convert(llama_dir, tmp_path / "out", options=Options(compute_dtype="float32"))
     ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
@@ -135,7 +149,8 @@ def test_manifest_records_options_source_hashes_outputs_and_decisions(llama_dir,
     for record in m["source"]["files"]:
         assert sha256_file(llama_dir / record["name"]) == record["sha256"]
     names = {r["name"] for r in m["files"]}
-    assert {"config.json", "generation_config.json", "model.safetensors"} <= names
+    shards = set(json.loads((out / INDEX_NAME).read_text())["weight_map"].values())
+    assert {"config.json", "generation_config.json", INDEX_NAME} | shards == names
     for record in m["files"]:
         assert (out / record["name"]).stat().st_size == record["size"]
         assert sha256_file(out / record["name"]) == record["sha256"]

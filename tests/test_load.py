@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nf4convert.constants import MANIFEST_NAME
+from nf4convert.constants import INDEX_NAME, MANIFEST_NAME
 from nf4convert.convert import convert
 from nf4convert.errors import FormatError, LoadError, UnsupportedVersionError
 from nf4convert.load import float_numerics, load_model, load_state_dict, replace_linear
@@ -129,9 +129,14 @@ def corrupt(folder: Path, tmp_path: Path) -> Path:
     return target
 
 
+def shard_of(folder: Path, key: str) -> Path:
+    """The shard holding tensor ``key``, from the folder's index."""
+    return folder / json.loads((folder / INDEX_NAME).read_text())["weight_map"][key]
+
+
 def test_truncated_shard_is_refused(llama_nf4, tmp_path):
     broken = corrupt(llama_nf4, tmp_path)
-    shard = broken / "model.safetensors"
+    shard = shard_of(broken, "model.layers.0.mlp.up_proj.weight")
     shard.write_bytes(shard.read_bytes()[:-1000])
     with pytest.raises(FormatError, match="past the end of the file"):
         load_state_dict(broken)
@@ -151,14 +156,14 @@ def rewrite_tensor(shard: Path, key: str, data: bytes, dtype: str = "U8") -> Non
 
 def test_absmax_of_the_wrong_length_is_refused(llama_nf4, tmp_path):
     broken = corrupt(llama_nf4, tmp_path)
-    rewrite_tensor(broken / "model.safetensors", "model.layers.0.mlp.up_proj.weight.absmax", bytes(10))
+    rewrite_tensor(shard_of(broken, "model.layers.0.mlp.up_proj.weight"), "model.layers.0.mlp.up_proj.weight.absmax", bytes(10))
     with pytest.raises(FormatError, match=r"up_proj.weight.absmax is U8 \[10\], expected U8 \[512\]"):
         load_state_dict(broken)
 
 
 def test_quant_state_blob_that_is_not_json_is_refused(llama_nf4, tmp_path):
     broken = corrupt(llama_nf4, tmp_path)
-    rewrite_tensor(broken / "model.safetensors", "model.layers.1.self_attn.o_proj.weight.quant_state.bitsandbytes__nf4", b"{nope")
+    rewrite_tensor(shard_of(broken, "model.layers.1.self_attn.o_proj.weight"), "model.layers.1.self_attn.o_proj.weight.quant_state.bitsandbytes__nf4", b"{nope")
     with pytest.raises(FormatError, match="o_proj.weight: quant-state blob is not JSON"):
         load_state_dict(broken)
 

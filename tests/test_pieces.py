@@ -13,12 +13,13 @@ import torch
 from safetensors.torch import save_file
 
 from nf4convert.constants import DTYPE_SIZES
-from nf4convert.convert import convert, pieces
+from nf4convert.convert import convert
+from nf4convert.task import pieces
 from nf4convert.errors import QuantizationError
 from nf4convert.plan import Options, make_plan
 from nf4convert.source import open_source
 
-conversion = importlib.import_module("nf4convert.convert")  # the module (the package's `convert` is the function)
+conversion = importlib.import_module("nf4convert.task")
 
 
 @pytest.fixture
@@ -74,12 +75,13 @@ def test_a_source_truncated_inside_a_weight_is_an_error_naming_it(tmp_path):
     code = f"""
 import importlib, os
 from nf4convert.errors import SourceError
-c = importlib.import_module("nf4convert.convert")
+from nf4convert.convert import convert
+c = importlib.import_module("nf4convert.task")
 c.PIECE_BYTES = 65536
 def truncate(_):
     os.truncate(r"{src}", os.path.getsize(r"{src}") // 2)
 try:
-    c.convert(r"{src}", r"{tmp_path / 'out'}", progress=truncate)
+    convert(r"{src}", r"{tmp_path / 'out'}", progress=truncate)
 except SourceError as e:
     print("SourceError", e)
 """
@@ -96,8 +98,9 @@ def test_a_conversion_killed_inside_a_weight_resumes_to_the_same_bytes(tmp_path)
     save_file({f"l{i}.weight": torch.randn(1024, 1024) for i in range(12)}, src)  # 4 MiB each; 0.53 MB of output: a shard each
     code = """
 import importlib, json, os, signal, sys, time
+from nf4convert.convert import convert
 from nf4convert.plan import Options
-c = importlib.import_module("nf4convert.convert")
+c = importlib.import_module("nf4convert.task")
 c.PIECE_BYTES = 1 << 18
 journal, kill, done = sys.argv[2] + ".nf4convert-partial/nf4convert-progress.json", sys.argv[3] == "kill", 0
 def journaled():
@@ -108,7 +111,7 @@ def progress(n):  # the writer thread, slowed down so that finished shards are j
     time.sleep(0.01)
     if kill and done % (4 << 20) and journaled():
         os.kill(os.getpid(), signal.SIGKILL)
-c.convert(sys.argv[1], sys.argv[2], options=Options(max_shard_size=1_000_000), progress=progress)
+convert(sys.argv[1], sys.argv[2], options=Options(max_shard_size=1_000_000), progress=progress)
 """
 
     def run(out, kill=False):

@@ -1,0 +1,286 @@
+"""One output shard's conversion, as a task: a plain function of (plan, shard) that any process can run.
+
+:func:`run_task` reads the shard's source tensors, quantizes them and writes the shard under a
+temporary name, syncs and hashes it and renames it into place; it returns a small record (name,
+size, sha256, counts, the source shards it hashed), never tensors. Running it twice (a retry)
+leaves the same bytes. :mod:`nf4convert.convert` runs the tasks one after the other in this
+process, :mod:`nf4convert.cluster` on Dask workers: the same function either way.
+
+Inside a task, weights are read in pieces of whole blocks (at most :data:`PIECE_BYTES` each) with
+``pread`` into two reused buffers, each on a reader thread while the one before is quantized in the
+calling thread; a writer thread writes each piece's codes at its planned offset (and copies kept
+tensors in chunks), then a weight's absmax once all its pieces are done (double quantization needs
+them all: 4 bytes per block, 1/16 of a bf16 weight at blocksize 64). Source shards are hashed by
+another thread meanwhile. Nothing is memory-mapped, so a source file truncated under the converter is
+a one-line error, not SIGBUS; at most a few pieces are in flight, so peak memory grows neither with the
+model's size nor with the largest tensor's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .constants import DTYPE_SIZES, DYNAMIC_MAP, METADATA, NF4_CODE
+from .errors import SourceError
+from .files import FileHasher, file_record, file_state
+from .fp8 import decode_rows
+from .layout import encode_quant_state
+from .plan import Options, PlannedTensor
+from .quantize import dequantize_absmax, double_quantize, encode_nf4, quantize_nf4
+from .source import ShardFetcher
+from .tensorfile import ShardReader, torch_dtypes
+from .write import ShardWriter, fsync_folder
+
+Progress = Callable[[int], None]
+#: Pieces quantized ahead of the writer thread: bounds memory to a few pieces.
+_MAX_PENDING = 2
+#: The most source bytes of one weight read and quantized at a time: memory stays bounded whatever the
+#: size of a single tensor, and the bytes written do not depend on it (blocks are independent).
+PIECE_BYTES = 64 << 20
+
+_NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
+_DYNAMIC_TABLE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything one output shard's conversion needs, and nothing more (it is sent to other processes).
+
+    Attributes:
+        name: the output shard's file name.
+        tensors: the planned tensors it holds, in order.
+        options: the conversion options.
+        folder: where the shard goes (the output's partial folder; shared by all workers).
+        fp8_block: the source's FP8 ``weight_block_size``, or ``None``.
+        hash_sources: source shards ``(path, name in the manifest)`` this task hashes: those it is the
+            first to read.
+        release: source shards no later task reads, given back to ``fetcher`` when done.
+        fetcher: brings remote source shards to their paths (``--stream``), else ``None``.
+        kernel: quantizer kernel (resolved: ``"native"`` or ``"eager"``).
+        device: where to quantize.
+    """
+
+    name: str
+    tensors: tuple[PlannedTensor, ...]
+    options: Options
+    folder: Path
+    fp8_block: tuple[int, int] | None = None
+    hash_sources: tuple[tuple[Path, str], ...] = ()
+    release: tuple[Path, ...] = ()
+    fetcher: ShardFetcher | None = None
+    kernel: str = "native"
+    device: str = "cpu"
+
+    @property
+    def source_shards(self) -> list[Path]:
+        """The source shards it reads, in order of first use (an FP8 weight's scale may lie in another)."""
+        paths = [p for t in self.tensors for p in (t.source.shard, t.scale.shard if t.scale else None) if p is not None]
+        return list(dict.fromkeys(paths))
+
+    @property
+    def source_bytes(self) -> int:
+        return sum(t.source.info.nbytes for t in self.tensors)
+
+
+def pieces(t: PlannedTensor, blocksize: int) -> list[tuple[int, int]]:
+    """The element ranges ``[start, stop)`` in which weight ``t`` is read and quantized: whole blocks,
+    at most :data:`PIECE_BYTES` of source each (a transposed ``Conv1D`` weight in one piece). An FP8
+    weight goes in whole rows, at most :data:`PIECE_BYTES` once decoded to float32."""
+    info = t.source.info
+    if t.transpose:
+        return [(0, info.numel)]
+    if t.scale is None:
+        unit, size = blocksize, DTYPE_SIZES[info.dtype]
+    else:
+        unit, size = math.lcm(info.shape[1], blocksize), DTYPE_SIZES["F32"]
+    step = max(unit, PIECE_BYTES // size // unit * unit)
+    return [(start, min(info.numel, start + step)) for start in range(0, info.numel, step)]
+
+
+def _on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Tensor:
+    """A piece as the quantizer takes it: transposed for a ``Conv1D`` weight, on ``device``."""
+    if t.transpose:
+        weight = weight.t()
+    if weight.device.type != device or t.transpose:
+        weight = weight.to(device).contiguous()
+    return weight
+
+
+def _scales(absmax: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str, loader_scales: bool = False) -> tuple[list[tuple[str, Any, int]], torch.Tensor | None]:
+    """The tensors that follow weight ``t``'s codes, once all its scales are known: absmax (8-bit with
+    double quantization, over the whole tensor), the code tables, the quant-state blob; and, if asked,
+    the scales a loader will use (``absmax`` itself without double quantization)."""
+    parts: list[tuple[str, Any, int]] = [(f"{t.name}.quant_map", _NF4_TABLE, 0)]
+    offset, used = None, absmax
+    if options.double_quant:
+        quantized, nested, offset = double_quantize(absmax, kernel)
+        parts += [(f"{t.name}.absmax", quantized, 0), (f"{t.name}.nested_absmax", nested, 0), (f"{t.name}.nested_quant_map", _DYNAMIC_TABLE, 0)]
+        used = dequantize_absmax(quantized, nested, offset) if loader_scales else None
+    else:
+        parts.append((f"{t.name}.absmax", absmax, 0))
+    parts.append((t.outputs[-1][0], memoryview(encode_quant_state(t.quant_state(options, offset))), 0))
+    return parts, used
+
+
+def _passes(t: PlannedTensor, options: Options) -> int:
+    """Reads of weight ``t``: two where its codes must follow its double-quantized searched scales
+    (spec section 2.6), which need every piece's scales first; else one."""
+    return 2 if t.quantize and options.scales == "search" and options.double_quant else 1
+
+
+class _SourceShard:
+    """A source shard read with ``pread`` (see :class:`ShardReader`), and its size and
+    modification time when opened."""
+
+    def __init__(self, path: Path) -> None:
+        self.reader = ShardReader(path)
+        self.state = file_state(path)
+
+    def check_unchanged(self) -> None:
+        """Refuse to go on if the file changed since it was opened."""
+        if file_state(self.reader.path) != self.state:
+            raise SourceError(f"{self.reader.path}: changed while being converted")
+
+
+def _read_ahead(
+    items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, _SourceShard], pool: ThreadPoolExecutor, fp8_block: tuple[int, int] | None
+) -> Iterator[torch.Tensor]:
+    """The pieces ``(tensor, start, stop)`` in order, each read on ``pool`` while the one before is
+    quantized: two reused buffers of the largest piece's size, whatever the model's size. A piece is a
+    flat tensor (FP8 decoded to float32 with ``fp8_block`` scales), or the shaped weight where it is
+    quantized transposed."""
+    size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items), default=0)
+    buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(items) > 1 else len(items))]
+    decoded_size = max((stop - start for t, start, stop in items if t.scale is not None), default=0)
+    decoded = [torch.empty(decoded_size, dtype=torch.float32) for _ in buffers] if decoded_size else []
+
+    scales: dict[str, torch.Tensor] = {}  # the FP8 scales of the weight being read (small: one per block)
+
+    def read(i: int) -> torch.Tensor:
+        t, start, stop = items[i]
+        info, k = t.source.info, DTYPE_SIZES[t.source.info.dtype]
+        data = buffers[i % 2][: (stop - start) * k]
+        sources[t.source.shard].reader.read_into(info, memoryview(data.numpy()), start * k)
+        if t.scale is not None:
+            if t.name not in scales:
+                scales.clear()
+                scales[t.name] = torch.empty(t.scale.info.shape, dtype=torch.float32)
+                sources[t.scale.shard].reader.read_into(t.scale.info, memoryview(scales[t.name].numpy()).cast("B"))
+            cols = info.shape[1]
+            return decode_rows(data.view(-1, cols), scales[t.name], start // cols, fp8_block, decoded[i % 2]).reshape(-1)
+        data = data.view(torch_dtypes()[info.dtype])
+        return data.view(info.shape) if t.transpose else data
+
+    coming = pool.submit(read, 0) if items else None
+    for i in range(len(items)):
+        piece = coming.result()
+        coming = pool.submit(read, i + 1) if i + 1 < len(items) else None
+        yield piece
+
+
+def _store(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int, progress: Progress | None) -> None:
+    """Writer thread: write ``(key, data, byte offset)`` parts, then report ``done`` source bytes."""
+    for key, value, offset in parts:
+        writer.write(key, value, offset)
+    if progress and done:
+        progress(done)
+
+
+def run_task(task: ShardTask, progress: Progress | None = None) -> dict[str, Any]:
+    """Convert one output shard: quantize in this thread while other threads read ahead, write and hash
+    the source shards; then sync, hash and rename the shard into place.
+
+    Returns:
+        ``{"name", "size", "sha256"}`` of the shard, ``"sources"``: :func:`file_record` of each source
+        shard in ``task.hash_sources``, ``"quantized"`` and ``"kept"``: its tensor counts, ``"seconds"``.
+
+    Raises:
+        SourceError, FormatError, QuantizationError, HubError: as :func:`nf4convert.convert.convert`.
+    """
+    began = time.perf_counter()
+    local = {path: task.fetcher.fetch(path) if task.fetcher else path for path in task.source_shards}
+    hasher = FileHasher([(local[path], name) for path, name in task.hash_sources]) if task.hash_sources else None
+    sources = {path: _SourceShard(local[path]) for path in task.source_shards}
+    temporary = task.folder / f".{task.name}.{uuid.uuid4().hex[:12]}.tmp"  # a retry beside a stray worker never shares it
+    writer = ShardWriter(temporary, [e for t in task.tensors for e in t.outputs], METADATA)
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write")]
+    reader, io = pools
+    bs, options, device = task.options.blocksize, task.options, task.device
+    try:
+        items = [
+            (t, start, stop)
+            for t in task.tensors if t.quantize or t.scale
+            for _ in range(_passes(t, options)) for start, stop in pieces(t, bs)
+        ]  # fmt: skip
+        weights = _read_ahead(items, sources, reader, task.fp8_block)
+        pending: deque[Future] = deque()
+
+        def submit(parts: list[tuple[str, Any, int]], done: int) -> None:
+            pending.append(io.submit(_store, writer, parts, done, progress))
+            while len(pending) > _MAX_PENDING:
+                pending.popleft().result()
+
+        for t in task.tensors:
+            info = t.source.info
+            src = sources[t.source.shard]
+            src.check_unchanged()
+            if not t.quantize and t.scale is None:
+                submit([(t.name, src.reader.chunks(info), 0)], info.nbytes)
+                continue
+            if not t.quantize:  # a kept FP8 weight: its bfloat16 decoding
+                for start, stop in pieces(t, bs):
+                    submit([(t.name, next(weights).to(torch.bfloat16), start * 2)], stop - start)
+                continue
+            absmax = torch.empty(-(-info.numel // bs), dtype=torch.float32, device=device)
+            two_pass = _passes(t, options) == 2
+            for start, stop in pieces(t, bs):
+                weight = _on_device(next(weights), t, device)
+                packed, scales = quantize_nf4(weight, blocksize=bs, kernel=task.kernel, name=t.name, first=start, scales=options.scales)
+                absmax[start // bs : start // bs + scales.numel()] = scales
+                parts = [] if two_pass else [(t.name, packed, start // 2)]  # else written in the second pass
+                submit(parts, (stop - start) * DTYPE_SIZES[info.dtype])
+                del packed
+            parts, used = _scales(absmax, t, options=options, kernel=task.kernel, loader_scales=two_pass)
+            submit(parts, 0)
+            for start, stop in pieces(t, bs) if two_pass else ():
+                weight = _on_device(next(weights), t, device)
+                submit([(t.name, encode_nf4(weight, used[start // bs : -(-stop // bs)], blocksize=bs), start // 2)], 0)
+        for job in pending:
+            job.result()
+        writer.finish()
+        record = file_record(temporary, task.name)
+        os.replace(temporary, task.folder / task.name)
+        fsync_folder(task.folder)
+        hashed = hasher.result() if hasher else []
+        for path, src in sources.items():
+            src.check_unchanged()
+            if hasher and local[path] in hasher.states and hasher.states[local[path]] != src.state:
+                raise SourceError(f"{local[path]}: changed while being converted")
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        if hasher:
+            hasher.cancel()
+        raise
+    finally:
+        for pool in pools:
+            pool.shutdown(cancel_futures=True)
+        writer.close()
+        for src in sources.values():
+            src.reader.close()
+    if task.fetcher:
+        for path in task.release:
+            task.fetcher.release(path)
+    quantized = sum(t.quantize for t in task.tensors)
+    seconds = round(time.perf_counter() - began, 3)
+    return {**record, "sources": hashed, "quantized": quantized, "kept": len(task.tensors) - quantized, "seconds": seconds}
