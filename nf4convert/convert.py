@@ -26,7 +26,7 @@ from .plan import Options, Plan, make_plan
 from .quantize import resolve_kernel
 from .resolve import resolve_source
 from .source import Source
-from .task import Progress, ShardTask, run_task
+from .task import Progress, ShardTask, seal_shard, write_shard
 from .write import OutputFolder
 
 #: Called with each finished task's record (``run_task``'s), in the driver.
@@ -67,16 +67,23 @@ def shard_tasks(plan: Plan, folder: Path, *, kernel: str = "native", device: str
 
 
 def run_serially(tasks: list[ShardTask], finished: Finished, progress: Progress | None = None) -> None:
-    """Run the tasks one after the other in this process. With a fetcher (``--stream``), the next task's
-    source shards are fetched while a task runs: about two source shards on disk at a time."""
-    with ThreadPoolExecutor(1, thread_name_prefix="nf4-fetch") as fetching:
-        coming = None
+    """Run the tasks in this process, in order: this thread writes each shard (:func:`write_shard`)
+    while a background thread seals the one before (:func:`seal_shard`: sync, hash, rename, release its
+    source shards) and then, with a fetcher (``--stream``), fetches the next task's source shards: two
+    source shards on disk at a time, the one being converted and the next."""
+    with ThreadPoolExecutor(1, thread_name_prefix="nf4-seal") as background:
+        sealed = fetched = None
         for i, task in enumerate(tasks):
-            if coming is not None:
-                coming.result()
-            following = tasks[i + 1] if i + 1 < len(tasks) else None
-            coming = fetching.submit(_fetch_all, following) if following and following.fetcher else None
-            finished(run_task(task, progress))
+            if fetched is not None:
+                fetched.result()
+            following = tasks[i + 1] if i + 1 < len(tasks) else None  # fetched once the shard before this one is sealed
+            fetched = background.submit(_fetch_all, following) if following and following.fetcher else None
+            written = write_shard(task, progress)
+            if sealed is not None:
+                finished(sealed.result())
+            sealed = background.submit(seal_shard, written)
+        if sealed is not None:
+            finished(sealed.result())
 
 
 def _fetch_all(task: ShardTask) -> None:

@@ -198,8 +198,7 @@ def _store(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int, pr
 
 
 def run_task(task: ShardTask, progress: Progress | None = None) -> dict[str, Any]:
-    """Convert one output shard: quantize in this thread while other threads read ahead, write and hash
-    the source shards; then sync, hash and rename the shard into place.
+    """Convert one output shard: :func:`write_shard`, then :func:`seal_shard`.
 
     Returns:
         ``{"name", "size", "sha256"}`` of the shard, ``"sources"``: :func:`file_record` of each source
@@ -208,12 +207,37 @@ def run_task(task: ShardTask, progress: Progress | None = None) -> dict[str, Any
     Raises:
         SourceError, FormatError, QuantizationError, HubError: as :func:`nf4convert.convert.convert`.
     """
+    return seal_shard(write_shard(task, progress))
+
+
+@dataclass
+class WrittenShard:
+    """A shard whose bytes are all written under a temporary name, not yet synced, hashed or renamed."""
+
+    task: ShardTask
+    writer: ShardWriter
+    hasher: FileHasher | None
+    states: dict[Path, tuple[int, int]]  # each source shard's local copy: its state when opened
+    began: float
+
+    def discard(self) -> None:
+        """Remove the temporary shard and stop hashing the sources (after an error)."""
+        self.writer.close()
+        self.writer.path.unlink(missing_ok=True)
+        if self.hasher:
+            self.hasher.cancel()
+
+
+def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenShard:
+    """Quantize in this thread while other threads read ahead, write, and hash the source shards this
+    task is the first to read; ``progress`` gets source bytes as they are written."""
     began = time.perf_counter()
     local = {path: task.fetcher.fetch(path) if task.fetcher else path for path in task.source_shards}
     hasher = FileHasher([(local[path], name) for path, name in task.hash_sources]) if task.hash_sources else None
     sources = {path: _SourceShard(local[path]) for path in task.source_shards}
     temporary = task.folder / f".{task.name}.{uuid.uuid4().hex[:12]}.tmp"  # a retry beside a stray worker never shares it
-    writer = ShardWriter(temporary, [e for t in task.tensors for e in t.outputs], METADATA)
+    written = WrittenShard(task, ShardWriter(temporary, [e for t in task.tensors for e in t.outputs], METADATA), hasher, {}, began)
+    writer = written.writer
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write")]
     reader, io = pools
     bs, options, device = task.options.blocksize, task.options, task.device
@@ -258,29 +282,39 @@ def run_task(task: ShardTask, progress: Progress | None = None) -> dict[str, Any
                 submit([(t.name, encode_nf4(weight, used[start // bs : -(-stop // bs)], blocksize=bs), start // 2)], 0)
         for job in pending:
             job.result()
-        writer.finish()
-        record = file_record(temporary, task.name)
-        os.replace(temporary, task.folder / task.name)
-        fsync_folder(task.folder)
-        hashed = hasher.result() if hasher else []
-        for path, src in sources.items():
-            src.check_unchanged()
-            if hasher and local[path] in hasher.states and hasher.states[local[path]] != src.state:
-                raise SourceError(f"{local[path]}: changed while being converted")
+        written.states = {local[path]: src.state for path, src in sources.items()}
+        return written
     except BaseException:
-        temporary.unlink(missing_ok=True)
-        if hasher:
-            hasher.cancel()
+        written.discard()
         raise
     finally:
         for pool in pools:
             pool.shutdown(cancel_futures=True)
-        writer.close()
         for src in sources.values():
             src.reader.close()
+
+
+def seal_shard(written: WrittenShard) -> dict[str, Any]:
+    """Sync and hash a written shard, rename it into place, collect the sources' hashes (refusing a
+    source that changed meanwhile) and release the sources no later task reads; returns the record
+    (see :func:`run_task`)."""
+    task = written.task
+    try:
+        written.writer.finish()
+        record = file_record(written.writer.path, task.name)
+        os.replace(written.writer.path, task.folder / task.name)
+        fsync_folder(task.folder)
+        hashed = written.hasher.result() if written.hasher else []
+        for path, state in written.states.items():
+            hashed_state = written.hasher.states.get(path, state) if written.hasher else state
+            if file_state(path) != state or hashed_state != state:
+                raise SourceError(f"{path}: changed while being converted")
+    except BaseException:
+        written.discard()
+        raise
     if task.fetcher:
         for path in task.release:
             task.fetcher.release(path)
     quantized = sum(t.quantize for t in task.tensors)
-    seconds = round(time.perf_counter() - began, 3)
+    seconds = round(time.perf_counter() - written.began, 3)
     return {**record, "sources": hashed, "quantized": quantized, "kept": len(task.tensors) - quantized, "seconds": seconds}

@@ -18,7 +18,9 @@ then measures:
     way), unless --no-peer;
   - output bits per parameter.
 
-Usage: python scripts/bench.py [--shapes 7b,huge,fp8] [--layers 10] [--workdir bench-out] [--no-peer] [--keep]
+  - the 7b conversion again on a local Dask cluster (`--workers`, default 2), the Dask start included;
+
+Usage: python scripts/bench.py [--shapes 7b,huge,fp8] [--layers 10] [--workdir bench-out] [--no-peer] [--keep] [--workers 2]
 Needs bitsandbytes and transformers (pip install -e .[test]). Not a test: timings depend on the machine.
 """
 
@@ -218,9 +220,10 @@ m.save_pretrained(sys.argv[2])
 """
 
 
-def measure(src: Path, work: Path) -> dict:
+def measure(src: Path, work: Path, workers: int | None = None) -> dict:
     """Convert ``src`` twice (the first run warms the page cache and the kernel cache) and run the copy
-    baseline, in this order; returns the second conversion's time and peak RSS, and the baseline's time."""
+    baseline, in this order; returns the second conversion's time and peak RSS, and the baseline's time.
+    With ``workers``, a third conversion on a local Dask cluster of that many worker processes."""
     out = work / "nf4"
     shutil.rmtree(out, ignore_errors=True)
     cmd = ["nf4convert", "convert", str(src), str(out), "--quiet"]
@@ -232,6 +235,11 @@ def measure(src: Path, work: Path) -> dict:
     manifest = json.loads((out / "nf4convert.json").read_text())
     out_bytes = sum(f["size"] for f in manifest["files"])
     shutil.rmtree(out)
+    dask_s = None
+    if workers:
+        print(f"nf4convert convert {src.name} --workers {workers} ...", file=sys.stderr)
+        dask_s = run_measured([*cmd, "--workers", str(workers)], work)[0]
+        shutil.rmtree(out)
     print("copy baseline ...", file=sys.stderr)
     copy_s = copy_baseline(src, out_bytes, work / "copy.bin")
     (work / "copy.bin").unlink()
@@ -240,7 +248,7 @@ def measure(src: Path, work: Path) -> dict:
     return {
         "parameters": manifest["summary"]["parameters"], "bytes": src_bytes, "largest_tensor_bytes": largest,
         "shards": len(list(src.glob("*.safetensors"))), "convert_s": convert_s, "copy_baseline_s": copy_s,
-        "convert_vs_copy": convert_s / copy_s, "convert_peak_rss": convert_rss, "output_bytes": out_bytes,
+        "convert_vs_copy": convert_s / copy_s, "convert_peak_rss": convert_rss, "output_bytes": out_bytes, "dask_s": dask_s, "workers": workers,
         "bits_per_parameter": manifest["summary"]["bits_per_parameter"],
         "quantized_bits_per_parameter": manifest["summary"]["quantized_bits_per_parameter"],
     }
@@ -253,6 +261,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
     ap.add_argument("--no-peer", action="store_true", help="skip transformers + bitsandbytes save_pretrained")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic checkpoints for the next run")
+    ap.add_argument("--workers", type=int, default=2, help="also convert the 7b checkpoint on a local Dask cluster of N workers (0: no)")
     args = ap.parse_args()
 
     work = args.workdir
@@ -268,7 +277,7 @@ def main() -> None:
 
     print("quantizer throughput ...", file=sys.stderr)
     q = quantizer_throughput()
-    runs = {shape: measure(src, work) for shape, src in sources.items()}
+    runs = {shape: measure(src, work, args.workers if shape == "7b" else None) for shape, src in sources.items()}
 
     peer = None
     if not args.no_peer and "7b" in sources:
@@ -297,6 +306,7 @@ def main() -> None:
             (f"{shape}: checkpoint", f"{p / 1e9:.2f} G params, {r['bytes'] / gb:.2f} GB, {r['shards']} shard(s), largest tensor {r['largest_tensor_bytes'] / gb:.2f} GB as bf16", ""),
             (f"{shape}: nf4convert convert (end to end)", f"{s_:.1f} s ({p / s_ / 1e6:,.0f} M params/s, {r['bytes'] / s_ / gb:.2f} GB/s)", f"{r['convert_vs_copy']:.2f}x copy baseline"),
             (f"{shape}: copy baseline (read src, write+fsync out bytes)", f"{r['copy_baseline_s']:.1f} s", "1.00x"),
+            *([(f"{shape}: nf4convert convert --workers {r['workers']} (local Dask cluster, its start included)", f"{r['dask_s']:.1f} s ({p / r['dask_s'] / 1e6:,.0f} M params/s)", f"{s_ / r['dask_s']:.2f}x the single process's speed")] if r["dask_s"] else []),
             (f"{shape}: peak RSS, nf4convert convert", f"{r['convert_peak_rss'] / 2**20:,.0f} MiB", ""),
             (f"{shape}: output", f"{r['output_bytes'] / gb:.2f} GB, {r['bits_per_parameter']:.3f} bits/param overall", f"{r['quantized_bits_per_parameter']:.3f} for quantized weights"),
         ]
