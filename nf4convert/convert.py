@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .constants import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
-from .errors import QuantizationError, SourceError
+from .errors import NF4ConvertError, QuantizationError, SourceError
 from .files import file_record
 from .plan import Options, Plan, make_plan
 from .quantize import resolve_kernel
@@ -73,15 +73,21 @@ def run_serially(tasks: list[ShardTask], finished: Finished, progress: Progress 
     source shards on disk at a time, the one being converted and the next."""
     with ThreadPoolExecutor(1, thread_name_prefix="nf4-seal") as background:
         sealed = fetched = None
-        for i, task in enumerate(tasks):
-            if fetched is not None:
-                fetched.result()
-            following = tasks[i + 1] if i + 1 < len(tasks) else None  # fetched once the shard before this one is sealed
-            fetched = background.submit(_fetch_all, following) if following and following.fetcher else None
-            written = write_shard(task, progress)
-            if sealed is not None:
+        try:
+            for i, task in enumerate(tasks):
+                if fetched is not None:
+                    fetched.result()
+                following = tasks[i + 1] if i + 1 < len(tasks) else None  # fetched once the shard before this one is sealed
+                fetched = background.submit(_fetch_all, following) if following and following.fetcher else None
+                written = write_shard(task, progress)
+                if sealed is not None:
+                    done, sealed = sealed, None
+                    finished(done.result())
+                sealed = background.submit(seal_shard, written)
+        except BaseException:
+            if sealed is not None and sealed.exception() is None:  # journal the shard sealed before the failure
                 finished(sealed.result())
-            sealed = background.submit(seal_shard, written)
+            raise
         if sealed is not None:
             finished(sealed.result())
 
@@ -200,12 +206,17 @@ def convert(
         tasks = [t for t in every if t.name not in out.completed]
         if progress and len(tasks) < len(every):
             progress(sum(t.source_bytes for t in every if t.name in out.completed))  # resumed
-        if workers is None and scheduler is None:
-            run_serially(tasks, out.record_shard, progress)
-        else:
-            from .cluster import run_on_dask
+        try:
+            if workers is None and scheduler is None:
+                run_serially(tasks, out.record_shard, progress)
+            else:
+                from .cluster import run_on_dask
 
-            run_on_dask(tasks, out.record_shard, progress, workers=workers, scheduler=scheduler)
+                run_on_dask(tasks, out.record_shard, progress, workers=workers, scheduler=scheduler)
+        except NF4ConvertError as e:
+            if e.resumable:
+                raise type(e)(f"{e} ({len(out.completed)} of {len(every)} shards done, kept in {out.partial}: the same command resumes)") from None
+            raise
         return _write_output(plan, out)
 
 

@@ -11,6 +11,10 @@ from __future__ import annotations
 class NF4ConvertError(Exception):
     """Base class of every error nf4convert raises for bad input or a bad environment."""
 
+    #: Whether a conversion that fails with it keeps its finished shards (a fault of the network or
+    #: the cluster, not of the input: the same command later resumes).
+    resumable = False
+
     exit_code = 1
 
 
@@ -68,9 +72,12 @@ class HubError(NF4ConvertError, OSError):
     """The Hugging Face Hub (or its local cache) cannot give or take what was asked."""
 
     exit_code = 9
+    #: Raised during a conversion, it keeps the finished shards: running again resumes after them.
+    resumable = True
 
 
 class ClusterError(NF4ConvertError, RuntimeError):
     """The Dask cluster cannot be started or reached, or a shard task kept failing on it."""
 
     exit_code = 10
+    resumable = True

@@ -55,7 +55,8 @@ class OutputFolder:
     """The output folder, built in a partial folder beside it and renamed into place by :meth:`commit`.
 
     Used as a context manager: an error removes the partial folder; an interruption
-    (``KeyboardInterrupt``) keeps it, and so does a kill or a power loss. Each finished shard is
+    (``KeyboardInterrupt``) or a ``resumable`` error (the network, the cluster) keeps it, and so does a
+    kill or a power loss. Each finished shard is
     recorded in a journal in the partial folder (:meth:`record_shard`); a later conversion with the
     same ``fingerprint`` finds the shards whose hashes still match in :attr:`completed` and skips
     them. A different fingerprint starts over.
@@ -104,7 +105,8 @@ class OutputFolder:
         return self
 
     def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        if exc_type is not None and not issubclass(exc_type, KeyboardInterrupt) and self.partial.exists():
+        kept = exc_type is not None and (issubclass(exc_type, KeyboardInterrupt) or getattr(exc_type, "resumable", False))
+        if exc_type is not None and not kept and self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
 
     def path(self, name: str) -> Path:

@@ -30,6 +30,7 @@ class FakeHub(BaseHTTPRequestHandler):
     scratch: Path | None
     requests: list[tuple[str, str, str | None]]  # method, file (or the API path), Range header
     scratch_at_download: list[tuple[str, int]]  # (shard, bytes in scratch when its download started)
+    missing: set[str]  # files whose downloads are answered 404, as if the Hub lost them for a while
 
     def _lfs(self, name: str) -> bool:
         return name.endswith(".safetensors")
@@ -48,7 +49,8 @@ class FakeHub(BaseHTTPRequestHandler):
     def _resolve(self, head: bool) -> None:
         m = re.fullmatch(rf"/{re.escape(self.repo_id)}/resolve/([^/]+)/(.+)", self.path)
         files = self._files()
-        if m is None or m.group(1) not in ("main", COMMIT) or m.group(2) not in files:
+        lost = m is not None and m.group(2) in self.missing and (head or self.headers.get("Range") is None)  # downloads fail, ranges not
+        if m is None or m.group(1) not in ("main", COMMIT) or m.group(2) not in files or lost:
             self.send_response(404)
             self.send_header("X-Error-Code", "EntryNotFound")
             self.send_header("Content-Length", "0")
@@ -102,7 +104,7 @@ class FakeHub(BaseHTTPRequestHandler):
 @contextmanager
 def serve(repo_id: str, root: Path, scratch: Path | None = None) -> Iterator[tuple[type[FakeHub], str]]:
     """Serve ``root`` as ``repo_id``; yields the handler class (its ``requests``) and the endpoint URL."""
-    handler = type("Hub", (FakeHub,), {"repo_id": repo_id, "root": root, "scratch": scratch, "requests": [], "scratch_at_download": []})
+    handler = type("Hub", (FakeHub,), {"repo_id": repo_id, "root": root, "scratch": scratch, "requests": [], "scratch_at_download": [], "missing": set()})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

@@ -144,3 +144,22 @@ def test_with_dask_each_worker_fetches_its_own_shards(repo, tmp_path, online):
     assert files(out) == files(serial)
     fetched = sorted(name for m, name, r in hub.requests if m == "GET" and r is None and name.endswith(".safetensors"))
     assert fetched == sorted(p.name for p in repo.glob("*.safetensors"))
+
+
+def test_a_hub_failure_mid_conversion_keeps_the_finished_shards_and_the_same_command_resumes(repo, tmp_path, online, cli):
+    names = sorted(p.name for p in repo.glob("*.safetensors"))
+    with serve(REPO, repo) as (hub, endpoint):
+        online(endpoint)
+        hub.missing.add(names[4])
+        rc, _, err = cli("convert", REPO, tmp_path / "out", "--stream", "-q")
+        assert rc == HubError.exit_code and err.count("\n") == 1, err
+        assert f"{names[4]}: no such file in the repository (4 of 10 shards done, kept in {tmp_path / 'out.nf4convert-partial'}: the same command resumes)" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nf4convert-partial", "repo"]  # nothing that looks complete
+        hub.missing.clear()
+        hub.requests.clear()
+        rc, _, err = cli("convert", REPO, tmp_path / "out", "--stream", "-q")
+        assert rc == 0, err
+        fetched = sorted(name for m, name, r in hub.requests if m == "GET" and r is None and name.endswith(".safetensors"))
+        reference = convert(resolve_source(REPO, stream_scratch=tmp_path / "scratch"), tmp_path / "reference")
+    assert fetched == names[4:]
+    assert files(tmp_path / "out") == files(reference)
