@@ -214,7 +214,7 @@ def convert(
 
                 run_on_dask(tasks, out.record_shard, progress, workers=workers, scheduler=scheduler)
         except NF4ConvertError as e:
-            if e.resumable:
+            if e.resumable and out.completed:
                 raise type(e)(f"{e} ({len(out.completed)} of {len(every)} shards done, kept in {out.partial}: the same command resumes)") from None
             raise
         return _write_output(plan, out)

@@ -55,8 +55,8 @@ class OutputFolder:
     """The output folder, built in a partial folder beside it and renamed into place by :meth:`commit`.
 
     Used as a context manager: an error removes the partial folder; an interruption
-    (``KeyboardInterrupt``) or a ``resumable`` error (the network, the cluster) keeps it, and so does a
-    kill or a power loss. Each finished shard is
+    (``KeyboardInterrupt``), or a ``resumable`` error (the network, the cluster) once a shard is
+    finished, keeps it, and so does a kill or a power loss. Each finished shard is
     recorded in a journal in the partial folder (:meth:`record_shard`); a later conversion with the
     same ``fingerprint`` finds the shards whose hashes still match in :attr:`completed` and skips
     them. A different fingerprint starts over.
@@ -104,8 +104,8 @@ class OutputFolder:
     def __enter__(self) -> OutputFolder:
         return self
 
-    def __exit__(self, exc_type: type | None, *exc: object) -> None:
-        kept = exc_type is not None and (issubclass(exc_type, KeyboardInterrupt) or getattr(exc_type, "resumable", False))
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, *_: object) -> None:
+        kept = isinstance(exc, KeyboardInterrupt) or (getattr(exc, "resumable", False) and bool(self.completed))
         if exc_type is not None and not kept and self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
 
