@@ -85,6 +85,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--skip", "skip", multiple=True, metavar="PATTERN", help="Keep weights of modules matching this glob (repeatable), e.g. '*.mlp.gate'.")
 @click.option("--keep-lm-head/--quantize-lm-head", default=True, show_default=True, help="Keep the output head unquantized.")
 @click.option("--scales", type=click.Choice(SCALE_METHODS), default="absmax", show_default=True, help="Block scales: absmax (bit-exact with bitsandbytes) or search (lower error, same format).")
+@click.option("--importance", type=click.Path(), default=None, help="With --scales search: weight each error by its input column's activation energy (a file from `nf4convert importance`).")
 @click.option("--experts", type=click.Choice(EXPERT_MODES), default="quantize", show_default=True, help="MoE expert weights: quantize per expert, or keep them as transformers 5 does.")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (what is quantized, kept, sizes); write nothing.")
@@ -109,6 +110,7 @@ def convert(
     skip: tuple[str, ...],
     keep_lm_head: bool,
     scales: str,
+    importance: str | None,
     experts: str,
     max_shard_size: str,
     dry_run: bool,
@@ -137,6 +139,7 @@ def convert(
         max_shard_size=parse_size(max_shard_size),
         experts=experts,
         scales=scales,
+        importance=importance,
     )
     # beside OUTPUT like the partial folder (a temporary folder for a dry run), removed when done
     beside = (lambda kind: Path(output).with_name(f"{Path(output).name}.nf4convert-{kind}")) if output else (lambda kind: Path(tempfile.mkdtemp()) / kind)
@@ -235,6 +238,22 @@ def verify(path: str, source: str | None, as_json: bool, save: bool) -> None:
                        f"SQNR mean {s['sqnr_db']['mean']:.2f} dB (min {s['sqnr_db']['min']:.2f}), max abs error {s['max_abs_err']['max']:.3g}")
     if not report["ok"]:
         raise VerificationFailed(f"{path}: {len(report['problems'])} problem(s), first: {report['problems'][0]}")
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("output")
+@click.option("--text", "text_file", required=True, type=click.Path(), help="Calibration text (a few thousand words of the kind of text the model will see).")
+@click.option("--device", default="cpu", show_default=True, help="Device to run the model on.")
+@click.option("--window", type=click.IntRange(min=16), default=512, show_default=True, help="Tokens per forward pass.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+def importance(model: str, output: str, text_file: str, device: str, window: int, force: bool) -> None:
+    """Measure the importance file for `convert --scales search --importance OUTPUT`: the mean squared
+    activation entering each linear layer of MODEL (a local folder transformers loads) over a text."""
+    from .importance import measure_importance
+
+    n = measure_importance(model, text_file, output, device=device, window=window, force=force)
+    click.echo(f"Wrote {output}: importance of {n} weights")
 
 
 @cli.command()

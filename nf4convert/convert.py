@@ -22,6 +22,7 @@ from . import __version__
 from .constants import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
 from .errors import NF4ConvertError, QuantizationError, SourceError
 from .files import file_record
+from .importance import importance_record
 from .plan import Options, Plan, make_plan
 from .quantize import resolve_kernel
 from .resolve import resolve_source
@@ -48,7 +49,10 @@ def shard_tasks(plan: Plan, folder: Path, *, kernel: str = "native", device: str
     first: dict[Path, int] = {}
     last: dict[Path, int] = {}
     tasks = [
-        ShardTask(name, tuple(shard), plan.options, folder, plan.source.fp8_block, fetcher=plan.source.fetcher, kernel=kernel, device=device)
+        ShardTask(
+            name, tuple(shard), plan.options, folder, plan.source.fp8_block, fetcher=plan.source.fetcher,
+            importance=Path(plan.options.importance).resolve() if plan.options.importance else None, kernel=kernel, device=device,
+        )  # fmt: skip
         for name, shard in zip(plan.shard_names(), plan.shards)
     ]
     for i, task in enumerate(tasks):
@@ -116,6 +120,7 @@ def manifest_options(plan: Plan) -> dict[str, Any]:
         "max_shard_size": o.max_shard_size,
         "experts": o.experts,
         "scales": o.scales,
+        "importance": importance_record(o.importance, len(plan.weighted)) if o.importance else None,
     }
 
 

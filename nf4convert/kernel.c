@@ -312,12 +312,13 @@ static void pack_block(const uint8_t *q, int64_t n, uint8_t *packed) {
     for (int64_t i = 0; i < n; i += 2) packed[i / 2] = (uint8_t)(q[i] << 4 | (i + 1 < n ? q[i + 1] : 7));
 }
 
-/* Squared error of coding x[0..n) (n a multiple of 8; padding zeros add nothing) as c[q[i]] * s,
- * with sum x*c and sum c*c for the least-squares refit. With `inv` non-zero the codes are first
- * chosen for x * inv: the number of thresholds below it. */
-typedef float (*block_error_fn)(const float *, int64_t, float, float, const float *, const float *, uint8_t *, float *, float *);
+/* Weighted squared error sum w * (x - s c[q])^2 of coding x[0..n) (n a multiple of 8; padding zeros
+ * add nothing) as c[q[i]] * s, with sum w x c and sum w c c for the least-squares refit; each term is
+ * w * (its product), so weights of 1 give the unweighted sums exactly. With `inv` non-zero the codes
+ * are first chosen for x * inv: the number of thresholds below it. */
+typedef float (*block_error_fn)(const float *, const float *, int64_t, float, float, const float *, const float *, uint8_t *, float *, float *);
 
-static float block_error_portable(const float *x, int64_t n, float s, float inv, const float *t, const float *c,
+static float block_error_portable(const float *x, const float *w, int64_t n, float s, float inv, const float *t, const float *c,
                                   uint8_t *q, float *num, float *den) {
     float e[8] = {0}, a[8] = {0}, d[8] = {0};
     for (int64_t i = 0; i < n; i += 8)
@@ -329,10 +330,10 @@ static float block_error_portable(const float *x, int64_t n, float s, float inv,
                 for (int m = 0; m < 15; m++) k += t[m] < v;
                 q[i + j] = (uint8_t)k;
             }
-            float cq = c[q[i + j]], r = xv - s * cq;
-            e[j] += r * r;
-            a[j] += xv * cq;
-            d[j] += cq * cq;
+            float cq = c[q[i + j]], r = xv - s * cq, wv = w[i + j];
+            e[j] += wv * (r * r);
+            a[j] += wv * (xv * cq);
+            d[j] += wv * (cq * cq);
         }
     *num = lanes_sum(a);
     *den = lanes_sum(d);
@@ -348,7 +349,7 @@ NF4_AVX2 static int64_t load_block_avx2(const void *src, int dtype, int64_t base
 }
 
 /* The same operations on 8 lanes: lane j takes elements i + j, as the partial sums above. */
-NF4_AVX2 static float block_error_avx2(const float *x, int64_t n, float s, float inv, const float *t, const float *c,
+NF4_AVX2 static float block_error_avx2(const float *x, const float *w, int64_t n, float s, float inv, const float *t, const float *c,
                                        uint8_t *q, float *num, float *den) {
     const __m256 t7 = _mm256_set1_ps(t[7]), t3 = _mm256_set1_ps(t[3]), t11 = _mm256_set1_ps(t[11]);
     const __m256 odd = _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0);
@@ -367,10 +368,10 @@ NF4_AVX2 static float block_error_avx2(const float *x, int64_t n, float s, float
         }
         __m256 cq = _mm256_blendv_ps(_mm256_permutevar8x32_ps(c_lo, code), _mm256_permutevar8x32_ps(c_hi, code),
                                      _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
-        __m256 r = _mm256_sub_ps(xv, _mm256_mul_ps(vs, cq));
-        e = _mm256_add_ps(e, _mm256_mul_ps(r, r));
-        a = _mm256_add_ps(a, _mm256_mul_ps(xv, cq));
-        d = _mm256_add_ps(d, _mm256_mul_ps(cq, cq));
+        __m256 r = _mm256_sub_ps(xv, _mm256_mul_ps(vs, cq)), wv = _mm256_loadu_ps(w + i);
+        e = _mm256_add_ps(e, _mm256_mul_ps(wv, _mm256_mul_ps(r, r)));
+        a = _mm256_add_ps(a, _mm256_mul_ps(wv, _mm256_mul_ps(xv, cq)));
+        d = _mm256_add_ps(d, _mm256_mul_ps(wv, _mm256_mul_ps(cq, cq)));
     }
     float le[8], la[8], ld[8];
     _mm256_storeu_ps(le, e);
@@ -401,37 +402,43 @@ static block_error_fn block_error_for(int simd) {
 }
 
 /* Blocks [first, first + count) of the n elements of `src`, already coded by absmax (`absmax`,
- * `packed`): for each block whose absmax is at least `min_scale`, keep the scale of least squared
- * error among: absmax with its codes; then for each scale s in absmax * factors[k] the codes of
+ * `packed`): for each block whose absmax is at least `min_scale`, keep the scale of least (weighted)
+ * squared error among: absmax with its codes; then for each scale s in absmax * factors[k] the codes of
  * x * (1/s); and after absmax and after each s, the least-squares refit r = sum(x c) / sum(c c) of
  * those codes, with the codes of x * (1/r). A later candidate wins only with a strictly smaller
- * error. Writes the chosen scale to absmax[b] and its codes to packed. */
+ * error. Writes the chosen scale to absmax[b] and its codes to packed. With `importance` (float32,
+ * `cols` of them), element i of src weighs importance[(offset + i) % cols], where offset is src's
+ * first element's place in its tensor; else every element weighs 1. */
 void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
                        const float *t, const float *c, const float *factors, int nfactors, float min_scale,
+                       const float *importance, int64_t cols, int64_t offset,
                        float *absmax, uint8_t *packed, int simd) {
     block_error_fn block_error = block_error_for(simd);
-    float x[4096];
+    float x[4096], w[4096];
     uint8_t q[4096], best_q[4096];
+    for (int64_t i = 0; i < 4096; i++) w[i] = 1.0f;
     for (int64_t b = first; b < first + count; b++) {
         int64_t base = b * bs, len = n - base < bs ? n - base : bs, padded = (len + 7) & ~(int64_t)7;
         float m = absmax[b], num, den;
         if (!(m >= min_scale)) continue;
         load_block(src, dtype, base, len, x, simd);
         for (int64_t i = len; i < padded; i++) x[i] = 0.0f;
+        if (importance)
+            for (int64_t i = 0, col = (offset + base) % cols; i < len; i++, col = col + 1 == cols ? 0 : col + 1) w[i] = importance[col];
         for (int64_t i = 0; i < padded; i++)
             best_q[i] = i >= len ? 7 : (uint8_t)(i & 1 ? packed[(base + i) / 2] & 0xF : packed[(base + i) / 2] >> 4);
-        float best = block_error(x, padded, m, 0.0f, t, c, best_q, &num, &den), best_s = m;
+        float best = block_error(x, w, padded, m, 0.0f, t, c, best_q, &num, &den), best_s = m;
         for (int k = -1; k < nfactors; k++) {
             float s = m, err;
             if (k >= 0) {
                 s = m * factors[k];
-                err = block_error(x, padded, s, 1.0f / s, t, c, q, &num, &den);
+                err = block_error(x, w, padded, s, 1.0f / s, t, c, q, &num, &den);
                 if (err < best) best = err, best_s = s, memcpy(best_q, q, (size_t)padded);
             }
             if (!(num > 0.0f && den > 0.0f)) continue;
             float r = num / den;
             if (!(r >= min_scale)) continue;
-            err = block_error(x, padded, r, 1.0f / r, t, c, q, &num, &den);
+            err = block_error(x, w, padded, r, 1.0f / r, t, c, q, &num, &den);
             if (err < best) best = err, best_s = r, memcpy(best_q, q, (size_t)padded);
         }
         absmax[b] = best_s;

@@ -91,7 +91,7 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.nf4_search_blocks.restype = None
     lib.nf4_search_blocks.argtypes = [
         ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     lib.nf4_encode_blocks.restype = None
     lib.nf4_encode_blocks.argtypes = [
@@ -181,18 +181,25 @@ def decode_fp8(data: torch.Tensor, scale: torch.Tensor, first_row: int, block: t
     return out
 
 
-def search_blocks(flat: torch.Tensor, bs: int, thresholds: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor) -> None:
+def search_blocks(
+    flat: torch.Tensor, bs: int, thresholds: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor,
+    importance: torch.Tensor | None = None, offset: int = 0,
+) -> None:
     """``--scales search`` over every block of ``flat`` (contiguous CPU, coded by absmax into ``absmax``
-    and ``packed``, which are updated in place); see ``nf4_search_blocks``."""
+    and ``packed``, which are updated in place), each element's error weighted by ``importance`` of its
+    column (``offset`` is ``flat``'s first element's place in its matrix); see ``nf4_search_blocks``."""
     lib = library()
     t, c = thresholds.contiguous(), code.contiguous()
+    imp = importance.contiguous() if importance is not None else None
+    cols = imp.numel() if imp is not None else 1
     factors = (ctypes.c_float * len(SEARCH_FACTORS))(*SEARCH_FACTORS)
     n = flat.numel()
 
     def run(first: int, count: int) -> None:
         lib.nf4_search_blocks(
             flat.data_ptr(), _DTYPES[flat.dtype], n, first, count, bs, t.data_ptr(), c.data_ptr(),
-            factors, len(SEARCH_FACTORS), SEARCH_MIN_SCALE, absmax.data_ptr(), packed.data_ptr(), int(_simd()),
+            factors, len(SEARCH_FACTORS), SEARCH_MIN_SCALE, imp.data_ptr() if imp is not None else None, cols, offset,
+            absmax.data_ptr(), packed.data_ptr(), int(_simd()),
         )  # fmt: skip
 
     _split(absmax.numel(), bs, run)

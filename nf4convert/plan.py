@@ -24,6 +24,7 @@ from .architecture import decide
 from .decisions import Decisions
 from .errors import QuantizationError
 from .fp8 import LOGICAL_DTYPE, pair_scales
+from .importance import check_importance, read_importance_header
 from .layout import QuantState, check_blocksize, quantization_config, quantized_tensors
 from .source import Source, SourceTensor
 
@@ -44,6 +45,8 @@ class Options:
         experts: MoE expert weights: ``"quantize"`` (per expert) or ``"keep"`` (as transformers 5 does).
         scales: each block's scale: ``"absmax"`` (bit-exact with bitsandbytes) or ``"search"`` (least squared
             error, spec section 2.6; the same format and loaders).
+        importance: with ``"search"``, an importance file (:mod:`nf4convert.importance`) that weights each
+            element's error by its input column's activation energy.
     """
 
     blocksize: int = DEFAULT_BLOCKSIZE
@@ -54,6 +57,7 @@ class Options:
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE
     experts: str = "quantize"
     scales: str = "absmax"
+    importance: str | None = None
 
     def __post_init__(self) -> None:
         check_blocksize(self.blocksize)
@@ -63,6 +67,8 @@ class Options:
             raise QuantizationError("max shard size must be positive")
         if self.scales not in SCALE_METHODS:
             raise QuantizationError(f"invalid scale method {self.scales!r}; choose {' or '.join(SCALE_METHODS)}")
+        if self.importance is not None and self.scales != "search":
+            raise QuantizationError("--importance weights the scale search: it needs --scales search")
         if self.experts not in EXPERT_MODES:
             raise QuantizationError(f"invalid experts mode {self.experts!r}; choose {' or '.join(EXPERT_MODES)}")
 
@@ -118,6 +124,7 @@ class Plan:
     tensors: list[PlannedTensor]
     decisions: Decisions
     shards: list[list[PlannedTensor]] = field(default_factory=list)
+    weighted: list[str] = field(default_factory=list)  # the quantized weights the importance file weights
 
     @property
     def quantized(self) -> list[PlannedTensor]:
@@ -211,6 +218,9 @@ def make_plan(source: Source, options: Options) -> Plan:
             outputs = [(tensor.name, p.dtype, tensor.info.shape)]
         planned.append(replace(p, outputs=tuple(outputs)))
     plan = Plan(source, options, planned, decisions)
+    if options.importance is not None:
+        columns = {t.name: t.source.info.shape[0 if t.transpose else 1] for t in plan.quantized if len(t.source.info.shape) == 2}
+        plan.weighted = check_importance(read_importance_header(options.importance), columns, where=options.importance)
     if not plan.quantized:
         reasons = Counter(t.reason for t in plan.kept if len(t.source.info.shape) == 2 and t.dtype in QUANTIZABLE_DTYPES)
         why = f"{decisions.decided_by}: " + ", ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) if reasons else "no 2-D floating-point linear weights found"

