@@ -187,8 +187,10 @@ def quantizer_throughput(repeats: int = 3) -> dict[str, float]:
 
     ours = timed(lambda t: quantize_nf4(t, blocksize=64))
     search = timed(lambda t: quantize_nf4(t, blocksize=64, scales="search"))
+    importance = torch.rand(HIDDEN, generator=g)  # every test tensor has HIDDEN columns
+    weighted = timed(lambda t: quantize_nf4(t, blocksize=64, scales="search", importance=importance))
     bnb = timed(lambda t: F.quantize_4bit(t, blocksize=64, quant_type="nf4"))
-    return {"nf4convert": ours, "nf4convert_search": search, "bitsandbytes": bnb}
+    return {"nf4convert": ours, "nf4convert_search": search, "nf4convert_search_importance": weighted, "bitsandbytes": bnb}
 
 
 def copy_baseline(source: Path, out_bytes: int, target: Path) -> float:
@@ -298,6 +300,7 @@ def main() -> None:
     rows = [
         ("quantizer, nf4convert", f"{q['nf4convert'] / 1e6:,.0f} M params/s", f"{result['quantizer_ratio']:.1f}x bitsandbytes"),
         ("quantizer, nf4convert --scales search", f"{q['nf4convert_search'] / 1e6:,.0f} M params/s", f"{q['nf4convert_search'] / q['nf4convert']:.2f}x absmax"),
+        ("quantizer, nf4convert --scales search --importance", f"{q['nf4convert_search_importance'] / 1e6:,.0f} M params/s", f"{q['nf4convert_search_importance'] / q['nf4convert']:.2f}x absmax"),
         ("quantizer, bitsandbytes quantize_4bit", f"{q['bitsandbytes'] / 1e6:,.0f} M params/s", "1.0x"),
     ]
     for shape, r in runs.items():

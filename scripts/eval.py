@@ -65,8 +65,8 @@ def smollm2_bf16(workdir: Path) -> Path:
     return out
 
 
-def perplexity(model: torch.nn.Module, tokenizer, window: int = 512) -> float:
-    ids = tokenizer(TEXT, return_tensors="pt").input_ids[0]
+def perplexity(model: torch.nn.Module, tokenizer, window: int = 512, text: str = TEXT) -> float:
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
     nll, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(ids) - 1, window):
@@ -176,6 +176,17 @@ def main() -> None:
                                      "search + importance": {"mse": weight_mse(weighted, src), "ppl": rows[-1][3]}}
     result["smollm2"] = {"perplexity": [dict(zip(("model", "double_quant", "lm_head", "ppl"), r)) for r in rows], "verify": verified}
     result["scales"] = scales
+    # texts of other kinds than both license texts (calibration, perplexity): does the weighting carry over?
+    import importlib.metadata
+
+    others = {"scripts/data/sentences.txt": (Path(__file__).resolve().parent / "data" / "sentences.txt").read_text(),
+              f"transformers {transformers.__version__} package description": importlib.metadata.metadata("transformers").get_payload()[:20000]}
+    folders = {"absmax": work / "smollm2-nf4-dq1-head0", "search": work / "smollm2-nf4-search", "search + importance": work / "smollm2-nf4-search-importance"}
+    result["other_texts"] = {
+        name: {"words": len(text.split()), "bf16": perplexity(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16), tokenizer, text=text),
+               **{k: perplexity(load_model(f), tokenizer, text=text) for k, f in folders.items()}}
+        for name, text in others.items()
+    }
     (work / "eval.json").write_text(json.dumps(result, indent=2))
 
     m = result["minilm"]
@@ -203,6 +214,11 @@ def main() -> None:
             cos = f"{r['mean']:.4f} / {r['min']:.4f}" if "mean" in r else "-"
             ppl = f"{r['ppl']:.2f} | {r['ppl'] - bf16:+.2f}" if "ppl" in r else "- | -"
             print(f"| {model} | {name} | {r['mse']:.4e} | {100 * (r['mse'] / base - 1):+.1f}% | {cos} | {ppl} |")
+
+    print("\nSmolLM2 perplexity on other texts (double quantization, head kept)")
+    print("| text | words | bf16 | absmax | search | search + importance |\n|---|---|---|---|---|---|")
+    for name, r in result["other_texts"].items():
+        print(f"| {name} | {r['words']} | {r['bf16']:.2f} | {r['absmax']:.2f} | {r['search']:.2f} | {r['search + importance']:.2f} |")
 
 
 if __name__ == "__main__":
