@@ -15,7 +15,7 @@ import logging
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from .errors import ClusterError, MissingDependencyError, NF4ConvertError
+from .errors import ClusterError, MissingDependencyError
 from .task import Progress, ShardTask, run_task
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ def run_on_dask(
     except (OSError, TimeoutError) as e:
         if cluster is not None:
             cluster.close()
-        raise ClusterError(f"{scheduler}: cannot reach the Dask scheduler ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'})") from None
+        raise ClusterError(f"{scheduler or 'local cluster'}: cannot reach the Dask scheduler ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else 'no answer'})") from None
     run = uuid.uuid4().hex[:8]  # keys unique to this run: a resumed run never reuses a finished one's results
     futures: dict[Any, ShardTask] = {}
     try:
@@ -67,10 +67,8 @@ def run_on_dask(
         for future in as_completed(futures):
             try:
                 record = future.result()
-            except KilledWorker as e:
+            except KilledWorker as e:  # a task's own error (bad input) is raised as it is
                 raise ClusterError(f"{futures[future].name}: its workers kept dying ({e}); see the workers' logs (memory?)") from None
-            except NF4ConvertError:
-                raise
             finished(record)
             if progress:
                 progress(futures[future].source_bytes)
