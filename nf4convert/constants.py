@@ -39,8 +39,9 @@ EXPERT_MODES = ("quantize", "keep")
 #: How each block's scale is chosen (``--scales``, spec section 2.6): its absmax (bitsandbytes' rule,
 #: bit-exact), or a search for the scale of least squared error.
 SCALE_METHODS = ("absmax", "search")
-#: The search's candidate scales, as factors of the block's absmax (each also refitted by least squares).
-SEARCH_FACTORS = (0.95, 0.9, 0.85)
+#: The search's candidate scales, as factors of the block's absmax: the codes of the best one are refitted
+#: by least squares (spec section 2.6).
+SEARCH_GRID = (1.05, 1.0, 0.9)
 #: Blocks whose absmax is below this keep the absmax encoding (their reciprocal would overflow).
 SEARCH_MIN_SCALE = 1e-30
 #: Block size of the second-level (8-bit) quantization of absmax.

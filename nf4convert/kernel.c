@@ -103,27 +103,59 @@ NF4_AVX2 static __m256 load8_avx2(const void *src, int dtype, int64_t i) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-/* Codes of 8 scaled values as int32 lanes: a 4-level binary search over the 15 thresholds,
- * each level comparing against t[code + 7], t[code + 3], t[code + 1], t[code] (code so far). */
-NF4_AVX2 static __m256i codes8_avx2(__m256 v, __m256 t7, __m256 t3, __m256 t11, __m256 odd, __m256 even) {
-    const __m256i one = _mm256_set1_epi32(1);
-    __m256 gt = _mm256_cmp_ps(v, t7, _CMP_GT_OQ);
-    __m256i code = _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(8));
-    gt = _mm256_cmp_ps(v, _mm256_blendv_ps(t3, t11, gt), _CMP_GT_OQ);
-    code = _mm256_or_si256(code, _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(4)));
-    gt = _mm256_cmp_ps(v, _mm256_permutevar8x32_ps(odd, _mm256_srli_epi32(code, 2)), _CMP_GT_OQ);
-    code = _mm256_or_si256(code, _mm256_and_si256(_mm256_castps_si256(gt), _mm256_set1_epi32(2)));
-    gt = _mm256_cmp_ps(v, _mm256_permutevar8x32_ps(even, _mm256_srli_epi32(code, 1)), _CMP_GT_OQ);
-    return _mm256_or_si256(code, _mm256_and_si256(_mm256_castps_si256(gt), one));
+/* The thresholds and the levels as vectors: t[3], t[7], t[11] broadcast, and 4-entry tables indexed by
+ * the code's top two bits, k = code >> 2, repeated in both 128-bit lanes for in-lane permutes:
+ * t_r = (t[r], t[4 + r], t[8 + r], t[12 + r]) and c_r likewise. */
+typedef struct {
+    const float *t, *c; /* for scalar tails */
+    __m256 t3, t7, t11, t_0, t_1, t_2, c_0, c_1, c_2, c_3;
+} levels_avx2;
+
+NF4_AVX2 static __m256 table4(const float *v, int r) { return _mm256_setr_ps(v[r], v[4 + r], v[8 + r], v[12 + r], v[r], v[4 + r], v[8 + r], v[12 + r]); }
+
+NF4_AVX2 static void levels_for_avx2(const float *t, const float *c, levels_avx2 *L) {
+    L->t = t, L->c = c;
+    L->t3 = _mm256_set1_ps(t[3]), L->t7 = _mm256_set1_ps(t[7]), L->t11 = _mm256_set1_ps(t[11]);
+    L->t_0 = table4(t, 0), L->t_1 = table4(t, 1), L->t_2 = table4(t, 2);
+    if (c) L->c_0 = table4(c, 0), L->c_1 = table4(c, 1), L->c_2 = table4(c, 2), L->c_3 = table4(c, 3);
+}
+
+/* The code of 8 scaled values by a binary search over the 15 thresholds: t[7], then t[3] or t[11],
+ * give the top two bits, k = code >> 2 (int32 lanes, 0 to 3); then t[4k + 1] gives bit 1, and
+ * t[4k + 2 bit1] bit 0 (as masks). */
+NF4_AVX2 static inline __m256i search_avx2(const levels_avx2 *L, __m256 v, __m256 *bit1, __m256 *bit0) {
+    __m256 gt7 = _mm256_cmp_ps(v, L->t7, _CMP_GT_OQ);
+    __m256 gt2 = _mm256_cmp_ps(v, _mm256_blendv_ps(L->t3, L->t11, gt7), _CMP_GT_OQ);
+    __m256i k = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(gt7), _mm256_set1_epi32(2)), _mm256_castps_si256(gt2));
+    *bit1 = _mm256_cmp_ps(v, _mm256_permutevar_ps(L->t_1, k), _CMP_GT_OQ);
+    __m256 last = _mm256_blendv_ps(_mm256_permutevar_ps(L->t_0, k), _mm256_permutevar_ps(L->t_2, k), *bit1);
+    *bit0 = _mm256_cmp_ps(v, last, _CMP_GT_OQ);
+    return k;
+}
+
+/* Codes of 8 scaled values as int32 lanes: the number of thresholds below each. */
+NF4_AVX2 static __m256i codes8_avx2(const levels_avx2 *L, __m256 v) {
+    __m256 bit1, bit0;
+    __m256i k = search_avx2(L, v, &bit1, &bit0);
+    __m256i low = _mm256_or_si256(_mm256_and_si256(_mm256_castps_si256(bit1), _mm256_set1_epi32(2)), _mm256_srli_epi32(_mm256_castps_si256(bit0), 31));
+    return _mm256_or_si256(_mm256_slli_epi32(k, 2), low);
+}
+
+/* 32 int32 codes -> 32 bytes in order -> 16 bytes of (first << 4 | second). */
+NF4_AVX2 static void pack32_avx2(const __m256i q[4], uint8_t *packed) {
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i high_then_low = _mm256_set1_epi16(0x0110); /* byte weights 16, 1 */
+    __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(q[0], q[1]), _mm256_packus_epi32(q[2], q[3]));
+    bytes = _mm256_permutevar8x32_epi32(bytes, order);
+    __m256i pairs = _mm256_maddubs_epi16(bytes, high_then_low);
+    pairs = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
+    _mm_storeu_si128((__m128i *)packed, _mm256_castsi256_si128(pairs));
 }
 
 NF4_AVX2 static void blocks_avx2(const void *src, int dtype, int64_t first, int64_t count, int64_t bs,
                                  const float *t, float floor, uint8_t *packed, float *absmax) {
-    const __m256 t7 = _mm256_set1_ps(t[7]), t3 = _mm256_set1_ps(t[3]), t11 = _mm256_set1_ps(t[11]);
-    const __m256 odd = _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0);
-    const __m256 even = _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    const __m256i high_then_low = _mm256_set1_epi16(0x0110); /* byte weights 16, 1 */
+    levels_avx2 L;
+    levels_for_avx2(t, NULL, &L);
     for (int64_t b = first; b < first + count; b++) {
         int64_t base = b * bs;
         absmax[b] = bits_to_float(absmax_bits_avx2(src, dtype, base, bs));
@@ -131,13 +163,8 @@ NF4_AVX2 static void blocks_avx2(const void *src, int dtype, int64_t first, int6
         for (int64_t i = 0; i < bs; i += 32) {
             __m256i c[4];
             for (int k = 0; k < 4; k++)
-                c[k] = codes8_avx2(_mm256_mul_ps(load8_avx2(src, dtype, base + i + 8 * k), inv), t7, t3, t11, odd, even);
-            /* 32 int32 codes -> 32 bytes in order -> 16 bytes of (first << 4 | second). */
-            __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c[0], c[1]), _mm256_packus_epi32(c[2], c[3]));
-            bytes = _mm256_permutevar8x32_epi32(bytes, order);
-            __m256i pairs = _mm256_maddubs_epi16(bytes, high_then_low);
-            pairs = _mm256_permute4x64_epi64(_mm256_packus_epi16(pairs, pairs), 0x08);
-            _mm_storeu_si128((__m128i *)(packed + (base + i) / 2), _mm256_castsi256_si128(pairs));
+                c[k] = codes8_avx2(&L, _mm256_mul_ps(load8_avx2(src, dtype, base + i + 8 * k), inv));
+            pack32_avx2(c, packed + (base + i) / 2);
         }
     }
 }
@@ -308,158 +335,250 @@ void nf4_decode_fp8(const uint8_t *q, int64_t rows, int64_t cols, const float *s
 /* Eight partial sums (lane i % 8), added in a fixed tree: the same result on every machine. */
 static float lanes_sum(const float l[8]) { return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7])); }
 
-static void pack_block(const uint8_t *q, int64_t n, uint8_t *packed) {
-    for (int64_t i = 0; i < n; i += 2) packed[i / 2] = (uint8_t)(q[i] << 4 | (i + 1 < n ? q[i + 1] : 7));
+/* The code of one value: the number of thresholds below it. */
+static uint8_t code_of(float v, const float *t) {
+    uint8_t k = 0;
+    for (int m = 0; m < 15; m++) k += t[m] < v;
+    return k;
 }
 
-/* Weighted squared error sum w * (x - s c[q])^2 of coding x[0..n) (n a multiple of 8; padding zeros
- * add nothing) as c[q[i]] * s, with sum w x c and sum w c c for the least-squares refit; each term is
- * w * (its product), so weights of 1 give the unweighted sums exactly. With `inv` non-zero the codes
- * are first chosen for x * inv: the number of thresholds below it. */
-typedef float (*block_error_fn)(const float *, const float *, int64_t, float, float, const float *, const float *, uint8_t *, float *, float *);
+/* The thresholds and the levels, as the portable path uses them. */
+typedef struct {
+    const float *t, *c;
+} levels_portable;
 
-static float block_error_portable(const float *x, const float *w, int64_t n, float s, float inv, const float *t, const float *c,
-                                  uint8_t *q, float *num, float *den) {
-    float e[8] = {0}, a[8] = {0}, d[8] = {0};
+/* Codes of x[0..n) * inv, packed (the high nibble first; an odd n pads with code 7). */
+static void encode_portable(const void *levels, const float *x, int64_t n, float inv, uint8_t *packed) {
+    const float *t = ((const levels_portable *)levels)->t;
+    for (int64_t i = 0; i < n; i += 2)
+        packed[i / 2] = (uint8_t)(code_of(x[i] * inv, t) << 4 | (i + 1 < n ? code_of(x[i + 1] * inv, t) : 7));
+}
+
+/* A candidate's sums over x[0..n) (n a multiple of 8; padding zeros add nothing): with codes q for
+ * x * inv, A = sum wx c[q] and D = sum w (c[q] c[q]), where wx = fl(w x). Unweighted (w NULL), the
+ * terms are x c[q] and c[q] c[q]: what weights of 1 give, exactly. */
+static void candidate_portable(const void *levels, const float *x, const float *wx, const float *w, int64_t n, float inv,
+                               float *A, float *D) {
+    const levels_portable *L = levels;
+    float a[8] = {0}, d[8] = {0};
     for (int64_t i = 0; i < n; i += 8)
         for (int j = 0; j < 8; j++) {
-            float xv = x[i + j];
-            if (inv != 0.0f) {
-                float v = xv * inv;
-                int k = 0;
-                for (int m = 0; m < 15; m++) k += t[m] < v;
-                q[i + j] = (uint8_t)k;
-            }
-            float cq = c[q[i + j]], r = xv - s * cq, wv = w[i + j];
-            e[j] += wv * (r * r);
-            a[j] += wv * (xv * cq);
-            d[j] += wv * (cq * cq);
+            float cq = L->c[code_of(x[i + j] * inv, L->t)];
+            a[j] += (w ? wx[i + j] : x[i + j]) * cq;
+            d[j] += w ? w[i + j] * (cq * cq) : cq * cq;
         }
-    *num = lanes_sum(a);
-    *den = lanes_sum(d);
-    return lanes_sum(e);
+    *A = lanes_sum(a);
+    *D = lanes_sum(d);
+}
+
+/* candidate_portable for `nb` blocks of n values each, block i at x + i n with reciprocal inv[i]. */
+static void candidates_portable(const void *levels, const float *x, const float *wx, const float *w, int64_t n, int nb,
+                                const float *inv, float *A, float *D) {
+    for (int i = 0; i < nb; i++) candidate_portable(levels, x + i * n, wx + i * n, w ? w + i * n : NULL, n, inv[i], A + i, D + i);
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-/* Whole groups of 8 of x[0..len); returns how many values it loaded. */
-NF4_AVX2 static int64_t load_block_avx2(const void *src, int dtype, int64_t base, int64_t len, float *x) {
+/* Whole groups of 8 of x[0..len), and the largest of their |x| bits in *max_bits; returns how many
+ * values it loaded. */
+NF4_AVX2 static int64_t load_block_avx2(const void *src, int dtype, int64_t base, int64_t len, float *x, uint32_t *max_bits) {
+    const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+    __m256i m = _mm256_setzero_si256();
     int64_t i = 0;
-    for (; i + 8 <= len; i += 8) _mm256_storeu_ps(x + i, load8_avx2(src, dtype, base + i));
+    for (; i + 8 <= len; i += 8) {
+        __m256 v = load8_avx2(src, dtype, base + i);
+        _mm256_storeu_ps(x + i, v);
+        m = _mm256_max_epu32(m, _mm256_and_si256(_mm256_castps_si256(v), mask));
+    }
+    uint32_t lanes[8];
+    _mm256_storeu_si256((__m256i *)lanes, m);
+    for (int k = 0; k < 8; k++) *max_bits = lanes[k] > *max_bits ? lanes[k] : *max_bits;
     return i;
 }
 
-/* The same operations on 8 lanes: lane j takes elements i + j, as the partial sums above. */
-NF4_AVX2 static float block_error_avx2(const float *x, const float *w, int64_t n, float s, float inv, const float *t, const float *c,
-                                       uint8_t *q, float *num, float *den) {
-    const __m256 t7 = _mm256_set1_ps(t[7]), t3 = _mm256_set1_ps(t[3]), t11 = _mm256_set1_ps(t[11]);
-    const __m256 odd = _mm256_setr_ps(t[1], t[5], t[9], t[13], 0, 0, 0, 0);
-    const __m256 even = _mm256_setr_ps(t[0], t[2], t[4], t[6], t[8], t[10], t[12], t[14]);
-    const __m256 c_lo = _mm256_loadu_ps(c), c_hi = _mm256_loadu_ps(c + 8), vs = _mm256_set1_ps(s), vinv = _mm256_set1_ps(inv);
-    __m256 e = _mm256_setzero_ps(), a = _mm256_setzero_ps(), d = _mm256_setzero_ps();
-    for (int64_t i = 0; i < n; i += 8) {
-        __m256 xv = _mm256_loadu_ps(x + i);
-        __m256i code;
-        if (inv != 0.0f) {
-            code = codes8_avx2(_mm256_mul_ps(xv, vinv), t7, t3, t11, odd, even);
-            __m128i w = _mm_packus_epi32(_mm256_castsi256_si128(code), _mm256_extracti128_si256(code, 1));
-            _mm_storel_epi64((__m128i *)(q + i), _mm_packus_epi16(w, w));
-        } else {
-            code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)));
-        }
-        __m256 cq = _mm256_blendv_ps(_mm256_permutevar8x32_ps(c_lo, code), _mm256_permutevar8x32_ps(c_hi, code),
-                                     _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
-        __m256 r = _mm256_sub_ps(xv, _mm256_mul_ps(vs, cq)), wv = _mm256_loadu_ps(w + i);
-        e = _mm256_add_ps(e, _mm256_mul_ps(wv, _mm256_mul_ps(r, r)));
-        a = _mm256_add_ps(a, _mm256_mul_ps(wv, _mm256_mul_ps(xv, cq)));
-        d = _mm256_add_ps(d, _mm256_mul_ps(wv, _mm256_mul_ps(cq, cq)));
-    }
-    float le[8], la[8], ld[8];
-    _mm256_storeu_ps(le, e);
-    _mm256_storeu_ps(la, a);
-    _mm256_storeu_ps(ld, d);
-    *num = lanes_sum(la);
-    *den = lanes_sum(ld);
-    return lanes_sum(le);
-}
-#endif
-
-/* x[0..len) = the block's values as float32. */
-static void load_block(const void *src, int dtype, int64_t base, int64_t len, float *x, int simd) {
+NF4_AVX2 static void encode_avx2(const void *levels, const float *x, int64_t n, float inv, uint8_t *packed) {
+    const levels_avx2 *L = levels;
+    const __m256 vinv = _mm256_set1_ps(inv);
     int64_t i = 0;
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (simd && nf4_simd()) i = load_block_avx2(src, dtype, base, len, x);
-#endif
-    (void)simd;
-    for (; i < len; i++) x[i] = bits_to_float(element_bits(src, dtype, base + i));
+    for (; i + 32 <= n; i += 32) {
+        __m256i q[4];
+        for (int k = 0; k < 4; k++) q[k] = codes8_avx2(L, _mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), vinv));
+        pack32_avx2(q, packed + i / 2);
+    }
+    levels_portable scalar = {L->t, L->c};
+    encode_portable(&scalar, x + i, n - i, inv, packed + i / 2);
 }
 
-static block_error_fn block_error_for(int simd) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (simd && nf4_simd()) return block_error_avx2;
-#endif
-    (void)simd;
-    return block_error_portable;
-}
-
-/* Blocks [first, first + count) of the n elements of `src`, already coded by absmax (`absmax`,
- * `packed`): for each block whose absmax is at least `min_scale`, keep the scale of least (weighted)
- * squared error among: absmax with its codes; then for each scale s in absmax * factors[k] the codes of
- * x * (1/s); and after absmax and after each s, the least-squares refit r = sum(x c) / sum(c c) of
- * those codes, with the codes of x * (1/r). A later candidate wins only with a strictly smaller
- * error. Writes the chosen scale to absmax[b] and its codes to packed. With `importance` (float32,
- * `cols` of them), element i of src weighs importance[(offset + i) % cols], where offset is src's
- * first element's place in its tensor; else every element weighs 1. */
-void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
-                       const float *t, const float *c, const float *factors, int nfactors, float min_scale,
-                       const float *importance, int64_t cols, int64_t offset,
-                       float *absmax, uint8_t *packed, int simd) {
-    block_error_fn block_error = block_error_for(simd);
-    float x[4096], w[4096];
-    uint8_t q[4096], best_q[4096];
-    for (int64_t i = 0; i < 4096; i++) w[i] = 1.0f;
-    for (int64_t b = first; b < first + count; b++) {
-        int64_t base = b * bs, len = n - base < bs ? n - base : bs, padded = (len + 7) & ~(int64_t)7;
-        float m = absmax[b], num, den;
-        if (!(m >= min_scale)) continue;
-        load_block(src, dtype, base, len, x, simd);
-        for (int64_t i = len; i < padded; i++) x[i] = 0.0f;
-        if (importance)
-            for (int64_t i = 0, col = (offset + base) % cols; i < len; i++, col = col + 1 == cols ? 0 : col + 1) w[i] = importance[col];
-        for (int64_t i = 0; i < padded; i++)
-            best_q[i] = i >= len ? 7 : (uint8_t)(i & 1 ? packed[(base + i) / 2] & 0xF : packed[(base + i) / 2] >> 4);
-        float best = block_error(x, w, padded, m, 0.0f, t, c, best_q, &num, &den), best_s = m;
-        for (int k = -1; k < nfactors; k++) {
-            float s = m, err;
-            if (k >= 0) {
-                s = m * factors[k];
-                err = block_error(x, w, padded, s, 1.0f / s, t, c, q, &num, &den);
-                if (err < best) best = err, best_s = s, memcpy(best_q, q, (size_t)padded);
-            }
-            if (!(num > 0.0f && den > 0.0f)) continue;
-            float r = num / den;
-            if (!(r >= min_scale)) continue;
-            err = block_error(x, w, padded, r, 1.0f / r, t, c, q, &num, &den);
-            if (err < best) best = err, best_s = r, memcpy(best_q, q, (size_t)padded);
+/* candidate_portable on 8 lanes. The code's level comes from search_avx2's parts: k picks the level of
+ * each table c_r, bit 1 and bit 0 the table. The two lane sums are added in lanes_sum's tree: hadd
+ * adds neighbours, twice, then the halves are added. */
+NF4_AVX2 static inline void candidate_avx2(const levels_avx2 *L, const float *x, const float *wx, const float *w, int64_t n,
+                                           float inv, float *A, float *D, int weighted) {
+    const __m256 vinv = _mm256_set1_ps(inv);
+    __m256 a = _mm256_setzero_ps(), d = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n; i += 8) {
+        __m256 xv = _mm256_loadu_ps(x + i), v = _mm256_mul_ps(xv, vinv);
+        __m256 bit1, bit0;
+        __m256i k = search_avx2(L, v, &bit1, &bit0);
+        __m256 even = _mm256_blendv_ps(_mm256_permutevar_ps(L->c_0, k), _mm256_permutevar_ps(L->c_2, k), bit1);
+        __m256 odd = _mm256_blendv_ps(_mm256_permutevar_ps(L->c_1, k), _mm256_permutevar_ps(L->c_3, k), bit1);
+        __m256 cq = _mm256_blendv_ps(even, odd, bit0);
+        if (weighted) {
+            a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(wx + i), cq));
+            d = _mm256_add_ps(d, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(cq, cq)));
+        } else {
+            a = _mm256_add_ps(a, _mm256_mul_ps(xv, cq));
+            d = _mm256_add_ps(d, _mm256_mul_ps(cq, cq));
         }
-        absmax[b] = best_s;
-        pack_block(best_q, len, packed + base / 2);
+    }
+    __m256 h = _mm256_hadd_ps(a, d);
+    h = _mm256_hadd_ps(h, h);
+    __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    *A = _mm_cvtss_f32(sums);
+    *D = _mm_cvtss_f32(_mm_shuffle_ps(sums, sums, 1));
+}
+
+NF4_AVX2 static void candidates_avx2_plain(const void *levels, const float *x, const float *wx, const float *w, int64_t n, int nb,
+                                           const float *inv, float *A, float *D) {
+    for (int i = 0; i < nb; i++) candidate_avx2(levels, x + i * n, wx, w, n, inv[i], A + i, D + i, 0);
+}
+
+NF4_AVX2 static void candidates_avx2_weighted(const void *levels, const float *x, const float *wx, const float *w, int64_t n, int nb,
+                                              const float *inv, float *A, float *D) {
+    for (int i = 0; i < nb; i++) candidate_avx2(levels, x + i * n, wx + i * n, w + i * n, n, inv[i], A + i, D + i, 1);
+}
+#endif
+
+/* The tables of both paths. */
+typedef struct {
+    levels_portable portable;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    levels_avx2 vectors;
+#endif
+} levels_storage;
+
+/* x[0..len) = the block's values as float32; returns the largest |x| as float32 bits, compared as
+ * integers (a NaN sorts above +Inf). */
+static uint32_t load_block(const void *src, int dtype, int64_t base, int64_t len, float *x, int simd) {
+    int64_t i = 0;
+    uint32_t max_bits = 0;
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (simd) i = load_block_avx2(src, dtype, base, len, x, &max_bits);
+#else
+    (void)simd;
+#endif
+    for (; i < len; i++) {
+        uint32_t u = element_bits(src, dtype, base + i);
+        x[i] = bits_to_float(u);
+        max_bits = (u & 0x7FFFFFFF) > max_bits ? u & 0x7FFFFFFF : max_bits;
+    }
+    return max_bits;
+}
+
+/* The AVX2 or the portable functions, and the tables they take. */
+typedef struct {
+    void (*candidates)(const void *, const float *, const float *, const float *, int64_t, int, const float *, float *, float *);
+    void (*encode)(const void *, const float *, int64_t, float, uint8_t *);
+    const void *levels;
+    int simd;
+} search_path;
+
+/* AVX2 where `simd` asks for it and the CPU has it, else portable C; the tables go to *storage. */
+static search_path search_path_for(int simd, int weighted, const float *t, const float *c, levels_storage *storage) {
+    storage->portable = (levels_portable){t, c};
+    search_path path = {candidates_portable, encode_portable, &storage->portable, 0};
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    if (simd && nf4_simd()) {
+        levels_for_avx2(t, c, &storage->vectors);
+        path = (search_path){weighted ? candidates_avx2_weighted : candidates_avx2_plain, encode_avx2, &storage->vectors, 1};
+    }
+#else
+    (void)simd, (void)weighted;
+#endif
+    return path;
+}
+
+enum { SEARCH_BATCH = 8, SEARCH_GRID_MAX = 16 };
+
+/* Blocks [first, first + count) of the n elements of `src`, encoded by the search: for a block of
+ * largest magnitude m (finite, at least `min_scale`), each grid scale s = m * grid[k] gives codes
+ * for x * (1/s) and their sums A, D (candidate_portable); the first candidate of largest score
+ * A * A / D among those with A > 0 and D > 0 is refitted, r = A / D, and the block stores r
+ * (when r >= min_scale and finite) with the codes of x * (1/r). Any other block gets the absmax
+ * encoding (sections 2.2 to 2.4), written here for a full block; a partial last block's is the
+ * caller's. With `importance` (float32, `cols` of them), element i of src weighs
+ * importance[(offset + i) % cols], where offset is src's first element's place in its tensor;
+ * else every element weighs 1. At most SEARCH_GRID_MAX grid factors.
+ *
+ * Blocks go in batches, each step over all blocks of a batch, so that no block waits on another's
+ * divisions; the per-block arithmetic is loops over the batch, which the compiler vectorizes. */
+void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
+                       const float *t, const float *c, const float *grid, int ngrid, float floor, float min_scale,
+                       const float *importance, int64_t cols, int64_t offset, float *absmax, uint8_t *packed, int simd) {
+    levels_storage storage;
+    search_path path = search_path_for(simd, importance != NULL, t, c, &storage);
+    const int batch = bs * SEARCH_BATCH <= 4096 ? SEARCH_BATCH : (int)(4096 / bs);
+    float x[4096], wx[4096], w[4096];
+    float m[SEARCH_BATCH], inv[SEARCH_GRID_MAX][SEARCH_BATCH], A[SEARCH_GRID_MAX][SEARCH_BATCH], D[SEARCH_GRID_MAX][SEARCH_BATCH];
+    for (int64_t b0 = first; b0 < first + count; b0 += batch) {
+        int nb = first + count - b0 < batch ? (int)(first + count - b0) : batch;
+        int64_t total = nb * bs;
+        for (int i = 0; i < nb; i++) {
+            int64_t base = (b0 + i) * bs, len = n - base < bs ? n - base : bs;
+            uint32_t bits = load_block(src, dtype, base, len, x + i * bs, path.simd);
+            for (int64_t j = len; j < bs; j++) x[i * bs + j] = 0.0f;
+            m[i] = bits < 0x7F800000 && bits_to_float(bits) >= min_scale ? bits_to_float(bits) : 0.0f; /* 0: not searched */
+        }
+        if (importance) {
+            for (int64_t i = 0, col = (offset + b0 * bs) % cols; i < total; col = 0) {
+                int64_t run = cols - col < total - i ? cols - col : total - i;
+                memcpy(w + i, importance + col, sizeof(float) * (size_t)run);
+                i += run;
+            }
+            for (int64_t i = n - b0 * bs; i < total; i++) w[i] = 0.0f; /* past the tensor's end */
+            for (int64_t i = 0; i < total; i++) wx[i] = w[i] * x[i];
+        }
+        for (int k = 0; k < ngrid; k++)
+            for (int i = 0; i < nb; i++) inv[k][i] = m[i] != 0.0f ? 1.0f / (m[i] * grid[k]) : 0.0f; /* 0: every code 7 */
+        for (int k = 0; k < ngrid; k++) path.candidates(path.levels, x, wx, importance ? w : NULL, bs, nb, inv[k], A[k], D[k]);
+        float best_score[SEARCH_BATCH], best_a[SEARCH_BATCH], best_d[SEARCH_BATCH];
+        for (int i = 0; i < nb; i++) best_score[i] = -1.0f, best_a[i] = 0.0f, best_d[i] = 1.0f;
+        for (int k = 0; k < ngrid; k++)
+            for (int i = 0; i < nb; i++) {
+                int valid = A[k][i] > 0.0f && D[k][i] > 0.0f; /* below, D is 1 where not: no division by 0 */
+                float score = valid ? A[k][i] * A[k][i] / (valid ? D[k][i] : 1.0f) : -1.0f;
+                int take = score > best_score[i];
+                best_score[i] = take ? score : best_score[i];
+                best_a[i] = take ? A[k][i] : best_a[i];
+                best_d[i] = take ? D[k][i] : best_d[i];
+            }
+        for (int i = 0; i < nb; i++) {
+            int64_t b = b0 + i, base = b * bs, len = n - base < bs ? n - base : bs;
+            float r = best_a[i] / best_d[i];
+            if (best_score[i] > 0.0f && r >= min_scale && r < __builtin_inff()) {
+                absmax[b] = r;
+                path.encode(path.levels, x + i * bs, len, 1.0f / r, packed + base / 2);
+            } else if (len == bs) {
+                nf4_quantize_blocks(src, dtype, b, 1, bs, t, floor, packed, absmax, simd);
+            }
+        }
     }
 }
 
 /* Codes of blocks [first, first + count) for given scales (with double quantization, the scales a
  * loader will use): x * (1/s), or code 7 (zero) everywhere where s < min_scale. */
 void nf4_encode_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
-                       const float *t, const float *scales, float min_scale, uint8_t *packed) {
-    uint8_t q[4096];
+                       const float *t, const float *scales, float min_scale, uint8_t *packed, int simd) {
+    levels_storage storage;
+    search_path path = search_path_for(simd, 0, t, NULL, &storage);
+    float x[4096];
     for (int64_t b = first; b < first + count; b++) {
         int64_t base = b * bs, len = n - base < bs ? n - base : bs;
-        float s = scales[b], inv = s >= min_scale ? 1.0f / s : 0.0f;
-        for (int64_t i = 0; i < len; i++) {
-            float v = bits_to_float(element_bits(src, dtype, base + i)) * inv;
-            q[i] = 0;
-            for (int k = 0; k < 15; k++) q[i] += t[k] < v;
-            q[i] = inv != 0.0f ? q[i] : 7;
+        float s = scales[b];
+        if (s >= min_scale) {
+            load_block(src, dtype, base, len, x, path.simd);
+            path.encode(path.levels, x, len, 1.0f / s, packed + base / 2);
+        } else {
+            memset(packed + base / 2, 0x77, (size_t)(len + 1) / 2);
         }
-        pack_block(q, len, packed + base / 2);
     }
 }

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .constants import ABSMAX_FLOOR, SEARCH_FACTORS, SEARCH_MIN_SCALE
+from .constants import ABSMAX_FLOOR, SEARCH_GRID, SEARCH_MIN_SCALE
 from .files import cache_dir
 
 SOURCE = Path(__file__).with_name("kernel.c")
@@ -90,12 +90,12 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
     lib.nf4_decode_fp8.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 2, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int]
     lib.nf4_search_blocks.restype = None
     lib.nf4_search_blocks.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-        ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     lib.nf4_encode_blocks.restype = None
     lib.nf4_encode_blocks.argtypes = [
-        ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     return lib, ""
 
@@ -183,22 +183,26 @@ def decode_fp8(data: torch.Tensor, scale: torch.Tensor, first_row: int, block: t
 
 def search_blocks(
     flat: torch.Tensor, bs: int, thresholds: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor,
-    importance: torch.Tensor | None = None, offset: int = 0,
+    importance: torch.Tensor | None = None, offset: int = 0, grid: tuple[float, ...] = SEARCH_GRID,
 ) -> None:
-    """``--scales search`` over every block of ``flat`` (contiguous CPU, coded by absmax into ``absmax``
-    and ``packed``, which are updated in place), each element's error weighted by ``importance`` of its
-    column (``offset`` is ``flat``'s first element's place in its matrix); see ``nf4_search_blocks``."""
+    """``--scales search`` of every block of ``flat`` (contiguous CPU) into ``absmax`` and ``packed``;
+    a partial last block must already hold its absmax encoding, which it keeps where the search does not
+    apply. Each element's error is weighted by ``importance`` of its column (``offset`` is ``flat``'s
+    first element's place in its matrix); ``grid``: the candidates' factors (the spec's is
+    :data:`~nf4convert.constants.SEARCH_GRID`; others are for measuring); see ``nf4_search_blocks``."""
     lib = library()
     t, c = thresholds.contiguous(), code.contiguous()
     imp = importance.contiguous() if importance is not None else None
     cols = imp.numel() if imp is not None else 1
-    factors = (ctypes.c_float * len(SEARCH_FACTORS))(*SEARCH_FACTORS)
+    if not 0 < len(grid) <= 16:
+        raise ValueError("the search takes 1 to 16 grid factors")
+    factors = (ctypes.c_float * len(grid))(*grid)
     n = flat.numel()
 
     def run(first: int, count: int) -> None:
         lib.nf4_search_blocks(
-            flat.data_ptr(), _DTYPES[flat.dtype], n, first, count, bs, t.data_ptr(), c.data_ptr(),
-            factors, len(SEARCH_FACTORS), SEARCH_MIN_SCALE, imp.data_ptr() if imp is not None else None, cols, offset,
+            flat.data_ptr(), _DTYPES[flat.dtype], n, first, count, bs, t.data_ptr(), c.data_ptr(), factors, len(grid),
+            ABSMAX_FLOOR, SEARCH_MIN_SCALE, imp.data_ptr() if imp is not None else None, cols, offset,
             absmax.data_ptr(), packed.data_ptr(), int(_simd()),
         )  # fmt: skip
 
@@ -213,7 +217,9 @@ def encode_blocks(flat: torch.Tensor, bs: int, thresholds: torch.Tensor, scales:
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
 
     def run(first: int, count: int) -> None:
-        lib.nf4_encode_blocks(flat.data_ptr(), _DTYPES[flat.dtype], n, first, count, bs, t.data_ptr(), s.data_ptr(), SEARCH_MIN_SCALE, packed.data_ptr())
+        lib.nf4_encode_blocks(
+            flat.data_ptr(), _DTYPES[flat.dtype], n, first, count, bs, t.data_ptr(), s.data_ptr(), SEARCH_MIN_SCALE, packed.data_ptr(), int(_simd())
+        )  # fmt: skip
 
     _split(s.numel(), bs, run)
     return packed

@@ -186,8 +186,8 @@ def quantize_nf4(
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
-    blocks = flat[:full].view(-1, blocksize)
-    _quantize_full_blocks(blocks, kernel, packed[: full // 2], absmax[: full // blocksize])
+    if scales == "absmax":
+        _quantize_full_blocks(flat[:full].view(-1, blocksize), kernel, packed[: full // 2], absmax[: full // blocksize])
     if full < n:
         tail = flat[full:].float()
         absmax[-1] = tail.abs().max().clamp(min=ABSMAX_FLOOR)
@@ -195,16 +195,15 @@ def quantize_nf4(
         if codes.numel() % 2:
             codes = torch.cat([codes, codes.new_full((1,), NF4_CODE.index(0.0))])
         packed[full // 2 :] = _pack(codes.to(torch.uint8))
-    bad = (~torch.isfinite(absmax)).nonzero()
-    if bad.numel():
-        block = int(bad[0])
-        raise QuantizationError(
-            f"{name}: contains NaN or Inf (first in elements {first + block * blocksize}..{first + min(n, (block + 1) * blocksize) - 1})"
-        )
     if scales == "search":
         from . import native
 
         native.search_blocks(flat.contiguous(), blocksize, NF4_THRESHOLDS, _NF4, absmax, packed, importance, first)
+    if not torch.isfinite(absmax).all():
+        block = int((~torch.isfinite(absmax)).nonzero()[0])
+        raise QuantizationError(
+            f"{name}: contains NaN or Inf (first in elements {first + block * blocksize}..{first + min(n, (block + 1) * blocksize) - 1})"
+        )
     return packed.unsqueeze(1), absmax
 
 

@@ -16,6 +16,7 @@ from nf4convert.load import float_numerics
 from nf4convert.plan import Options
 from nf4convert.quantize import NF4Weight, dequantize, dequantize_absmax, quantize_nf4
 
+from .reference import reference_search
 from .test_convert import load_all
 
 transformers = pytest.importorskip("transformers")
@@ -39,6 +40,25 @@ def test_no_block_has_more_error_than_absmax_and_the_total_is_lower(dtype, shape
     search = block_errors(w.float(), *quantize_nf4(w, kernel="native", scales="search"))
     assert (search <= absmax * (1 + 1e-6) + 1e-30).all()
     assert search.sum() < 0.9 * absmax.sum()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("blocksize", [64, 256])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_the_kernel_writes_the_bytes_the_spec_defines(dtype, blocksize, weighted):
+    """Against spec section 2.6 written out in numpy: a partial last block of odd size, an all-zero
+    block and a block below SEARCH_MIN_SCALE (both keep absmax), and columns of weight 0."""
+    torch.manual_seed(0)
+    w = (torch.randn(37, 999) * 0.02).to(dtype)
+    w.view(-1)[:blocksize] = 0
+    w.view(-1)[blocksize : 2 * blocksize] = 1e-31 if dtype == torch.float32 else 0
+    importance = None
+    if weighted:
+        importance = torch.rand(999) * 3
+        importance[300:600] = 0
+    ours = quantize_nf4(w, blocksize=blocksize, kernel="native", scales="search", importance=importance)
+    spec = reference_search(w, blocksize, quantize_nf4(w, blocksize=blocksize, kernel="native"), importance)
+    assert torch.equal(ours[0], spec[0]) and torch.equal(ours[1], spec[1])
 
 
 def test_same_bytes_on_every_path_and_thread_count(tmp_path):

@@ -100,8 +100,8 @@ def test_name_rules_in_spec_equal_the_code():
 
 
 def test_search_encoder_constants_in_spec_equal_the_code():
-    from nf4convert.constants import SEARCH_FACTORS, SEARCH_MIN_SCALE
+    from nf4convert.constants import SEARCH_GRID, SEARCH_MIN_SCALE
 
     section = TEXT[TEXT.index("### 2.6 Encoders") : TEXT.index("## 3. Double quantization")]
-    assert f"`SEARCH_FACTORS` (`{', '.join(str(f) for f in SEARCH_FACTORS)}`)" in section
+    assert f"`SEARCH_GRID` (`{', '.join(str(f) for f in SEARCH_GRID)}`)" in section
     assert f"`SEARCH_MIN_SCALE` (`{SEARCH_MIN_SCALE:g}`)" in section
