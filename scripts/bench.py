@@ -11,14 +11,13 @@ Builds synthetic bf16 checkpoints of two kinds of shapes:
 then measures:
   - quantizer throughput (params/s): nf4convert (absmax and --scales search) vs
     bitsandbytes.functional.quantize_4bit, same tensors;
-  - for each checkpoint, end-to-end `nf4convert convert` wall time vs a copy baseline that reads the same
-    source bytes and writes (and fsyncs) as many bytes as the output has: the I/O floor; and the peak
-    RSS of the conversion (a child process);
+  - for each checkpoint, end-to-end `nf4convert convert` wall time (and with --scales search) vs a copy
+    baseline that reads the same source bytes and writes (and fsyncs) as many bytes as the output has:
+    the I/O floor; and the peak RSS of the conversion (a child process);
   - transformers loading the 7b source with a bitsandbytes NF4 config and save_pretrained (the peer's
     way), unless --no-peer;
-  - output bits per parameter.
-
-  - the 7b conversion again on a local Dask cluster (`--workers`, default 2), the Dask start included;
+  - output bits per parameter;
+  - the 7b conversion again on a local Dask cluster (`--workers`, default 2), the Dask start included.
 
 Usage: python scripts/bench.py [--shapes 7b,huge,fp8] [--layers 10] [--workdir bench-out] [--no-peer] [--keep] [--workers 2]
 Needs bitsandbytes and transformers (pip install -e .[test]). Not a test: timings depend on the machine.
@@ -164,7 +163,7 @@ def run_measured(argv: list[str], workdir: Path) -> tuple[float, int, str]:
     return elapsed, int(report.read_text()) * 1024, proc.stdout
 
 
-def quantizer_throughput(repeats: int = 3) -> dict[str, float]:
+def quantizer_throughput(repeats: int = 5) -> dict[str, float]:
     """params/s of both quantizers on the same Llama-7B-shaped bf16 tensors (median of warm runs)."""
     import bitsandbytes.functional as F
 
@@ -223,8 +222,9 @@ m.save_pretrained(sys.argv[2])
 
 
 def measure(src: Path, work: Path, workers: int | None = None) -> dict:
-    """Convert ``src`` twice (the first run warms the page cache and the kernel cache) and run the copy
-    baseline, in this order; returns the second conversion's time and peak RSS, and the baseline's time.
+    """Convert ``src`` twice (the first run warms the page cache and the kernel cache), once more with
+    ``--scales search``, and run the copy baseline, in this order; returns the second conversion's time
+    and peak RSS, the search conversion's time and the baseline's time.
     With ``workers``, a third conversion on a local Dask cluster of that many worker processes."""
     out = work / "nf4"
     shutil.rmtree(out, ignore_errors=True)
@@ -236,6 +236,9 @@ def measure(src: Path, work: Path, workers: int | None = None) -> dict:
     convert_s, convert_rss, _ = run_measured(cmd, work)
     manifest = json.loads((out / "nf4convert.json").read_text())
     out_bytes = sum(f["size"] for f in manifest["files"])
+    shutil.rmtree(out)
+    print(f"nf4convert convert {src.name} --scales search ...", file=sys.stderr)
+    search_s = run_measured([*cmd, "--scales", "search"], work)[0]
     shutil.rmtree(out)
     dask_s = None
     if workers:
@@ -250,7 +253,7 @@ def measure(src: Path, work: Path, workers: int | None = None) -> dict:
     return {
         "parameters": manifest["summary"]["parameters"], "bytes": src_bytes, "largest_tensor_bytes": largest,
         "shards": len(list(src.glob("*.safetensors"))), "convert_s": convert_s, "copy_baseline_s": copy_s,
-        "convert_vs_copy": convert_s / copy_s, "convert_peak_rss": convert_rss, "output_bytes": out_bytes, "dask_s": dask_s, "workers": workers,
+        "convert_vs_copy": convert_s / copy_s, "convert_peak_rss": convert_rss, "search_s": search_s, "output_bytes": out_bytes, "dask_s": dask_s, "workers": workers,
         "bits_per_parameter": manifest["summary"]["bits_per_parameter"],
         "quantized_bits_per_parameter": manifest["summary"]["quantized_bits_per_parameter"],
     }
@@ -308,6 +311,7 @@ def main() -> None:
         rows += [
             (f"{shape}: checkpoint", f"{p / 1e9:.2f} G params, {r['bytes'] / gb:.2f} GB, {r['shards']} shard(s), largest tensor {r['largest_tensor_bytes'] / gb:.2f} GB as bf16", ""),
             (f"{shape}: nf4convert convert (end to end)", f"{s_:.1f} s ({p / s_ / 1e6:,.0f} M params/s, {r['bytes'] / s_ / gb:.2f} GB/s)", f"{r['convert_vs_copy']:.2f}x copy baseline"),
+            (f"{shape}: nf4convert convert --scales search", f"{r['search_s']:.1f} s ({p / r['search_s'] / 1e6:,.0f} M params/s)", f"{r['search_s'] / r['copy_baseline_s']:.2f}x copy baseline"),
             (f"{shape}: copy baseline (read src, write+fsync out bytes)", f"{r['copy_baseline_s']:.1f} s", "1.00x"),
             *([(f"{shape}: nf4convert convert --workers {r['workers']} (local Dask cluster, its start included)", f"{r['dask_s']:.1f} s ({p / r['dask_s'] / 1e6:,.0f} M params/s)", f"{s_ / r['dask_s']:.2f}x the single process's speed")] if r["dask_s"] else []),
             (f"{shape}: peak RSS, nf4convert convert", f"{r['convert_peak_rss'] / 2**20:,.0f} MiB", ""),

@@ -61,17 +61,32 @@ def test_the_kernel_writes_the_bytes_the_spec_defines(dtype, blocksize, weighted
     assert torch.equal(ours[0], spec[0]) and torch.equal(ours[1], spec[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_codes_for_given_scales_are_section_2_3s_codes(dtype):
+    """encode_nf4 (the codes for the scales a loader uses): with each full block's absmax as its scale,
+    bitsandbytes' codes; a scale below SEARCH_MIN_SCALE codes the block as zeros."""
+    from nf4convert.quantize import encode_nf4
+
+    torch.manual_seed(0)
+    w = (torch.randn(100, 640) * 0.02).to(dtype)
+    packed, absmax = quantize_nf4(w, kernel="native")
+    assert torch.equal(encode_nf4(w, absmax), packed)
+    absmax[3] = 0
+    assert (encode_nf4(w, absmax).view(-1, 32)[3] == 0x77).all()
+
+
 def test_same_bytes_on_every_path_and_thread_count(tmp_path):
     code = """
 import sys, torch
-from nf4convert.quantize import quantize_nf4
+from nf4convert.quantize import encode_nf4, quantize_nf4
 torch.set_num_threads(int(sys.argv[2]))
 torch.manual_seed(0)
 out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for shape in [(300, 1000), (3, 1001)]:
-        p, a = quantize_nf4((torch.randn(shape) * 0.02).to(dtype), kernel="native", scales="search")
-        out += [p.flatten(), a.view(torch.uint8)]
+        w = (torch.randn(shape) * 0.02).to(dtype)
+        p, a = quantize_nf4(w, kernel="native", scales="search")
+        out += [p.flatten(), a.view(torch.uint8), encode_nf4(w, a * 0.97).flatten()]
 torch.save(torch.cat(out), sys.argv[1])
 """
     results = []
