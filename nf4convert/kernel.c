@@ -526,7 +526,7 @@ void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int
             int64_t base = (b0 + i) * bs, len = n - base < bs ? n - base : bs;
             uint32_t bits = load_block(src, dtype, base, len, x + i * bs, path.simd);
             for (int64_t j = len; j < bs; j++) x[i * bs + j] = 0.0f;
-            m[i] = bits < 0x7F800000 && bits_to_float(bits) >= min_scale ? bits_to_float(bits) : 0.0f; /* 0: not searched */
+            m[i] = bits < 0x7F800000 && bits_to_float(bits) >= min_scale ? bits_to_float(bits) : __builtin_inff(); /* Inf: not searched */
         }
         if (importance) {
             for (int64_t i = 0, col = (offset + b0 * bs) % cols; i < total; col = 0) {
@@ -538,13 +538,13 @@ void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int
             for (int64_t i = 0; i < total; i++) wx[i] = w[i] * x[i];
         }
         for (int k = 0; k < ngrid; k++)
-            for (int i = 0; i < nb; i++) inv[k][i] = m[i] != 0.0f ? 1.0f / (m[i] * grid[k]) : 0.0f; /* 0: every code 7 */
+            for (int i = 0; i < nb; i++) inv[k][i] = 1.0f / (m[i] * grid[k]); /* 0 where not searched: every code 7 */
         for (int k = 0; k < ngrid; k++) path.candidates(path.levels, x, wx, importance ? w : NULL, bs, nb, inv[k], A[k], D[k]);
         float best_score[SEARCH_BATCH], best_a[SEARCH_BATCH], best_d[SEARCH_BATCH];
         for (int i = 0; i < nb; i++) best_score[i] = -1.0f, best_a[i] = 0.0f, best_d[i] = 1.0f;
         for (int k = 0; k < ngrid; k++)
             for (int i = 0; i < nb; i++) {
-                int valid = A[k][i] > 0.0f && D[k][i] > 0.0f; /* below, D is 1 where not: no division by 0 */
+                int valid = (A[k][i] > 0.0f) & (D[k][i] > 0.0f); /* below, D is 1 where not: no division by 0 */
                 float score = valid ? A[k][i] * A[k][i] / (valid ? D[k][i] : 1.0f) : -1.0f;
                 int take = score > best_score[i];
                 best_score[i] = take ? score : best_score[i];
