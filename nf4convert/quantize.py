@@ -246,13 +246,15 @@ def exact_mean(values: torch.Tensor, kernel: str = "eager") -> float:
     return float(np.float32(total / (values.numel() << 150)))
 
 
-def double_quantize(absmax: torch.Tensor, kernel: str = "eager") -> tuple[torch.Tensor, torch.Tensor, float]:
+def double_quantize(absmax: torch.Tensor, kernel: str = "eager", offset: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Quantize first-level absmax to 8 bits (spec section 3); every kernel gives the same result.
+    ``offset``: subtracted before (default: the exact mean of ``absmax``; any float is a valid one, and
+    ``--scales search`` takes the mean of a weight's first nested block, spec section 2.6).
 
     Returns:
         ``(quantized, nested_absmax, offset)``: uint8 ``[n]``, float32 ``[ceil(n / 256)]``, and the offset.
     """
-    offset = exact_mean(absmax, kernel)
+    offset = exact_mean(absmax, kernel) if offset is None else offset
     if kernel == "native":
         from . import native
 

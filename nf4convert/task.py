@@ -31,14 +31,14 @@ from typing import Any
 
 import torch
 
-from .constants import DTYPE_SIZES, DYNAMIC_MAP, METADATA, NF4_CODE
+from .constants import DTYPE_SIZES, DYNAMIC_MAP, METADATA, NESTED_BLOCKSIZE, NF4_CODE
 from .errors import SourceError
 from .files import FileHasher, file_record, file_state
 from .fp8 import decode_rows
 from .importance import load_importance
 from .layout import encode_quant_state
 from .plan import Options, PlannedTensor
-from .quantize import dequantize_absmax, double_quantize, encode_nf4, quantize_nf4
+from .quantize import dequantize_absmax, double_quantize, encode_nf4, exact_mean, quantize_nf4
 from .source import ShardFetcher
 from .tensorfile import ShardReader, torch_dtypes
 from .write import ShardWriter, fsync_folder
@@ -96,10 +96,12 @@ class ShardTask:
         return sum(t.source.info.nbytes for t in self.tensors)
 
 
-def pieces(t: PlannedTensor, blocksize: int) -> list[tuple[int, int]]:
+def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple[int, int]]:
     """The element ranges ``[start, stop)`` in which weight ``t`` is read and quantized: whole blocks,
     at most :data:`PIECE_BYTES` of source each (a transposed ``Conv1D`` weight in one piece). An FP8
-    weight goes in whole rows, at most :data:`PIECE_BYTES` once decoded to float32."""
+    weight goes in whole rows, at most :data:`PIECE_BYTES` once decoded to float32. With ``nested``,
+    whole nested blocks (:data:`~nf4convert.constants.NESTED_BLOCKSIZE` blocks), however small
+    :data:`PIECE_BYTES` is."""
     info = t.source.info
     if t.transpose:
         return [(0, info.numel)]
@@ -107,6 +109,8 @@ def pieces(t: PlannedTensor, blocksize: int) -> list[tuple[int, int]]:
         unit, size = blocksize, DTYPE_SIZES[info.dtype]
     else:
         unit, size = math.lcm(info.shape[1], blocksize), DTYPE_SIZES["F32"]
+    if nested:
+        unit = math.lcm(unit, NESTED_BLOCKSIZE * blocksize)
     step = max(unit, PIECE_BYTES // size // unit * unit)
     return [(start, min(info.numel, start + step)) for start in range(0, info.numel, step)]
 
@@ -120,26 +124,27 @@ def _on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Ten
     return weight
 
 
-def _scales(absmax: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str, loader_scales: bool = False) -> tuple[list[tuple[str, Any, int]], torch.Tensor | None]:
+def _scales(
+    absmax: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str, nested: tuple[torch.Tensor, torch.Tensor, float] | None = None
+) -> list[tuple[str, Any, int]]:
     """The tensors that follow weight ``t``'s codes, once all its scales are known: absmax (8-bit with
-    double quantization, over the whole tensor), the code tables, the quant-state blob; and, if asked,
-    the scales a loader will use (``absmax`` itself without double quantization)."""
+    double quantization: ``nested`` where the pieces already did it, else over the whole tensor), the
+    code tables, the quant-state blob."""
     parts: list[tuple[str, Any, int]] = [(f"{t.name}.quant_map", _NF4_TABLE, 0)]
-    offset, used = None, absmax
+    offset = None
     if options.double_quant:
-        quantized, nested, offset = double_quantize(absmax, kernel)
-        parts += [(f"{t.name}.absmax", quantized, 0), (f"{t.name}.nested_absmax", nested, 0), (f"{t.name}.nested_quant_map", _DYNAMIC_TABLE, 0)]
-        used = dequantize_absmax(quantized, nested, offset) if loader_scales else None
+        quantized, nested_absmax, offset = nested or double_quantize(absmax, kernel)
+        parts += [(f"{t.name}.absmax", quantized, 0), (f"{t.name}.nested_absmax", nested_absmax, 0), (f"{t.name}.nested_quant_map", _DYNAMIC_TABLE, 0)]
     else:
         parts.append((f"{t.name}.absmax", absmax, 0))
     parts.append((t.outputs[-1][0], memoryview(encode_quant_state(t.quant_state(options, offset))), 0))
-    return parts, used
+    return parts
 
 
-def _passes(t: PlannedTensor, options: Options) -> int:
-    """Reads of weight ``t``: two where its codes must follow its double-quantized searched scales
-    (spec section 2.6), which need every piece's scales first; else one."""
-    return 2 if t.quantize and options.scales == "search" and options.double_quant else 1
+def _nested_in_pieces(t: PlannedTensor, options: Options) -> bool:
+    """Whether weight ``t``'s double quantization is done piece by piece (spec section 2.6): searched
+    scales, whose codes must follow the 8-bit scales a loader will use."""
+    return t.quantize and options.scales == "search" and options.double_quant
 
 
 class _SourceShard:
@@ -249,7 +254,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
         items = [
             (t, start, stop)
             for t in task.tensors if t.quantize or t.scale
-            for _ in range(_passes(t, options)) for start, stop in pieces(t, bs)
+            for start, stop in pieces(t, bs, _nested_in_pieces(t, options))
         ]  # fmt: skip
         weights = _read_ahead(items, sources, reader, task.fp8_block)
         pending: deque[Future] = deque()
@@ -271,21 +276,23 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
                     submit([(t.name, next(weights).to(torch.bfloat16), start * 2)], stop - start)
                 continue
             absmax = torch.empty(-(-info.numel // bs), dtype=torch.float32, device=device)
-            two_pass = _passes(t, options) == 2
-            for start, stop in pieces(t, bs):
+            in_pieces = _nested_in_pieces(t, options)
+            offset, quantized, nested = None, [], []
+            for start, stop in pieces(t, bs, in_pieces):
                 weight = _on_device(next(weights), t, device)
                 packed, scales = quantize_nf4(
                     weight, blocksize=bs, kernel=task.kernel, name=t.name, first=start, scales=options.scales, importance=importance.get(t.name)
                 )
                 absmax[start // bs : start // bs + scales.numel()] = scales
-                parts = [] if two_pass else [(t.name, packed, start // 2)]  # else written in the second pass
-                submit(parts, (stop - start) * DTYPE_SIZES[info.dtype])
+                if in_pieces:  # the codes for the scales a loader will use, while the piece is here
+                    offset = exact_mean(scales[:NESTED_BLOCKSIZE], task.kernel) if offset is None else offset
+                    q, n, _ = double_quantize(scales, task.kernel, offset)
+                    quantized.append(q), nested.append(n)
+                    packed = encode_nf4(weight, dequantize_absmax(q, n, offset), blocksize=bs)
+                submit([(t.name, packed, start // 2)], (stop - start) * DTYPE_SIZES[info.dtype])
                 del packed
-            parts, used = _scales(absmax, t, options=options, kernel=task.kernel, loader_scales=two_pass)
-            submit(parts, 0)
-            for start, stop in pieces(t, bs) if two_pass else ():
-                weight = _on_device(next(weights), t, device)
-                submit([(t.name, encode_nf4(weight, used[start // bs : -(-stop // bs)], blocksize=bs), start // 2)], 0)
+            done = (torch.cat(quantized), torch.cat(nested), offset) if in_pieces else None
+            submit(_scales(absmax, t, options=options, kernel=task.kernel, nested=done), 0)
         for job in pending:
             job.result()
         written.states = {local[path]: src.state for path, src in sources.items()}

@@ -41,11 +41,17 @@ def files(folder):
 
 @pytest.mark.parametrize("blocksize", [64, 4096])
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_pieces_give_the_bytes_of_the_whole_weight(source, tmp_path, monkeypatch, blocksize, double_quant):
-    options = Options(blocksize=blocksize, double_quant=double_quant)
+@pytest.mark.parametrize("scales", ["absmax", "search"])
+def test_pieces_give_the_bytes_of_the_whole_weight(source, tmp_path, monkeypatch, blocksize, double_quant, scales):
+    """With --scales search and double quantization, pieces are whole nested blocks (2 to 19 of them here)."""
+    options = Options(blocksize=blocksize, double_quant=double_quant, scales=scales)
     whole = convert(source, tmp_path / "whole", options=options)
     monkeypatch.setattr(conversion, "PIECE_BYTES", 4096)  # 2 to 512 pieces per weight
-    assert len(pieces(make_plan(open_source(source), options).quantized[0], blocksize)) > 1
+    nested = scales == "search" and double_quant
+    for t in make_plan(open_source(source), options).quantized:
+        ranges = pieces(t, blocksize, nested)
+        assert len(ranges) > 1 or t.source.info.numel <= 256 * blocksize
+        assert not nested or all(start % (256 * blocksize) == 0 for start, _ in ranges)
     assert files(convert(source, tmp_path / "pieces", options=options)) == files(whole)
 
 

@@ -120,13 +120,15 @@ def loader_scales(tensors: dict[str, torch.Tensor], key: str) -> torch.Tensor:
 
 
 def test_with_double_quant_codes_follow_the_scales_a_loader_uses(llama_dir, tmp_path):
-    from nf4convert.quantize import encode_nf4
+    from nf4convert.quantize import encode_nf4, exact_mean
 
     key = "model.layers.0.mlp.up_proj.weight"
     w = load_all(llama_dir)[key]
     searched = load_all(convert(llama_dir, tmp_path / "search", options=Options(scales="search")))
     absmax = load_all(convert(llama_dir, tmp_path / "absmax"))
     assert torch.equal(searched[key], encode_nf4(w, loader_scales(searched, key)))
+    offset = json.loads(bytes(searched[f"{key}.quant_state.bitsandbytes__nf4"].tolist()))["nested_offset"]
+    assert offset == pytest.approx(exact_mean(quantize_nf4(w, scales="search")[1][:256]), rel=1e-7)  # its first nested block's mean
 
     def error(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         restored = dequantize(NF4Weight(tensors[key], loader_scales(tensors, key), tuple(w.shape), torch.float32, 64))
