@@ -528,18 +528,24 @@ void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int
             for (int64_t j = len; j < bs; j++) x[i * bs + j] = 0.0f;
             m[i] = bits < 0x7F800000 && bits_to_float(bits) >= min_scale ? bits_to_float(bits) : __builtin_inff(); /* Inf: not searched */
         }
+        const float *wb = NULL; /* the batch's weights: in place where the batch lies inside one row */
         if (importance) {
-            for (int64_t i = 0, col = (offset + b0 * bs) % cols; i < total; col = 0) {
-                int64_t run = cols - col < total - i ? cols - col : total - i;
-                memcpy(w + i, importance + col, sizeof(float) * (size_t)run);
-                i += run;
+            int64_t col = (offset + b0 * bs) % cols;
+            wb = importance + col;
+            if (col + total > cols || (b0 + nb) * bs > n) {
+                for (int64_t i = 0; i < total; col = 0) {
+                    int64_t run = cols - col < total - i ? cols - col : total - i;
+                    memcpy(w + i, importance + col, sizeof(float) * (size_t)run);
+                    i += run;
+                }
+                for (int64_t i = n - b0 * bs; i < total; i++) w[i] = 0.0f; /* past the tensor's end */
+                wb = w;
             }
-            for (int64_t i = n - b0 * bs; i < total; i++) w[i] = 0.0f; /* past the tensor's end */
-            for (int64_t i = 0; i < total; i++) wx[i] = w[i] * x[i];
+            for (int64_t i = 0; i < total; i++) wx[i] = wb[i] * x[i];
         }
         for (int k = 0; k < ngrid; k++)
             for (int i = 0; i < nb; i++) inv[k][i] = 1.0f / (m[i] * grid[k]); /* 0 where not searched: every code 7 */
-        for (int k = 0; k < ngrid; k++) path.candidates(path.levels, x, wx, importance ? w : NULL, bs, nb, inv[k], A[k], D[k]);
+        for (int k = 0; k < ngrid; k++) path.candidates(path.levels, x, wx, wb, bs, nb, inv[k], A[k], D[k]);
         float best_score[SEARCH_BATCH], best_a[SEARCH_BATCH], best_d[SEARCH_BATCH];
         for (int i = 0; i < nb; i++) best_score[i] = -1.0f, best_a[i] = 0.0f, best_d[i] = 1.0f;
         for (int k = 0; k < ngrid; k++)
