@@ -2,7 +2,9 @@
 
 The 4-bit codes and float32 absmax are checked against bitsandbytes before they are
 written (it must be installed); the double-quantized fields follow the spec's
-deterministic definition. Run: python scripts/make_vectors.py
+deterministic definition. The `--scales search` cases (spec section 2.6) are the native
+kernel's bytes, which tests/test_search.py checks against the spec written out in numpy.
+Run: python scripts/make_vectors.py
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 
 from nf4convert.constants import NF4_CODE
 from nf4convert.layout import QuantState, encode_quant_state
-from nf4convert.quantize import NF4_THRESHOLDS, quantize_weight
+from nf4convert.quantize import NF4_THRESHOLDS, quantize_nf4, quantize_weight
 
 OUT = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "vectors.json"
 
@@ -38,6 +40,19 @@ def cases() -> list[tuple[str, torch.Tensor, int, bool]]:
         ("bf16_4x4096_bs64_double_quant", (torch.randn(4, 4096, generator=g) * 0.03).to(torch.bfloat16), 64, True),
         ("f32_3x3000_bs32_double_quant_partial", torch.randn(3, 3000, generator=g) * 0.1, 32, True),
         ("f16_2x4196_bs4096_double_quant", torch.randn(2, 4196, generator=g).to(torch.float16), 4096, True),
+    ]
+
+
+def search_cases() -> list[tuple[str, torch.Tensor, int, torch.Tensor | None]]:
+    g = torch.Generator().manual_seed(20261125)
+    zero_block = (torch.randn(4, 192, generator=g) * 0.05).to(torch.float16)
+    zero_block.view(-1)[64:128] = 0
+    importance = torch.rand(192, generator=g) * 4
+    importance[:40] = 0
+    return [
+        ("search_bf16_8x128_bs64", (torch.randn(8, 128, generator=g) * 0.02).to(torch.bfloat16), 64, None),
+        ("search_f32_3x101_bs32_partial_odd", torch.randn(3, 101, generator=g), 32, None),
+        ("search_f16_4x192_bs64_zero_block_importance", zero_block, 64, importance),
     ]
 
 
@@ -66,14 +81,23 @@ def main() -> None:
             case["offset"] = float(q.offset).hex()
         assert len(case["weight"]) == 2 * ((math.prod(w.shape) + 1) // 2)
         vectors.append(case)
+    searched = []
+    for name, w, blocksize, importance in search_cases():
+        packed, scales = quantize_nf4(w, blocksize=blocksize, kernel="native", scales="search", importance=importance)
+        searched.append({
+            "name": name, "dtype": str(w.dtype).removeprefix("torch."), "shape": list(w.shape), "blocksize": blocksize,
+            "importance": hexbytes(importance) if importance is not None else None,
+            "input": hexbytes(w), "weight": hexbytes(packed), "absmax": hexbytes(scales),
+        })  # fmt: skip
     text = {
         "description": "nf4convert format v1 test vectors: little-endian input bytes and the exact stored bytes (hex). "
         "See spec/FORMAT.md, section 10.",
         "format_version": 1,
         "vectors": vectors,
+        "search_vectors": searched,
     }
     OUT.write_text(json.dumps(text, indent=1) + "\n")
-    print(f"wrote {len(vectors)} vectors to {OUT}")
+    print(f"wrote {len(vectors)} vectors and {len(searched)} search vectors to {OUT}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ import torch
 
 from nf4convert.constants import DYNAMIC_MAP, FORMAT_VERSION, NF4_CODE
 from nf4convert.layout import QuantState, decode_quant_state, encode_quant_state
-from nf4convert.quantize import NF4_THRESHOLDS, NF4Weight, dequantize, quantize_weight
+from nf4convert.quantize import NF4_THRESHOLDS, NF4Weight, dequantize, quantize_nf4, quantize_weight
+
+from .reference import reference_search
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
 TEXT = (SPEC / "FORMAT.md").read_text()
@@ -75,6 +77,18 @@ def test_vectors(case):
     )
     assert torch.equal(dequantize(stored), dequantize(q))
     assert math.prod(parsed.shape) == w.numel()
+
+
+@pytest.mark.parametrize("case", VECTORS["search_vectors"], ids=lambda c: c["name"])
+def test_search_vectors(case):
+    """``--scales search`` (section 2.6, no double quantization): the codes and float32 scales."""
+    w = torch.frombuffer(bytearray.fromhex(case["input"]), dtype=DTYPES[case["dtype"]]).reshape(case["shape"])
+    importance = torch.frombuffer(bytearray.fromhex(case["importance"]), dtype=torch.float32) if case["importance"] else None
+    packed, scales = quantize_nf4(w, blocksize=case["blocksize"], kernel="native", scales="search", importance=importance)
+    assert packed.numpy().tobytes().hex() == case["weight"]
+    assert scales.numpy().tobytes().hex() == case["absmax"]
+    spec = reference_search(w, case["blocksize"], quantize_nf4(w, blocksize=case["blocksize"], kernel="native"), importance)
+    assert torch.equal(spec[0], packed) and torch.equal(spec[1], scales)
 
 
 def test_blob_without_double_quant_is_what_bitsandbytes_writes():
