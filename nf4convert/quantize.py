@@ -159,7 +159,8 @@ def quantize_nf4(
 
     Returns:
         ``(packed, absmax)``: uint8 ``[(n + 1) // 2, 1]`` and float32 ``[ceil(n / blocksize)]``,
-        equal to ``bitsandbytes.functional.quantize_4bit(weight, blocksize=blocksize, quant_type="nf4")``.
+        with ``scales="absmax"`` equal to ``bitsandbytes.functional.quantize_4bit(weight, blocksize=blocksize,
+        quant_type="nf4")``; with ``"search"``, the searched scales and their codes.
 
     Raises:
         QuantizationError: bad blocksize or dtype, an empty tensor, or NaN/Inf in the weight.
