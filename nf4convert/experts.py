@@ -63,16 +63,11 @@ class PackedExperts(torch.nn.Module):
         return f"experts={len(self)}, shape={tuple(self.shape)}, nf4"
 
 
-def place_experts(module: torch.nn.Module, name: str, experts: list[list[torch.Tensor]]) -> None:
-    """Put per-expert weights in place of ``module``'s fused parameter ``name``: as :class:`PackedExperts`
-    when they are ``Params4bit`` (the module's forward is switched to transformers' eager experts
-    implementation, the one that indexes per expert), else fused into the 3-D parameter transformers
-    itself would build (``stack`` of each expert's ``cat`` along dim 0)."""
-    if hasattr(experts[0][0], "quant_state"):
-        del module._parameters[name]
-        setattr(module, name, PackedExperts(experts))
-        if getattr(module, "config", None) is not None:
-            module.config._experts_implementation = "eager"
-        return
-    fused = torch.stack([row[0] if len(row) == 1 else torch.cat(row, dim=0) for row in experts])
-    setattr(module, name, torch.nn.Parameter(fused, requires_grad=False))
+def place_experts(module: torch.nn.Module, name: str, experts: list[list[Any]]) -> None:
+    """Put per-expert ``Params4bit`` weights in place of ``module``'s fused parameter ``name``, as
+    :class:`PackedExperts`; the module's forward is switched to transformers' eager experts
+    implementation, the one that indexes per expert."""
+    del module._parameters[name]
+    setattr(module, name, PackedExperts(experts))
+    if getattr(module, "config", None) is not None:
+        module.config._experts_implementation = "eager"

@@ -12,17 +12,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import torch
 
-from .architecture import CannotAsk, map_keys, model_class
-from .constants import QUANTIZABLE_DTYPES
+from .architecture import CannotAsk
+from .architecture import model_class as model_class_of
+from .constants import MANIFEST_NAME, QUANTIZABLE_DTYPES
 from .errors import LoadError, MissingDependencyError
-from .experts import place_experts
 from .layout import quantized_tensors
-from .read import NF4Checkpoint, open_checkpoint
+from .read import NF4Checkpoint, is_bitsandbytes_4bit, open_checkpoint
 from .tensorfile import SafetensorsFile
 
 
@@ -210,94 +211,94 @@ def replace_linear(
     return LoadResult(missing, unexpected)
 
 
-def to_model_keys(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, list[list[torch.Tensor]]]]:
-    """Rename checkpoint keys as transformers does when loading, and gather per-expert MoE weights by
-    the fused parameter they make up: ``(state dict, {fused parameter: [expert][source] tensors})``.
+def _model_class(transformers: Any, model_class: Any, config: dict, root: Path) -> Any:
+    """The class ``from_pretrained`` is called on: the caller's, else the one ``architectures`` names (else
+    the ``AutoModel`` of the ``model_type``), refusing a class built for another ``model_type``."""
+    if model_class is None:
+        try:
+            return model_class_of(config)[0]
+        except CannotAsk as e:
+            raise LoadError(f"{root}: cannot build the model: {e}") from None
+    if isinstance(model_class, str):
+        model_class = getattr(transformers, model_class, None) or _fail(f"transformers has no class {model_class!r}")
+    expected = getattr(getattr(model_class, "config_class", None), "model_type", None)
+    if expected and expected != config.get("model_type"):
+        raise LoadError(f"{root}: {model_class.__name__} is a {expected!r} model, the weights are {config.get('model_type')!r}")
+    return model_class
 
-    Raises:
-        LoadError: a tensor transformers fuses in a way nf4convert does not map, or an expert missing.
-    """
-    mapping = map_keys(model, list(state_dict))
-    renamed: dict[str, torch.Tensor] = {}
-    slots: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
-    sizes: dict[str, int] = {}
-    for key, value in state_dict.items():
-        where = mapping.get(key)
-        if where is None or (where.expert is None and where.layout is None):
-            renamed[where.key if where else key] = value
-        elif where.layout is not None:
-            raise LoadError(f"{key}: {where.layout}; nf4convert.load_model cannot place it")
-        else:
-            slots.setdefault(where.key, {})[(where.expert, where.part)] = value
-            sizes[where.key] = where.parts
-    experts = {}
-    for key, parts in slots.items():
-        count = model.get_parameter(key).shape[0]
-        grid = [[parts.get((e, p)) for p in range(sizes[key])] for e in range(count)]
-        if any(t is None for row in grid for t in row):
-            raise LoadError(f"{key}: the checkpoint lacks some of its {count} experts")
-        experts[key] = grid
-    return renamed, experts
+
+def _fail(message: str) -> Any:
+    raise LoadError(message)
 
 
 def load_model(
-    path: str | os.PathLike, *, device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None
+    path: str | os.PathLike,
+    model_class: Any = None,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    compute_dtype: torch.dtype | None = None,
+    **kwargs: Any,
 ) -> torch.nn.Module:
-    """Build the transformers model of an NF4 folder with ``Linear4bit`` layers, weights straight on ``device``.
+    """Load an NF4 folder with transformers' ``from_pretrained``, weights straight on ``device`` as
+    ``Linear4bit`` layers, never re-quantized.
 
-    The architecture comes from ``config.json`` and is built without allocating weights; then
-    :func:`load_state_dict` and :func:`replace_linear` fill it, and weights are tied as the config says.
-    Checkpoint keys are renamed as transformers renames them when loading; per-expert MoE weights become
-    :class:`~nf4convert.experts.PackedExperts` in place of transformers 5's fused expert parameters. Also
-    loads bitsandbytes 4-bit folders saved by transformers (no manifest), e.g. 4.x per-expert MoE ones.
+    Everything transformers does when loading applies (key renames, ignored buffers, weights computed
+    at init, tied weights, its load report); :mod:`nf4convert.hfquantizer` adds per-expert 4-bit MoE
+    experts (which stock transformers 5 refuses) and turns off bitsandbytes' AVX512-BF16 CPU path on
+    the layer shapes it fails on. Reads nf4convert outputs and bitsandbytes 4-bit folders saved by
+    transformers (no manifest, e.g. 4.x per-expert MoE ones), after checking their structure.
 
     Args:
         path: the NF4 folder.
-        device: where the model goes.
-        compute_dtype: override ``bnb_4bit_compute_dtype`` from ``config.json``.
+        model_class: a transformers class (``AutoModelForMaskedLM``, ``BertModel``, or its name);
+            default: the class ``config.json``'s ``architectures`` names. A head the weights lack is
+            initialized and reported by transformers (a warning, as in ``from_pretrained``).
+        device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
+        dtype: the dtype of the weights that are not quantized, as ``from_pretrained(dtype=...)``.
+        compute_dtype: override ``bnb_4bit_compute_dtype`` (float32, float16 or bfloat16).
+        **kwargs: passed to ``from_pretrained`` (``output_loading_info=True``, ``attn_implementation``, ...).
 
     Returns:
-        The model, in eval mode, with ``is_loaded_in_4bit = True`` (as transformers sets it).
+        The model in eval mode, as ``from_pretrained`` returns it (``is_loaded_in_4bit`` is ``True``).
 
     Raises:
         MissingDependencyError: transformers, accelerate or bitsandbytes is missing.
-        LoadError: no ``config.json``, or the weights do not fit the architecture.
+        LoadError: not an NF4 folder, no ``config.json``, a class for another model type, a bad
+            compute dtype, or transformers could not load the weights into the class.
         FormatError, UnsupportedVersionError: the folder fails the spec's structural checks.
 
     Example:
         >>> model = load_model("./Llama-3-8B-nf4", device="cuda")            # doctest: +SKIP
+        >>> mlm = load_model("./bert-nf4", AutoModelForMaskedLM)             # doctest: +SKIP
     """
-    _transformers()
-    from accelerate import init_empty_weights
-
-    ckpt = open_checkpoint(path, bitsandbytes_folders=True)
+    transformers = _transformers()
+    _bnb()
+    root = Path(path)
+    if root.is_dir() and not (root / MANIFEST_NAME).exists() and not is_bitsandbytes_4bit(root):
+        raise LoadError(f"{root}: not an NF4 folder (no {MANIFEST_NAME}, no bitsandbytes 4-bit quantization_config); convert it first: nf4convert convert")
+    ckpt = open_checkpoint(root, bitsandbytes_folders=True)
     config_path = ckpt.root / "config.json"
     if not config_path.is_file():
         raise LoadError(f"{ckpt.root}: no config.json to build the model from (use load_state_dict and replace_linear)")
     config_dict = json.loads(config_path.read_text())
-    quant = config_dict.pop("quantization_config", {}) or {}
-    try:
-        cls, config = model_class(config_dict)
-    except CannotAsk as e:
-        raise LoadError(f"{ckpt.root}: cannot build the model: {e}") from None
-    with init_empty_weights(include_buffers=False):
-        model = cls(config)
-    dtype = compute_dtype or getattr(torch, quant.get("bnb_4bit_compute_dtype") or "float32")
-    if str(dtype).removeprefix("torch.") not in QUANTIZABLE_DTYPES.values():
-        raise LoadError(f"unsupported compute dtype {dtype}")
-    state_dict, experts = to_model_keys(model, load_state_dict(ckpt, device=device))
-    tied = {k for k in getattr(model, "all_tied_weights_keys", {}) or {} if k not in state_dict}
-    result = replace_linear(model, state_dict, compute_dtype=dtype, strict=False)
-    for key, grid in experts.items():
-        module_name, _, name = key.rpartition(".")
-        place_experts(model.get_submodule(module_name), name, grid)
-    missing = [k for k in result.missing_keys if k not in tied and k not in experts]
-    if missing or result.unexpected_keys:
-        raise LoadError(f"{ckpt.root}: weights do not fit {type(model).__name__}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}")
-    model.tie_weights()
-    for module in model.modules():
-        for name, buffer in list(module.named_buffers(recurse=False)):
-            module._buffers[name] = buffer.to(device)
-    model.config.quantization_config = quant
-    model.is_loaded_in_4bit = True
-    return model.eval()
+    if compute_dtype is not None and str(compute_dtype).removeprefix("torch.") not in QUANTIZABLE_DTYPES.values():
+        raise LoadError(f"unsupported compute dtype {compute_dtype} (float32, float16 or bfloat16)")
+    cls = _model_class(transformers, model_class, config_dict, ckpt.root)
+    if compute_dtype is not None:
+        config = transformers.AutoConfig.from_pretrained(ckpt.root)
+        config.quantization_config["bnb_4bit_compute_dtype"] = str(compute_dtype).removeprefix("torch.")
+        kwargs["config"] = config
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    from .hfquantizer import nf4_quantizer
+
+    with nf4_quantizer(set(ckpt.quant_states)) as refused:
+        try:
+            model = cls.from_pretrained(ckpt.root, device_map={"": torch.device(device)}, **kwargs)
+        except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:
+            if refused:
+                raise refused[0] from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LoadError(f"{ckpt.root}: transformers cannot load it as {cls.__name__}: {first}") from e
+    return model

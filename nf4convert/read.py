@@ -101,7 +101,8 @@ def _load_json(path: Path) -> Any:
         raise FormatError(f"{path}: not valid JSON") from None
 
 
-def _is_bitsandbytes_4bit(root: Path) -> bool:
+def is_bitsandbytes_4bit(root: Path) -> bool:
+    """Whether ``root/config.json`` says bitsandbytes 4-bit (a folder transformers saved)."""
     config = _load_json(root / "config.json") if (root / "config.json").is_file() else None
     quant = config.get("quantization_config") if isinstance(config, dict) else None
     return isinstance(quant, dict) and quant.get("quant_method") == "bitsandbytes" and quant.get("load_in_4bit") is True
@@ -160,7 +161,7 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
     root = Path(path)
     if not root.is_dir():
         raise SourceNotFoundError(f"{root}: no such folder")
-    if bitsandbytes_folders and not (root / MANIFEST_NAME).exists() and _is_bitsandbytes_4bit(root):
+    if bitsandbytes_folders and not (root / MANIFEST_NAME).exists() and is_bitsandbytes_4bit(root):
         manifest: dict[str, Any] = {}
         version = None
     else:

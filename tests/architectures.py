@@ -44,10 +44,17 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
         _MOE, n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
         qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1, topk_group=1,
     )),
+    "JambaForCausalLM": ("MoE, hybrid attention + Mamba", "JambaConfig", dict(
+        _MOE, num_experts=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
+        mamba_d_state=8, mamba_expand=2, mamba_dt_rank=8,
+    )),
     "GptOssForCausalLM": ("MoE, fused 3-D experts in the checkpoint", "GptOssConfig", dict(_MOE, head_dim=16, num_local_experts=4, layer_types=["full_attention", "full_attention"])),
     # encoder-decoder
     "T5ForConditionalGeneration": ("encoder-decoder, fp32 wo", "T5Config", dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)),
     "BartForConditionalGeneration": ("encoder-decoder", "BartConfig", _BART),
+    "MarianMTModel": ("encoder-decoder, sinusoidal positions computed at init, not stored", "MarianConfig", dict(_BART, decoder_start_token_id=0, pad_token_id=0)),
+    # state-space
+    "FalconMambaForCausalLM": ("state-space", "FalconMambaConfig", dict(vocab_size=128, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)),
     # encoder-only with heads
     "BertForMaskedLM": ("encoder, MLM head", "BertConfig", _TEXT),
     "RobertaForMaskedLM": ("encoder, lm_head.dense", "RobertaConfig", dict(_TEXT, pad_token_id=1, max_position_embeddings=80)),

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import os
+import platform
 from pathlib import Path
-
-import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if platform.machine().lower() in ("x86_64", "amd64"):
+    # The suite-wide CPU guard, part 1 (before torch is imported; subprocesses inherit it): torch's
+    # AVX2 kernels on every x86 CPU, so bitsandbytes registers none of its AVX-512 CPU kernels
+    # (its dequantize_4bit there is wrong when shape[-1] % blocksize != 0). Part 2 is below.
+    os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 #: x86 CPU flags that change which code runs: ours (avx2, f16c) and bitsandbytes' (avx512*).
 _FLAGS = ("avx2", "f16c", "avx512f", "avx512bw", "avx512_bf16")
@@ -39,14 +45,45 @@ def cpu_line() -> str:
         quiet_bitsandbytes()
         from bitsandbytes.functional import has_avx512bf16
 
-        peer = "on" if has_avx512bf16() else "off"
+        peer = ("present" if has_avx512bf16() else "absent") + " (off in tests except those marked avx512bf16)"
     except ImportError:
         peer = "not installed"
     return (
-        f"cpu: {model} ({platform.machine()}); {features}; torch capability {torch.backends.cpu.get_cpu_capability()}; "
+        f"cpu: {model} ({platform.machine()}); {features}; torch capability {torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')}); "
         f"nf4convert native kernel: {native.variant() if native.library() else 'unavailable'} (portable and eager also tested); "
         f"bitsandbytes AVX512-BF16 path: {peer}"
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_avx512bf16_path():
+    """The suite-wide CPU guard, part 2: every ``Linear4bit`` is built with bitsandbytes'
+    AVX512-BF16 CPU path off (it repacks weights on the first eval forward and computes in bfloat16),
+    so no test depends on whether the CPU has AVX512-BF16. Tests marked ``avx512bf16`` get the real
+    detection back (:func:`real_avx512bf16_detection`)."""
+    try:
+        from nf4convert.load import quiet_bitsandbytes
+
+        quiet_bitsandbytes()
+        import bitsandbytes.nn.modules as modules
+    except ImportError:
+        yield
+        return
+    real = modules.has_avx512bf16
+    modules.has_avx512bf16 = lambda: False
+    yield real
+    modules.has_avx512bf16 = real
+
+
+@pytest.fixture
+def real_avx512bf16_detection(request, no_avx512bf16_path, monkeypatch):
+    """For the tests about bitsandbytes' AVX512-BF16 CPU path (marked ``avx512bf16``): the real
+    detection, as a user's process has it."""
+    assert request.node.get_closest_marker("avx512bf16"), "only tests marked avx512bf16 may leave the CPU guard"
+    import bitsandbytes.nn.modules as modules
+
+    monkeypatch.setattr(modules, "has_avx512bf16", no_avx512bf16_path)
+    return no_avx512bf16_path
 
 
 def pytest_terminal_summary(terminalreporter) -> None:

@@ -19,8 +19,9 @@ import pytest
 import torch
 
 from nf4convert.convert import convert, plan_conversion
-from nf4convert.errors import FormatError, QuantizationError
-from nf4convert.load import to_model_keys, float_numerics, load_model, load_state_dict
+from nf4convert.errors import LoadError, QuantizationError
+from nf4convert.architecture import map_keys
+from nf4convert.load import float_numerics, load_model, load_state_dict
 from nf4convert.plan import Options
 
 from .architectures import ARCHITECTURES, MOE, build, inputs
@@ -99,10 +100,15 @@ def test_moe_experts_are_quantized_per_expert_and_load_model_runs_them(name, sou
     # the reference: bitsandbytes on load, with every fused expert parameter replaced by the
     # dequantization of our per-expert files, run by the same (eager) experts implementation
     reference = on_load(name, src)
-    for key, grid in to_model_keys(reference, load_state_dict(out))[1].items():
+    state_dict = load_state_dict(out)
+    experts: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    for key, where in map_keys(reference, list(state_dict)).items():
+        if where.expert is not None:
+            experts.setdefault(where.key, {})[where.expert, where.part] = dequantize(nf4_weight(state_dict[key]))
+    for key, parts in experts.items():
         module_name, _, attr = key.rpartition(".")
         module = reference.get_submodule(module_name)
-        fused = torch.stack([torch.cat([dequantize(nf4_weight(w)) for w in row]) for row in grid])
+        fused = torch.stack([torch.cat([w for (e, _), w in sorted(parts.items()) if e == expert]) for expert in sorted({e for e, _ in parts})])
         setattr(module, attr, torch.nn.Parameter(fused, requires_grad=False))
         module.config._experts_implementation = "eager"
     x = inputs(name, reference)
@@ -174,7 +180,7 @@ def test_load_model_reads_per_expert_bitsandbytes_folders_without_a_manifest(sou
     x = inputs("Qwen3MoeForCausalLM", build("Qwen3MoeForCausalLM"))
     assert torch.equal(output(float_numerics(load_model(foreign)), x), output(float_numerics(load_model(ours)), x))
     (foreign / "config.json").write_text(json.dumps({"model_type": "qwen3_moe"}))
-    with pytest.raises(FormatError, match="nf4convert.json: missing"):
+    with pytest.raises(LoadError, match="not an NF4 folder"):
         load_model(foreign)
 
 
@@ -198,7 +204,6 @@ def test_transformers_decisions_are_cached_under_a_hash_of_what_they_depend_on(s
 def test_a_folder_missing_an_expert_is_a_load_error_naming_the_parameter(sources, tmp_path):
     from safetensors.torch import save_file
 
-    from nf4convert.errors import LoadError
 
     ours = convert(sources("MixtralForCausalLM"), tmp_path / "nf4", options=Options(**OPTIONS))
     broken = tmp_path / "broken"
@@ -211,7 +216,6 @@ def test_a_folder_missing_an_expert_is_a_load_error_naming_the_parameter(sources
 
 
 def test_an_architecture_transformers_does_not_know_is_a_load_error(tmp_path):
-    from nf4convert.errors import LoadError
 
     out = convert_plain_weight(tmp_path)
     config = json.loads((out / "config.json").read_text())

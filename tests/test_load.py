@@ -209,3 +209,61 @@ def test_float_numerics_turns_off_the_avx512bf16_path_on_every_layer(llama_nf4):
     model = float_numerics(transformers.AutoModelForCausalLM.from_pretrained(llama_nf4, device_map="cpu"))
     layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
     assert layers and not any(m.support_avx512bf16_for_cpu for m in layers)
+
+
+@pytest.fixture(scope="module")
+def odd_llama(tmp_path_factory) -> Path:
+    """A Llama whose MLP shapes bitsandbytes' AVX512-BF16 CPU path fails on (out % 32, in % 64 != 0)."""
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=128, intermediate_size=200, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(4)
+    src = tmp_path_factory.mktemp("odd") / "src"
+    transformers.LlamaForCausalLM(config).save_pretrained(src)
+    return convert(src, src.parent / "nf4", options=Options(compute_dtype="float32"))
+
+
+def test_the_suite_runs_with_bitsandbytes_avx512bf16_path_off(odd_llama):
+    """The conftest guard: whatever the CPU, no test reaches the path unless marked avx512bf16."""
+    from bitsandbytes.nn.modules import has_avx512bf16
+
+    assert not has_avx512bf16()
+    assert torch.backends.cpu.get_cpu_capability() != "AVX512"
+    model = load_model(odd_llama)
+    assert not any(m.support_avx512bf16_for_cpu for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+
+
+@pytest.mark.avx512bf16
+def test_on_an_avx512bf16_cpu_load_model_turns_the_path_off_only_where_it_fails(odd_llama, real_avx512bf16_detection, monkeypatch):
+    import bitsandbytes.nn.modules as modules
+
+    monkeypatch.setattr(modules, "has_avx512bf16", lambda: True)  # the CPU of a user who has it
+    model = load_model(odd_llama)
+    flags = {n.rpartition(".")[2]: m.support_avx512bf16_for_cpu for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert flags == {"q_proj": True, "k_proj": True, "v_proj": True, "o_proj": True, "gate_proj": False, "up_proj": False, "down_proj": False}
+
+
+@pytest.mark.avx512bf16
+def test_on_a_real_avx512bf16_cpu_the_first_forward_works_on_every_shape(odd_llama, real_avx512bf16_detection):
+    """Run as a user runs it: a process without the suite's guard (bitsandbytes registers its AVX-512
+    kernels only when torch runs at AVX512 capability)."""
+    import os
+    import subprocess
+    import sys
+
+    if not real_avx512bf16_detection():
+        pytest.skip("this CPU has no AVX512-BF16")
+    code = f"""
+import torch
+from nf4convert.load import float_numerics, load_model
+ids = torch.tensor({IDS.tolist()})
+with torch.no_grad():
+    fast = load_model(r"{odd_llama}")(ids).logits  # repacks the layers that allow it, computes them in bfloat16
+    exact = float_numerics(load_model(r"{odd_llama}"))(ids).logits
+print((fast - exact).abs().max().item())
+"""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert float(p.stdout.strip().splitlines()[-1]) < 0.05
