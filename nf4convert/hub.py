@@ -297,7 +297,20 @@ def model_card(path: str | os.PathLike) -> str:
         "",
     ]
     lines += [f"Loads in: {'; '.join(m['loaders'])}.", ""] if m.get("loaders") else []
-    if experts:
+    if not any(loader.startswith("nf4convert.load_model") for loader in m.get("loaders", [])):
+        lines += [
+            "## Use",
+            "",
+            "Into your own module (`pip install 'nf4convert[load]'`): its `nn.Linear` layers become `Linear4bit`:",
+            "",
+            "```python",
+            "from huggingface_hub import snapshot_download",
+            "from nf4convert.load import load_state_dict, replace_linear",
+            f'replace_linear(module, load_state_dict(snapshot_download("{repo}")))',
+            "```",
+            "",
+        ]
+    elif experts:
         lines += [
             "## Use",
             "",

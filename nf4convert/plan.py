@@ -172,7 +172,11 @@ class Plan:
 
     @property
     def loaders(self) -> list[str]:
-        """Which loaders read the output (what the tests check)."""
+        """Which loaders read the output (what the tests check): a model loader only where the output
+        has a ``config.json`` of an architecture transformers knew when converting."""
+        if self.source.config is None or not self.decisions.decided_by.startswith("transformers"):
+            why = "no config.json" if self.source.config is None else self.decisions.decided_by
+            return [f"nf4convert.load_state_dict + replace_linear into your own module ({why})"]
         if self.decisions.experts_quantized:
             return ["nf4convert.load_model (transformers 5)", "transformers 4.x from_pretrained (experts as per-expert Linear4bit)"]
         return ["transformers from_pretrained (bitsandbytes)", "nf4convert.load_model"]

@@ -171,7 +171,8 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise SourceError(f"{path}: not a .safetensors file (pickled weights are never loaded)")
-        root, shards, weight_map, config, side, fp8_block = path.parent, [path], None, None, [], None
+        # the folder's config.json (if any) describes the file: the output keeps it and stays loadable
+        root, shards, weight_map, side = path.parent, [path], None, []
     else:
         root = path
         index_path = root / INDEX_NAME
@@ -191,11 +192,6 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             others = [p.name for p in root.iterdir() if any(fnmatch.fnmatch(p.name, g) for g in OTHER_WEIGHT_PATTERNS)]
             hint = f" (found {', '.join(sorted(others)[:3])}: other weight formats are not read; *.bin only with --allow-pickle)" if others else ""
             raise SourceNotFoundError(f"{root}: no *.safetensors weights{hint}")
-        config_path = root / "config.json"
-        config = _load_json(config_path) if config_path.is_file() else None
-        if config is not None and not isinstance(config, dict):
-            raise SourceError(f"{config_path}: not a JSON object")
-        fp8_block = block_size(config, where=str(config_path))
         side = sorted(
             p
             for p in root.rglob("*")
@@ -205,6 +201,11 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             and p.relative_to(root).as_posix() not in (INDEX_NAME, MANIFEST_NAME, "config.json")
             and is_inside(p, _default_containment(root))
         )
+    config_path = root / "config.json"
+    config = _load_json(config_path) if config_path.is_file() else None
+    if config is not None and not isinstance(config, dict):
+        raise SourceError(f"{config_path}: not a JSON object")
+    fp8_block = block_size(config, where=str(config_path))
     tensors: list[SourceTensor] = []
     owner: dict[str, Path] = {}
     for shard in shards:

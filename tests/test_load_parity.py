@@ -167,3 +167,37 @@ def test_a_folder_without_config_json_says_what_to_use_instead(old_bert, tmp_pat
     (folder / "config.json").unlink()
     with pytest.raises(LoadError, match="no config.json .*load_state_dict and replace_linear"):
         load_model(folder)
+
+
+# what the output claims
+
+
+def test_a_single_file_uses_the_config_json_beside_it_and_claims_load_model(old_bert, tmp_path):
+    import shutil
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    src = old_bert.parent / "src"
+    shutil.copy(src / "model.safetensors", folder / "weights.safetensors")
+    shutil.copy(src / "config.json", folder / "config.json")
+    out = convert(folder / "weights.safetensors", tmp_path / "nf4")
+    manifest = json.loads((out / "nf4convert.json").read_text())
+    assert "nf4convert.load_model" in manifest["loaders"]
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["load_in_4bit"] is True
+    assert_same_model(load_model(out), transformers.AutoModel.from_pretrained(out, device_map="cpu"))
+
+
+def test_without_config_json_no_model_loader_is_claimed(tmp_path):
+    from safetensors.torch import save_file
+
+    from nf4convert.hub import model_card
+
+    (tmp_path / "src").mkdir()
+    save_file({"layer.weight": torch.randn(64, 64)}, tmp_path / "src" / "w.safetensors")
+    out = convert(tmp_path / "src" / "w.safetensors", tmp_path / "nf4")
+    loaders = json.loads((out / "nf4convert.json").read_text())["loaders"]
+    assert loaders == ["nf4convert.load_state_dict + replace_linear into your own module (no config.json)"]
+    card = model_card(out)
+    assert "load_model" not in card and "replace_linear(module, load_state_dict(" in card
+    with pytest.raises(LoadError, match="no config.json"):
+        load_model(out)
