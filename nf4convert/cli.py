@@ -89,7 +89,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--experts", type=click.Choice(EXPERT_MODES), default="quantize", show_default=True, help="MoE expert weights: quantize per expert, or keep them as transformers 5 does.")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (what is quantized, kept, sizes); write nothing.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if nf4convert wrote it (or it is empty); never a folder of yours.")
 @click.option("--kernel", type=click.Choice(KERNELS), default="auto", show_default=True, help="Quantizer kernel (all give the same bytes).")
 @click.option("--device", default="cpu", show_default=True, help="Device to quantize on (cpu, cuda).")
 @click.option("--revision", default=None, help="Hub source: branch, tag or commit [default: main].")
@@ -261,7 +261,7 @@ def importance(model: str, output: str, text_file: str, device: str, window: int
 @click.argument("output")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Cast floating-point tensors [default: each weight's original dtype].")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard.")
-@click.option("--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--force", is_flag=True, help="Replace OUTPUT if nf4convert wrote it (or it is empty); never a folder of yours.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, force: bool, quiet: bool) -> None:
     """Write PATH's weights back as a plain safetensors checkpoint in OUTPUT."""

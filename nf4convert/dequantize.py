@@ -23,7 +23,7 @@ from .plan import DEFAULT_MAX_SHARD_SIZE
 from .quantize import dequantize
 from .read import open_checkpoint, stored_weight
 from .tensorfile import SafetensorsFile, torch_dtypes
-from .write import OutputFolder, ShardWriter
+from .write import OUTPUT_MARK, OutputFolder, ShardWriter
 
 
 def dequantize_folder(
@@ -122,4 +122,5 @@ def dequantize_folder(
             config = json.loads(config_path.read_text())
             config.pop("quantization_config", None)
             out.path("config.json").write_text(json.dumps(config, indent=2) + "\n")
+        out.path(OUTPUT_MARK).write_text("written by nf4convert dequantize; dequantize --force may replace this folder\n")
         return out.commit()

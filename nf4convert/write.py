@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .constants import DTYPE_SIZES
+from .constants import DTYPE_SIZES, MANIFEST_NAME
 from .errors import FormatError, OutputError
 from .files import sha256_file
 from .tensorfile import build_header
@@ -34,8 +34,19 @@ JOURNAL_NAME = "nf4convert-progress.json"
 log = logging.getLogger("nf4convert")
 
 
+#: A hidden file in each folder ``dequantize`` writes (a ``convert`` output has its manifest): the
+#: marks of the folders ``force`` may replace.
+OUTPUT_MARK = ".nf4convert-output"
+
+
+def written_by_nf4convert(folder: Path) -> bool:
+    """Whether ``folder`` is an output nf4convert wrote (a manifest, or the dequantize mark)."""
+    return (folder / MANIFEST_NAME).is_file() or (folder / OUTPUT_MARK).is_file()
+
+
 def check_output(target: Path, *, source: Path, force: bool = False) -> None:
-    """Refuse an output that exists (without ``force``), is a file, or overlaps the source.
+    """Refuse an output that exists (without ``force``), is a file, or overlaps the source; with
+    ``force``, refuse a folder that holds anything and is not nf4convert's own output.
 
     Raises:
         OutputError: with the reason.
@@ -49,6 +60,12 @@ def check_output(target: Path, *, source: Path, force: bool = False) -> None:
         raise OutputError(f"{target}: exists and is not a folder")
     if target.exists() and not force:
         raise OutputError(f"{target}: already exists (use --force to replace it)")
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if entries and not written_by_nf4convert(target):
+        raise OutputError(
+            f"{target}: not a folder nf4convert wrote ({len(entries)} entries: {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''});"
+            " force replaces only nf4convert's own output, so nothing was deleted: choose another output folder"
+        )
 
 
 class OutputFolder:

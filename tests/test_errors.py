@@ -146,13 +146,43 @@ def test_non_finite_weight_leaves_no_partial_output(cli, tmp_path, bad):
 
 def test_existing_output_is_refused_without_force_and_replaced_with_it(cli, tmp_path):
     src = model_folder(tmp_path / "src")
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
+    rc, _, err = cli("convert", src, tmp_path / "out", "--quiet")
+    assert rc == 0, err
     assert_refused(cli, tmp_path, src, match="already exists (use --force to replace it)", code=5)
-    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+    (tmp_path / "out" / "model.safetensors").write_bytes(b"stale")
     rc, _, err = cli("convert", src, tmp_path / "out", "--quiet", "--force")
     assert rc == 0, err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors", "nf4convert.json"]
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() != b"stale"
+
+
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_force_never_replaces_a_folder_nf4convert_did_not_write(cli, tmp_path, command):
+    src = model_folder(tmp_path / "src")
+    if command == "dequantize":
+        rc, _, err = cli("convert", src, tmp_path / "nf4", "--quiet")
+        assert rc == 0, err
+        src = tmp_path / "nf4"
+    mine = tmp_path / "mine"
+    (mine / "notes").mkdir(parents=True)
+    (mine / "keep.txt").write_text("mine")
+    (mine / "notes" / "a.md").write_text("also mine")
+    rc, _, err = cli(command, src, mine, "--quiet", "--force")
+    assert rc == 5 and "Traceback" not in err
+    assert err.strip() == f"nf4convert: error: {mine}: not a folder nf4convert wrote (2 entries: keep.txt, notes); force replaces only nf4convert's own output, so nothing was deleted: choose another output folder"
+    assert (mine / "keep.txt").read_text() == "mine" and (mine / "notes" / "a.md").read_text() == "also mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "mine"] + (["nf4"] if command == "dequantize" else []))
+
+
+def test_force_replaces_an_empty_folder_and_dequantize_output(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli("convert", src, tmp_path / "empty", "--quiet", "--force")
+    assert rc == 0, err
+    for _ in range(2):  # the second run replaces the first's output
+        rc, _, err = cli("dequantize", tmp_path / "empty", tmp_path / "plain", "--quiet", "--force")
+        assert rc == 0, err
+    assert (tmp_path / "plain" / ".nf4convert-output").is_file()
 
 
 def test_output_inside_the_source_is_refused(cli, tmp_path):
