@@ -121,3 +121,13 @@ def inputs(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if config.is_encoder_decoder:
         return {"input_ids": ids, "decoder_input_ids": ids[:, :4]}
     return {"input_ids": ids}
+
+
+def assert_same_model(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
+    """Same class, the same module types under the same names, the same tensors, both in eval mode."""
+    assert type(ours) is type(theirs)
+    assert [(n, type(m).__name__) for n, m in ours.named_modules()] == [(n, type(m).__name__) for n, m in theirs.named_modules()]
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+    assert not ours.training and not theirs.training

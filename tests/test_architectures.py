@@ -1,9 +1,10 @@
-"""The architecture matrix: tiny random-weight models of 31 transformers architectures, converted, then
+"""The architecture matrix: tiny random-weight models of 35 transformers architectures, converted, then
 loaded by transformers and by ``nf4convert.load_model``, checked against bitsandbytes quantizing on load.
 
 - every architecture: with ``--experts keep`` (what stock transformers 5 loads), every tensor equals
-  transformers' own ``save_pretrained`` of the model bitsandbytes quantized on load, and the outputs of
-  ``from_pretrained(OUT)`` and ``load_model(OUT)`` equal that model's exactly (no double quant);
+  transformers' own ``save_pretrained`` of the model bitsandbytes quantized on load; ``load_model(OUT)``
+  is ``from_pretrained(OUT)`` (class, module types, tensors), and both outputs equal that model's
+  exactly (no double quant);
 - MoE, default ``--experts quantize``: every expert weight is quantized per expert, routers never, and
   ``load_model(OUT)``'s logits equal the same model with each expert weight replaced by its NF4
   dequantization;
@@ -24,7 +25,7 @@ from nf4convert.architecture import map_keys
 from nf4convert.load import float_numerics, load_model, load_state_dict
 from nf4convert.plan import Options
 
-from .architectures import ARCHITECTURES, MOE, build, inputs
+from .architectures import ARCHITECTURES, MOE, assert_same_model, build, inputs
 from .test_convert import load_all
 
 transformers = pytest.importorskip("transformers")
@@ -73,8 +74,10 @@ def test_output_equals_bitsandbytes_on_load_in_both_loaders(name, sources, tmp_p
     assert any(k.endswith(".absmax") for k in ours)
     x = inputs(name, peer)
     expected = output(peer, x)
-    assert torch.equal(output(float_numerics(getattr(transformers, name).from_pretrained(out, device_map="cpu").eval()), x), expected)
-    assert torch.equal(output(float_numerics(load_model(out)), x), expected)
+    theirs, ours = getattr(transformers, name).from_pretrained(out, device_map="cpu"), load_model(out)
+    assert_same_model(ours, theirs)
+    assert torch.equal(output(float_numerics(theirs), x), expected)
+    assert torch.equal(output(float_numerics(ours), x), expected)
     manifest = json.loads((out / "nf4convert.json").read_text())
     assert manifest["decided_by"] == f"transformers {transformers.__version__} ({name})"
 

@@ -19,20 +19,12 @@ from nf4convert.errors import LoadError
 from nf4convert.load import load_model
 from nf4convert.plan import Options
 
+from .architectures import assert_same_model
+
 transformers = pytest.importorskip("transformers")
 bnb = pytest.importorskip("bitsandbytes")
 
 IDS = torch.tensor([[2, 15, 9, 42, 7, 3, 11]])
-
-
-def assert_same_model(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
-    """Same class, the same module types under the same names, the same tensors."""
-    assert type(ours) is type(theirs)
-    assert [(n, type(m).__name__) for n, m in ours.named_modules()] == [(n, type(m).__name__) for n, m in theirs.named_modules()]
-    a, b = ours.state_dict(), theirs.state_dict()
-    assert list(a) == list(b)
-    assert [k for k in a if not torch.equal(a[k], b[k])] == []
-    assert ours.is_loaded_in_4bit and not ours.training
 
 
 def hidden(model: torch.nn.Module) -> torch.Tensor:
@@ -65,6 +57,7 @@ def test_a_stored_position_ids_buffer_is_ignored_as_transformers_ignores_it(old_
     ours, info = load_model(old_bert, output_loading_info=True)
     theirs = transformers.AutoModel.from_pretrained(old_bert, device_map="cpu")
     assert_same_model(ours, theirs)
+    assert ours.is_loaded_in_4bit
     assert torch.equal(hidden(ours), hidden(theirs))
     assert info["missing_keys"] == set() and info["mismatched_keys"] == set()
 
