@@ -345,7 +345,10 @@ def push(
     token: str | None = None,
     dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Verify an NF4 folder, write its model card, and upload it to ``repo_id``.
+    """Verify an NF4 folder and upload it to ``repo_id`` with its model card, in one commit.
+
+    The card goes up from memory: nothing in the folder is written or replaced (a README.md of
+    the user's stays as it is).
 
     Returns:
         ``{"card": str, "files": [names], "url": str | None}`` (``url`` is ``None`` for a dry run).
@@ -367,8 +370,7 @@ def push(
     files = sorted({f["name"] for f in open_checkpoint(root).manifest["files"]} | {"nf4convert.json", CARD_NAME})
     if dry_run:
         return {"card": card, "files": files, "url": None}
-    (root / CARD_NAME).write_text(card)
-    from huggingface_hub import HfApi
+    from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub import errors as hub
 
     api = HfApi(token=token)
@@ -376,11 +378,12 @@ def push(
         api.create_repo(repo_id, private=private, exist_ok=True)
         if branch:
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-        info = api.upload_folder(
-            folder_path=root,
-            repo_id=repo_id,
+        operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=root / name) for name in files if name != CARD_NAME]
+        operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))
+        info = api.create_commit(
+            repo_id,
+            operations,
             revision=branch,
-            allow_patterns=files,
             commit_message=commit_message or f"Upload NF4 weights ({Path(root).resolve().name}) with nf4convert",
         )
     except hub.HfHubHTTPError as e:

@@ -86,8 +86,21 @@ def test_push_creates_the_repo_and_commits_every_file_with_the_card(hub, llama_d
     sent = {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines[1:]}
     assert set(sent) == {"README.md"} | {p.name for p in out.iterdir()}
     for name, data in sent.items():
-        assert data == (out / name).read_bytes(), name
+        assert name == "README.md" or data == (out / name).read_bytes(), name
     assert b"base_model_relation" not in sent["README.md"] and b"me/tiny-nf4" in sent["README.md"]
+    assert not (out / "README.md").exists()  # the card went up from memory
+
+
+@pytest.mark.parametrize("reject", [False, True])
+def test_push_never_writes_into_the_folder(hub, llama_dir, tmp_path, reject):
+    handler, endpoint = hub
+    handler.reject_commit = reject
+    out = convert(llama_dir, tmp_path / "nf4")
+    (out / "README.md").write_text("my own notes\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    p = push(out, endpoint)
+    assert p.returncode == (9 if reject else 0), p.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_a_rejected_commit_is_one_line(hub, llama_dir, tmp_path):
