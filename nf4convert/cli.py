@@ -214,15 +214,20 @@ def inspect(path: str, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("path")
-@click.option("--source", default=None, help="The checkpoint PATH was converted from: also measure each tensor's error.")
+@click.option("--source", default=None, help="The checkpoint PATH was converted from (folder, file or Hub repo id): also measure each tensor's error.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--save", is_flag=True, help="Also write the report to PATH/nf4convert-verify.json (push puts its figures in the model card).")
-def verify(path: str, source: str | None, as_json: bool, save: bool) -> None:
+@click.option("--revision", default=None, help="Hub source: branch, tag or commit [default: main].")
+@click.option("--cache-dir", default=None, help="Hub source: the Hugging Face cache folder.")
+def verify(path: str, source: str | None, as_json: bool, save: bool, revision: str | None, cache_dir: str | None) -> None:
     """Check PATH's files against its manifest and the spec (and, with --source, the quantization error)."""
     from .hub import VERIFY_REPORT
     from .verify import verify as run_verify
 
-    report = run_verify(path, source=source)
+    from .resolve import resolve_source
+
+    src = resolve_source(source, revision=revision, cache_dir=cache_dir) if source is not None else None
+    report = run_verify(path, source=src)
     if save and report["ok"]:
         (Path(path) / VERIFY_REPORT).write_text(json.dumps(report, indent=2) + "\n")
     if as_json:
@@ -232,10 +237,11 @@ def verify(path: str, source: str | None, as_json: bool, save: bool) -> None:
             click.echo(f"FAIL {problem}")
         if report["ok"]:
             click.echo(f"OK {path}: {report['files']} files match the manifest, {report['tensors']} tensors follow format v1")
-        if report.get("summary"):
+        if report.get("quality"):
             s = report["summary"]
+            sqnr = f"SQNR mean {s['sqnr_db']['mean']:.2f} dB (min {s['sqnr_db']['min']:.2f})" if s["sqnr_db"] else "no error"
             click.echo(f"   {len(report['quality'])} quantized tensors vs source: relative RMSE mean {s['rel_rmse']['mean']:.4f} (max {s['rel_rmse']['max']:.4f}), "
-                       f"SQNR mean {s['sqnr_db']['mean']:.2f} dB (min {s['sqnr_db']['min']:.2f}), max abs error {s['max_abs_err']['max']:.3g}")
+                       f"{sqnr}, max abs error {s['max_abs_err']['max']:.3g}")
     if not report["ok"]:
         raise VerificationFailed(f"{path}: {len(report['problems'])} problem(s), first: {report['problems'][0]}")
 

@@ -176,7 +176,8 @@ def _hub_errors(repo_id: str, revision: str | None = None, file: str | None = No
     except hub.RevisionNotFoundError:
         raise HubError(f"{repo_id}: revision {revision!r} not found") from None
     except hub.LocalEntryNotFoundError:
-        raise HubError(f"{where}: not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network)") from None
+        also = "" if file else f"; no local folder {repo_id} exists either"
+        raise HubError(f"{where}: not in the local Hugging Face cache and the Hub cannot be reached (HF_HUB_OFFLINE=1 or no network){also}") from None
     except hub.OfflineModeIsEnabled:
         raise HubError(f"{where}: --stream fetches from the Hub, which HF_HUB_OFFLINE=1 forbids (convert from the cache without --stream)") from None
     except hub.EntryNotFoundError:
@@ -269,10 +270,10 @@ def model_card(path: str | os.PathLike) -> str:
     if report_path.is_file():
         s = json.loads(report_path.read_text()).get("summary", {})
         if s.get("rel_rmse"):
+            sqnr = f", SQNR mean {s['sqnr_db']['mean']:.2f} dB (min {s['sqnr_db']['min']:.2f} dB)" if s.get("sqnr_db") else ""
             lines += [
                 "Quantization error against the source (`nf4convert verify --source`): relative RMSE mean "
-                f"{s['rel_rmse']['mean']:.4f} (max {s['rel_rmse']['max']:.4f}), SQNR mean {s['sqnr_db']['mean']:.2f} dB "
-                f"(min {s['sqnr_db']['min']:.2f} dB).",
+                f"{s['rel_rmse']['mean']:.4f} (max {s['rel_rmse']['max']:.4f}){sqnr}.",
                 "",
             ]
     repo = "REPO_ID"

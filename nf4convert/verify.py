@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from .files import is_inside, is_plain_relative, sha256_file
 from .fp8 import SCALE_SUFFIX, decode_rows
 from .quantize import dequantize
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
-from .source import open_source
+from .source import Source, open_source
 from .tensorfile import SafetensorsFile
 
 
@@ -49,29 +48,30 @@ def _quality(original: torch.Tensor, restored: torch.Tensor) -> dict[str, float]
     energy = w.pow(2).sum().item()
     return {
         "rel_rmse": math.sqrt(err / energy) if energy else 0.0,
-        "sqnr_db": 10 * math.log10(energy / err) if err and energy else math.inf,
+        "sqnr_db": 10 * math.log10(energy / err) if err and energy else None,  # None: no error (or no signal)
         "max_abs_err": (w - r).abs().max().item(),
     }
 
 
 def _summary(values: list[float]) -> dict[str, float]:
-    finite = sorted(v for v in values if math.isfinite(v))
+    finite = sorted(v for v in values if v is not None and math.isfinite(v))
     if not finite:
         return {}
     return {"mean": sum(finite) / len(finite), "min": finite[0], "median": finite[len(finite) // 2], "max": finite[-1]}
 
 
-def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None) -> dict[str, Any]:
+def verify(path: str | os.PathLike, *, source: str | os.PathLike | Source | None = None) -> dict[str, Any]:
     """Check an NF4 folder; with ``source``, also measure each quantized tensor's error against it.
 
     Args:
         path: the NF4 folder.
-        source: the checkpoint it was converted from (folder or file), optional.
+        source: the checkpoint it was converted from (folder, file, or an opened
+            :class:`~nf4convert.source.Source`, e.g. a Hub repo resolved by the caller), optional.
 
     Returns:
         A report: ``ok``, ``problems`` (one line each, naming the file or tensor), ``files``,
-        ``tensors``, and with ``source`` a ``quality`` map (per tensor ``rel_rmse``, ``sqnr_db``,
-        ``max_abs_err``) and its ``summary``.
+        ``tensors``, and with ``source`` a ``quality`` map (per tensor ``rel_rmse``, ``sqnr_db`` (``None``
+        where the tensor is exact), ``max_abs_err``) and its ``summary`` (``{}`` per measure with no value).
 
     Raises:
         SourceNotFoundError: ``path`` does not exist. Every other failure is a problem in the report.
@@ -86,7 +86,7 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None) 
     report.update(files=len(ckpt.manifest.get("files", [])), tensors=sum(len(t) for t in ckpt.shards.values()))
     if source is not None and not problems:
         try:
-            problems += _check_source(ckpt, Path(source), report)
+            problems += _check_source(ckpt, source if isinstance(source, Source) else open_source(source), report)
         except NF4ConvertError as e:
             problems.append(str(e))
     report["problems"] = problems
@@ -94,8 +94,7 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | None = None) 
     return report
 
 
-def _check_source(ckpt: NF4Checkpoint, source: Path, report: dict[str, Any]) -> list[str]:
-    src = open_source(source)
+def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> list[str]:
     problems = []
     recorded = {r["name"]: r["sha256"] for r in ckpt.manifest.get("source", {}).get("files", [])}
     for shard in src.shards:
@@ -121,7 +120,11 @@ def _check_source(ckpt: NF4Checkpoint, source: Path, report: dict[str, Any]) -> 
                         scale = originals[key + SCALE_SUFFIX]
                         h = opened.get(scale.shard) or opened.setdefault(scale.shard, SafetensorsFile(scale.shard))
                         original = decode_rows(original.view(torch.uint8), h.tensor(scale.name), 0, src.fp8_block)
-                    quality[key] = _quality(original, restored.t() if key in transposed else restored)
+                    restored = restored.t() if key in transposed else restored
+                    if original.shape != restored.shape:
+                        problems.append(f"{key}: shape {list(restored.shape)}, the source's is {list(original.shape)}")
+                    else:
+                        quality[key] = _quality(original, restored)
                     g.release(key)
                     f.release(key)
     finally:

@@ -87,6 +87,19 @@ def test_unresolvable_repos_fail_in_one_line(hub_cache, tmp_path, cli, repo, rev
     assert not (tmp_path / "out").exists()
 
 
+def test_verify_resolves_a_repo_id_source_as_convert_does(hub_cache, tmp_path, cli):
+    cli("convert", "org/tiny-llama", tmp_path / "out", "--cache-dir", hub_cache, "--quiet")
+    code, out, err = cli("verify", tmp_path / "out", "--source", "org/tiny-llama", "--cache-dir", hub_cache)
+    assert code == 0, err
+    assert out.startswith("OK ") and "quantized tensors vs source" in out
+
+
+def test_a_mistyped_local_folder_says_no_such_folder_exists_either(hub_cache, tmp_path, cli):
+    code, _, err = cli("convert", "big/lama", tmp_path / "out", "--cache-dir", hub_cache, "--quiet")
+    assert code == 9 and err.count("\n") == 1
+    assert err.strip().endswith("no local folder big/lama exists either")
+
+
 def test_model_card_round_trips_through_huggingface_hub(hub_cache, tmp_path, cli):
     cli("convert", "org/tiny-llama", tmp_path / "out", "--cache-dir", hub_cache, "--quiet")
     code, _, _ = cli("verify", tmp_path / "out", "--save", "--source", next(hub_cache.glob("models--org--tiny-llama/snapshots/*")))

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from nf4convert.convert import convert
 from nf4convert.constants import MANIFEST_NAME
@@ -60,3 +61,38 @@ def test_structural_damage_is_reported_not_raised(nf4):
 def test_a_different_source_is_noticed(nf4, gpt2_dir):
     report = verify(nf4, source=gpt2_dir)
     assert not report["ok"] and any("not in the source" in p for p in report["problems"])
+
+
+def test_a_different_source_gives_one_line_per_finding_and_exit_8(nf4, gpt2_dir, cli):
+    code, out, err = cli("verify", nf4, "--source", gpt2_dir)
+    assert code == 8 and "Traceback" not in out + err
+    assert out.startswith("FAIL ") and all(line.startswith("FAIL ") for line in out.strip().splitlines())
+    assert err.count("\n") == 1 and err.startswith("nf4convert: error: ")
+
+
+def test_a_source_with_other_shapes_is_a_finding_not_a_crash(nf4, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(other).save_pretrained(tmp_path / "other")
+    report = verify(nf4, source=tmp_path / "other")
+    assert not report["ok"] and any("the source's is" in p for p in report["problems"])
+
+
+def test_an_exact_weight_has_no_sqnr_and_the_json_stays_json(tmp_path, cli):
+    """A weight made of NF4 code values (absmax 1 in each block) comes back exactly: its SQNR is
+    null, never Infinity, which is not JSON."""
+    from safetensors.torch import save_file
+
+    from nf4convert.constants import NF4_CODE
+
+    (tmp_path / "src").mkdir()
+    save_file({"layer.weight": torch.tensor(NF4_CODE, dtype=torch.float32).repeat(64, 4)}, tmp_path / "src" / "model.safetensors")
+    out = convert(tmp_path / "src", tmp_path / "nf4", options=Options(double_quant=False))
+    code, text, err = cli("verify", out, "--source", tmp_path / "src", "--json")
+    assert code == 0, err
+    report = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert report["quality"]["layer.weight"]["sqnr_db"] is None and report["quality"]["layer.weight"]["max_abs_err"] == 0.0
+    assert report["summary"]["sqnr_db"] == {}
+    code, text, _ = cli("verify", out, "--source", tmp_path / "src")
+    assert code == 0 and "no error" in text
