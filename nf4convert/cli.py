@@ -128,6 +128,7 @@ def convert(
     verbose: bool,
 ) -> None:
     """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT."""
+    from .quantize import resolve_kernel
     from .resolve import resolve_source
 
     options = Options(
@@ -149,6 +150,7 @@ def convert(
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
     try:
+        resolve_kernel(kernel, device)  # a device or kernel this machine lacks is refused before any work
         src = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=staging, stream_scratch=scratch)
         run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler}
         _convert(src, output, options, dry_run=dry_run, run=run, quiet=quiet, verbose=verbose)
@@ -164,10 +166,10 @@ def _convert(src: Source, output: str | None, options: Options, *, dry_run: bool
     from .plan import make_plan
     from .write import check_output
 
-    if not dry_run:
-        if output is None:
-            raise click.UsageError("Missing argument 'OUTPUT'.")
+    if output is not None:  # a dry run makes the same checks as the real one
         check_output(Path(output), source=src.path, force=run["force"])
+    elif not dry_run:
+        raise click.UsageError("Missing argument 'OUTPUT'.")
     plan = make_plan(src, options)
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)

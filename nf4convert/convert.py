@@ -198,8 +198,8 @@ def convert(
         >>> convert("./Llama-3-8B", "./Llama-3-8B-nf4")              # doctest: +SKIP
         PosixPath('Llama-3-8B-nf4')
     """
-    plan = plan_conversion(source, options=options)
     kernel = resolve_kernel(kernel, device)
+    plan = plan_conversion(source, options=options)
     if plan.options.scales == "search" and kernel != "native":
         raise QuantizationError("--scales search runs in the native kernel only (the CPU, with a C compiler)")
     if workers is not None or scheduler is not None:

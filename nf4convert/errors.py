@@ -24,6 +24,12 @@ class SourceError(NF4ConvertError, ValueError):
     exit_code = 2
 
 
+class DeviceError(NF4ConvertError, ValueError):
+    """The device asked for does not exist here (checked before any work; exit 2, as a bad argument)."""
+
+    exit_code = 2
+
+
 class SourceNotFoundError(SourceError, FileNotFoundError):
     """The source path does not exist or holds no safetensors weights."""
 

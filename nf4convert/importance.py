@@ -119,7 +119,11 @@ def measure_importance(model_dir: str | os.PathLike, text_file: str | os.PathLik
     Raises:
         MissingDependencyError: transformers is not installed.
         SourceNotFoundError, LoadError, OutputError: no text file, a model transformers cannot load, an existing output.
+        DeviceError: ``device`` does not exist here.
     """
+    from .quantize import check_device
+
+    check_device(device)
     text_path, out = Path(text_file), Path(output)
     if not text_path.is_file():
         raise SourceNotFoundError(f"{text_path}: no such calibration text file")

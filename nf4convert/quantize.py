@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .constants import ABSMAX_FLOOR, DYNAMIC_MAP, KERNELS, NESTED_BLOCKSIZE, NF4_CODE, SCALE_METHODS
-from .errors import QuantizationError
+from .errors import DeviceError, QuantizationError
 from .layout import check_blocksize
 
 log = logging.getLogger("nf4convert")
@@ -85,6 +85,26 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The torch device ``device`` names, if this machine has it: the CPU, or a CUDA GPU that torch sees.
+
+    Raises:
+        DeviceError: not a device name, a kind of device nf4convert does not run on, or one this
+            machine (or this build of torch) lacks.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise DeviceError(f"--device {device}: nf4convert runs on the CPU or a CUDA GPU, not {parsed.type}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"--device {device}: no CUDA GPU here (torch {torch.__version__} sees none)")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return parsed
+
+
 def resolve_kernel(kernel: str = "auto", device: str | torch.device = "cpu") -> str:
     """Name the kernel that ``kernel`` means for ``device`` on this machine: ``"native"`` or ``"eager"``.
 
@@ -94,9 +114,11 @@ def resolve_kernel(kernel: str = "auto", device: str | torch.device = "cpu") -> 
     Raises:
         QuantizationError: ``kernel`` is not one of :data:`KERNELS`, or native is asked for
             where it cannot run.
+        DeviceError: see :func:`check_device`.
     """
     from . import native
 
+    check_device(device)
     if kernel not in KERNELS:
         raise QuantizationError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
     on_cpu = torch.device(device).type == "cpu"

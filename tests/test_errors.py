@@ -234,3 +234,38 @@ def test_console_script_exits_non_zero_with_one_line(tmp_path):
     )
     assert p.returncode == 2
     assert p.stderr.strip() == f"nf4convert: error: {tmp_path / 'nope'}: no such file or folder"
+
+
+@pytest.mark.parametrize(
+    "device, match",
+    [
+        ("foo", "--device 'foo': not a device"),
+        ("mps", "--device mps: nf4convert runs on the CPU or a CUDA GPU, not mps"),
+        ("cuda", "--device cuda: no CUDA GPU here"),
+        ("cuda:7", "--device cuda:7: "),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_before_any_work(cli, tmp_path, device, match):
+    if device.startswith("cuda") and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has that GPU")
+    src = model_folder(tmp_path / "src")
+    assert_refused(cli, tmp_path, src, match=match, code=2, extra=("--device", device))
+
+
+def test_importance_refuses_a_missing_device_first(cli, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    rc, _, err = cli("importance", tmp_path / "nowhere", tmp_path / "imp.safetensors", "--text", tmp_path / "none.txt", "--device", "cuda")
+    assert rc == 2 and err.strip() == "nf4convert: error: --device cuda: no CUDA GPU here (torch " + torch.__version__ + " sees none)"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["exists", "inside"])
+def test_a_dry_run_makes_the_real_runs_output_checks(cli, tmp_path, where):
+    src = model_folder(tmp_path / "src")
+    out = src / "nf4" if where == "inside" else tmp_path / "out"
+    if where == "exists":
+        out.mkdir()
+    rc, stdout, err = cli("convert", src, out, "--dry-run")
+    assert rc == 5 and "Nothing written" not in stdout
+    assert ("already exists" if where == "exists" else "must not lie inside the source folder") in err
