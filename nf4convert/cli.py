@@ -82,7 +82,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--blocksize", type=click.Choice([str(b) for b in BLOCKSIZES]), default=str(DEFAULT_BLOCKSIZE), show_default=True, help="Weights per absmax scale.")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="8-bit quantize the absmax scales (QLoRA).")
 @click.option("--compute-dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="bnb_4bit_compute_dtype to record [default: the weights' dtype].")
-@click.option("--skip", "skip", multiple=True, metavar="PATTERN", help="Keep weights of modules matching this glob (repeatable), e.g. '*.mlp.gate'.")
+@click.option("--skip", "skip", multiple=True, metavar="PATTERN", help="Keep modules whose whole name matches this glob (repeatable), e.g. '*.self_attn.o_proj', '*pooler*'.")
 @click.option("--keep-lm-head/--quantize-lm-head", default=True, show_default=True, help="Keep the output head unquantized.")
 @click.option("--scales", type=click.Choice(SCALE_METHODS), default="absmax", show_default=True, help="Block scales: absmax (bit-exact with bitsandbytes) or search (lower error, same format).")
 @click.option("--importance", type=click.Path(), default=None, help="With --scales search: weight each error by its input column's activation energy (a file from `nf4convert importance`).")

@@ -7,6 +7,8 @@ a plan costs no tensor reads.
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -192,6 +194,25 @@ class Plan:
         return [SHARD_NAME_TEMPLATE.format(index=i + 1, count=len(self.shards)) for i in range(len(self.shards))]
 
 
+def check_skip_patterns(patterns: tuple[str, ...], tensor_names: list[str]) -> None:
+    """Refuse a ``--skip`` pattern that matches no module of the checkpoint, naming close ones.
+
+    Patterns are globs over whole module names (``fnmatch``, case-sensitive): ``*pooler*`` or
+    ``pooler.dense`` match BERT's pooler, a bare ``pooler`` does not.
+
+    Raises:
+        QuantizationError: the first pattern that matches nothing.
+    """
+    modules = sorted({name.rpartition(".")[0] or name for name in tensor_names})
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(m, pattern) for m in modules):
+            continue
+        core = pattern.strip("*.")
+        close = [m for m in modules if core and core in m][:3] or difflib.get_close_matches(pattern, modules, n=3, cutoff=0.4)
+        hint = f"; modules like it: {', '.join(close)}" if close else ""
+        raise QuantizationError(f"--skip {pattern!r} matches no module (patterns are globs over whole module names, e.g. '*{core}*'){hint}")
+
+
 def make_plan(source: Source, options: Options) -> Plan:
     """Plan the conversion of ``source``: classify every tensor and cut the output into shards.
 
@@ -203,6 +224,7 @@ def make_plan(source: Source, options: Options) -> Plan:
     Raises:
         QuantizationError: nothing to quantize would be an empty conversion, so it is refused.
     """
+    check_skip_patterns(options.skip, [t.name for t in source.tensors])
     scales = pair_scales([t.info for t in source.tensors], source.fp8_block, where=source.name) if source.fp8_block else {}
     folded = {s.name for s in scales.values()}
     owners = {t.name: t for t in source.tensors}

@@ -10,6 +10,7 @@ import fnmatch
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
@@ -146,6 +147,24 @@ def _default_containment(root: Path) -> Path:
     return root
 
 
+#: ``<prefix>-00002-of-00005.safetensors``: one shard of a numbered set
+_NUMBERED = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
+
+
+def _check_numbered_shards(root: Path, names: list[str]) -> None:
+    """Refuse a folder without an index whose numbered shards (``-0000N-of-0000M``) are not all there."""
+    sets: dict[tuple[str, int], set[int]] = {}
+    for name in names:
+        m = _NUMBERED.match(name)
+        if m:
+            sets.setdefault((m["prefix"], int(m["count"])), set()).add(int(m["index"]))
+    for (prefix, count), present in sorted(sets.items()):
+        missing = sorted(set(range(1, count + 1)) - present)
+        if missing:
+            first = f"{prefix}-{missing[0]:05d}-of-{count:05d}.safetensors"
+            raise SourceError(f"{root}: shard {missing[0]} of {count} is missing ({first}; {len(missing)} missing in all, and no {INDEX_NAME})")
+
+
 def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None) -> Source:
     """Resolve a local source: a folder of safetensors shards or a single ``.safetensors`` file.
 
@@ -185,6 +204,7 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             shards, weight_map = _shards_from_index(root, index_path, _default_containment(root), exists)
         else:
             shards, weight_map = sorted(listed), None
+            _check_numbered_shards(root, [p.name for p in shards])
             for shard in shards:
                 if not is_inside(shard, _default_containment(root)):
                     raise SourceError(f"{shard}: leads outside the source folder")

@@ -269,3 +269,33 @@ def test_a_dry_run_makes_the_real_runs_output_checks(cli, tmp_path, where):
     rc, stdout, err = cli("convert", src, out, "--dry-run")
     assert rc == 5 and "Nothing written" not in stdout
     assert ("already exists" if where == "exists" else "must not lie inside the source folder") in err
+
+
+def test_a_numbered_shard_missing_without_an_index_is_refused(cli, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in (1, 3):
+        save_file({f"l{i}.weight": torch.randn(64, 64)}, src / f"model-{i:05d}-of-00003.safetensors")
+    assert_refused(cli, tmp_path, src, match="shard 2 of 3 is missing (model-00002-of-00003.safetensors; 1 missing in all, and no model.safetensors.index.json)", code=2)
+
+
+@pytest.mark.parametrize(
+    "pattern, hint",
+    [
+        ("pooler", "modules like it: pooler.dense"),
+        ("*.mlp.gate", "modules like it: l0.mlp.gate_proj"),
+        ("mlp", "e.g. '*mlp*'"),
+    ],
+)
+def test_a_skip_pattern_that_matches_no_module_is_refused_with_close_ones(cli, tmp_path, pattern, hint):
+    tensors = {"l0.mlp.gate_proj.weight": torch.randn(64, 64), "pooler.dense.weight": torch.randn(64, 64)}
+    src = model_folder(tmp_path / "src", tensors)
+    assert_refused(cli, tmp_path, src, match=f"--skip {pattern!r} matches no module", code=4, extra=("--skip", pattern))
+    rc, _, err = cli("convert", src, tmp_path / "out", "--skip", pattern, "--dry-run")
+    assert rc == 4 and hint in err
+
+
+def test_a_skip_glob_that_matches_is_taken(cli, tmp_path):
+    src = model_folder(tmp_path / "src", {"l0.mlp.gate_proj.weight": torch.randn(64, 64), "pooler.dense.weight": torch.randn(64, 64)})
+    rc, out, err = cli("convert", src, "--dry-run", "--skip", "*pooler*")
+    assert rc == 0, err
