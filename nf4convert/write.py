@@ -10,6 +10,7 @@ finished shard.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import logging
 import math
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     import torch
 
 PARTIAL_SUFFIX = ".nf4convert-partial"
+#: The lock beside the output while a run writes it (holds the writer's pid; released by the kernel
+#: if the process dies, so a stale one is taken over).
+LOCK_SUFFIX = ".nf4convert-lock"
 #: The resume journal inside the partial folder (removed before the rename).
 JOURNAL_NAME = "nf4convert-progress.json"
 log = logging.getLogger("nf4convert")
@@ -68,6 +72,39 @@ def check_output(target: Path, *, source: Path, force: bool = False) -> None:
         )
 
 
+class OutputLock:
+    """An exclusive ``flock`` on ``OUTPUT.nf4convert-lock``: one run writes an output at a time.
+
+    Raises:
+        OutputError: another live process holds it (its pid is named).
+    """
+
+    def __init__(self, target: Path) -> None:
+        self.path = target.with_name(target.name + LOCK_SUFFIX)
+        for _ in range(3):  # the holder may unlink the file between our open and our flock
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise OutputError(f"{self.path}: cannot create the lock ({e.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(f"{target}: another nf4convert run (pid {holder}) is writing it; wait for it to finish") from None
+            if self.path.exists() and os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, str(os.getpid()).encode(), 0)
+                self.fd = fd
+                return
+            os.close(fd)
+        raise OutputError(f"{target}: the lock {self.path} keeps changing hands")
+
+    def release(self) -> None:
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
+
 class OutputFolder:
     """The output folder, built in a partial folder beside it and renamed into place by :meth:`commit`.
 
@@ -88,11 +125,16 @@ class OutputFolder:
         self.partial = target.with_name(target.name + PARTIAL_SUFFIX)
         self.fingerprint = fingerprint
         self.completed: dict[str, dict[str, Any]] = {}
-        if self.partial.exists():
-            self._resume()
+        self.lock = OutputLock(target)
         try:
+            check_output(target, source=source, force=force)  # again: a run that held the lock may have written it
+            if self.partial.exists():
+                self._resume()
             self.partial.mkdir(parents=True, exist_ok=True)
         except OSError as e:
+            self.lock.release()
+            if isinstance(e, OutputError):
+                raise
             raise OutputError(f"{self.partial}: cannot create ({e.strerror})") from None
 
     def _resume(self) -> None:
@@ -125,6 +167,7 @@ class OutputFolder:
         kept = isinstance(exc, KeyboardInterrupt) or (getattr(exc, "resumable", False) and bool(self.completed))
         if exc_type is not None and not kept and self.partial.exists():
             shutil.rmtree(self.partial, ignore_errors=True)
+        self.lock.release()
 
     def path(self, name: str) -> Path:
         return self.partial / name

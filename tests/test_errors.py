@@ -299,3 +299,22 @@ def test_a_skip_glob_that_matches_is_taken(cli, tmp_path):
     src = model_folder(tmp_path / "src", {"l0.mlp.gate_proj.weight": torch.randn(64, 64), "pooler.dense.weight": torch.randn(64, 64)})
     rc, out, err = cli("convert", src, "--dry-run", "--skip", "*pooler*")
     assert rc == 0, err
+
+
+def test_a_second_run_on_the_same_output_is_refused_naming_the_first(cli, tmp_path):
+    from nf4convert.write import OutputFolder
+
+    src = model_folder(tmp_path / "src")
+    with OutputFolder(tmp_path / "out", source=src):  # a run in progress (this process)
+        rc, _, err = cli("convert", src, tmp_path / "out", "--quiet")
+        assert rc == 5 and err.strip() == f"nf4convert: error: {tmp_path / 'out'}: another nf4convert run (pid {os.getpid()}) is writing it; wait for it to finish"
+        assert (tmp_path / "out.nf4convert-partial").is_dir()  # the first run's work is left alone
+    assert not (tmp_path / "out.nf4convert-lock").exists()
+
+
+def test_a_stale_lock_of_a_killed_run_is_taken_over(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    (tmp_path / "out.nf4convert-lock").write_text("999999")  # left by a kill -9: no process holds it
+    rc, _, err = cli("convert", src, tmp_path / "out", "--quiet")
+    assert rc == 0, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
