@@ -209,6 +209,8 @@ def convert(
     with OutputFolder(Path(output), source=plan.source.path, force=force, fingerprint=fingerprint(plan)) as out:
         every = shard_tasks(plan, out.partial, kernel=kernel, device=device)
         tasks = [t for t in every if t.name not in out.completed]
+        side = sum(f.stat().st_size for f in plan.source.side_files)
+        out.reserve(plan.output_bytes - sum(r["size"] for r in out.completed.values()) + side + (1 << 20))
         if progress and len(tasks) < len(every):
             progress(sum(t.source_bytes for t in every if t.name in out.completed))  # resumed
         try:

@@ -172,6 +172,19 @@ class OutputFolder:
     def path(self, name: str) -> Path:
         return self.partial / name
 
+    def reserve(self, nbytes: int) -> None:
+        """Refuse to start writing when the output's file system has less than ``nbytes`` free
+        (a resumed run's finished shards are kept: the error is resumable).
+
+        Raises:
+            OutputError: needed and free bytes, and the folder.
+        """
+        free = shutil.disk_usage(self.partial).free
+        if free < nbytes:
+            error = OutputError(f"{self.partial.parent}: the output needs {nbytes / 1e6:,.1f} MB more, {free / 1e6:,.1f} MB free there")
+            error.resumable = True
+            raise error
+
     def record_shard(self, record: dict[str, Any]) -> dict[str, Any]:
         """Journal a finished (synced) shard's :func:`file_record` atomically, so an interrupted run can resume after it."""
         self.completed[record["name"]] = record

@@ -318,3 +318,24 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(cli, tmp_path):
     rc, _, err = cli("convert", src, tmp_path / "out", "--quiet")
     assert rc == 0, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MB file system (tmpfs; needs root, skipped elsewhere)."""
+    import subprocess
+
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_too_little_free_space_is_refused_before_writing(cli, tmp_path, small_disk):
+    src = model_folder(tmp_path / "src", {"a.weight": torch.randn(2048, 1024)})  # 1.1 MB of NF4
+    rc, _, err = cli("convert", src, small_disk / "out", "--quiet")
+    assert rc == 5 and err.count("\n") == 1
+    assert f"nf4convert: error: {small_disk}: the output needs 2.1 MB more, 1.0 MB free there" == err.strip()
+    assert list(small_disk.iterdir()) == []
