@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE, EXPERT_MODES, KERNELS, SCALE_METHODS
-from .errors import NF4ConvertError, VerificationFailed
+from .errors import NF4ConvertError, OutputError, VerificationFailed
 from .plan import DEFAULT_MAX_SHARD_SIZE, Options, Plan
 from .source import Source
 
@@ -231,7 +231,10 @@ def verify(path: str, source: str | None, as_json: bool, save: bool, revision: s
     src = resolve_source(source, revision=revision, cache_dir=cache_dir) if source is not None else None
     report = run_verify(path, source=src)
     if save and report["ok"]:
-        (Path(path) / VERIFY_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        try:
+            (Path(path) / VERIFY_REPORT).write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise OutputError(f"{Path(path) / VERIFY_REPORT}: cannot write the report ({e.strerror})") from None
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:

@@ -197,11 +197,16 @@ class OutputFolder:
         self._drop_strays()
         fsync_folder(self.partial)
         old = None
-        if self.target.exists():
-            old = self.target.with_name(self.target.name + ".nf4convert-old")
-            shutil.rmtree(old, ignore_errors=True)
-            self.target.rename(old)
-        self.partial.rename(self.target)
+        try:
+            if self.target.exists():
+                old = self.target.with_name(self.target.name + ".nf4convert-old")
+                shutil.rmtree(old, ignore_errors=True)
+                self.target.rename(old)
+            self.partial.rename(self.target)
+        except OSError as e:
+            if old is not None and old.exists() and not self.target.exists():
+                old.rename(self.target)  # the previous output goes back where it was
+            raise OutputError(f"{self.target}: cannot put the output in place ({e.strerror}; a mount point cannot be replaced, write into a folder inside it)") from None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target

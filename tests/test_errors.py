@@ -320,17 +320,22 @@ def test_a_stale_lock_of_a_killed_run_is_taken_over(cli, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
+def mount_tmpfs(where: Path, options: str) -> bool:
+    import subprocess
+
+    where.mkdir(exist_ok=True)
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True).returncode == 0
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 1 MB file system (tmpfs; needs root, skipped elsewhere)."""
     import subprocess
 
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+    if not mount_tmpfs(tmp_path / "small", "size=1M"):
         pytest.skip("cannot mount a tmpfs here")
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    yield tmp_path / "small"
+    subprocess.run(["umount", str(tmp_path / "small")], check=True)
 
 
 def test_too_little_free_space_is_refused_before_writing(cli, tmp_path, small_disk):
@@ -339,3 +344,37 @@ def test_too_little_free_space_is_refused_before_writing(cli, tmp_path, small_di
     assert rc == 5 and err.count("\n") == 1
     assert f"nf4convert: error: {small_disk}: the output needs 2.1 MB more, 1.0 MB free there" == err.strip()
     assert list(small_disk.iterdir()) == []
+
+
+def test_verify_save_on_a_read_only_folder_is_an_output_error(cli, tmp_path):
+    import shutil
+    import subprocess
+
+    src = model_folder(tmp_path / "src")
+    rc, _, err = cli("convert", src, tmp_path / "out", "--quiet")
+    assert rc == 0, err
+    ro = tmp_path / "ro"
+    if not mount_tmpfs(ro, "size=4M"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        shutil.copytree(tmp_path / "out", ro / "out")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        rc, _, err = cli("verify", ro / "out", "--save")
+        assert rc == 5 and err.strip() == f"nf4convert: error: {ro / 'out' / 'nf4convert-verify.json'}: cannot write the report (Read-only file system)"
+    finally:
+        subprocess.run(["umount", str(ro)], check=True)
+
+
+def test_force_onto_a_mount_point_is_an_output_error_and_keeps_it(cli, tmp_path):
+    import subprocess
+
+    src = model_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    if not mount_tmpfs(out, "size=4M"):
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        rc, _, err = cli("convert", src, out, "--quiet", "--force")  # empty: --force may replace it
+        assert rc == 5 and "cannot put the output in place (Device or resource busy; a mount point cannot be replaced" in err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"] and list(out.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(out)], check=True)
