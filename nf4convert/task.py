@@ -41,7 +41,7 @@ from .plan import Options, PlannedTensor
 from .quantize import dequantize_absmax, double_quantize, encode_nf4, exact_mean, quantize_nf4
 from .source import ShardFetcher
 from .tensorfile import ShardReader, torch_dtypes
-from .write import ShardWriter, fsync_folder
+from .write import ShardWriter, fsync_folder, write_shard_record
 
 Progress = Callable[[int], None]
 #: Pieces quantized ahead of the writer thread: bounds memory to a few pieces.
@@ -308,26 +308,29 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
 
 
 def seal_shard(written: WrittenShard) -> dict[str, Any]:
-    """Sync and hash a written shard, rename it into place, collect the sources' hashes (refusing a
-    source that changed meanwhile) and release the sources no later task reads; returns the record
+    """Sync and hash a written shard, collect the sources' hashes (refusing a source that changed
+    meanwhile), store the record beside the shard, rename the shard into place and release the
+    sources no later task reads; returns the record
     (see :func:`run_task`)."""
     task = written.task
     try:
         written.writer.finish()
         record = file_record(written.writer.path, task.name)
-        os.replace(written.writer.path, task.folder / task.name)
-        fsync_folder(task.folder)
         hashed = written.hasher.result() if written.hasher else []
         for path, state in written.states.items():
             hashed_state = written.hasher.states.get(path, state) if written.hasher else state
             if file_state(path) != state or hashed_state != state:
                 raise SourceError(f"{path}: changed while being converted")
+        quantized = sum(t.quantize for t in task.tensors)
+        seconds = round(time.perf_counter() - written.began, 3)
+        record = {**record, "sources": hashed, "quantized": quantized, "kept": len(task.tensors) - quantized, "seconds": seconds}
+        write_shard_record(task.folder, record)
+        os.replace(written.writer.path, task.folder / task.name)
+        fsync_folder(task.folder)
     except BaseException:
         written.discard()
         raise
     if task.fetcher:
         for path in task.release:
             task.fetcher.release(path)
-    quantized = sum(t.quantize for t in task.tensors)
-    seconds = round(time.perf_counter() - written.began, 3)
-    return {**record, "sources": hashed, "quantized": quantized, "kept": len(task.tensors) - quantized, "seconds": seconds}
+    return record

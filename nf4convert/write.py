@@ -35,6 +35,9 @@ PARTIAL_SUFFIX = ".nf4convert-partial"
 LOCK_SUFFIX = ".nf4convert-lock"
 #: The resume journal inside the partial folder (removed before the rename).
 JOURNAL_NAME = "nf4convert-progress.json"
+#: Each sealed shard's record beside it (``.NAME.record.json``), written before the shard is renamed
+#: into place: a run killed after a rename and before the journal caught up still resumes after it.
+RECORD_SUFFIX = ".record.json"
 log = logging.getLogger("nf4convert")
 
 
@@ -131,6 +134,8 @@ class OutputFolder:
             if self.partial.exists():
                 self._resume()
             self.partial.mkdir(parents=True, exist_ok=True)
+            if self.fingerprint and not self.path(JOURNAL_NAME).exists():  # a run killed before its first shard still resumes
+                _atomic_json(self.path(JOURNAL_NAME), {"fingerprint": self.fingerprint, "shards": []})
         except OSError as e:
             self.lock.release()
             if isinstance(e, OutputError):
@@ -148,7 +153,15 @@ class OutputFolder:
             shutil.rmtree(self.partial)
             return
         self._drop_strays()
-        for record in journal.get("shards", []):
+        records = {str(r.get("name")): r for r in journal.get("shards", []) if isinstance(r, dict)}
+        for side in sorted(self.partial.glob(f".*{RECORD_SUFFIX}")):
+            try:
+                record = json.loads(side.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(record, dict):
+                records.setdefault(str(record.get("name")), record)
+        for record in records.values():
             path = self.partial / str(record.get("name"))
             if path.is_file() and path.stat().st_size == record.get("size") and sha256_file(path) == record.get("sha256"):
                 self.completed[record["name"]] = record
@@ -192,8 +205,11 @@ class OutputFolder:
         return record
 
     def commit(self) -> Path:
-        """Drop the journal, sync the partial folder and rename it to the target (replacing an old one)."""
+        """Drop the journal and the shard records, sync the partial folder and rename it to the target
+        (replacing an old one)."""
         self.path(JOURNAL_NAME).unlink(missing_ok=True)
+        for record in self.partial.glob(f".*{RECORD_SUFFIX}"):
+            record.unlink()
         self._drop_strays()
         fsync_folder(self.partial)
         old = None
@@ -210,6 +226,11 @@ class OutputFolder:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return self.target
+
+
+def write_shard_record(folder: Path, record: dict[str, Any]) -> None:
+    """Store a sealed shard's record beside it, atomically, before the shard is renamed into place."""
+    _atomic_json(folder / f".{record['name']}{RECORD_SUFFIX}", record)
 
 
 def fsync_folder(folder: Path) -> None:

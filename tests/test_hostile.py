@@ -162,6 +162,27 @@ def test_killed_conversions_resume_to_byte_identical_output(tmp_path):
         assert (tmp_path / "reference" / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
 
 
+def test_a_kill_after_a_shard_is_in_place_and_before_the_journal_resumes_after_it(tmp_path):
+    """The journal lists a shard once the next one is written; its record beside it is written
+    before the rename, so a kill -9 in between still finds the shard done."""
+    src = source_with_shards(tmp_path)
+    partial = tmp_path / "out.nf4convert-partial"
+    proc = start_convert(src, tmp_path / "out")
+    deadline = time.monotonic() + 120
+    while not any(partial.glob("model-*.safetensors")) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    proc.kill()
+    proc.wait()
+    in_place = sorted(p.name for p in partial.glob("model-*.safetensors"))
+    journaled = [r["name"] for r in json.loads((partial / "nf4convert-progress.json").read_text())["shards"]]
+    assert in_place and len(journaled) < len(in_place)  # killed between a rename and its journal entry
+    resumed = start_convert(src, tmp_path / "out")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resuming, {len(in_place)} shard(s) already done" in err
+    assert not any(p.name.startswith(".") for p in (tmp_path / "out").iterdir())
+
+
 def test_a_partial_folder_from_other_options_is_discarded(tmp_path, cli):
     src = source_with_shards(tmp_path)
     proc = start_convert(src, tmp_path / "out")
