@@ -14,6 +14,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -131,6 +132,9 @@ def convert(
     from .quantize import resolve_kernel
     from .resolve import resolve_source
 
+    if quiet and verbose:
+        raise click.UsageError("--quiet and --verbose contradict each other: choose one")
+
     options = Options(
         blocksize=int(blocksize),
         double_quant=double_quant,
@@ -182,10 +186,25 @@ def _convert(src: Source, output: str | None, options: Options, *, dry_run: bool
     chosen = describe_kernel(run["kernel"], run["device"])
     if verbose:
         click.echo(f"kernel: {chosen}")
-    with tqdm(total=plan.source.nbytes, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
-        path = run_convert(plan.source, output, options=options, progress=bar.update, **run)
+    began = time.perf_counter()
+    try:
+        with tqdm(total=plan.source.nbytes, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
+            path = run_convert(plan.source, output, options=options, progress=bar.update, **run)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        from .write import PARTIAL_SUFFIX
+
+        click.echo(f"nf4convert: interrupted; the finished shards are in {output}{PARTIAL_SUFFIX}: the same command resumes", err=True)
+        sys.exit(130)
     if not quiet:
-        click.echo(f"Wrote {path}: {human(plan.output_bytes)}, {plan.bits_per_parameter:.3f} bits/parameter")
+        src = plan.source
+        click.echo(
+            f"Wrote {path}: {human(src.nbytes)} -> {human(plan.output_bytes)} ({src.nbytes / max(1, plan.output_bytes):.1f}x smaller), "
+            f"{plan.bits_per_parameter:.3f} bits/parameter, in {time.perf_counter() - began:.1f} s"
+        )
+        loads = any(loader.startswith("nf4convert.load_model") for loader in plan.loaders)
+        steps = [f"nf4convert verify {path} --source {src.path}", f"nf4convert push {path} ORG/NAME"]
+        steps += [f"python -c \"import nf4convert; nf4convert.load_model('{path}')\""] if loads else []
+        click.echo("Next: " + "  |  ".join(steps))
 
 
 @cli.command()
@@ -282,7 +301,8 @@ def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, f
 
     with tqdm(unit="B", unit_scale=True, desc="dequantizing", disable=quiet, file=sys.stderr) as bar:
         out = dequantize_folder(
-            path, output, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=parse_size(max_shard_size), force=force, progress=bar.update
+            path, output, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=parse_size(max_shard_size), force=force,
+            progress=bar.update, total=lambda n: bar.reset(total=n),
         )
     if not quiet:
         click.echo(f"Wrote {out}")
@@ -318,8 +338,9 @@ def main(argv: list[str] | None = None) -> Any:
     handler.setFormatter(logging.Formatter("nf4convert: %(message)s"))
     logger = logging.getLogger("nf4convert")
     logger.addHandler(handler)
+    args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--debug"]  # accepted after the subcommand too
     try:
-        return cli.main(args=argv, prog_name="nf4convert", standalone_mode=False)
+        return cli.main(args=args, prog_name="nf4convert", standalone_mode=False)
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("nf4convert: interrupted (run the same command again to resume a conversion)", err=True)
         sys.exit(130)

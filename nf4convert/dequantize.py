@@ -34,6 +34,7 @@ def dequantize_folder(
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    total: Callable[[int], None] | None = None,
 ) -> Path:
     """Write the dequantized checkpoint of an NF4 folder (spec section 2.5) as plain safetensors.
 
@@ -44,6 +45,7 @@ def dequantize_folder(
         max_shard_size: output shard size limit in bytes.
         force: replace an existing output folder.
         progress: called with the number of output bytes done after each tensor.
+        total: called once, before writing, with the number of output bytes.
 
     Returns:
         The output folder: shards (and an index), ``config.json`` without ``quantization_config``,
@@ -71,6 +73,8 @@ def dequantize_folder(
             else:
                 floating = info.dtype in to_torch and to_torch[info.dtype].is_floating_point
                 plan.append((key, to_safetensors[dtype] if dtype and floating else info.dtype, info.shape))
+    if total:
+        total(sum(math.prod(shape) * DTYPE_SIZES[sdtype] for _, sdtype, shape in plan))
     shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
     size = 0
     for entry in plan:

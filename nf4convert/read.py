@@ -159,8 +159,12 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
         FormatError: anything else that breaks spec/FORMAT.md; the message names the file and tensor.
     """
     root = Path(path)
+    if root.is_file():
+        raise SourceNotFoundError(f"{root}: a file; give the output folder that holds it ({root.parent})")
     if not root.is_dir():
         raise SourceNotFoundError(f"{root}: no such folder")
+    if not (root / MANIFEST_NAME).exists() and not (bitsandbytes_folders and is_bitsandbytes_4bit(root)):
+        raise FormatError(f"{root}: not an nf4convert output (no {MANIFEST_NAME}); 'nf4convert convert {root} --dry-run' shows what converting it would do")
     if bitsandbytes_folders and not (root / MANIFEST_NAME).exists() and is_bitsandbytes_4bit(root):
         manifest: dict[str, Any] = {}
         version = None

@@ -378,3 +378,33 @@ def test_force_onto_a_mount_point_is_an_output_error_and_keeps_it(cli, tmp_path)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"] and list(out.iterdir()) == []
     finally:
         subprocess.run(["umount", str(out)], check=True)
+
+
+def test_inspect_of_a_folder_that_is_not_ours_says_so_and_what_to_run(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    rc, _, err = cli("inspect", src)
+    assert rc == 3 and err.strip() == f"nf4convert: error: {src}: not an nf4convert output (no nf4convert.json); 'nf4convert convert {src} --dry-run' shows what converting it would do"
+    rc, _, err = cli("inspect", src / "model.safetensors")
+    assert rc == 2 and err.strip() == f"nf4convert: error: {src / 'model.safetensors'}: a file; give the output folder that holds it ({src})"
+
+
+def test_quiet_and_verbose_together_are_refused(cli, tmp_path):
+    rc, _, err = cli("convert", model_folder(tmp_path / "src"), tmp_path / "out", "--quiet", "--verbose")
+    assert rc == 2 and "--quiet and --verbose contradict each other" in err and not (tmp_path / "out").exists()
+
+
+def test_debug_works_after_the_subcommand_too(tmp_path):
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "nf4convert", "convert", str(tmp_path / "nope"), str(tmp_path / "out"), "--debug"], capture_output=True, text=True)
+    assert p.returncode == 1 and "Traceback" in p.stderr and "SourceNotFoundError" in p.stderr
+
+
+def test_the_summary_says_sizes_time_and_next_steps(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    rc, out, err = cli("convert", src, tmp_path / "out")
+    assert rc == 0, err
+    first, second = out.strip().splitlines()
+    assert first.startswith(f"Wrote {tmp_path / 'out'}: ") and "x smaller" in first and " s" in first
+    assert second.startswith(f"Next: nf4convert verify {tmp_path / 'out'} --source {src}")
