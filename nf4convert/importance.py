@@ -128,7 +128,7 @@ def measure_importance(model_dir: str | os.PathLike, text_file: str | os.PathLik
     if not text_path.is_file():
         raise SourceNotFoundError(f"{text_path}: no such calibration text file")
     if out.exists() and not force:
-        raise OutputError(f"{out}: already exists (use --force to replace it)")
+        raise OutputError(f"{out}: already exists (--force, or force=True in Python, replaces it)")
     try:
         import transformers
         from safetensors.torch import save_file

@@ -66,7 +66,7 @@ def check_output(target: Path, *, source: Path, force: bool = False) -> None:
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder")
     if target.exists() and not force:
-        raise OutputError(f"{target}: already exists (use --force to replace it)")
+        raise OutputError(f"{target}: already exists (--force, or force=True in Python, replaces it)")
     entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     if entries and not written_by_nf4convert(target):
         raise OutputError(
@@ -307,9 +307,12 @@ class ShardWriter:
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         data = data.cast("B")
-        while data:
-            n = os.pwrite(self.fd, data, offset)
-            data, offset = data[n:], offset + n
+        try:
+            while data:
+                n = os.pwrite(self.fd, data, offset)
+                data, offset = data[n:], offset + n
+        except OSError as e:
+            raise OutputError(f"{self.path.parent}: cannot write the output ({e.strerror})") from None
 
     def write(self, name: str, data: memoryview | torch.Tensor | Iterator[memoryview], offset: int = 0) -> None:
         """Write a tensor's bytes, or part of them from ``offset`` bytes in, at their planned place: all at
@@ -331,7 +334,10 @@ class ShardWriter:
         """Check that every planned tensor was written, sync and close."""
         if self.pending:
             raise FormatError(f"{self.path.name}: tensors not written: {', '.join(sorted(self.pending)[:3])}")
-        os.fsync(self.fd)
+        try:
+            os.fsync(self.fd)
+        except OSError as e:
+            raise OutputError(f"{self.path.parent}: cannot write the output ({e.strerror})") from None
         self.close()
 
     def close(self) -> None:

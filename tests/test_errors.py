@@ -148,7 +148,7 @@ def test_existing_output_is_refused_without_force_and_replaced_with_it(cli, tmp_
     src = model_folder(tmp_path / "src")
     rc, _, err = cli("convert", src, tmp_path / "out", "--quiet")
     assert rc == 0, err
-    assert_refused(cli, tmp_path, src, match="already exists (use --force to replace it)", code=5)
+    assert_refused(cli, tmp_path, src, match="already exists (--force, or force=True in Python, replaces it)", code=5)
     (tmp_path / "out" / "model.safetensors").write_bytes(b"stale")
     rc, _, err = cli("convert", src, tmp_path / "out", "--quiet", "--force")
     assert rc == 0, err

@@ -99,7 +99,7 @@ def test_full_disk_mid_write_leaves_nothing_that_looks_complete(tmp_path, cli, m
 
     monkeypatch.setattr(os, "pwrite", pwrite)
     code, _, err = cli("convert", tmp_path / "src.safetensors", tmp_path / "out", "--quiet")
-    assert code != 0 and err.strip() == "nf4convert: error: [Errno 28] No space left on device"
+    assert code == 5 and err.strip() == f"nf4convert: error: {tmp_path / 'out.nf4convert-partial'}: cannot write the output (No space left on device)"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
 
 
