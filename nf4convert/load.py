@@ -1,12 +1,16 @@
 """Loading an NF4 folder into ``bitsandbytes.nn.Linear4bit`` modules on any device, without re-quantizing.
 
 Needs the optional extras (``pip install 'nf4convert[load]'``: bitsandbytes, transformers,
-accelerate). Every tensor is read from the memory-mapped shards and copied straight to
-``device`` (on the CPU it stays a view of a private copy-on-write mapping); quantized weights
-become ``Params4bit`` through ``Params4bit.from_prequantized``, so no float copy of a
-quantized weight ever exists.
-"""
+accelerate). Two ways in:
 
+- :func:`load_model`: a transformers model, through transformers' own ``from_pretrained`` with
+  :mod:`nf4convert.hfquantizer` adding what it lacks (per-expert 4-bit MoE experts, layers without
+  4-bit weights kept as ``nn.Linear``, bitsandbytes' AVX512-BF16 path off where it fails).
+- :func:`load_state_dict` and :func:`replace_linear`: any ``nn.Module`` (no ``config.json`` needed).
+  Every tensor is read from the memory-mapped shards and copied straight to ``device`` (on the CPU
+  it stays a view of a private copy-on-write mapping); quantized weights become ``Params4bit``
+  through ``Params4bit.from_prequantized``, so no float copy of a quantized weight ever exists.
+"""
 from __future__ import annotations
 
 import json
