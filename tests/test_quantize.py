@@ -227,7 +227,7 @@ def test_quantization_does_not_depend_on_threads():
 
 def convert_in_subprocess(src: Path, out: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     """``nf4convert convert --verbose`` in a new process, where no native kernel has been loaded yet."""
-    cmd = [sys.executable, "-m", "nf4convert", "convert", str(src), str(out), "--verbose", "--quiet", *args]
+    cmd = [sys.executable, "-m", "nf4convert", "convert", str(src), str(out), "--verbose", *args]
     return subprocess.run(cmd, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
 
 
