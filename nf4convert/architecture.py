@@ -23,6 +23,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -32,6 +33,9 @@ from typing import Any
 from .decisions import EXPERT_PATTERN, Decision, Decisions, decide_by_rules, precheck, settle, skip_reason
 from .files import cache_dir
 from .tensorfile import TensorInfo
+
+
+log = logging.getLogger("nf4convert")
 
 
 class CannotAsk(Exception):
@@ -305,6 +309,7 @@ def decide(infos: list[TensorInfo], *, config: dict | None, skip: tuple[str, ...
         cached = _load_cached(key)
         if cached is not None:
             return cached
+        log.info("asking transformers which modules it quantizes (its modeling import takes seconds; cached for the next conversion)")
         decisions = ask_transformers(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts)
         _store_cached(key, decisions)
         return decisions

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import click
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import __version__
 from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE, EXPERT_MODES, KERNELS, SCALE_METHODS
@@ -128,12 +128,16 @@ def convert(
     quiet: bool,
     verbose: bool,
 ) -> None:
-    """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT."""
+    """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT (default:
+    NAME-nf4 beside a local SOURCE, ./NAME-nf4 for a repo id)."""
     from .quantize import resolve_kernel
     from .resolve import resolve_source
 
     if quiet and verbose:
         raise click.UsageError("--quiet and --verbose contradict each other: choose one")
+    logging.getLogger("nf4convert").setLevel(logging.WARNING if quiet else logging.INFO)
+    if output is None:
+        output = default_output(source)
 
     options = Options(
         blocksize=int(blocksize),
@@ -146,8 +150,8 @@ def convert(
         scales=scales,
         importance=importance,
     )
-    # beside OUTPUT like the partial folder (a temporary folder for a dry run), removed when done
-    beside = (lambda kind: Path(output).with_name(f"{Path(output).name}.nf4convert-{kind}")) if output else (lambda kind: Path(tempfile.mkdtemp()) / kind)
+    # beside OUTPUT like the partial folder, removed when done
+    beside = lambda kind: Path(output).with_name(f"{Path(output).name}.nf4convert-{kind}")  # noqa: E731
     staging = beside("staging") if allow_pickle else None
     scratch = beside("scratch") if stream else None
     for folder in (staging, scratch):
@@ -161,19 +165,24 @@ def convert(
     finally:
         for folder in (staging, scratch):
             if folder is not None:
-                shutil.rmtree(folder if output else folder.parent, ignore_errors=True)
+                shutil.rmtree(folder, ignore_errors=True)
 
 
-def _convert(src: Source, output: str | None, options: Options, *, dry_run: bool, run: dict[str, Any], quiet: bool, verbose: bool) -> None:
+def default_output(source: str) -> str:
+    """OUTPUT when none is given: ``<name>-nf4`` beside a local source, in the current folder for a
+    Hub repo id (``org/name`` -> ``./name-nf4``)."""
+    path = Path(source.rstrip("/"))
+    name = f"{path.stem if path.suffix == '.safetensors' else path.name}-nf4"
+    return str(path.with_name(name) if path.exists() else Path(name))
+
+
+def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: dict[str, Any], quiet: bool, verbose: bool) -> None:
     """Plan, show and run the conversion of an opened source (``run``: :func:`nf4convert.convert.convert`'s
     keywords)."""
     from .plan import make_plan
     from .write import check_output
 
-    if output is not None:  # a dry run makes the same checks as the real one
-        check_output(Path(output), source=src.path, force=run["force"])
-    elif not dry_run:
-        raise click.UsageError("Missing argument 'OUTPUT'.")
+    check_output(Path(output), source=src.path, force=run["force"])  # a dry run makes the same checks
     plan = make_plan(src, options)
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
@@ -187,9 +196,14 @@ def _convert(src: Source, output: str | None, options: Options, *, dry_run: bool
     if verbose:
         click.echo(f"kernel: {chosen}")
     began = time.perf_counter()
+    def skipped(nbytes: int) -> None:  # a resumed run's finished shards: counted, not as speed
+        bar.initial = bar.n = nbytes
+        bar.refresh()
+
     try:
         with tqdm(total=plan.source.nbytes, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
-            path = run_convert(plan.source, output, options=options, progress=bar.update, **run)
+            with logging_redirect_tqdm(loggers=[logging.getLogger("nf4convert")]):  # messages on their own line
+                path = run_convert(plan.source, output, options=options, progress=bar.update, resumed=skipped, **run)
     except (click.exceptions.Abort, KeyboardInterrupt):
         from .write import PARTIAL_SUFFIX
 

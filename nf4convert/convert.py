@@ -166,6 +166,7 @@ def convert(
     kernel: str = "auto",
     device: str = "cpu",
     progress: Progress | None = None,
+    resumed: Progress | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
 ) -> Path:
@@ -176,10 +177,12 @@ def convert(
             :class:`Source` (see :func:`resolve_source` for Hub options and ``--stream``).
         output: the folder to create.
         options: quantization and sharding options.
-        force: replace an existing output folder.
+        force: replace an existing output folder that nf4convert wrote, or an empty one.
         kernel: quantizer kernel, ``"auto"``, ``"native"`` or ``"eager"`` (same bytes).
         device: where to quantize (``"cpu"``, ``"cuda"``); the output is the same.
-        progress: called with a number of source bytes done, as they are done.
+        progress: called with a number of source bytes done, as they are done (a resumed run's
+            finished shards too, unless ``resumed`` is given).
+        resumed: called once with the source bytes of the shards a resumed run finds done.
         workers: run the shard tasks on a local Dask cluster of this many worker processes.
         scheduler: run them on the Dask cluster at this address (its workers must see source and output).
 
@@ -211,8 +214,9 @@ def convert(
         tasks = [t for t in every if t.name not in out.completed]
         side = sum(f.stat().st_size for f in plan.source.side_files)
         out.reserve(plan.output_bytes - sum(r["size"] for r in out.completed.values()) + side + (1 << 20))
-        if progress and len(tasks) < len(every):
-            progress(sum(t.source_bytes for t in every if t.name in out.completed))  # resumed
+        done = sum(t.source_bytes for t in every if t.name in out.completed)
+        if done and (resumed or progress):
+            (resumed or progress)(done)
         try:
             if workers is None and scheduler is None:
                 run_serially(tasks, out.record_shard, progress)

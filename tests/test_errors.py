@@ -408,3 +408,28 @@ def test_the_summary_says_sizes_time_and_next_steps(cli, tmp_path):
     first, second = out.strip().splitlines()
     assert first.startswith(f"Wrote {tmp_path / 'out'}: ") and "x smaller" in first and " s" in first
     assert second.startswith(f"Next: nf4convert verify {tmp_path / 'out'} --source {src}")
+
+
+@pytest.mark.parametrize("source, expected", [("src", "src-nf4"), ("src/model.safetensors", "src/model-nf4"), ("org/name", "name-nf4")])
+def test_output_defaults_to_name_nf4(source, expected, tmp_path, monkeypatch):
+    from nf4convert.cli import default_output
+
+    monkeypatch.chdir(tmp_path)
+    model_folder(tmp_path / "src")
+    assert default_output(source) == expected
+
+
+def test_convert_without_output_writes_name_nf4_beside_the_source(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    rc, out, err = cli("convert", src, "--quiet")
+    assert rc == 0, err
+    assert (tmp_path / "src-nf4" / "nf4convert.json").is_file()
+
+
+def test_the_first_conversion_of_a_model_says_it_asks_transformers(cli, tmp_path, monkeypatch, llama_dir):
+    monkeypatch.setenv("NF4CONVERT_CACHE", str(tmp_path / "cache"))
+    src = llama_dir
+    rc, _, err = cli("convert", src, tmp_path / "a")
+    assert rc == 0 and "nf4convert: asking transformers which modules it quantizes" in err
+    rc, _, err = cli("convert", src, tmp_path / "b")
+    assert rc == 0 and "asking transformers" not in err  # cached
