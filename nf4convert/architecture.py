@@ -11,8 +11,9 @@ says so. transformers' answers are cached (see :func:`decide`).
 
 MoE experts: transformers 5 fuses per-expert checkpoint weights into 3-D parameters, which
 bitsandbytes leaves in full precision. With ``experts="quantize"`` each expert weight is quantized
-as the 2-D tensor the checkpoint stores (the layout transformers 4.x and vLLM read);
-``experts="keep"`` keeps them, as transformers 5 does. Routers are never quantized.
+as the 2-D tensor the checkpoint stores (the layout transformers 4.x and vLLM read), and experts a
+checkpoint stores fused, as 3-D tensors, are quantized as they are stored (each expert's slice whole
+blocks); ``experts="keep"`` keeps them, as transformers 5 does. Routers are never quantized.
 
 Everything here works on names, shapes and ``config.json``; no tensor data is read.
 """
@@ -26,11 +27,13 @@ import json
 import logging
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .decisions import EXPERT_PATTERN, Decision, Decisions, decide_by_rules, precheck, settle, skip_reason
+from .decisions import (
+    EXPERT_PATTERN, Decision, Decisions, decide_by_rules, fused_decision, is_fused_candidate, precheck, settle, skip_reason,
+)  # fmt: skip
 from .files import cache_dir
 from .tensorfile import TensorInfo
 
@@ -42,7 +45,7 @@ class CannotAsk(Exception):
     """transformers cannot answer for this checkpoint (the message says why)."""
 
 
-def _cache_key(infos: list[TensorInfo], config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str) -> str:
+def _cache_key(infos: list[TensorInfo], config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str, blocksize: int) -> str:
     """What transformers' decisions depend on, hashed.
 
     Raises:
@@ -55,7 +58,7 @@ def _cache_key(infos: list[TensorInfo], config: dict, skip: tuple[str, ...], qua
     version = importlib.metadata.version("transformers")
     if int(version.split(".")[0]) < 5:
         raise CannotAsk(f"transformers {version} < 5")
-    what = [__version__, version, config, [[i.name, i.dtype, list(i.shape)] for i in infos], list(skip), quantize_lm_head, experts]
+    what = [__version__, version, config, [[i.name, i.dtype, list(i.shape)] for i in infos], list(skip), quantize_lm_head, experts, blocksize]
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
 
 
@@ -73,7 +76,7 @@ def _load_cached(key: str) -> Decisions | None:
 
 def _store_cached(key: str, decisions: Decisions) -> None:
     """Write atomically; a cache that cannot be written is no error."""
-    tensors = {n: [d.quantize, d.reason, d.transpose, d.expert] for n, d in decisions.tensors.items()}
+    tensors = {n: [d.quantize, d.reason, d.transpose, d.expert, d.fused] for n, d in decisions.tensors.items()}
     path = _cache_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,6 +148,8 @@ class KeyMapping:
         part: which of the fused parameter's concatenated sources (gate, up, ...) it is.
         parts: how many sources are concatenated.
         layout: ``None`` when the tensor loads as is, else why it cannot be mapped (an unsupported fusion).
+        transposed: fused experts that transformers transposes on load (``[E, b, a]`` -> ``[E, a, b]``)
+            where the stored shape is not the model's.
     """
 
     key: str
@@ -152,6 +157,12 @@ class KeyMapping:
     part: int = 0
     parts: int = 1
     layout: str | None = None
+    transposed: bool = False
+
+
+def _changed_on_load(converter: Any) -> str:
+    """What a converter does to a tensor on load, in words."""
+    return "changed by transformers on load (" + ", ".join(type(op).__name__ for op in converter.operations) + ")"
 
 
 def _merge_layout(converter: Any) -> str | None:
@@ -160,7 +171,14 @@ def _merge_layout(converter: Any) -> str | None:
     ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
     if ops in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]):
         return None
-    return "fused by transformers with " + ", ".join(name for name, _ in ops)
+    return _changed_on_load(converter)
+
+
+def _is_expert_transpose(converter: Any) -> bool:
+    """Whether the converter only swaps the last two dimensions of 3-D experts stored the other way
+    round (``[E, b, a]`` -> the model's ``[E, a, b]``; a tensor of the model's shape is left alone)."""
+    ops = converter.operations
+    return len(ops) == 1 and type(ops[0]).__name__ == "Transpose" and {ops[0].dim0, ops[0].dim1} == {1, 2} and ops[0].check_dims
 
 
 def map_keys(model: Any, keys: list[str]) -> dict[str, KeyMapping]:
@@ -188,8 +206,11 @@ def map_keys(model: Any, keys: list[str]) -> dict[str, KeyMapping]:
             out[key] = KeyMapping(new)
             continue
         converter = by_pattern[pattern]
+        if _is_expert_transpose(converter):
+            out[key] = KeyMapping(new, transposed=True)
+            continue
         index = EXPERT_PATTERN.search(f".{key}")
-        layout = _merge_layout(converter) if index else "fused by transformers on load"
+        layout = _merge_layout(converter) if index else _changed_on_load(converter)
         sources = list(converter.source_patterns)
         out[key] = KeyMapping(new, int(index.group(1)) if index else None, sources.index(pattern), len(sources), layout)
     return out
@@ -221,7 +242,35 @@ def _replaced_types() -> tuple[Any, Any]:
     return torch.nn.Linear, Conv1D
 
 
-def ask_transformers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str) -> Decisions:
+def is_experts_module(module: Any) -> bool:
+    """An MoE experts module whose forward indexes its fused 3-D parameters one expert at a time:
+    transformers' ``use_experts_implementation`` classes (``eager`` is the per-expert forward)."""
+    return hasattr(module, "is_concatenated") and hasattr(module, "has_gate")
+
+
+def _fused_decision(info: TensorInfo, where: KeyMapping | None, model: Any, *, skip: tuple[str, ...], experts: str, blocksize: int) -> Decision:
+    """Decide a 3-D tensor: fused experts where it loads into a 3-D parameter of the model."""
+    if where is None:
+        return Decision(False, "not a parameter of the model")
+    try:
+        param = model.get_parameter(where.key)
+    except AttributeError:  # a buffer
+        param = None
+    module = model.get_submodule(where.key.rpartition(".")[0])
+    if param is None or param.dim() != 3 or not is_experts_module(module):
+        return Decision(False, "3-D")
+    if where.layout is not None:
+        return Decision(False, f"{where.layout} (kept, as transformers does)", expert=True, fused=True)
+    shape = tuple(param.shape)
+    swapped = (shape[0], shape[2], shape[1])
+    transpose = where.transposed and info.shape != shape and info.shape == swapped
+    if info.shape[0] == shape[0] and info.shape != shape and not transpose:
+        return Decision(False, f"shape {list(info.shape)} differs from the model's {list(shape)}", expert=True, fused=True)
+    decision = fused_decision(info, module=where.key.rpartition(".")[0], experts=shape[0], skip=skip, mode=experts, blocksize=blocksize)
+    return replace(decision, transpose=True, reason=f"{decision.reason}, each expert transposed as transformers does") if transpose and decision.quantize else decision
+
+
+def ask_transformers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str, blocksize: int) -> Decisions:
     """Decide from the model transformers builds for ``config`` (see the module docstring).
 
     Raises:
@@ -239,8 +288,11 @@ def ask_transformers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, 
     patterns = list(not_converted)
     tensors: dict[str, Decision] = {}
     for info in infos:
-        pre = precheck(info)
         where = mapping.get(info.name)
+        if is_fused_candidate(info):
+            tensors[info.name] = _fused_decision(info, where, model, skip=skip, experts=experts, blocksize=blocksize)
+            continue
+        pre = precheck(info)
         if pre is not None or where is None:
             tensors[info.name] = pre or Decision(False, "not a parameter of the model")
             continue
@@ -294,25 +346,30 @@ def _skip_modules(model: Any, infos: list[TensorInfo], mapping: dict[str, KeyMap
     return settle(tensors, entries, modules)
 
 
-def decide(infos: list[TensorInfo], *, config: dict | None, skip: tuple[str, ...] = (), quantize_lm_head: bool = False, experts: str = "quantize") -> Decisions:
+def decide(
+    infos: list[TensorInfo], *, config: dict | None, skip: tuple[str, ...] = (), quantize_lm_head: bool = False, experts: str = "quantize", blocksize: int = 64
+) -> Decisions:
     """Decide every tensor of a checkpoint: by transformers where it can answer, else by the name rules.
 
     transformers' answer is kept in the cache folder under a hash of everything it depends on (the
     versions, ``config.json``, every tensor's name, dtype and shape, the options): importing
     transformers' modeling code costs seconds, and a resumed or repeated conversion plans the same.
+
+    Raises:
+        SourceError: fused experts whose expert count differs from the model's.
     """
     config = config or {}
     try:
         if not config:
             raise CannotAsk("no config.json")
-        key = _cache_key(infos, config, skip, quantize_lm_head, experts)
+        key = _cache_key(infos, config, skip, quantize_lm_head, experts, blocksize)
         cached = _load_cached(key)
         if cached is not None:
             return cached
         log.info("asking transformers which modules it quantizes (its modeling import takes seconds; cached for the next conversion)")
-        decisions = ask_transformers(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts)
+        decisions = ask_transformers(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, blocksize=blocksize)
         _store_cached(key, decisions)
         return decisions
     except CannotAsk as e:
         why = str(e)
-    return decide_by_rules(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, why=why)
+    return decide_by_rules(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, blocksize=blocksize, why=why)

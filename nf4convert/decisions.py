@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .constants import QUANTIZABLE_DTYPES
+from .errors import SourceError
 from .tensorfile import TensorInfo
 
 RULES = "name rules"
@@ -33,6 +34,10 @@ CONV1D_MODULES = {
     "imagegpt": ("c_attn", "c_proj", "c_fc", "q_attn"),
 }
 EXPERT_PATTERN = re.compile(r"\.experts\.(\d+)\.")
+#: Name rules: a 3-D tensor is fused MoE experts ``[experts, rows, columns]`` in a module of one of these names.
+FUSED_EXPERT_MODULES = ("experts", "block_sparse_moe")
+#: ``config.json`` fields that give the number of routed experts.
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 @dataclass(frozen=True)
@@ -42,14 +47,16 @@ class Decision:
     Attributes:
         quantize: quantized (else kept byte for byte).
         reason: why, in a few words.
-        transpose: quantize the transpose (GPT-2 ``Conv1D``).
-        expert: a per-expert MoE weight.
+        transpose: quantize the transpose (GPT-2 ``Conv1D``; of fused experts, each expert's slice).
+        expert: an MoE expert weight (per expert, or fused).
+        fused: fused MoE experts, a 3-D ``[experts, rows, columns]`` tensor (spec section 2.7).
     """
 
     quantize: bool
     reason: str
     transpose: bool = False
     expert: bool = False
+    fused: bool = False
 
 
 @dataclass
@@ -71,6 +78,16 @@ class Decisions:
     @property
     def experts_quantized(self) -> bool:
         return any(d.quantize and d.expert for d in self.tensors.values())
+
+    @property
+    def fused_experts_quantized(self) -> bool:
+        return any(d.quantize and d.fused for d in self.tensors.values())
+
+    @property
+    def fused_experts_transposed(self) -> bool:
+        """Fused experts stored transposed from the model's layout in the source (transformers
+        transposes them on load, which it cannot do to 4-bit bytes) are quantized."""
+        return any(d.quantize and d.fused and d.transpose for d in self.tensors.values())
 
 
 def covering_entry(module: str, entries: set[str]) -> str | None:
@@ -102,12 +119,62 @@ def precheck(info: TensorInfo) -> Decision | None:
     return None
 
 
+def is_fused_candidate(info: TensorInfo) -> bool:
+    """A 3-D tensor, which only fused MoE experts can make quantizable."""
+    return len(info.shape) == 3
+
+
+def fused_decision(info: TensorInfo, *, module: str, experts: int | None, skip: tuple[str, ...], mode: str, blocksize: int) -> Decision:
+    """Decide fused MoE experts ``[experts, rows, columns]`` (spec section 2.7): quantized with each
+    expert's slice a run of whole blocks, else kept, saying why.
+
+    Args:
+        module: the tensor's module name(s) as ``--skip`` matches them.
+        experts: how many experts the model has (``None``: unknown).
+        mode: ``--experts``.
+
+    Raises:
+        SourceError: the tensor's expert count differs from the model's.
+    """
+    if info.dtype not in QUANTIZABLE_DTYPES:
+        return Decision(False, f"dtype {info.dtype}", expert=True, fused=True)
+    if info.numel == 0:
+        return Decision(False, "empty", expert=True, fused=True)
+    if experts is not None and info.shape[0] != experts:
+        raise SourceError(f"{info.name}: {info.shape[0]} experts in a fused tensor {list(info.shape)}, but the model has {experts}")
+    skipped = skip_reason((module,), skip)
+    if skipped:
+        return Decision(False, skipped, expert=True, fused=True)
+    if mode == "keep":
+        return Decision(False, "MoE experts, fused (--experts keep)", expert=True, fused=True)
+    per_expert = info.shape[1] * info.shape[2]
+    if per_expert % blocksize:
+        why = f"an expert's {per_expert} values are not whole blocks of {blocksize} (kept: a block would span two experts)"
+        return Decision(False, why, expert=True, fused=True)
+    return Decision(True, "MoE experts, fused 3-D", expert=True, fused=True)
+
+
 def skip_reason(modules: tuple[str, ...], skip: tuple[str, ...]) -> str | None:
     return next((f"--skip {p}" for p in skip for m in modules if fnmatch.fnmatchcase(m, p)), None)
 
 
-def rule_decision(info: TensorInfo, *, config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str) -> Decision:
+def config_experts(config: dict) -> int | None:
+    """The number of routed experts ``config.json`` gives (text config included), if any."""
+    for cfg in (config, config.get("text_config") or {}):
+        found = next((cfg[k] for k in EXPERT_COUNT_FIELDS if type(cfg.get(k)) is int), None)
+        if found is not None:
+            return found
+    return None
+
+
+def rule_decision(info: TensorInfo, *, config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str, blocksize: int) -> Decision:
     """Decide one tensor by the name rules of spec section 6."""
+    if is_fused_candidate(info):
+        module = info.name.removesuffix(".weight")
+        parts = module.split(".")
+        if len(parts) < 2 or parts[-2] not in FUSED_EXPERT_MODULES:
+            return Decision(False, "3-D")
+        return fused_decision(info, module=module, experts=config_experts(config), skip=skip, mode=experts, blocksize=blocksize)
     pre = precheck(info)
     if pre is not None:
         return pre
@@ -136,9 +203,9 @@ def rule_decision(info: TensorInfo, *, config: dict, skip: tuple[str, ...], quan
 def settle(tensors: dict[str, Decision], entries: Callable[[set[str]], set[str]], modules: Callable[[str], tuple[str, ...]]) -> list[str]:
     """The skip list ``entries`` gives for the quantized tensors, after keeping every quantized tensor
     that an entry would cover (a loader would build it unquantized): repeated until nothing changes,
-    so the list never says more than the files hold."""
+    so the list never says more than the files hold. Fused experts are not modules a skip list names."""
     while True:
-        quantized = {n for n, d in tensors.items() if d.quantize}
+        quantized = {n for n, d in tensors.items() if d.quantize and not d.fused}
         listed = entries(quantized)
         covered = {n: e for n in quantized for m in modules(n) if (e := covering_entry(m, listed))}
         if not covered:
@@ -147,9 +214,11 @@ def settle(tensors: dict[str, Decision], entries: Callable[[set[str]], set[str]]
             tensors[n] = Decision(False, f"a loader would read it unquantized (skip entry {e!r} covers it)", expert=tensors[n].expert)
 
 
-def decide_by_rules(infos: list[TensorInfo], *, config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str, why: str) -> Decisions:
+def decide_by_rules(
+    infos: list[TensorInfo], *, config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str, blocksize: int, why: str
+) -> Decisions:
     """Decide every tensor by the name rules; ``why`` says why transformers did not."""
-    tensors = {i.name: rule_decision(i, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts) for i in infos}
+    tensors = {i.name: rule_decision(i, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, blocksize=blocksize) for i in infos}
     kept_2d = {i.name[: -len(".weight")] for i in infos if precheck(i) is None}
 
     def entries(quantized: set[str]) -> set[str]:

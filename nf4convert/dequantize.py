@@ -17,7 +17,7 @@ import torch
 
 from .constants import DTYPE_SIZES, INDEX_NAME, MANIFEST_NAME, SHARD_NAME_TEMPLATE, SINGLE_SHARD_NAME
 from .errors import FormatError
-from .layout import quantized_tensors
+from .layout import quantized_tensors, transposed as transposed_shape
 from .files import is_inside, is_plain_relative
 from .plan import DEFAULT_MAX_SHARD_SIZE
 from .quantize import dequantize
@@ -68,7 +68,7 @@ def dequantize_folder(
             if key in ckpt.quant_states:
                 state = ckpt.quant_states[key]
                 out_dtype = dtype or getattr(torch, state.dtype)
-                shape = state.shape[::-1] if key in transposed else state.shape
+                shape = transposed_shape(state.shape) if key in transposed else state.shape
                 plan.append((key, to_safetensors[out_dtype], tuple(shape)))
             else:
                 floating = info.dtype in to_torch and to_torch[info.dtype].is_floating_point
@@ -96,7 +96,7 @@ def dequantize_folder(
                         f = files.get(where[key]) or files.setdefault(where[key], SafetensorsFile(ckpt.root / where[key]))
                         if key in ckpt.quant_states:
                             value = dequantize(stored_weight(f, ckpt, key))
-                            value = (value.t() if key in transposed else value).to(to_torch[sdtype])
+                            value = (value.transpose(-1, -2) if key in transposed else value).to(to_torch[sdtype])
                         else:
                             value = f.tensor(key).to(to_torch[sdtype]) if to_torch.get(sdtype) else f.raw(key)
                         writer.write(key, value)

@@ -1,21 +1,29 @@
-"""4-bit MoE experts for transformers 5 models, rebuilt from per-expert NF4 weights without re-quantizing.
+"""4-bit MoE experts for transformers 5 models, rebuilt from NF4 weights without re-quantizing.
 
 transformers 5 fuses an MoE block's experts into 3-D parameters (``gate_up_proj`` ``[E, 2I, H]``,
-``down_proj`` ``[E, H, I]``), which bitsandbytes does not quantize. nf4convert stores each expert's
-weights as the checkpoint does (``experts.N.gate_proj.weight``, ...), quantized. :class:`PackedExperts`
-stands in for one fused parameter: indexing it with an expert gives that expert's slice of the fused
-parameter, dequantized on use (spec section 2.5) from its per-expert NF4 weights, so the experts
-module's own eager forward (``F.linear(x, self.gate_up_proj[e])``) runs unchanged. Only the experts a
-batch routes to are dequantized, one at a time: no full-precision copy of the experts is ever held.
+``down_proj`` ``[E, H, I]``), which bitsandbytes does not quantize. A checkpoint stores them either per
+expert (``experts.N.gate_proj.weight``, ...), which nf4convert quantizes one weight at a time, or fused
+as 3-D tensors, which nf4convert quantizes whole with each expert's slice a run of whole blocks (spec
+section 2.7). Both stand in for the fused parameter here: indexing gives that expert's 2-D slice,
+dequantized on use (spec section 2.5), so the experts module's own eager forward
+(``F.linear(x, self.gate_up_proj[e])``) runs unchanged. Only the experts a batch routes to are
+dequantized, one at a time: no full-precision copy of the experts is ever held.
+
+- :class:`PackedExperts`: per-expert ``Params4bit`` weights.
+- :class:`FusedExperts`: one 3-D NF4 tensor (the layout ``bitsandbytes.nn.parametrize`` writes and
+  reads for a quantized ``nn.Parameter``); an expert is picked with tensor indexing on the device and
+  its tables live there too, so indexing never waits for the device.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
-from .quantize import NF4Weight, dequantize
+from .constants import DYNAMIC_MAP, NF4_CODE
+from .quantize import NF4Weight, decode_blocks, dequantize, dequantize_absmax
 
 
 def nf4_weight(param: Any) -> NF4Weight:
@@ -34,13 +42,15 @@ class PackedExperts(torch.nn.Module):
     Args:
         experts: for each expert, its ``Params4bit`` sources in the fused parameter's order
             (e.g. ``[gate, up]`` for ``gate_up_proj``); they are concatenated along dim 0 on use.
+        dtype: the dtype an expert's weight is given in (the replaced parameter's).
 
-    ``self[e]`` is expert ``e``'s 2-D weight in the original dtype, dequantized now.
+    ``self[e]`` is expert ``e``'s 2-D weight, dequantized now.
     """
 
-    def __init__(self, experts: list[list[Any]]) -> None:
+    def __init__(self, experts: list[list[Any]], dtype: torch.dtype) -> None:
         super().__init__()
         self.parts = len(experts[0])
+        self.dtype = dtype
         self.weights = torch.nn.ParameterList([w for row in experts for w in row])
 
     def __len__(self) -> int:
@@ -50,7 +60,7 @@ class PackedExperts(torch.nn.Module):
         e = int(expert)
         if not 0 <= e < len(self):
             raise IndexError(f"expert {e} out of range ({len(self)} experts)")
-        mats = [dequantize(nf4_weight(self.weights[e * self.parts + p])) for p in range(self.parts)]
+        mats = [dequantize(nf4_weight(self.weights[e * self.parts + p])).to(self.dtype) for p in range(self.parts)]
         return mats[0] if self.parts == 1 else torch.cat(mats, dim=0)
 
     @property
@@ -63,11 +73,64 @@ class PackedExperts(torch.nn.Module):
         return f"experts={len(self)}, shape={tuple(self.shape)}, nf4"
 
 
-def place_experts(module: torch.nn.Module, name: str, experts: list[list[Any]]) -> None:
-    """Put per-expert ``Params4bit`` weights in place of ``module``'s fused parameter ``name``, as
-    :class:`PackedExperts`; the module's forward is switched to transformers' eager experts
-    implementation, the one that indexes per expert."""
+class FusedExperts(torch.nn.Module):
+    """A 3-D NF4 tensor ``[E, a, b]`` (each expert's slice whole blocks) that indexes like the fused
+    parameter it replaces.
+
+    Args:
+        packed: the packed codes, uint8 with ``E * a * b / 2`` elements.
+        quant_state: its ``bitsandbytes.functional.QuantState`` (shape ``[E, a, b]``, absmax, nesting).
+        dtype: the dtype an expert's weight is given in (the replaced parameter's).
+
+    ``self[e]`` (an int or a one-element integer tensor) is expert ``e``'s 2-D weight, dequantized now.
+    """
+
+    def __init__(self, packed: torch.Tensor, quant_state: Any, *, dtype: torch.dtype) -> None:
+        super().__init__()
+        experts, rows, cols = quant_state.shape
+        device = packed.device
+        self.stored = (rows, cols)
+        self.blocksize = quant_state.blocksize
+        self.dtype = dtype
+        self.nested = quant_state.nested
+        self.blocks_per_expert = rows * cols // self.blocksize
+        self.register_buffer("packed", packed.reshape(experts, -1))
+        self.register_buffer("absmax", quant_state.absmax.reshape(experts, -1))
+        self.register_buffer("nf4", torch.tensor(NF4_CODE, dtype=torch.float32, device=device))
+        if self.nested:
+            self.register_buffer("nested_absmax", quant_state.state2.absmax)
+            self.register_buffer("offset", torch.as_tensor(quant_state.offset, dtype=torch.float32).to(device))
+            self.register_buffer("dynamic", torch.tensor(DYNAMIC_MAP, dtype=torch.float32, device=device))
+
+    def __len__(self) -> int:
+        return self.packed.shape[0]
+
+    def __getitem__(self, expert: int | torch.Tensor) -> torch.Tensor:
+        if isinstance(expert, torch.Tensor):
+            index = expert.reshape(1).to(self.packed.device)
+        else:
+            if not 0 <= expert < len(self):
+                raise IndexError(f"expert {expert} out of range ({len(self)} experts)")
+            index = torch.tensor([expert], device=self.packed.device)
+        absmax = self.absmax.index_select(0, index)[0]
+        if self.nested:
+            absmax = dequantize_absmax(absmax, self.nested_absmax, self.offset, first=index * self.blocks_per_expert, table=self.dynamic)
+        n = math.prod(self.stored)
+        weight = decode_blocks(self.packed.index_select(0, index)[0], absmax, blocksize=self.blocksize, n=n, table=self.nf4)
+        return weight.to(self.dtype).view(self.stored)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self), *self.stored))
+
+    def extra_repr(self) -> str:
+        return f"experts={len(self)}, shape={tuple(self.shape)}, nf4, fused"
+
+
+def place_experts(module: torch.nn.Module, name: str, experts: PackedExperts | FusedExperts) -> None:
+    """Put 4-bit ``experts`` in place of ``module``'s fused parameter ``name``; the module's forward is
+    switched to transformers' eager experts implementation, the one that indexes per expert."""
     del module._parameters[name]
-    setattr(module, name, PackedExperts(experts))
+    setattr(module, name, experts)
     if getattr(module, "config", None) is not None:
         module.config._experts_implementation = "eager"

@@ -28,7 +28,8 @@ LOGICAL_DTYPE = "BF16"
 
 
 def block_size(config: dict[str, Any] | None, *, where: str) -> tuple[int, int] | None:
-    """The ``weight_block_size`` of a block-scaled FP8 ``config.json``; ``None`` for a model that is not quantized.
+    """The ``weight_block_size`` of a block-scaled FP8 ``config.json``; ``None`` for a model that is not
+    quantized, or stores MXFP4 experts (:mod:`nf4convert.mxfp4`).
 
     Raises:
         SourceError: quantized in another way (named), or an FP8 config that is not block-scaled E4M3.
@@ -37,6 +38,8 @@ def block_size(config: dict[str, Any] | None, *, where: str) -> tuple[int, int] 
     if not quant:
         return None
     method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+    if method == "mxfp4":
+        return None
     if method == "compressed-tensors":
         raise SourceError(f"{where}: compressed-tensors checkpoints (per-channel FP8 weight_scale, ...) are not read; only block-scaled FP8 (quant_method fp8)")
     if method != "fp8":

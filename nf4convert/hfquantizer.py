@@ -1,4 +1,4 @@
-"""What nf4convert adds to transformers' own bitsandbytes loading: per-expert 4-bit MoE experts.
+"""What nf4convert adds to transformers' own bitsandbytes loading: 4-bit MoE experts.
 
 ``load_model`` loads a folder with transformers' ``from_pretrained``, so every loading rule of
 transformers applies as is: key renames, ignored buffers, weights computed at init, tied weights,
@@ -13,6 +13,12 @@ from the folder's ``quantization_config``; for bitsandbytes 4-bit that is ``Bnb4
   when they are there, :class:`PackPerExpert` rebuilds each expert's ``Params4bit`` (no
   re-quantization) and puts a :class:`~nf4convert.experts.PackedExperts` in place of the fused
   parameter. Full-precision experts (``--experts keep``) go through transformers' own operations.
+- **Fused 3-D MoE weights.** Experts a checkpoint stores fused (``experts.gate_up_proj``
+  ``[E, 2I, H]``, gpt-oss, Granite MoE, ...) are one NF4 tensor with the usual companions, the layout
+  ``bitsandbytes.nn.parametrize`` writes. Stock transformers would load the packed bytes into the
+  float parameter; :class:`PackFused` converters, put before the model's own (its renames still
+  apply), collect them with their companions and put a :class:`~nf4convert.experts.FusedExperts`
+  in place of the parameter (nf4convert stores them in the model's layout).
 - **Layers the folder does not quantize stay ``nn.Linear``.** A head that ``config.json`` names but
   the weights lack (base-model weights, ``architectures: [BertForMaskedLM]``) is initialized by
   transformers, which cannot initialize an empty 4-bit weight: only the layers whose weights the
@@ -41,7 +47,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .architecture import map_keys
 from .errors import LoadError
-from .experts import place_experts
+from .experts import FusedExperts, PackedExperts, place_experts
 
 #: the key under which transformers looks up the bitsandbytes 4-bit quantizer class
 _BNB_4BIT = "bitsandbytes_4bit"
@@ -70,7 +76,8 @@ class PackPerExpert(ConversionOps):
         except LoadError as e:
             self.hf_quantizer.errors.append(e)
             raise
-        place_experts(model.get_submodule(module_name), name, grid)
+        module = model.get_submodule(module_name)
+        place_experts(module, name, PackedExperts(grid, module._parameters[name].dtype))
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         return {}
@@ -85,13 +92,45 @@ class PackPerExpert(ConversionOps):
         return bnb.nn.Params4bit.from_prequantized(data, {k: v[expert] for k, v in stats.items()}, requires_grad=False, device=data.device)
 
 
+class PackFused(ConversionOps):
+    """The operation of one fused-experts converter: a ``FusedExperts`` from the 3-D NF4 tensor and its
+    companions (``sources``: the converter's source patterns -> the companion's suffix, ``""`` for the
+    packed codes)."""
+
+    def __init__(self, hf_quantizer: NF4HfQuantizer, sources: dict[str, str]) -> None:
+        self.hf_quantizer = hf_quantizer
+        self.sources = sources
+
+    def convert(self, input_dict: dict[str, list[torch.Tensor]], *, model: Any, full_layer_name: str, missing_keys: set[str] | None = None, **kwargs: Any) -> dict:
+        tensors = {self.sources[k]: v[0] if isinstance(v, list) else v for k, v in input_dict.items()}
+        module_name, _, name = full_layer_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        param = module._parameters[name]
+        try:
+            packed = tensors.pop("")
+            state = bnb.functional.QuantState.from_dict(tensors, device=packed.device)
+        except (KeyError, ValueError) as e:
+            error = LoadError(f"{full_layer_name}: incomplete fused NF4 experts ({type(e).__name__}: {e})")
+            self.hf_quantizer.errors.append(error)
+            raise error from None
+        shape, target = tuple(state.shape), tuple(param.shape)
+        if shape != target:
+            error = LoadError(f"{full_layer_name}: fused NF4 experts of shape {list(shape)} do not fit the model's {list(target)}")
+            self.hf_quantizer.errors.append(error)
+            raise error
+        place_experts(module, name, FusedExperts(packed, state, dtype=param.dtype))
+        if missing_keys is not None:
+            missing_keys.discard(full_layer_name)
+        return {}
+
+
 class NF4HfQuantizer(Bnb4BitHfQuantizer):
     """transformers' bitsandbytes 4-bit quantizer, plus per-expert 4-bit experts, full-precision layers
     for weights the folder does not quantize, and CPU-independent shapes. :func:`nf4_quantizer` makes
     a subclass per load that carries the folder's facts."""
 
-    #: the folder's quantized weights (checkpoint names)
-    quantized: frozenset[str] = frozenset()
+    #: the folder's quantized weights (checkpoint names) and their shapes
+    quantized: dict[str, tuple[int, ...]] = {}
     #: what the expert packing refused during this load
     errors: list[LoadError]
 
@@ -110,9 +149,20 @@ class NF4HfQuantizer(Bnb4BitHfQuantizer):
             config.llm_int8_skip_modules = list(config.llm_int8_skip_modules or skipped) + absent
         super()._process_model_before_weight_loading(model, device_map, **kwargs)
 
+    def _fused_converters(self, model: Any, suffixes: list[str]) -> list[WeightConverter]:
+        """A converter for each fused-experts parameter of the folder, matching its key after the model's
+        renames (the part after the layer number) and its companions."""
+        fused = [name for name, shape in self.quantized.items() if len(shape) == 3]
+        leaves = sorted({re.split(r"\.\d+\.", m.key)[-1] for m in map_keys(model, fused).values()})
+        converters = []
+        for leaf in leaves:
+            sources = {re.escape(leaf + suffix) + "$": suffix for suffix in ["", *suffixes]}
+            converters.append(WeightConverter(list(sources), leaf, operations=[PackFused(self, sources)]))
+        return converters
+
     def update_weight_conversions(self, weight_conversions: list, model: Any) -> list:
         suffixes = [n.removeprefix("weight") for n in self.serialized_names["weight"] if n != "weight"]
-        updated = []
+        updated = self._fused_converters(model, suffixes)
         for converter in weight_conversions:
             sources = list(getattr(converter, "_original_source_patterns", []))
             if (
@@ -135,7 +185,7 @@ class NF4HfQuantizer(Bnb4BitHfQuantizer):
 
 
 @contextlib.contextmanager
-def nf4_quantizer(quantized: set[str]) -> Iterator[list[LoadError]]:
+def nf4_quantizer(quantized: dict[str, tuple[int, ...]]) -> Iterator[list[LoadError]]:
     """Within the block, transformers loads bitsandbytes 4-bit folders with :class:`NF4HfQuantizer`.
 
     transformers chooses the quantizer class by the folder's ``quant_method`` from its registry, with
@@ -143,13 +193,13 @@ def nf4_quantizer(quantized: set[str]) -> Iterator[list[LoadError]]:
     restored after it.
 
     Args:
-        quantized: the checkpoint names of the folder's 4-bit weights.
+        quantized: the checkpoint names of the folder's 4-bit weights, and their shapes.
 
     Yields:
         The list of errors the expert packing met (the reason behind transformers' conversion error).
     """
     errors: list[LoadError] = []
-    quantizer = type("NF4HfQuantizer", (NF4HfQuantizer,), {"quantized": frozenset(quantized), "errors": errors})
+    quantizer = type("NF4HfQuantizer", (NF4HfQuantizer,), {"quantized": dict(quantized), "errors": errors})
     with _SWAP:
         stock = AUTO_QUANTIZER_MAPPING[_BNB_4BIT]
         AUTO_QUANTIZER_MAPPING[_BNB_4BIT] = quantizer

@@ -17,6 +17,12 @@ from .errors import FormatError, QuantizationError, UnsupportedVersionError
 OFFSET_FORMAT = "{:.9e}"
 
 
+def transposed(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """``shape`` with its last two dimensions swapped: how a transposed weight (GPT-2 ``Conv1D``; each
+    expert of fused experts) is quantized."""
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
 def check_blocksize(blocksize: int) -> None:
     """Raise :class:`QuantizationError` unless ``blocksize`` is one bitsandbytes accepts."""
     if blocksize not in BLOCKSIZES:

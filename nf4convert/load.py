@@ -297,7 +297,7 @@ def load_model(
         kwargs["dtype"] = dtype
     from .hfquantizer import nf4_quantizer
 
-    with nf4_quantizer(set(ckpt.quant_states)) as refused:
+    with nf4_quantizer({name: state.shape for name, state in ckpt.quant_states.items()}) as refused:
         try:
             model = cls.from_pretrained(ckpt.root, device_map={"": torch.device(device)}, **kwargs)
         except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:

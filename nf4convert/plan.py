@@ -27,7 +27,7 @@ from .decisions import Decisions
 from .errors import QuantizationError
 from .fp8 import LOGICAL_DTYPE, pair_scales
 from .importance import check_importance, read_importance_header
-from .layout import QuantState, check_blocksize, quantization_config, quantized_tensors
+from .layout import QuantState, check_blocksize, quantization_config, quantized_tensors, transposed
 from .source import Source, SourceTensor
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
@@ -112,7 +112,7 @@ class PlannedTensor:
 
     def quant_state(self, options: Options, offset: float | None = None) -> QuantState:
         """The quant state this tensor is written with (``offset`` is known after quantizing)."""
-        shape = self.source.info.shape[::-1] if self.transpose else self.source.info.shape
+        shape = transposed(self.source.info.shape) if self.transpose else self.source.info.shape
         dtype = QUANTIZABLE_DTYPES[self.dtype]
         return QuantState(tuple(shape), dtype, options.blocksize, (offset or 0.0) if options.double_quant else None)
 
@@ -179,6 +179,14 @@ class Plan:
         if self.source.config is None or not self.decisions.decided_by.startswith("transformers"):
             why = "no config.json" if self.source.config is None else self.decisions.decided_by
             return [f"nf4convert.load_state_dict + replace_linear into your own module ({why})"]
+        if self.decisions.fused_experts_transposed:  # stock from_pretrained would transpose the 4-bit bytes
+            return ["nf4convert.load_model (transformers 5)"]
+        if self.decisions.fused_experts_quantized:
+            return [
+                "nf4convert.load_model (transformers 5)",
+                "transformers 5 from_pretrained(ignore_mismatched_sizes=True), then bitsandbytes.nn.parametrize."
+                "replace_parameter_4bit_prequantized on each fused expert parameter",
+            ]
         if self.decisions.experts_quantized:
             return ["nf4convert.load_model (transformers 5)", "transformers 4.x from_pretrained (experts as per-expert Linear4bit)"]
         return ["transformers from_pretrained (bitsandbytes)", "nf4convert.load_model"]
@@ -231,7 +239,7 @@ def make_plan(source: Source, options: Options) -> Plan:
     tensors = [t for t in source.tensors if t.name not in folded]
     decisions = decide(
         [replace(t.info, dtype=LOGICAL_DTYPE) if t.name in scales else t.info for t in tensors], config=source.config,
-        skip=options.skip, quantize_lm_head=options.quantize_lm_head, experts=options.experts,
+        skip=options.skip, quantize_lm_head=options.quantize_lm_head, experts=options.experts, blocksize=options.blocksize,
     )  # fmt: skip
     planned = []
     for tensor in tensors:

@@ -296,11 +296,20 @@ def double_quantize(absmax: torch.Tensor, kernel: str = "eager", offset: float |
     return codes.to(torch.uint8), nested, offset
 
 
-def dequantize_absmax(quantized: torch.Tensor, nested_absmax: torch.Tensor, offset: float) -> torch.Tensor:
-    """float32 absmax from its double-quantized form: ``dyn[q[i]] * nested_absmax[i // 256] + offset``."""
-    scale = nested_absmax.repeat_interleave(NESTED_BLOCKSIZE)[: quantized.numel()]
-    values = _DYNAMIC.to(quantized.device)[quantized.long()] * scale
-    return values + torch.tensor(offset, dtype=torch.float32, device=quantized.device)
+def dequantize_absmax(
+    quantized: torch.Tensor, nested_absmax: torch.Tensor, offset: float | torch.Tensor, *, first: int | torch.Tensor = 0, table: torch.Tensor | None = None
+) -> torch.Tensor:
+    """float32 absmax of blocks ``first, first + 1, ...`` from their double-quantized form:
+    ``dyn[q[i]] * nested_absmax[(first + i) // 256] + offset``.
+
+    Args:
+        first: the index of ``quantized[0]`` among the weight's blocks (a tensor stays on its device).
+        table: the 8-bit code table on ``quantized``'s device (default: copied there).
+    """
+    table = _DYNAMIC.to(quantized.device) if table is None else table
+    index = (torch.arange(quantized.numel(), device=quantized.device) + first) // NESTED_BLOCKSIZE
+    values = table[quantized.long()] * nested_absmax[index]
+    return values + (offset if isinstance(offset, torch.Tensor) else torch.tensor(offset, dtype=torch.float32, device=quantized.device))
 
 
 def quantize_weight(
@@ -319,12 +328,19 @@ def quantize_weight(
     return NF4Weight(packed, quantized, tuple(weight.shape), weight.dtype, blocksize, nested, offset)
 
 
+def decode_blocks(packed: torch.Tensor, absmax: torch.Tensor, *, blocksize: int, n: int, table: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 values ``NF4[code] * absmax[block]`` of the first ``n`` codes of ``packed`` (uint8, two a byte).
+
+    Args:
+        table: the NF4 code table on ``packed``'s device (default: copied there).
+    """
+    table = _NF4.to(packed.device) if table is None else table
+    packed = packed.reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]
+    return table[codes.long()] * absmax.repeat_interleave(blocksize, output_size=absmax.numel() * blocksize)[:n]
+
+
 def dequantize(q: NF4Weight) -> torch.Tensor:
     """Rebuild the weight (spec section 2.5): ``NF4[code] * absmax[block]`` in float32, cast to ``q.dtype``."""
     absmax = dequantize_absmax(q.absmax, q.nested_absmax, q.offset) if q.nested else q.absmax
-    n = math.prod(q.shape)
-    packed = q.packed.reshape(-1)
-    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]
-    values = _NF4.to(packed.device)[codes.long()]
-    scale = absmax.repeat_interleave(q.blocksize)[:n]
-    return (values * scale).to(q.dtype).reshape(q.shape)
+    return decode_blocks(q.packed, absmax, blocksize=q.blocksize, n=math.prod(q.shape)).to(q.dtype).reshape(q.shape)

@@ -20,6 +20,7 @@ from .constants import INDEX_NAME, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
 from .files import is_inside, is_plain_relative
 from .fp8 import block_size
+from .mxfp4 import is_mxfp4, pair as pair_mxfp4
 from .tensorfile import TensorInfo, read_header
 
 #: Side files copied next to the weights: configs, tokenizers, chat templates, licenses (subfolders too,
@@ -54,10 +55,16 @@ class ShardFetcher(Protocol):
 
 @dataclass(frozen=True)
 class SourceTensor:
-    """One tensor of the source: its shard and where it lies there."""
+    """One tensor of the source: its shard and where it lies there.
+
+    Attributes:
+        packed: for a tensor decoded from MXFP4 (:mod:`nf4convert.mxfp4`), its blocks and scales
+            (``info`` is then the decoded tensor's, which no file holds), else ``None``.
+    """
 
     shard: Path
     info: TensorInfo
+    packed: tuple[SourceTensor, SourceTensor] | None = None
 
     @property
     def name(self) -> str:
@@ -165,6 +172,27 @@ def _check_numbered_shards(root: Path, names: list[str]) -> None:
             raise SourceError(f"{root}: shard {missing[0]} of {count} is missing ({first}; {len(missing)} missing in all, and no {INDEX_NAME})")
 
 
+def _fold_mxfp4(tensors: list[SourceTensor], *, where: str) -> list[SourceTensor]:
+    """The source's tensors with each MXFP4 pair (``X_blocks``, ``X_scales``) replaced by the decoded
+    tensor ``X`` it stands for, in the blocks' place.
+
+    Raises:
+        SourceError: see :func:`nf4convert.mxfp4.pair`.
+    """
+    by_name = {t.name: t for t in tensors}
+    pairs = pair_mxfp4([t.info for t in tensors], where=where)
+    folded = {blocks.name: (logical, blocks, scales) for logical, blocks, scales in pairs.values()}
+    scales_names = {scales.name for _, _, scales in pairs.values()}
+    out = []
+    for t in tensors:
+        if t.name in folded:
+            logical, blocks, scales = folded[t.name]
+            out.append(SourceTensor(t.shard, logical, (t, by_name[scales.name])))
+        elif t.name not in scales_names:
+            out.append(t)
+    return out
+
+
 def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None) -> Source:
     """Resolve a local source: a folder of safetensors shards or a single ``.safetensors`` file.
 
@@ -243,5 +271,7 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             raise SourceError(f"{INDEX_NAME} lists {missing[0]!r} ({len(missing)} in all) that no shard holds")
     if not tensors:
         raise SourceError(f"{path}: the safetensors files hold no tensors")
+    if is_mxfp4(config):
+        tensors = _fold_mxfp4(tensors, where=str(path))
     return Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side, fp8_block=fp8_block, fetcher=fetcher)
 

@@ -35,6 +35,7 @@ from .constants import DTYPE_SIZES, DYNAMIC_MAP, METADATA, NESTED_BLOCKSIZE, NF4
 from .errors import SourceError
 from .files import FileHasher, file_record, file_state
 from .fp8 import decode_rows
+from .mxfp4 import decode as decode_mxfp4
 from .importance import load_importance
 from .layout import encode_quant_state
 from .plan import Options, PlannedTensor
@@ -88,7 +89,7 @@ class ShardTask:
     @property
     def source_shards(self) -> list[Path]:
         """The source shards it reads, in order of first use (an FP8 weight's scale may lie in another)."""
-        paths = [p for t in self.tensors for p in (t.source.shard, t.scale.shard if t.scale else None) if p is not None]
+        paths = [p for t in self.tensors for p in (t.source.shard, *(s.shard for s in _parts(t)))]
         return list(dict.fromkeys(paths))
 
     @property
@@ -96,19 +97,34 @@ class ShardTask:
         return sum(t.source.info.nbytes for t in self.tensors)
 
 
+def _parts(t: PlannedTensor) -> tuple:
+    """The source tensors weight ``t`` is decoded from: an FP8 weight's scales, MXFP4's blocks and scales."""
+    return t.source.packed or ((t.scale,) if t.scale else ())
+
+
+def _decoded(t: PlannedTensor) -> bool:
+    """Whether weight ``t`` is decoded when read (FP8, MXFP4)."""
+    return t.scale is not None or t.source.packed is not None
+
+
 def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple[int, int]]:
     """The element ranges ``[start, stop)`` in which weight ``t`` is read and quantized: whole blocks,
-    at most :data:`PIECE_BYTES` of source each (a transposed ``Conv1D`` weight in one piece). An FP8
+    at most :data:`PIECE_BYTES` of source each (a transposed ``Conv1D`` weight in one piece, transposed
+    fused experts in whole experts). An FP8
     weight goes in whole rows, at most :data:`PIECE_BYTES` once decoded to float32. With ``nested``,
     whole nested blocks (:data:`~nf4convert.constants.NESTED_BLOCKSIZE` blocks), however small
-    :data:`PIECE_BYTES` is."""
+    :data:`PIECE_BYTES` is. MXFP4 experts go in whole experts, decoded to float32."""
     info = t.source.info
-    if t.transpose:
+    if t.transpose and len(info.shape) == 2:
         return [(0, info.numel)]
-    if t.scale is None:
-        unit, size = blocksize, DTYPE_SIZES[info.dtype]
-    else:
+    if t.scale is not None:
         unit, size = math.lcm(info.shape[1], blocksize), DTYPE_SIZES["F32"]
+    elif t.source.packed is not None:
+        unit, size = info.shape[1] * info.shape[2], DTYPE_SIZES["F32"]
+    else:
+        unit, size = blocksize, DTYPE_SIZES[info.dtype]
+    if t.transpose:
+        unit = math.lcm(unit, info.shape[1] * info.shape[2])
     if nested:
         unit = math.lcm(unit, NESTED_BLOCKSIZE * blocksize)
     step = max(unit, PIECE_BYTES // size // unit * unit)
@@ -116,9 +132,10 @@ def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple
 
 
 def _on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Tensor:
-    """A piece as the quantizer takes it: transposed for a ``Conv1D`` weight, on ``device``."""
+    """A piece as the quantizer takes it: transposed for a ``Conv1D`` weight (each expert's slice for
+    fused experts), on ``device``."""
     if t.transpose:
-        weight = weight.t()
+        weight = weight.transpose(-1, -2)
     if weight.device.type != device or t.transpose:
         weight = weight.to(device).contiguous()
     return weight
@@ -167,8 +184,9 @@ def _read_ahead(
     """The pieces ``(tensor, start, stop)`` in order, each read on ``pool`` while the one before is
     quantized: two reused buffers of the largest piece's size, whatever the model's size. A piece is a
     flat tensor (FP8 decoded to float32 with ``fp8_block`` scales), or the shaped weight where it is
-    quantized transposed."""
-    size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items), default=0)
+    quantized transposed. An MXFP4 piece (whole experts) is read into buffers of its own and decoded
+    (:func:`nf4convert.mxfp4.decode`)."""
+    size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items if t.source.packed is None), default=0)
     buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(items) > 1 else len(items))]
     decoded_size = max((stop - start for t, start, stop in items if t.scale is not None), default=0)
     decoded = [torch.empty(decoded_size, dtype=torch.float32) for _ in buffers] if decoded_size else []
@@ -177,6 +195,8 @@ def _read_ahead(
 
     def read(i: int) -> torch.Tensor:
         t, start, stop = items[i]
+        if t.source.packed is not None:
+            return _read_mxfp4(t, start, stop, sources)
         info, k = t.source.info, DTYPE_SIZES[t.source.info.dtype]
         data = buffers[i % 2][: (stop - start) * k]
         sources[t.source.shard].reader.read_into(info, memoryview(data.numpy()), start * k)
@@ -188,13 +208,27 @@ def _read_ahead(
             cols = info.shape[1]
             return decode_rows(data.view(-1, cols), scales[t.name], start // cols, fp8_block, decoded[i % 2]).reshape(-1)
         data = data.view(torch_dtypes()[info.dtype])
-        return data.view(info.shape) if t.transpose else data
+        return data.view(-1, *info.shape[1:]) if t.transpose else data
 
     coming = pool.submit(read, 0) if items else None
     for i in range(len(items)):
         piece = coming.result()
         coming = pool.submit(read, i + 1) if i + 1 < len(items) else None
         yield piece
+
+
+def _read_mxfp4(t: PlannedTensor, start: int, stop: int, sources: dict[Path, _SourceShard]) -> torch.Tensor:
+    """Elements ``[start, stop)`` (whole experts) of an MXFP4 tensor, decoded to float32, flat."""
+    blocks, scales = t.source.packed
+    per_expert = t.source.info.shape[1] * t.source.info.shape[2]
+    first, count = start // per_expert, (stop - start) // per_expert
+    parts = []
+    for part in (blocks, scales):
+        size = part.info.nbytes // part.info.shape[0]
+        data = torch.empty(count * size, dtype=torch.uint8)
+        sources[part.shard].reader.read_into(part.info, memoryview(data.numpy()), first * size)
+        parts.append(data.view(count, *part.info.shape[1:]))
+    return decode_mxfp4(*parts, name=t.name, first=first).reshape(-1)
 
 
 def _store(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int, progress: Progress | None) -> None:
@@ -253,7 +287,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
     try:
         items = [
             (t, start, stop)
-            for t in task.tensors if t.quantize or t.scale
+            for t in task.tensors if t.quantize or _decoded(t)
             for start, stop in pieces(t, bs, _nested_in_pieces(t, options))
         ]  # fmt: skip
         weights = _read_ahead(items, sources, reader, task.fp8_block)
@@ -268,10 +302,10 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             info = t.source.info
             src = sources[t.source.shard]
             src.check_unchanged()
-            if not t.quantize and t.scale is None:
+            if not t.quantize and not _decoded(t):
                 submit([(t.name, src.reader.chunks(info), 0)], info.nbytes)
                 continue
-            if not t.quantize:  # a kept FP8 weight: its bfloat16 decoding
+            if not t.quantize:  # a kept FP8 or MXFP4 weight: its bfloat16 decoding
                 for start, stop in pieces(t, bs):
                     submit([(t.name, next(weights).to(torch.bfloat16), start * 2)], stop - start)
                 continue

@@ -120,7 +120,7 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                         scale = originals[key + SCALE_SUFFIX]
                         h = opened.get(scale.shard) or opened.setdefault(scale.shard, SafetensorsFile(scale.shard))
                         original = decode_rows(original.view(torch.uint8), h.tensor(scale.name), 0, src.fp8_block)
-                    restored = restored.t() if key in transposed else restored
+                    restored = restored.transpose(-1, -2) if key in transposed else restored
                     if original.shape != restored.shape:
                         problems.append(f"{key}: shape {list(restored.shape)}, the source's is {list(original.shape)}")
                     else:

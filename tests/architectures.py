@@ -5,6 +5,7 @@ Each entry: model class name -> config class name and its keyword arguments (sma
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,7 +49,27 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
         _MOE, num_experts=4, attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1,
         mamba_d_state=8, mamba_expand=2, mamba_dt_rank=8,
     )),
-    "GptOssForCausalLM": ("MoE, fused 3-D experts in the checkpoint", "GptOssConfig", dict(_MOE, head_dim=16, num_local_experts=4, layer_types=["full_attention", "full_attention"])),
+    # MoE whose checkpoints store the experts fused, as 3-D tensors (FUSED)
+    "GptOssForCausalLM": ("MoE, fused: [E, H, 2I] with biases, gate/up interleaved", "GptOssConfig", dict(_MOE, head_dim=16, layer_types=["full_attention"] * 2)),
+    "GraniteMoeForCausalLM": ("MoE, fused: input_linear.weight renamed on load", "GraniteMoeConfig", _MOE),
+    "GraniteMoeSharedForCausalLM": ("MoE, fused, shared expert", "GraniteMoeSharedConfig", dict(_MOE, shared_intermediate_size=64)),
+    "AriaTextForCausalLM": ("MoE, fused: fc1.weight [E, H, 2I] renamed on load", "AriaTextConfig", dict(_MOE, head_dim=16, moe_num_experts=4, pad_token_id=0)),
+    "Qwen3VLMoeForConditionalGeneration": ("MoE, fused: stored [E, H, 2I], transposed by transformers on load", "Qwen3VLMoeConfig", dict(
+        text_config=dict(_MOE, head_dim=16, moe_intermediate_size=128), vision_config=dict(
+            depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=8, spatial_merge_size=2,
+            temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0],
+        ),
+    )),
+    "InklingForCausalLM": ("MoE, fused, hybrid attention", "InklingTextConfig", dict(
+        _MOE, head_dim=16, moe_intermediate_size=64, layer_types=["hybrid_sliding"] * 2, mlp_layer_types=["sparse"] * 2,
+    )),
+    "LaraMiniForCausalLM": ("MoE, fused, linear attention", "LaraMiniConfig", dict(
+        _MOE, head_dim=16, moe_intermediate_size=128, shared_expert_intermediate_size=64, layer_types=["linear_attention", "sliding_attention"],
+        linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
+    )),
+    "Inkling2ForCausalLM": ("MoE, fused: w13_weight interleaved by transformers on load", "Inkling2TextConfig", dict(
+        _MOE, head_dim=16, moe_intermediate_size=64, unpadded_vocab_size=128, layer_types=["hybrid_sliding"] * 2,
+    )),
     # encoder-decoder
     "T5ForConditionalGeneration": ("encoder-decoder, fp32 wo", "T5Config", dict(vocab_size=128, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, decoder_start_token_id=0)),
     "BartForConditionalGeneration": ("encoder-decoder", "BartConfig", _BART),
@@ -85,6 +106,8 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 MOE = [name for name, (kind, _, _) in ARCHITECTURES.items() if kind.startswith("MoE")]
+#: MoE architectures whose checkpoints store the experts fused, as 3-D tensors
+FUSED = [name for name in MOE if ARCHITECTURES[name][0].startswith("MoE, fused")]
 
 
 def build(name: str, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -96,6 +119,23 @@ def build(name: str, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     torch.manual_seed(0)
     model = getattr(transformers, name)(config).to(dtype).eval()
     return model
+
+
+#: architectures whose published checkpoints store the fused experts transposed from the model's layout
+#: (``[E, H, 2I]`` for ``[E, 2I, H]``), which transformers' ``save_pretrained`` does not reproduce
+STORED_TRANSPOSED = {"Qwen3VLMoeForConditionalGeneration"}
+
+
+def save_checkpoint(name: str, path: Path) -> Path:
+    """The tiny model ``name`` saved by transformers, its experts in the published checkpoints' layout."""
+    from safetensors.torch import load_file, save_file
+
+    build(name).save_pretrained(path)
+    if name in STORED_TRANSPOSED:
+        tensors = load_file(path / "model.safetensors")
+        tensors = {k: v.transpose(1, 2).contiguous() if v.dim() == 3 and ".experts." in k else v for k, v in tensors.items()}
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path
 
 
 def inputs(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -25,14 +25,17 @@ from nf4convert.architecture import map_keys
 from nf4convert.load import float_numerics, load_model, load_state_dict
 from nf4convert.plan import Options
 
-from .architectures import ARCHITECTURES, MOE, assert_same_model, build, inputs
+from .architectures import ARCHITECTURES, FUSED, MOE, assert_same_model, build, inputs, save_checkpoint
 from .test_convert import load_all
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
 
 NO_NF4 = {"FalconForCausalLM"}  # transformers quantizes none of its layers (FalconLinear is not nn.Linear)
-FUSED_IN_CHECKPOINT = {"GptOssForCausalLM"}  # its checkpoints store experts as fused 3-D tensors
+#: transformers splits a fused in_proj on load: nf4convert keeps it (4-bit bytes cannot be split), bitsandbytes
+#: on load quantizes the pieces (and its save_pretrained concatenates their 4-bit bytes): the two loaders of
+#: our output are compared with each other only
+SPLIT_ON_LOAD = {"LaraMiniForCausalLM"}
 OPTIONS = dict(double_quant=False, compute_dtype="float32")
 
 
@@ -44,8 +47,7 @@ def sources(tmp_path_factory) -> dict[str, Path]:
 
     def get(name: str) -> Path:
         if name not in cache:
-            cache[name] = root / name
-            build(name).save_pretrained(cache[name])
+            cache[name] = save_checkpoint(name, root / name)
         return cache[name]
 
     return get
@@ -57,6 +59,11 @@ def on_load(name: str, src: Path) -> torch.nn.Module:
 
 
 def output(model: torch.nn.Module, x: dict) -> torch.Tensor:
+    """The model's main output; MoE experts run transformers' eager implementation (the one that indexes
+    experts, as ``load_model``'s 4-bit experts do), so that every loader computes the same way."""
+    for module in model.modules():
+        if hasattr(module, "is_concatenated"):
+            module.config._experts_implementation = "eager"
     with torch.no_grad():
         o = model(**x)
     return next(getattr(o, k) for k in ("logits", "logits_per_image", "last_hidden_state") if getattr(o, k, None) is not None)
@@ -67,22 +74,28 @@ def test_output_equals_bitsandbytes_on_load_in_both_loaders(name, sources, tmp_p
     src = sources(name)
     out = convert(src, tmp_path / "nf4", options=Options(experts="keep", **OPTIONS))
     peer = on_load(name, src)
-    peer.save_pretrained(tmp_path / "peer")
-    ours, theirs = load_all(out), load_all(tmp_path / "peer")
-    assert set(ours) == set(theirs)
-    assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
+    ours = load_all(out)
     assert any(k.endswith(".absmax") for k in ours)
+    if name not in SPLIT_ON_LOAD:
+        peer.save_pretrained(tmp_path / "peer")
+        theirs = load_all(tmp_path / "peer")
+        # transformers saves fused experts in the model's layout; the published (and our kept) ones may be transposed
+        ours = {k: v.transpose(1, 2) if v.dim() == 3 and v.shape != theirs[k].shape else v for k, v in ours.items()}
+        assert set(ours) == set(theirs)
+        assert [k for k in theirs if not torch.equal(ours[k], theirs[k])] == []
     x = inputs(name, peer)
-    expected = output(peer, x)
     theirs, ours = getattr(transformers, name).from_pretrained(out, device_map="cpu"), load_model(out)
+    expected = output(float_numerics(theirs) if name in SPLIT_ON_LOAD else peer, x)
     assert_same_model(ours, theirs)
-    assert torch.equal(output(float_numerics(theirs), x), expected)
-    assert torch.equal(output(float_numerics(ours), x), expected)
+    # kept float experts: the same values, but the float matmuls of separately loaded copies can differ in the last bit
+    exact = dict(rtol=0, atol=1e-6 if name in FUSED else 0)
+    torch.testing.assert_close(output(float_numerics(theirs), x), expected, **exact)
+    torch.testing.assert_close(output(float_numerics(ours), x), expected, **exact)
     manifest = json.loads((out / "nf4convert.json").read_text())
     assert manifest["decided_by"] == f"transformers {transformers.__version__} ({name})"
 
 
-@pytest.mark.parametrize("name", [n for n in MOE if n not in FUSED_IN_CHECKPOINT])
+@pytest.mark.parametrize("name", [n for n in MOE if n not in FUSED])
 def test_moe_experts_are_quantized_per_expert_and_load_model_runs_them(name, sources, tmp_path):
     from nf4convert.experts import PackedExperts, nf4_weight
     from nf4convert.quantize import dequantize
@@ -122,12 +135,6 @@ def test_stock_transformers_5_refuses_per_expert_nf4_so_keep_mode_exists(sources
     out = convert(sources("MixtralForCausalLM"), tmp_path / "nf4", options=Options(**OPTIONS))
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         transformers.MixtralForCausalLM.from_pretrained(out, device_map="cpu")
-
-
-def test_fused_3d_experts_in_the_checkpoint_are_kept_as_transformers_keeps_them(sources):
-    plan = plan_conversion(sources("GptOssForCausalLM"), options=Options(**OPTIONS))
-    fused = [t for t in plan.tensors if t.name.endswith(("experts.gate_up_proj", "experts.down_proj"))]
-    assert fused and not any(t.quantize for t in fused)
 
 
 def test_an_architecture_transformers_quantizes_nothing_of_is_refused_saying_why(sources):
