@@ -14,6 +14,7 @@ from .constants import MANIFEST_NAME
 from .errors import FormatError, NF4ConvertError
 from .files import is_inside, is_plain_relative, sha256_file
 from .fp8 import SCALE_SUFFIX, decode_rows
+from .mxfp4 import decode as decode_mxfp4
 from .quantize import dequantize
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
 from .source import Source, open_source
@@ -115,7 +116,12 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                     path = originals[key].shard
                     g = opened.get(path) or opened.setdefault(path, SafetensorsFile(path))
                     restored = dequantize(stored_weight(f, ckpt, key))
-                    original = g.tensor(key)
+                    packed = originals[key].packed or ()
+                    if packed:  # MXFP4: its decoding, in the model's layout
+                        blocks, scales = ((opened.get(p.shard) or opened.setdefault(p.shard, SafetensorsFile(p.shard))).tensor(p.name) for p in packed)
+                        original = decode_mxfp4(blocks, scales, name=key)
+                    else:
+                        original = g.tensor(key)
                     if src.fp8_block and key + SCALE_SUFFIX in originals:
                         scale = originals[key + SCALE_SUFFIX]
                         h = opened.get(scale.shard) or opened.setdefault(scale.shard, SafetensorsFile(scale.shard))
@@ -125,7 +131,10 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                         problems.append(f"{key}: shape {list(restored.shape)}, the source's is {list(original.shape)}")
                     else:
                         quality[key] = _quality(original, restored)
-                    g.release(key)
+                    for p in packed:
+                        opened[p.shard].release(p.name)
+                    if not packed:
+                        g.release(key)
                     f.release(key)
     finally:
         for g in opened.values():
