@@ -18,6 +18,7 @@ import torch
 
 from nf4convert.constants import NF4_CODE
 from nf4convert.layout import QuantState, encode_quant_state
+from nf4convert.mxfp4 import decode
 from nf4convert.quantize import NF4_THRESHOLDS, quantize_nf4, quantize_weight
 
 OUT = Path(__file__).resolve().parent.parent / "spec" / "vectors" / "vectors.json"
@@ -40,6 +41,18 @@ def cases() -> list[tuple[str, torch.Tensor, int, bool]]:
         ("bf16_4x4096_bs64_double_quant", (torch.randn(4, 4096, generator=g) * 0.03).to(torch.bfloat16), 64, True),
         ("f32_3x3000_bs32_double_quant_partial", torch.randn(3, 3000, generator=g) * 0.1, 32, True),
         ("f16_2x4196_bs4096_double_quant", torch.randn(2, 4196, generator=g).to(torch.float16), 4096, True),
+        ("bf16_experts_4x16x24_bs64_double_quant", (torch.randn(4, 16, 24, generator=g) * 0.02).to(torch.bfloat16), 64, True),
+    ]
+
+
+def mxfp4_cases() -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """MXFP4 blocks ``[E, R, G, 16]`` and scales ``[E, R, G]`` (spec section 6.4)."""
+    g = torch.Generator().manual_seed(20261205)
+    every_byte = torch.arange(256, dtype=torch.uint8).reshape(1, 2, 8, 16)  # each byte value once ...
+    extremes = torch.tensor([0, 1, 126, 127, 128, 254, 120, 133], dtype=torch.uint8).reshape(1, 1, 8).repeat(1, 2, 1)  # ... at extreme scales
+    return [
+        ("mxfp4_every_byte_extreme_scales", every_byte, extremes),
+        ("mxfp4_2x4x2_random", torch.randint(0, 256, (2, 4, 2, 16), generator=g, dtype=torch.uint8), torch.randint(110, 140, (2, 4, 2), generator=g, dtype=torch.uint8)),
     ]
 
 
@@ -89,15 +102,23 @@ def main() -> None:
             "importance": hexbytes(importance) if importance is not None else None,
             "input": hexbytes(w), "weight": hexbytes(packed), "absmax": hexbytes(scales),
         })  # fmt: skip
+    mxfp4 = []
+    for name, blocks, scales in mxfp4_cases():
+        from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+        decoded = decode(blocks, scales, name=name).to(torch.bfloat16)
+        assert torch.equal(decoded, convert_moe_packed_tensors(blocks, scales, dtype=torch.bfloat16)), name
+        mxfp4.append({"name": name, "blocks_shape": list(blocks.shape), "blocks": hexbytes(blocks), "scales": hexbytes(scales), "decoded": hexbytes(decoded)})
     text = {
         "description": "nf4convert format v1 test vectors: little-endian input bytes and the exact stored bytes (hex). "
         "See spec/FORMAT.md, section 10.",
         "format_version": 1,
         "vectors": vectors,
         "search_vectors": searched,
+        "mxfp4_vectors": mxfp4,
     }
     OUT.write_text(json.dumps(text, indent=1) + "\n")
-    print(f"wrote {len(vectors)} vectors and {len(searched)} search vectors to {OUT}")
+    print(f"wrote {len(vectors)} vectors, {len(searched)} search vectors and {len(mxfp4)} MXFP4 vectors to {OUT}")
 
 
 if __name__ == "__main__":

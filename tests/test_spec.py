@@ -91,6 +91,16 @@ def test_search_vectors(case):
     assert torch.equal(spec[0], packed) and torch.equal(spec[1], scales)
 
 
+@pytest.mark.parametrize("case", VECTORS["mxfp4_vectors"], ids=lambda c: c["name"])
+def test_mxfp4_vectors(case):
+    """MXFP4 sources (section 6.4): blocks and scales decode to these bfloat16 values, ``[E, G * 32, R]``."""
+    from nf4convert.mxfp4 import decode
+
+    blocks = torch.frombuffer(bytearray.fromhex(case["blocks"]), dtype=torch.uint8).reshape(case["blocks_shape"])
+    scales = torch.frombuffer(bytearray.fromhex(case["scales"]), dtype=torch.uint8).reshape(case["blocks_shape"][:-1])
+    assert decode(blocks, scales, name=case["name"]).to(torch.bfloat16).view(torch.uint8).numpy().tobytes().hex() == case["decoded"]
+
+
 def test_blob_without_double_quant_is_what_bitsandbytes_writes():
     from bitsandbytes.utils import pack_dict_to_tensor
 
