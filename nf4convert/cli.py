@@ -256,7 +256,7 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--cache-dir", default=None, help="Hub source: the Hugging Face cache folder.")
 def verify(path: str, source: str | None, as_json: bool, save: bool, revision: str | None, cache_dir: str | None) -> None:
     """Check PATH's files against its manifest and the spec (and, with --source, the quantization error)."""
-    from .hub import VERIFY_REPORT
+    from .card import VERIFY_REPORT
     from .verify import verify as run_verify
 
     from .resolve import resolve_source

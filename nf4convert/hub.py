@@ -7,7 +7,6 @@ huggingface_hub is imported here only, when a repo id or ``push`` is used.
 from __future__ import annotations
 
 import fnmatch
-import json
 import os
 import re
 from collections.abc import Iterator
@@ -16,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .card import model_card
 from .errors import FormatError, HubError, SourceNotFoundError, VerificationFailed
 from .pickled import PICKLE_PATTERN, stage_pickled
 from .source import SIDE_FILE_PATTERNS, Source, open_source
@@ -26,7 +26,6 @@ REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 #: What a conversion downloads: shards, the index, side files and the source card (for its license). Never pickles.
 ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "README.md", *SIDE_FILE_PATTERNS]
 CARD_NAME = "README.md"
-VERIFY_REPORT = "nf4convert-verify.json"
 
 
 def is_repo_id(text: str) -> bool:
@@ -226,114 +225,6 @@ def open_streamed_source(repo_id: str, scratch: Path, *, revision: str | None = 
     if license_:
         src.provenance["license"] = license_
     return src
-
-
-def model_card(path: str | os.PathLike) -> str:
-    """Render the model card (``README.md``) of an NF4 folder from its manifest (and verify report, if saved)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from .read import open_checkpoint
-
-    ckpt = open_checkpoint(path)
-    m = ckpt.manifest
-    source, options, summary = m.get("source", {}), m.get("options", {}), m.get("summary", {})
-    base = source.get("repo_id")
-    data = ModelCardData(
-        base_model=base,
-        base_model_relation="quantized" if base else None,
-        library_name="transformers",
-        license=source.get("license"),
-        tags=["nf4", "4-bit", "bitsandbytes", "nf4convert"],
-    )
-    total = sum(f["size"] for f in m.get("files", []))
-    name = Path(path).resolve().name
-    lines = [
-        f"# {name}",
-        "",
-        f"NF4 (4-bit NormalFloat, bitsandbytes) weights of [{base}](https://huggingface.co/{base})," if base else f"NF4 (4-bit NormalFloat, bitsandbytes) weights of `{source.get('name')}`,",
-        f"converted with nf4convert {m.get('tool', {}).get('version')} (format v{m.get('format_version')}, see `nf4convert.json` for hashes and provenance"
-        + (f"; source revision `{source['revision']}`)." if source.get("revision") else ")."),
-        "",
-        "| setting | value |",
-        "|---|---|",
-        f"| block size | {options.get('blocksize')} |",
-        f"| double quantization | {options.get('double_quant')} |",
-        f"| compute dtype | {options.get('compute_dtype')} |",
-        f"| output head quantized | {options.get('quantize_lm_head')} |",
-        f"| kept in original dtype | {summary.get('tensors_kept')} tensors ({', '.join(options.get('skip') or []) or 'embeddings, norms, biases, output head'}) |",
-        f"| parameters | {summary.get('parameters', 0):,} ({summary.get('quantized_parameters', 0):,} quantized) |",
-        f"| size | {total / 1e9:.2f} GB |",
-        f"| bits per parameter | {summary.get('bits_per_parameter')} overall, {summary.get('quantized_bits_per_parameter')} for quantized weights |",
-        "",
-    ]
-    report_path = Path(path) / VERIFY_REPORT
-    if report_path.is_file():
-        s = json.loads(report_path.read_text()).get("summary", {})
-        if s.get("rel_rmse"):
-            sqnr = f", SQNR mean {s['sqnr_db']['mean']:.2f} dB (min {s['sqnr_db']['min']:.2f} dB)" if s.get("sqnr_db") else ""
-            lines += [
-                "Quantization error against the source (`nf4convert verify --source`): relative RMSE mean "
-                f"{s['rel_rmse']['mean']:.4f} (max {s['rel_rmse']['max']:.4f}){sqnr}.",
-                "",
-            ]
-    repo = "REPO_ID"
-    config = json.loads((ckpt.root / "config.json").read_text()) if (ckpt.root / "config.json").is_file() else {}
-    cls = (config.get("architectures") or ["AutoModel"])[0]
-    experts = any(t.get("expert") for t in m.get("tensors", {}).get("quantized", []))
-    transformers_use = [
-        "```python",
-        f"from transformers import {cls}",
-        f'model = {cls}.from_pretrained("{repo}", device_map="auto")',
-        "```",
-        "",
-    ]
-    own_use = [
-        "With nf4convert's loader (`pip install 'nf4convert[load]'`):",
-        "",
-        "```python",
-        "from huggingface_hub import snapshot_download",
-        "from nf4convert.load import load_model",
-        f'model = load_model(snapshot_download("{repo}"), device="cuda")',
-        "```",
-        "",
-    ]
-    lines += [f"Loads in: {'; '.join(m['loaders'])}.", ""] if m.get("loaders") else []
-    if not any(loader.startswith("nf4convert.load_model") for loader in m.get("loaders", [])):
-        lines += [
-            "## Use",
-            "",
-            "Into your own module (`pip install 'nf4convert[load]'`): its `nn.Linear` layers become `Linear4bit`:",
-            "",
-            "```python",
-            "from huggingface_hub import snapshot_download",
-            "from nf4convert.load import load_state_dict, replace_linear",
-            f'replace_linear(module, load_state_dict(snapshot_download("{repo}")))',
-            "```",
-            "",
-        ]
-    elif experts:
-        lines += [
-            "## Use",
-            "",
-            "The MoE experts are 4-bit, stored per expert. transformers 5 fuses experts into 3-D parameters",
-            "that bitsandbytes does not quantize, so it cannot load them; nf4convert's loader runs them on",
-            "transformers 5:",
-            "",
-            *own_use,
-            "transformers 4.x (experts are per-expert `Linear4bit` there) loads the folder as is:",
-            "",
-            *transformers_use,
-        ]
-    else:
-        lines += [
-            "## Use",
-            "",
-            "With transformers and bitsandbytes (no extra step: the layout is the one `save_pretrained` writes):",
-            "",
-            *transformers_use,
-            *own_use,
-        ]
-    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 
 def push(

@@ -24,13 +24,13 @@ from nf4convert.convert import convert, plan_conversion
 from nf4convert.decisions import rule_decision
 from nf4convert.errors import SourceError
 from nf4convert.experts import FusedExperts
-from nf4convert.load import float_numerics, load_model, load_state_dict
+from nf4convert.load import float_numerics, load_model
 from nf4convert.plan import Options
 from nf4convert.quantize import NF4Weight, dequantize
 from nf4convert.tensorfile import TensorInfo
 
 from .architectures import FUSED, STORED_TRANSPOSED, inputs
-from .test_architectures import on_load, output, sources  # noqa: F401 (a fixture)
+from .test_architectures import output, sources  # noqa: F401 (sources: a fixture)
 from .test_convert import load_all
 
 transformers = pytest.importorskip("transformers")

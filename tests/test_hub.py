@@ -16,7 +16,8 @@ from huggingface_hub import ModelCard, scan_cache_dir
 from huggingface_hub.utils import filter_repo_objects
 
 from nf4convert.convert import convert
-from nf4convert.hub import ALLOW_PATTERNS, model_card, push
+from nf4convert.card import model_card
+from nf4convert.hub import ALLOW_PATTERNS, push
 
 from .test_convert import load_all
 
@@ -145,3 +146,13 @@ def test_model_card_of_quantized_moe_experts_says_which_loaders_read_them(tmp_pa
     card = model_card(convert(tmp_path / "src", tmp_path / "out"))
     assert "Loads in: nf4convert.load_model (transformers 5); transformers 4.x from_pretrained" in card
     assert card.index("load_model(snapshot_download") < card.index("MixtralForCausalLM.from_pretrained(")
+
+
+def test_model_card_of_fused_experts_names_the_parametrize_path_and_no_stock_load(tmp_path):
+    from .architectures import build
+
+    build("GraniteMoeForCausalLM").save_pretrained(tmp_path / "src")
+    card = model_card(convert(tmp_path / "src", tmp_path / "out"))
+    assert "Loads in: nf4convert.load_model (transformers 5); transformers 5 from_pretrained(ignore_mismatched_sizes=True)" in card
+    assert "stored fused as 3-D tensors" in card and "load_model(snapshot_download" in card
+    assert "GraniteMoeForCausalLM.from_pretrained(" not in card

@@ -183,7 +183,7 @@ def test_a_single_file_uses_the_config_json_beside_it_and_claims_load_model(old_
 def test_without_config_json_no_model_loader_is_claimed(tmp_path):
     from safetensors.torch import save_file
 
-    from nf4convert.hub import model_card
+    from nf4convert.card import model_card
 
     (tmp_path / "src").mkdir()
     save_file({"layer.weight": torch.randn(64, 64)}, tmp_path / "src" / "w.safetensors")
