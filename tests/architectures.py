@@ -67,6 +67,15 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
         _MOE, head_dim=16, moe_intermediate_size=128, shared_expert_intermediate_size=64, layer_types=["linear_attention", "sliding_attention"],
         linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=16, linear_value_head_dim=16,
     )),
+    "Mistral4Model": ("MoE, fused, MLA attention", "Mistral4Config", dict(
+        _MOE, moe_intermediate_size=128, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+    )),
+    "HYV4ForCausalLM": ("MoE, fused, dense first layer", "HYV4Config", dict(_MOE, head_dim=16, moe_intermediate_size=128, q_lora_rank=32, pad_token_id=0)),
+    "OpenAIPrivacyFilterModel": ("MoE, fused: [E, H, 2I] with biases (gpt-oss's experts)", "OpenAIPrivacyFilterConfig", dict(_MOE, head_dim=16, pad_token_id=0)),
+    "ZayaForCausalLM": ("MoE, fused, top-1 routing", "ZayaConfig", dict(_MOE, moe_intermediate_size=128, num_experts_per_tok=1)),
+    "MuseSparkTextModel": ("MoE, fused, sliding attention", "MuseSparkTextConfig", dict(
+        _MOE, head_dim=16, moe_intermediate_size=64, layer_types=["sliding_attention", "full_attention"], mlp_layer_types=["sparse"] * 2,
+    )),
     "Inkling2ForCausalLM": ("MoE, fused: w13_weight interleaved by transformers on load", "Inkling2TextConfig", dict(
         _MOE, head_dim=16, moe_intermediate_size=64, unpadded_vocab_size=128, layer_types=["hybrid_sliding"] * 2,
     )),
