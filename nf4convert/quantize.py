@@ -328,19 +328,12 @@ def quantize_weight(
     return NF4Weight(packed, quantized, tuple(weight.shape), weight.dtype, blocksize, nested, offset)
 
 
-def decode_blocks(packed: torch.Tensor, absmax: torch.Tensor, *, blocksize: int, n: int, table: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 values ``NF4[code] * absmax[block]`` of the first ``n`` codes of ``packed`` (uint8, two a byte).
-
-    Args:
-        table: the NF4 code table on ``packed``'s device (default: copied there).
-    """
-    table = _NF4.to(packed.device) if table is None else table
-    packed = packed.reshape(-1)
-    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]
-    return table[codes.long()] * absmax.repeat_interleave(blocksize, output_size=absmax.numel() * blocksize)[:n]
-
-
 def dequantize(q: NF4Weight) -> torch.Tensor:
     """Rebuild the weight (spec section 2.5): ``NF4[code] * absmax[block]`` in float32, cast to ``q.dtype``."""
     absmax = dequantize_absmax(q.absmax, q.nested_absmax, q.offset) if q.nested else q.absmax
-    return decode_blocks(q.packed, absmax, blocksize=q.blocksize, n=math.prod(q.shape)).to(q.dtype).reshape(q.shape)
+    n = math.prod(q.shape)
+    packed = q.packed.reshape(-1)
+    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]
+    values = _NF4.to(packed.device)[codes.long()]
+    scale = absmax.repeat_interleave(q.blocksize)[:n]
+    return (values * scale).to(q.dtype).reshape(q.shape)

@@ -6,7 +6,12 @@ One run, three child processes on the same synthetic Llama-shaped checkpoint (sc
   - transformers from_pretrained(bf16 source, BitsAndBytesConfig NF4): quantize on load, the usual way.
 Prints load seconds (timed inside the child, imports excluded), load plus a first forward pass (which
 touches every weight, so lazily mapped pages count), and peak RSS, with ratios.
-Usage: python scripts/bench_load.py [--layers 10] [--workdir bench-out] [--device cpu]
+
+Then an MoE row: a small gpt-oss-shaped model (fused 3-D experts, random bf16 weights) converted with the
+defaults, its tokens/s through nf4convert.load_model (4-bit experts, dequantized per routed expert) vs the
+bf16 model in transformers (its default experts implementation, and the eager one that load_model's
+experts run), batch 1, prefill of --moe-tokens tokens.
+Usage: python scripts/bench_load.py [--layers 10] [--moe-layers 4] [--workdir bench-out] [--device cpu]
 """
 
 from __future__ import annotations
@@ -39,12 +44,62 @@ with torch.no_grad():  # the first forward touches every weight: lazily mapped p
 print(json.dumps({"seconds": loaded, "with_first_forward": time.perf_counter() - start}))
 """
 
+MOE_CHILD = """
+import json, sys, time, torch
+mode, folder, device, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+import transformers, nf4convert.load
+if mode == "nf4convert":
+    model = nf4convert.load.load_model(folder, device=device, compute_dtype=torch.bfloat16)
+else:
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=device)
+    if mode == "bf16-eager":  # the experts implementation load_model's 4-bit experts run
+        model.config._experts_implementation = "eager"
+ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+with torch.no_grad():
+    model(ids)  # warm up
+    start = time.perf_counter()
+    for _ in range(3):
+        model(ids)
+print(json.dumps({"tokens_per_s": 3 * tokens / (time.perf_counter() - start)}))
+"""
+
+
+def make_moe(path: Path, layers: int) -> None:
+    """A gpt-oss-shaped MoE with random bf16 weights: 16 experts of 1024 x 1024, top-4, fused in the checkpoint."""
+    import torch
+    import transformers
+
+    config = transformers.GptOssConfig(
+        vocab_size=32000, hidden_size=1024, intermediate_size=1024, num_hidden_layers=layers, num_attention_heads=16,
+        num_key_value_heads=4, head_dim=64, num_local_experts=16, num_experts_per_tok=4, layer_types=["full_attention"] * layers,
+    )
+    torch.manual_seed(0)
+    transformers.GptOssForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+
+
+def moe_row(work: Path, layers: int, tokens: int, device: str) -> dict:
+    src, nf4 = work / f"moe-src-{layers}l", work / f"moe-nf4-{layers}l"
+    if not (src / "config.json").exists():
+        make_moe(src, layers)
+    if not (nf4 / "nf4convert.json").exists():
+        subprocess.run([sys.executable, "-m", "nf4convert", "convert", str(src), str(nf4), "--quiet", "--force"], check=True)
+    script = work / "moe_child.py"
+    script.write_text(MOE_CHILD)
+    out = {}
+    for mode, folder in [("nf4convert", nf4), ("bf16", src), ("bf16-eager", src)]:
+        print(f"MoE {mode} ...", file=sys.stderr)
+        _, rss, text = run_measured([str(script), mode, str(folder), device, str(tokens)], work)
+        out[mode] = {**json.loads(text.strip().splitlines()[-1]), "peak_rss": rss, "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
+    return out
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--layers", type=int, default=10)
     ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--moe-layers", type=int, default=4)
+    ap.add_argument("--moe-tokens", type=int, default=128)
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(exist_ok=True)
@@ -61,7 +116,8 @@ def main() -> None:
         print(f"{mode} ...", file=sys.stderr)
         _, rss, out = run_measured([str(script), mode, str(folder), args.device], work)
         results[mode] = {**json.loads(out.strip().splitlines()[-1]), "peak_rss": rss}
-    (work / "bench_load.json").write_text(json.dumps(results, indent=2))
+    moe = moe_row(work, args.moe_layers, args.moe_tokens, args.device)
+    (work / "bench_load.json").write_text(json.dumps({**results, "moe": moe}, indent=2))
     base = results["nf4convert"]
     print("| load | load s | vs nf4convert | load + first forward s | vs nf4convert | peak RSS |\n|---|---|---|---|---|---|")
     for mode, r in results.items():
@@ -69,6 +125,9 @@ def main() -> None:
             f"| {mode} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.1f}x | {r['with_first_forward']:.2f} | "
             f"{r['with_first_forward'] / base['with_first_forward']:.1f}x | {r['peak_rss'] / 2**20:,.0f} MiB |"
         )
+    print(f"\n| MoE ({args.moe_layers} layers, 16 experts, top-4), {args.moe_tokens} tokens | tokens/s | vs bf16 | weights | peak RSS |\n|---|---|---|---|---|")
+    for mode, r in moe.items():
+        print(f"| {mode} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / moe['bf16']['tokens_per_s']:.2f}x | {r['bytes'] / 2**20:,.0f} MiB | {r['peak_rss'] / 2**20:,.0f} MiB |")
 
 
 if __name__ == "__main__":
