@@ -233,3 +233,19 @@ def test_every_family_whose_checkpoints_store_fused_experts_is_built_or_explaine
     found = fused_in_checkpoint()
     assert {t: c for t, c in found.items() if t not in built and t not in NOT_BUILT} == {}
     assert set(NOT_BUILT) <= set(found), "an explanation for a family transformers no longer stores fused"
+
+
+@pytest.mark.parametrize("name", ["GraniteMoeForCausalLM", "Qwen3VLMoeForConditionalGeneration"])
+def test_dequantize_writes_fused_experts_back_in_the_source_layout_for_stock_transformers(name, sources, tmp_path):
+    from nf4convert.dequantize import dequantize_folder
+
+    out = convert(sources(name), tmp_path / "nf4", options=Options(**OPTIONS))
+    back = dequantize_folder(out, tmp_path / "back")
+    restored, source = load_all(back), load_all(sources(name))
+    fused = [k for k, v in source.items() if v.dim() == 3 and f"{k}.absmax" in load_all(out)]
+    assert fused and all(restored[k].shape == source[k].shape for k in fused)
+    model = float_numerics(load_model(out))
+    stock = getattr(transformers, name).from_pretrained(back, device_map="cpu")  # transformers' own renames and transposition
+    for param in fused_parameters(model, load_all(out)).values():
+        experts = model.get_submodule(param)
+        assert torch.equal(stock.get_parameter(param), torch.stack([experts[e] for e in range(len(experts))]))
