@@ -16,6 +16,7 @@ import sys
 import time
 from collections import Counter
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -221,21 +222,40 @@ def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: 
         click.echo("Next: " + "  |  ".join(steps))
 
 
+HUB_FOLDER = [
+    click.option("--revision", default=None, help="A Hub repo id PATH: branch, tag or commit [default: main]."),
+    click.option("--cache-dir", default=None, help="A Hub repo id PATH: the Hugging Face cache folder."),
+]
+
+
+def hub_folder(command: Callable) -> Callable:
+    """PATH may be a Hub repo id, read through the local cache (``--revision``, ``--cache-dir``)."""
+    for option in reversed(HUB_FOLDER):
+        command = option(command)
+    return command
+
+
 @cli.command()
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def inspect(path: str, as_json: bool) -> None:
-    """Show what an NF4 folder holds: version, source, options, sizes."""
+@hub_folder
+def inspect(path: str, as_json: bool, revision: str | None, cache_dir: str | None) -> None:
+    """Show what an NF4 folder (ours, or a bitsandbytes 4-bit one transformers saved; local or a
+    cached Hub repo id) holds: version, source, options, sizes."""
     from .read import open_checkpoint
+    from .resolve import resolve_folder
 
-    s = open_checkpoint(path).summary()
+    s = open_checkpoint(resolve_folder(path, revision=revision, cache_dir=cache_dir), bitsandbytes_folders=True).summary()
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
     source = s["source"]
-    click.echo(f"{s['path']}: {s['format']} format v{s['format_version']} (written by nf4convert {s['tool_version']})")
-    click.echo(f"  source:    {', '.join(f'{k}={v}' for k, v in source.items())}")
-    click.echo(f"  options:   {', '.join(f'{k}={v}' for k, v in s['options'].items())}")
+    written = f" (written by nf4convert {s['tool_version']})" if s["tool_version"] else ""
+    click.echo(f"{s['path']}: {s['kind']}{written}")
+    if source:
+        click.echo(f"  source:    {', '.join(f'{k}={v}' for k, v in source.items())}")
+    if s["options"]:
+        click.echo(f"  options:   {', '.join(f'{k}={v}' for k, v in s['options'].items())}")
     if s["decided_by"]:
         click.echo(f"  decided by {s['decided_by']}")
     if s["loaders"]:
@@ -252,16 +272,18 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("--source", default=None, help="The checkpoint PATH was converted from (folder, file or Hub repo id): also measure each tensor's error.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--save", is_flag=True, help="Also write the report to PATH/nf4convert-verify.json (push puts its figures in the model card).")
-@click.option("--revision", default=None, help="Hub source: branch, tag or commit [default: main].")
-@click.option("--cache-dir", default=None, help="Hub source: the Hugging Face cache folder.")
+@click.option("--revision", default=None, help="Hub repo ids (PATH, --source): branch, tag or commit [default: main].")
+@click.option("--cache-dir", default=None, help="Hub repo ids (PATH, --source): the Hugging Face cache folder.")
 def verify(path: str, source: str | None, as_json: bool, save: bool, revision: str | None, cache_dir: str | None) -> None:
-    """Check PATH's files against its manifest and the spec (and, with --source, the quantization error)."""
+    """Check PATH's files against its manifest and the spec (and, with --source, the quantization error).
+    PATH may be a bitsandbytes 4-bit folder transformers saved (its structure is checked: it has no
+    manifest), or a cached Hub repo id."""
     from .card import VERIFY_REPORT
+    from .resolve import resolve_folder, resolve_source
     from .verify import verify as run_verify
 
-    from .resolve import resolve_source
-
     src = resolve_source(source, revision=revision, cache_dir=cache_dir) if source is not None else None
+    path = str(resolve_folder(path, revision=revision, cache_dir=cache_dir))
     report = run_verify(path, source=src)
     if save and report["ok"]:
         try:
@@ -273,8 +295,10 @@ def verify(path: str, source: str | None, as_json: bool, save: bool, revision: s
     else:
         for problem in report["problems"]:
             click.echo(f"FAIL {problem}")
-        if report["ok"]:
+        if report["ok"] and report["files"]:
             click.echo(f"OK {path}: {report['files']} files match the manifest, {report['tensors']} tensors follow format v1")
+        elif report["ok"]:
+            click.echo(f"OK {path}: {report['kind']}: {report['tensors']} tensors, each 4-bit weight complete and consistent")
         if report.get("quality"):
             s = report["summary"]
             sqnr = f"SQNR mean {s['sqnr_db']['mean']:.2f} dB (min {s['sqnr_db']['min']:.2f})" if s["sqnr_db"] else "no error"
@@ -307,15 +331,22 @@ def importance(model: str, output: str, text_file: str, device: str, window: int
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if nf4convert wrote it (or it is empty); never a folder of yours.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, force: bool, quiet: bool) -> None:
-    """Write PATH's weights back as a plain safetensors checkpoint in OUTPUT."""
+@hub_folder
+def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, force: bool, quiet: bool, revision: str | None, cache_dir: str | None) -> None:
+    """Write PATH's weights back as a plain safetensors checkpoint in OUTPUT. PATH: an nf4convert output
+    or a bitsandbytes 4-bit folder transformers saved (NF4 or FP4), local or a cached Hub repo id."""
     import torch
 
     from .dequantize import dequantize_folder
+    from .read import open_checkpoint
+    from .resolve import resolve_folder
 
+    folder = resolve_folder(path, revision=revision, cache_dir=cache_dir)
+    if not quiet:
+        click.echo(f"Reading {folder}: {open_checkpoint(folder, bitsandbytes_folders=True).kind}")
     with tqdm(unit="B", unit_scale=True, desc="dequantizing", disable=quiet, file=sys.stderr) as bar:
         out = dequantize_folder(
-            path, output, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=parse_size(max_shard_size), force=force,
+            folder, output, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=parse_size(max_shard_size), force=force,
             progress=bar.update, total=lambda n: bar.reset(total=n),
         )
     if not quiet:

@@ -85,9 +85,18 @@ DYNAMIC_MAP = (
     0.9085938, 0.92265624, 0.93671876, 0.9507812, 0.96484375, 0.9789063, 0.99296874, 1.0,
 )
 
+#: bitsandbytes' FP4 code table (``get_4bit_type("fp4")``): read in bitsandbytes folders that transformers
+#: saved (``nf4convert inspect | verify | dequantize``), never written.
+FP4_CODE = (
+    0.0, 0.0052083334885537624, 0.6666666865348816, 1.0, 0.3333333432674408, 0.5, 0.1666666716337204, 0.25,
+    0.0, -0.0052083334885537624, -0.6666666865348816, -1.0, -0.3333333432674408, -0.5, -0.1666666716337204, -0.25,
+)
+#: 4-bit types -> code tables: nf4convert writes NF4; bitsandbytes folders may hold FP4.
+CODE_TABLES = {"nf4": NF4_CODE, "fp4": FP4_CODE}
+
 #: Suffixes of the tensors that together hold one quantized weight `<module>.weight`.
-QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
-QUANT_STATE_SUFFIX = "quant_state.bitsandbytes__nf4"
+QUANT_STATE_SUFFIXES = {quant_type: f"quant_state.bitsandbytes__{quant_type}" for quant_type in CODE_TABLES}
+QUANT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", *QUANT_STATE_SUFFIXES.values())
 
 #: Floating dtypes a weight may have to be quantized, as spelled by safetensors and by bitsandbytes' blob.
 QUANTIZABLE_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}

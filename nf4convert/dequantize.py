@@ -6,6 +6,7 @@ partial folder renamed into place at the end.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -21,9 +22,28 @@ from .layout import quantized_tensors, transposed as transposed_shape
 from .files import is_inside, is_plain_relative
 from .plan import DEFAULT_MAX_SHARD_SIZE
 from .quantize import dequantize
-from .read import open_checkpoint, stored_weight
+from .read import NF4Checkpoint, open_checkpoint, stored_weight
+from .source import SIDE_FILE_PATTERNS
 from .tensorfile import SafetensorsFile, torch_dtypes
 from .write import OUTPUT_MARK, OutputFolder, ShardWriter
+
+
+def _side_files(ckpt: NF4Checkpoint) -> list[str]:
+    """The folder's other files to copy: those its manifest lists, or for a bitsandbytes folder (no
+    manifest) those a source's side files would be (tokenizer, generation config, ...).
+
+    Raises:
+        FormatError: a manifest entry that is not a path inside the folder.
+    """
+    if ckpt.version is None:
+        return sorted(p.name for p in ckpt.root.iterdir() if p.is_file() and not p.name.startswith(".") and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILE_PATTERNS))
+    names = []
+    for record in ckpt.manifest.get("files", []):
+        name = record.get("name") if isinstance(record, dict) else None
+        if not is_plain_relative(name) or not is_inside(ckpt.root / name, ckpt.root):
+            raise FormatError(f"{ckpt.root / MANIFEST_NAME}: file name {name!r} is not a path inside the folder")
+        names.append(name)
+    return names
 
 
 def dequantize_folder(
@@ -39,7 +59,8 @@ def dequantize_folder(
     """Write the dequantized checkpoint of an NF4 folder (spec section 2.5) as plain safetensors.
 
     Args:
-        path: the NF4 folder.
+        path: the NF4 folder: an nf4convert output, or a bitsandbytes 4-bit folder transformers saved
+            (NF4 or FP4, with or without double quantization): the way back to full precision.
         output: the folder to create.
         dtype: cast every floating-point tensor to this dtype (default: each weight's original dtype).
         max_shard_size: output shard size limit in bytes.
@@ -55,7 +76,7 @@ def dequantize_folder(
         FormatError, UnsupportedVersionError: the NF4 folder fails the structural checks.
         OutputError: as for conversion.
     """
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(path, bitsandbytes_folders=True)
     to_torch = torch_dtypes()
     to_safetensors = {v: k for k, v in to_torch.items()}
     transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
@@ -114,10 +135,7 @@ def dequantize_folder(
             total = sum(math.prod(s) * DTYPE_SIZES[d] for _, d, s in plan)
             (out.path(INDEX_NAME)).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         produced = {MANIFEST_NAME, INDEX_NAME, *ckpt.shards}
-        for record in ckpt.manifest.get("files", []):
-            name = record.get("name") if isinstance(record, dict) else None
-            if not is_plain_relative(name) or not is_inside(ckpt.root / name, ckpt.root):
-                raise FormatError(f"{ckpt.root / MANIFEST_NAME}: file name {name!r} is not a path inside the folder")
+        for name in _side_files(ckpt):
             if name not in produced and name != "config.json":
                 out.path(name).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(ckpt.root / name, out.path(name))

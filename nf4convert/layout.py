@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_STATE_SUFFIX, QUANTIZABLE_DTYPES, SUPPORTED_VERSIONS
+from .constants import BLOCKSIZES, NESTED_BLOCKSIZE, QUANT_STATE_SUFFIXES, QUANTIZABLE_DTYPES, SUPPORTED_VERSIONS
 from .errors import FormatError, QuantizationError, UnsupportedVersionError
 
 #: How ``nested_offset`` is written in the blob: fixed length, so the blob's size is known before quantizing.
@@ -38,12 +38,14 @@ class QuantState:
         dtype: the original dtype name (``"bfloat16"``, ``"float16"``, ``"float32"``).
         blocksize: elements per absmax.
         offset: the double-quantization offset, or ``None`` without double quantization.
+        quant_type: ``"nf4"`` (what nf4convert writes), or ``"fp4"`` in a bitsandbytes folder.
     """
 
     shape: tuple[int, ...]
     dtype: str
     blocksize: int
     offset: float | None = None
+    quant_type: str = "nf4"
 
     @property
     def nested(self) -> bool:
@@ -64,7 +66,7 @@ def encode_quant_state(state: QuantState) -> bytes:
     Without double quantization the bytes equal bitsandbytes'; with it, ``nested_offset``
     is written with :data:`OFFSET_FORMAT` instead of Python's shortest repr.
     """
-    head = {"quant_type": "nf4", "blocksize": state.blocksize, "dtype": state.dtype, "shape": list(state.shape)}
+    head = {"quant_type": state.quant_type, "blocksize": state.blocksize, "dtype": state.dtype, "shape": list(state.shape)}
     text = json.dumps(head)
     if state.nested:
         tail = json.dumps({"nested_blocksize": NESTED_BLOCKSIZE, "nested_dtype": "float32"})
@@ -72,11 +74,14 @@ def encode_quant_state(state: QuantState) -> bytes:
     return text.encode("utf-8")
 
 
-def decode_quant_state(blob: bytes, *, where: str) -> QuantState:
+def decode_quant_state(blob: bytes, *, where: str, quant_types: tuple[str, ...] = ("nf4",)) -> QuantState:
     """Parse and check a quant-state blob.
 
+    Args:
+        quant_types: the 4-bit types accepted (bitsandbytes folders may hold ``"fp4"``).
+
     Raises:
-        FormatError: not JSON, not NF4, or fields of the wrong type or value; the message names ``where``.
+        FormatError: not JSON, another 4-bit type, or fields of the wrong type or value; the message names ``where``.
     """
     try:
         d: Any = json.loads(bytes(blob).decode("utf-8"))
@@ -84,8 +89,8 @@ def decode_quant_state(blob: bytes, *, where: str) -> QuantState:
         raise FormatError(f"{where}: quant-state blob is not JSON") from None
     if not isinstance(d, dict):
         raise FormatError(f"{where}: quant-state blob is not a JSON object")
-    if d.get("quant_type") != "nf4":
-        raise FormatError(f"{where}: quant_type {d.get('quant_type')!r} is not 'nf4'")
+    if d.get("quant_type") not in quant_types:
+        raise FormatError(f"{where}: quant_type {d.get('quant_type')!r} is not {' or '.join(map(repr, quant_types))}")
     shape, blocksize, dtype = d.get("shape"), d.get("blocksize"), d.get("dtype")
     if not isinstance(shape, list) or not shape or not all(type(s) is int and s > 0 for s in shape):
         raise FormatError(f"{where}: bad shape {shape!r}")
@@ -103,7 +108,7 @@ def decode_quant_state(blob: bytes, *, where: str) -> QuantState:
             or d.get("nested_dtype") != "float32"
         ):
             raise FormatError(f"{where}: bad nested quantization fields")
-    return QuantState(tuple(shape), dtype, blocksize, None if offset is None else float(offset))
+    return QuantState(tuple(shape), dtype, blocksize, None if offset is None else float(offset), d["quant_type"])
 
 
 def quantized_tensors(weight_key: str, state: QuantState) -> list[tuple[str, str, tuple[int, ...]]]:
@@ -119,7 +124,7 @@ def quantized_tensors(weight_key: str, state: QuantState) -> list[tuple[str, str
             (f"{weight_key}.nested_absmax", "F32", (-(-nb // NESTED_BLOCKSIZE),)),
             (f"{weight_key}.nested_quant_map", "F32", (256,)),
         ]
-    out.append((f"{weight_key}.{QUANT_STATE_SUFFIX}", "U8", (len(encode_quant_state(state)),)))
+    out.append((f"{weight_key}.{QUANT_STATE_SUFFIXES[state.quant_type]}", "U8", (len(encode_quant_state(state)),)))
     return out
 
 

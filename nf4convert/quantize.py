@@ -19,13 +19,14 @@ from functools import cache
 import numpy as np
 import torch
 
-from .constants import ABSMAX_FLOOR, DYNAMIC_MAP, KERNELS, NESTED_BLOCKSIZE, NF4_CODE, SCALE_METHODS
+from .constants import ABSMAX_FLOOR, CODE_TABLES, DYNAMIC_MAP, KERNELS, NESTED_BLOCKSIZE, NF4_CODE, SCALE_METHODS
 from .errors import DeviceError, QuantizationError
 from .layout import check_blocksize
 
 log = logging.getLogger("nf4convert")
 
 _NF4 = torch.tensor(NF4_CODE, dtype=torch.float32)
+_CODES = {quant_type: torch.tensor(code, dtype=torch.float32) for quant_type, code in CODE_TABLES.items()}
 _DYNAMIC = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
 
 
@@ -51,6 +52,7 @@ class NF4Weight:
         blocksize: elements per absmax.
         nested_absmax: float32 ``[ceil(n_blocks / 256)]`` when nested, else ``None``.
         offset: float32 value added back to the dequantized absmax when nested, else ``None``.
+        quant_type: ``"nf4"``, or ``"fp4"`` (read from a bitsandbytes folder: only dequantized).
     """
 
     packed: torch.Tensor
@@ -60,6 +62,7 @@ class NF4Weight:
     blocksize: int
     nested_absmax: torch.Tensor | None = None
     offset: float | None = None
+    quant_type: str = "nf4"
 
     @property
     def nested(self) -> bool:
@@ -329,11 +332,12 @@ def quantize_weight(
 
 
 def dequantize(q: NF4Weight) -> torch.Tensor:
-    """Rebuild the weight (spec section 2.5): ``NF4[code] * absmax[block]`` in float32, cast to ``q.dtype``."""
+    """Rebuild the weight (spec section 2.5): ``NF4[code] * absmax[block]`` in float32, cast to ``q.dtype``
+    (``FP4[code]`` for an FP4 weight of a bitsandbytes folder)."""
     absmax = dequantize_absmax(q.absmax, q.nested_absmax, q.offset) if q.nested else q.absmax
     n = math.prod(q.shape)
     packed = q.packed.reshape(-1)
     codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]
-    values = _NF4.to(packed.device)[codes.long()]
+    values = _CODES[q.quant_type].to(packed.device)[codes.long()]
     scale = absmax.repeat_interleave(q.blocksize)[:n]
     return (values * scale).to(q.dtype).reshape(q.shape)

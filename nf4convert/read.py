@@ -16,10 +16,11 @@ from typing import Any
 import torch
 
 from .constants import (
+    CODE_TABLES,
     FORMAT_NAME,
     INDEX_NAME,
     MANIFEST_NAME,
-    QUANT_STATE_SUFFIX,
+    QUANT_STATE_SUFFIXES,
     QUANT_SUFFIXES,
     SINGLE_SHARD_NAME,
 )
@@ -51,6 +52,16 @@ class NF4Checkpoint:
         """The format version; ``None`` for a bitsandbytes folder saved by transformers (no manifest)."""
         return self.manifest.get("format_version")
 
+    @property
+    def kind(self) -> str:
+        """What the folder is, in words: an nf4convert output, or a bitsandbytes 4-bit folder and its types."""
+        if self.version is not None:
+            return f"nf4convert output, format v{self.version}"
+        types = sorted({s.quant_type.upper() for s in self.quant_states.values()}) or ["no 4-bit weights"]
+        nested = {s.nested for s in self.quant_states.values()}
+        dq = "double quantization" if nested == {True} else "no double quantization" if nested == {False} else "mixed double quantization"
+        return f"bitsandbytes 4-bit folder saved by transformers ({', '.join(types)}, {dq}; no nf4convert manifest)"
+
     def summary(self) -> dict[str, Any]:
         """What ``nf4convert inspect`` shows."""
         quantized = kept = q_bytes = k_bytes = q_params = k_params = 0
@@ -69,7 +80,8 @@ class NF4Checkpoint:
         params = q_params + k_params
         return {
             "path": str(self.root),
-            "format": FORMAT_NAME,
+            "kind": self.kind,
+            "format": FORMAT_NAME if self.version is not None else "bitsandbytes",
             "format_version": self.version,
             "tool_version": self.manifest.get("tool", {}).get("version"),
             "source": {k: v for k, v in self.manifest.get("source", {}).items() if k != "files"},
@@ -123,13 +135,13 @@ def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None]:
     return names, weight_map
 
 
-def _check_weight(key: str, tensors: dict[str, TensorInfo], blob: bytes, where: str) -> QuantState:
-    state = decode_quant_state(blob, where=f"{where}: {key}")
+def _check_weight(key: str, tensors: dict[str, TensorInfo], blob: bytes, where: str, quant_types: tuple[str, ...]) -> QuantState:
+    state = decode_quant_state(blob, where=f"{where}: {key}", quant_types=quant_types)
     for name, dtype, shape in quantized_tensors(key, state):
         info = tensors.get(name)
         if info is None:
             raise FormatError(f"{where}: {name} is missing")
-        if name.endswith(QUANT_STATE_SUFFIX):
+        if name.endswith(QUANT_STATE_SUFFIXES[state.quant_type]):
             continue
         if (info.dtype, info.shape) != (dtype, shape):
             raise FormatError(
@@ -164,15 +176,19 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
     if not root.is_dir():
         raise SourceNotFoundError(f"{root}: no such folder")
     if not (root / MANIFEST_NAME).exists() and not (bitsandbytes_folders and is_bitsandbytes_4bit(root)):
-        raise FormatError(f"{root}: not an nf4convert output (no {MANIFEST_NAME}); 'nf4convert convert {root} --dry-run' shows what converting it would do")
+        also = " nor a bitsandbytes 4-bit folder (no such quantization_config in config.json)" if bitsandbytes_folders else ""
+        raise FormatError(f"{root}: not an nf4convert output (no {MANIFEST_NAME}){also}; 'nf4convert convert {root} --dry-run' shows what converting it would do")
+    quant_types: tuple[str, ...] = ("nf4",)
     if bitsandbytes_folders and not (root / MANIFEST_NAME).exists() and is_bitsandbytes_4bit(root):
         manifest: dict[str, Any] = {}
         version = None
+        quant_types = tuple(CODE_TABLES)
     else:
         manifest = _load_json(root / MANIFEST_NAME)
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
             raise FormatError(f"{root / MANIFEST_NAME}: not an nf4convert manifest")
         version = check_version(manifest, where=str(root / MANIFEST_NAME))
+    suffixes = [QUANT_STATE_SUFFIXES[t] for t in quant_types]
     shards: dict[str, dict[str, TensorInfo]] = {}
     states: dict[str, QuantState] = {}
     owner: dict[str, str] = {}
@@ -190,12 +206,12 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
             if key in owner:
                 raise FormatError(f"{shard}: tensor {key!r} also in {owner[key]}")
             owner[key] = name
-        blobs = [k for k in tensors if k.endswith("." + QUANT_STATE_SUFFIX)]
+        blobs = {k: suffix for k in tensors for suffix in suffixes if k.endswith("." + suffix)}
         if blobs:
             with SafetensorsFile(shard) as f:
-                for blob_key in blobs:
-                    key = blob_key[: -len(QUANT_STATE_SUFFIX) - 1]
-                    states[key] = _check_weight(key, tensors, bytes(f.raw(blob_key)), str(shard))
+                for blob_key, suffix in blobs.items():
+                    key = blob_key[: -len(suffix) - 1]
+                    states[key] = _check_weight(key, tensors, bytes(f.raw(blob_key)), str(shard), quant_types)
         for key in tensors:
             base = _base_key(key)
             if base != key and base not in states:
@@ -219,4 +235,5 @@ def stored_weight(f: SafetensorsFile, ckpt: NF4Checkpoint, key: str) -> NF4Weigh
         state.blocksize,
         f.tensor(f"{key}.nested_absmax") if state.nested else None,
         state.offset,
+        state.quant_type,
     )

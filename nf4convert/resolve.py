@@ -12,6 +12,17 @@ from .errors import SourceError, SourceNotFoundError
 from .source import Source, open_source
 
 
+def resolve_folder(path: str | os.PathLike, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None) -> Path:
+    """An NF4 folder to read: a local folder, or a Hub repo id's snapshot (through the local cache).
+
+    Raises:
+        HubError: the repo cannot be resolved (see :func:`nf4convert.hub.open_hub_source`).
+    """
+    from .hub import is_repo_id, open_hub_source
+
+    return open_hub_source(str(path), revision=revision, cache_dir=cache_dir).root if is_repo_id(str(path)) else Path(path)
+
+
 def resolve_source(
     source: str | os.PathLike | Source,
     *,

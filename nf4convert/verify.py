@@ -66,12 +66,14 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | Source | None
     """Check an NF4 folder; with ``source``, also measure each quantized tensor's error against it.
 
     Args:
-        path: the NF4 folder.
+        path: the NF4 folder: an nf4convert output (structure and manifest hashes), or a bitsandbytes
+            4-bit folder transformers saved (structure only: it has no manifest).
         source: the checkpoint it was converted from (folder, file, or an opened
             :class:`~nf4convert.source.Source`, e.g. a Hub repo resolved by the caller), optional.
 
     Returns:
-        A report: ``ok``, ``problems`` (one line each, naming the file or tensor), ``files``,
+        A report: ``ok``, ``problems`` (one line each, naming the file or tensor), ``kind`` (what the
+        folder is, :attr:`~nf4convert.read.NF4Checkpoint.kind`), ``files`` (hashed),
         ``tensors``, and with ``source`` a ``quality`` map (per tensor ``rel_rmse``, ``sqnr_db`` (``None``
         where the tensor is exact), ``max_abs_err``) and its ``summary`` (``{}`` per measure with no value).
 
@@ -80,12 +82,12 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | Source | None
     """
     report: dict[str, Any] = {"path": str(path), "ok": False, "problems": []}
     try:
-        ckpt = open_checkpoint(path)
+        ckpt = open_checkpoint(path, bitsandbytes_folders=True)
     except FormatError as e:
         report["problems"].append(str(e))
         return report
-    problems = _check_files(ckpt)
-    report.update(files=len(ckpt.manifest.get("files", [])), tensors=sum(len(t) for t in ckpt.shards.values()))
+    problems = _check_files(ckpt) if ckpt.version is not None else []  # a bitsandbytes folder has no hashes to check
+    report.update(kind=ckpt.kind, files=len(ckpt.manifest.get("files", [])), tensors=sum(len(t) for t in ckpt.shards.values()))
     if source is not None and not problems:
         try:
             problems += _check_source(ckpt, source if isinstance(source, Source) else open_source(source), report)

@@ -383,7 +383,10 @@ def test_force_onto_a_mount_point_is_an_output_error_and_keeps_it(cli, tmp_path)
 def test_inspect_of_a_folder_that_is_not_ours_says_so_and_what_to_run(cli, tmp_path):
     src = model_folder(tmp_path / "src")
     rc, _, err = cli("inspect", src)
-    assert rc == 3 and err.strip() == f"nf4convert: error: {src}: not an nf4convert output (no nf4convert.json); 'nf4convert convert {src} --dry-run' shows what converting it would do"
+    assert rc == 3 and err.strip() == (
+        f"nf4convert: error: {src}: not an nf4convert output (no nf4convert.json) nor a bitsandbytes 4-bit folder "
+        f"(no such quantization_config in config.json); 'nf4convert convert {src} --dry-run' shows what converting it would do"
+    )
     rc, _, err = cli("inspect", src / "model.safetensors")
     assert rc == 2 and err.strip() == f"nf4convert: error: {src / 'model.safetensors'}: a file; give the output folder that holds it ({src})"
 
