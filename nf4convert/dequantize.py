@@ -19,7 +19,7 @@ import torch
 from .constants import DTYPE_SIZES, INDEX_NAME, MANIFEST_NAME, SHARD_NAME_TEMPLATE, SINGLE_SHARD_NAME
 from .errors import FormatError
 from .layout import quantized_tensors, transposed as transposed_shape
-from .files import is_inside, is_plain_relative
+from .files import containment, is_inside, is_plain_relative
 from .plan import DEFAULT_MAX_SHARD_SIZE
 from .quantize import dequantize
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
@@ -40,7 +40,7 @@ def _side_files(ckpt: NF4Checkpoint) -> list[str]:
     names = []
     for record in ckpt.manifest.get("files", []):
         name = record.get("name") if isinstance(record, dict) else None
-        if not is_plain_relative(name) or not is_inside(ckpt.root / name, ckpt.root):
+        if not is_plain_relative(name) or not is_inside(ckpt.root / name, containment(ckpt.root)):
             raise FormatError(f"{ckpt.root / MANIFEST_NAME}: file name {name!r} is not a path inside the folder")
         names.append(name)
     return names

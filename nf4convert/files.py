@@ -27,6 +27,14 @@ def is_plain_relative(name: object) -> bool:
     return not pure.is_absolute() and ".." not in pure.parts
 
 
+def containment(root: Path) -> Path:
+    """The folder a checkpoint's files must resolve into: the folder itself, or for a Hugging Face cache
+    snapshot (``models--org--name/snapshots/<commit>``, files symlinked into ``../../blobs``) the repo folder."""
+    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
+        return root.parent.parent
+    return root
+
+
 def is_inside(path: Path, root: Path) -> bool:
     """True if ``path`` resolves (symlinks followed) inside ``root``."""
     return path.resolve().is_relative_to(root.resolve())

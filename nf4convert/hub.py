@@ -44,6 +44,25 @@ def _license(card_path: Path) -> str | None:
         return None
 
 
+def hub_snapshot(
+    repo_id: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None, token: str | None = None, pickled: bool = False
+) -> Path:
+    """A Hub repo's snapshot folder in the local cache: its weights and side files (and ``*.bin`` with
+    ``pickled``), downloaded only where online and missing.
+
+    Raises:
+        HubError: unknown or gated repo, unknown revision, or not cached while offline; one line each.
+    """
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(repo_id, revision):
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=ALLOW_PATTERNS + ([PICKLE_PATTERN] if pickled else [])
+            )
+        )
+
+
 def open_hub_source(
     repo_id: str,
     *,
@@ -61,19 +80,8 @@ def open_hub_source(
         HubError: unknown or gated repo, unknown revision, or not cached while offline; one line each.
         SourceNotFoundError: the repo has no safetensors weights.
     """
-    from huggingface_hub import snapshot_download
-
     where = f"{repo_id}@{revision or 'main'}"
-    with _hub_errors(repo_id, revision):
-        folder = Path(
-            snapshot_download(
-                repo_id,
-                revision=revision,
-                cache_dir=cache_dir,
-                token=token,
-                allow_patterns=ALLOW_PATTERNS + ([PICKLE_PATTERN] if allow_pickle_staging else []),
-            )
-        )
+    folder = hub_snapshot(repo_id, revision=revision, cache_dir=cache_dir, token=token, pickled=allow_pickle_staging is not None)
     try:
         src = open_source(folder)
     except SourceNotFoundError:

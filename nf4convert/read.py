@@ -25,7 +25,7 @@ from .constants import (
     SINGLE_SHARD_NAME,
 )
 from .errors import FormatError, SourceNotFoundError
-from .files import is_inside, is_plain_relative
+from .files import containment, is_inside, is_plain_relative
 from .layout import QuantState, check_version, decode_quant_state, quantized_tensors
 from .quantize import NF4Weight
 from .tensorfile import SafetensorsFile, TensorInfo, read_header
@@ -197,7 +197,7 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
         shard = root / name
         if not shard.is_file():
             raise FormatError(f"{shard}: missing")
-        if not is_inside(shard, root):
+        if not is_inside(shard, containment(root)):
             raise FormatError(f"{shard}: leads outside the folder")
         tensors, metadata = read_header(shard)
         if version is not None and metadata.get("nf4convert.version") != str(version):

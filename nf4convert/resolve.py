@@ -18,9 +18,9 @@ def resolve_folder(path: str | os.PathLike, *, revision: str | None = None, cach
     Raises:
         HubError: the repo cannot be resolved (see :func:`nf4convert.hub.open_hub_source`).
     """
-    from .hub import is_repo_id, open_hub_source
+    from .hub import hub_snapshot, is_repo_id
 
-    return open_hub_source(str(path), revision=revision, cache_dir=cache_dir).root if is_repo_id(str(path)) else Path(path)
+    return hub_snapshot(str(path), revision=revision, cache_dir=cache_dir) if is_repo_id(str(path)) else Path(path)
 
 
 def resolve_source(

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .constants import INDEX_NAME, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
-from .files import is_inside, is_plain_relative
+from .files import containment, is_inside, is_plain_relative
 from .fp8 import block_size
 from .mxfp4 import is_mxfp4, pair as pair_mxfp4
 from .tensorfile import TensorInfo, read_header
@@ -146,14 +146,6 @@ def _shards_from_index(root: Path, index_path: Path, containment: Path, exists: 
     return [shards[k] for k in sorted(shards)], weight_map
 
 
-def _default_containment(root: Path) -> Path:
-    """The folder the source's files must resolve into: the folder itself, or for a Hugging Face cache
-    snapshot (``models--org--name/snapshots/<commit>``, files symlinked into ``../../blobs``) the repo folder."""
-    if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
-        return root.parent.parent
-    return root
-
-
 #: ``<prefix>-00002-of-00005.safetensors``: one shard of a numbered set
 _NUMBERED = re.compile(r"^(?P<prefix>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.safetensors$")
 
@@ -229,12 +221,12 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             remote = {root / name for name in fetcher.names()}
             exists, listed = remote.__contains__, [p for p in remote if p.parent == root]
         if index_path.is_file():
-            shards, weight_map = _shards_from_index(root, index_path, _default_containment(root), exists)
+            shards, weight_map = _shards_from_index(root, index_path, containment(root), exists)
         else:
             shards, weight_map = sorted(listed), None
             _check_numbered_shards(root, [p.name for p in shards])
             for shard in shards:
-                if not is_inside(shard, _default_containment(root)):
+                if not is_inside(shard, containment(root)):
                     raise SourceError(f"{shard}: leads outside the source folder")
         if not shards:
             others = [p.name for p in root.iterdir() if any(fnmatch.fnmatch(p.name, g) for g in OTHER_WEIGHT_PATTERNS)]
@@ -247,7 +239,7 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILE_PATTERNS)
             and p.relative_to(root).as_posix() not in (INDEX_NAME, MANIFEST_NAME, "config.json")
-            and is_inside(p, _default_containment(root))
+            and is_inside(p, containment(root))
         )
     config_path = root / "config.json"
     config = _load_json(config_path) if config_path.is_file() else None

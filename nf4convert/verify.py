@@ -13,7 +13,7 @@ import torch
 
 from .constants import MANIFEST_NAME
 from .errors import FormatError, NF4ConvertError
-from .files import is_inside, is_plain_relative, sha256_file
+from .files import containment, is_inside, is_plain_relative, sha256_file
 from .fp8 import SCALE_SUFFIX, decode_rows
 from .mxfp4 import decode as decode_mxfp4
 from .quantize import dequantize
@@ -27,7 +27,7 @@ def _check_files(ckpt: NF4Checkpoint) -> list[str]:
     listed = set()
     for record in ckpt.manifest.get("files", []):
         name = record.get("name") if isinstance(record, dict) else None
-        if not is_plain_relative(name) or not is_inside(ckpt.root / name, ckpt.root):
+        if not is_plain_relative(name) or not is_inside(ckpt.root / name, containment(ckpt.root)):
             problems.append(f"{MANIFEST_NAME}: file name {name!r} is not a path inside the folder")
             continue
         listed.add(name)
