@@ -1,130 +1,136 @@
 """The model card (``README.md``) of an NF4 folder, rendered from its manifest: what was converted,
-with which settings, how well, and which loaders read it (with a usage snippet for each)."""
+with which settings, how well, and which loaders read it, with a usage snippet for each.
+
+The card fits the library whose files the folder holds: a sentence-transformers model (``modules.json``:
+pooling and normalisation modules beside the transformer) gets ``library_name: sentence-transformers``,
+``pipeline_tag: sentence-similarity`` and a ``SentenceTransformer`` snippet that gives its embeddings;
+anything else is a transformers model, used through its own class. ``pipeline_tag``, ``license``,
+``datasets`` and ``language`` come from the source's card (recorded in the manifest when converting);
+``base_model`` is the source repo. The caller may override ``base_model`` and ``license``.
+"""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
+
+from .files import human
 
 #: The report ``nf4convert verify --save`` writes into the folder; the card quotes its summary.
 VERIFY_REPORT = "nf4convert-verify.json"
+#: What stands for the repo id in a card rendered without one (``push`` puts the repo id in).
+REPO_PLACEHOLDER = "REPO_ID"
+#: Libraries whose files in a folder say how the model is used: marker file -> (library_name, default pipeline_tag).
+LIBRARIES = {"modules.json": ("sentence-transformers", "sentence-similarity")}
 
 
-def model_card(path: str | os.PathLike) -> str:
-    """Render the model card (``README.md``) of an NF4 folder from its manifest (and verify report, if saved)."""
+def library(root: Path) -> tuple[str, str | None]:
+    """``(library_name, default pipeline_tag)`` of the model in ``root``: sentence-transformers where its
+    ``modules.json`` is there, else transformers (no default task)."""
+    return next((lib for marker, lib in LIBRARIES.items() if (root / marker).is_file()), ("transformers", None))
+
+
+def _yes(value: Any) -> str:
+    return "yes" if value else "no"
+
+
+def _settings(m: dict[str, Any], total: int) -> list[str]:
+    """The settings table, for people."""
+    options, summary = m.get("options", {}), m.get("summary", {})
+    kept = m.get("tensors", {}).get("kept", [])
+    has_head = any("output head" in t.get("reason", "") for t in kept) or options.get("quantize_lm_head")
+    rows = [
+        ("block size", options.get("blocksize")),
+        ("double quantization", _yes(options.get("double_quant"))),
+        ("scales", "searched per block (lower error, same format)" if options.get("scales") == "search" else "absmax (bitsandbytes' rule)"),
+        ("compute dtype", options.get("compute_dtype")),
+        *([("output head quantized", _yes(options.get("quantize_lm_head")))] if has_head else []),
+        ("kept in their dtype", f"{summary.get('tensors_kept')} tensors ({', '.join(options.get('skip') or []) or 'embeddings, norms, biases, routers, head'})"),
+        ("parameters", f"{summary.get('parameters', 0):,} ({summary.get('quantized_parameters', 0):,} quantized)"),
+        ("size", human(total)),
+        ("bits per parameter", f"{summary.get('bits_per_parameter', 0):.2f} overall, {summary.get('quantized_bits_per_parameter', 0):.2f} for quantized weights"),
+    ]
+    return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
+
+
+def _usage(m: dict[str, Any], root: Path, repo: str, library_name: str) -> list[str]:
+    """The card's "Use" section: a snippet for each loader the manifest lists."""
+    config = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else {}
+    cls = (config.get("architectures") or ["AutoModel"])[0]
+    loaders = m.get("loaders", [])
+    experts = [t for t in m.get("tensors", {}).get("quantized", []) if t.get("expert")]
+    download = ["from huggingface_hub import snapshot_download"]
+    own = ["With nf4convert's loader (`pip install 'nf4convert[load]'`):", "", "```python", *download,
+           "from nf4convert.load import load_model", f'model = load_model(snapshot_download("{repo}"))', "```", ""]  # fmt: skip
+    stock = ["```python", f"from transformers import {cls}", f'model = {cls}.from_pretrained("{repo}")', "```", ""]
+    if not any(loader.startswith("nf4convert.load_model") for loader in loaders):
+        return ["Into your own module (`pip install 'nf4convert[load]'`): its `nn.Linear` layers become `Linear4bit`:", "",
+                "```python", *download, "from nf4convert.load import load_state_dict, replace_linear",
+                f'replace_linear(module, load_state_dict(snapshot_download("{repo}")))', "```", ""]  # fmt: skip
+    if library_name == "sentence-transformers":
+        return ["With sentence-transformers and bitsandbytes (its pooling and normalisation modules are in the repo):", "",
+                "```python", "from sentence_transformers import SentenceTransformer", f'model = SentenceTransformer("{repo}")',
+                'embeddings = model.encode(["The weather is lovely today.", "It is sunny outside."])', "```", "",
+                "The transformer alone, with nf4convert's loader:", "", *own[2:]]  # fmt: skip
+    if any(len(t["shape"]) == 3 for t in experts):
+        parametrize = [loader for loader in loaders if "parametrize" in loader]
+        return ["The MoE experts are 4-bit, stored fused as 3-D tensors (the layout `bitsandbytes.nn.parametrize` writes).",
+                "bitsandbytes' transformers integration does not quantize such parameters; nf4convert's loader runs them:", "",
+                *own, *([f"Without nf4convert: {parametrize[0]}, given the companions stored beside it.", ""] if parametrize else [])]  # fmt: skip
+    if experts:
+        return ["The MoE experts are 4-bit, stored per expert. transformers 5 fuses experts into 3-D parameters",
+                "that bitsandbytes does not quantize, so it cannot load them; nf4convert's loader runs them on", "transformers 5:", "",
+                *own, "transformers 4.x (experts are per-expert `Linear4bit` there) loads the folder as is:", "", *stock]  # fmt: skip
+    return ["With transformers and bitsandbytes (no extra step: the layout is the one `save_pretrained` writes):", "", *stock, *own]
+
+
+def model_card(path: str | os.PathLike, *, repo_id: str | None = None, base_model: str | None = None, license: str | None = None) -> str:
+    """Render the model card (``README.md``) of an NF4 folder from its manifest (and verify report, if saved).
+
+    Args:
+        repo_id: the repo it goes to: the title and the snippets' id (default: the folder name and
+            :data:`REPO_PLACEHOLDER`).
+        base_model: the repo it was converted from (default: the source repo the manifest records).
+        license: its license (default: the source card's).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     from .read import open_checkpoint
 
     ckpt = open_checkpoint(path)
     m = ckpt.manifest
-    source, options, summary = m.get("source", {}), m.get("options", {}), m.get("summary", {})
-    base = source.get("repo_id")
+    source = m.get("source", {})
+    base = base_model or source.get("repo_id")
+    library_name, default_task = library(ckpt.root)
     data = ModelCardData(
         base_model=base,
         base_model_relation="quantized" if base else None,
-        library_name="transformers",
-        license=source.get("license"),
-        tags=["nf4", "4-bit", "bitsandbytes", "nf4convert"],
+        library_name=library_name,
+        pipeline_tag=source.get("pipeline_tag") or default_task,
+        license=license or source.get("license"),
+        datasets=source.get("datasets"),
+        language=source.get("language"),
+        tags=["nf4", "4-bit", "bitsandbytes", "nf4convert", *(["sentence-transformers"] if library_name == "sentence-transformers" else [])],
     )
     total = sum(f["size"] for f in m.get("files", []))
-    name = Path(path).resolve().name
+    of = f"[{base}](https://huggingface.co/{base})" if base else f"`{source.get('name')}`"
+    revision = f"; source revision `{source['revision']}`" if source.get("revision") else ""
     lines = [
-        f"# {name}",
+        f"# {repo_id or ckpt.root.resolve().name}",
         "",
-        f"NF4 (4-bit NormalFloat, bitsandbytes) weights of [{base}](https://huggingface.co/{base})," if base else f"NF4 (4-bit NormalFloat, bitsandbytes) weights of `{source.get('name')}`,",
-        f"converted with nf4convert {m.get('tool', {}).get('version')} (format v{m.get('format_version')}, see `nf4convert.json` for hashes and provenance"
-        + (f"; source revision `{source['revision']}`)." if source.get("revision") else ")."),
+        f"NF4 (4-bit NormalFloat, bitsandbytes) weights of {of}, converted with nf4convert {m.get('tool', {}).get('version')} "
+        f"(format v{m.get('format_version')}; `nf4convert.json` holds the hashes and provenance{revision}).",
         "",
-        "| setting | value |",
-        "|---|---|",
-        f"| block size | {options.get('blocksize')} |",
-        f"| double quantization | {options.get('double_quant')} |",
-        f"| compute dtype | {options.get('compute_dtype')} |",
-        f"| output head quantized | {options.get('quantize_lm_head')} |",
-        f"| kept in original dtype | {summary.get('tensors_kept')} tensors ({', '.join(options.get('skip') or []) or 'embeddings, norms, biases, output head'}) |",
-        f"| parameters | {summary.get('parameters', 0):,} ({summary.get('quantized_parameters', 0):,} quantized) |",
-        f"| size | {total / 1e9:.2f} GB |",
-        f"| bits per parameter | {summary.get('bits_per_parameter')} overall, {summary.get('quantized_bits_per_parameter')} for quantized weights |",
-        "",
+        *_settings(m, total),
     ]
-    report_path = Path(path) / VERIFY_REPORT
-    if report_path.is_file():
-        s = json.loads(report_path.read_text()).get("summary", {})
-        if s.get("rel_rmse"):
-            sqnr = f", SQNR mean {s['sqnr_db']['mean']:.2f} dB (min {s['sqnr_db']['min']:.2f} dB)" if s.get("sqnr_db") else ""
-            lines += [
-                "Quantization error against the source (`nf4convert verify --source`): relative RMSE mean "
-                f"{s['rel_rmse']['mean']:.4f} (max {s['rel_rmse']['max']:.4f}){sqnr}.",
-                "",
-            ]
-    repo = "REPO_ID"
-    config = json.loads((ckpt.root / "config.json").read_text()) if (ckpt.root / "config.json").is_file() else {}
-    cls = (config.get("architectures") or ["AutoModel"])[0]
-    experts = [t for t in m.get("tensors", {}).get("quantized", []) if t.get("expert")]
-    transformers_use = [
-        "```python",
-        f"from transformers import {cls}",
-        f'model = {cls}.from_pretrained("{repo}", device_map="auto")',
-        "```",
-        "",
-    ]
-    own_use = [
-        "With nf4convert's loader (`pip install 'nf4convert[load]'`):",
-        "",
-        "```python",
-        "from huggingface_hub import snapshot_download",
-        "from nf4convert.load import load_model",
-        f'model = load_model(snapshot_download("{repo}"), device="cuda")',
-        "```",
-        "",
-    ]
+    report_path = ckpt.root / VERIFY_REPORT
+    s = json.loads(report_path.read_text()).get("summary", {}) if report_path.is_file() else {}
+    if s.get("rel_rmse"):
+        sqnr = f", SQNR mean {s['sqnr_db']['mean']:.1f} dB (min {s['sqnr_db']['min']:.1f} dB)" if s.get("sqnr_db") else ""
+        lines += [f"Quantization error against the source (`nf4convert verify --source`): relative RMSE mean {s['rel_rmse']['mean']:.4f} "
+                  f"(max {s['rel_rmse']['max']:.4f}){sqnr}.", ""]  # fmt: skip
     lines += [f"Loads in: {'; '.join(m['loaders'])}.", ""] if m.get("loaders") else []
-    if not any(loader.startswith("nf4convert.load_model") for loader in m.get("loaders", [])):
-        lines += [
-            "## Use",
-            "",
-            "Into your own module (`pip install 'nf4convert[load]'`): its `nn.Linear` layers become `Linear4bit`:",
-            "",
-            "```python",
-            "from huggingface_hub import snapshot_download",
-            "from nf4convert.load import load_state_dict, replace_linear",
-            f'replace_linear(module, load_state_dict(snapshot_download("{repo}")))',
-            "```",
-            "",
-        ]
-    elif any(len(t["shape"]) == 3 for t in experts):
-        parametrize = [loader for loader in m["loaders"] if "parametrize" in loader]
-        lines += [
-            "## Use",
-            "",
-            "The MoE experts are 4-bit, stored fused as 3-D tensors (the layout `bitsandbytes.nn.parametrize` writes).",
-            "bitsandbytes' transformers integration does not quantize such parameters; nf4convert's loader runs them:",
-            "",
-            *own_use,
-            *([f"Without nf4convert: {parametrize[0]}, given the companions stored beside it.", ""] if parametrize else []),
-        ]
-    elif experts:
-        lines += [
-            "## Use",
-            "",
-            "The MoE experts are 4-bit, stored per expert. transformers 5 fuses experts into 3-D parameters",
-            "that bitsandbytes does not quantize, so it cannot load them; nf4convert's loader runs them on",
-            "transformers 5:",
-            "",
-            *own_use,
-            "transformers 4.x (experts are per-expert `Linear4bit` there) loads the folder as is:",
-            "",
-            *transformers_use,
-        ]
-    else:
-        lines += [
-            "## Use",
-            "",
-            "With transformers and bitsandbytes (no extra step: the layout is the one `save_pretrained` writes):",
-            "",
-            *transformers_use,
-            *own_use,
-        ]
+    lines += ["## Use", "", *_usage(m, ckpt.root, repo_id or REPO_PLACEHOLDER, library_name)]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))

@@ -26,6 +26,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from . import __version__
 from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE, EXPERT_MODES, KERNELS, SCALE_METHODS
 from .errors import NF4ConvertError, OutputError, VerificationFailed
+from .files import human
 from .plan import DEFAULT_MAX_SHARD_SIZE, Options, Plan
 from .source import Source
 
@@ -38,14 +39,6 @@ def parse_size(text: str) -> int:
     if not m:
         raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
     return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -103,6 +96,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--allow-pickle", is_flag=True, help="Read pickled *.bin weights (torch.load weights_only=True) when there are no safetensors.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor and the kernel used.")
+@click.option("--push-to", default=None, metavar="REPO_ID", help="Then verify OUTPUT and upload it to this Hub repo (as `push`; --token is used).")
 def convert(
     source: str,
     output: str | None,
@@ -128,6 +122,7 @@ def convert(
     allow_pickle: bool,
     quiet: bool,
     verbose: bool,
+    push_to: str | None,
 ) -> None:
     """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT (default:
     NAME-nf4 beside a local SOURCE, ./NAME-nf4 for a repo id)."""
@@ -136,6 +131,11 @@ def convert(
 
     if quiet and verbose:
         raise click.UsageError("--quiet and --verbose contradict each other: choose one")
+    if push_to is not None:
+        from .hub import REPO_ID
+
+        if not REPO_ID.match(push_to):
+            raise click.UsageError(f"--push-to {push_to!r} is not a Hub repo id (org/name)")
     logging.getLogger("nf4convert").setLevel(logging.WARNING if quiet else logging.INFO)
     if output is None:
         output = default_output(source)
@@ -162,7 +162,11 @@ def convert(
         resolve_kernel(kernel, device)  # a device or kernel this machine lacks is refused before any work
         src = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=staging, stream_scratch=scratch)
         run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler}
-        _convert(src, output, options, dry_run=dry_run, run=run, quiet=quiet, verbose=verbose)
+        path = _convert(src, output, options, dry_run=dry_run, run=run, quiet=quiet, verbose=verbose)
+        if push_to is not None and path is not None:
+            from .hub import push as run_push
+
+            report_push(run_push(path, push_to, token=token))
     finally:
         for folder in (staging, scratch):
             if folder is not None:
@@ -177,9 +181,9 @@ def default_output(source: str) -> str:
     return str(path.with_name(name) if path.exists() else Path(name))
 
 
-def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: dict[str, Any], quiet: bool, verbose: bool) -> None:
+def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: dict[str, Any], quiet: bool, verbose: bool) -> Path | None:
     """Plan, show and run the conversion of an opened source (``run``: :func:`nf4convert.convert.convert`'s
-    keywords)."""
+    keywords); returns the output folder (``None`` for a dry run)."""
     from .plan import make_plan
     from .write import check_output
 
@@ -189,7 +193,7 @@ def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: 
         _print_plan(plan, verbose=verbose)
     if dry_run:
         click.echo("Nothing written (--dry-run).")
-        return
+        return None
     from .convert import convert as run_convert
     from .quantize import describe_kernel
 
@@ -220,6 +224,7 @@ def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: 
         steps = [f"nf4convert verify {path} --source {src.path}", f"nf4convert push {path} ORG/NAME"]
         steps += [f"python -c \"import nf4convert; nf4convert.load_model('{path}')\""] if loads else []
         click.echo("Next: " + "  |  ".join(steps))
+    return path
 
 
 HUB_FOLDER = [
@@ -353,19 +358,39 @@ def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, f
         click.echo(f"Wrote {out}")
 
 
+PUSH_OPTIONS = [
+    click.option("--private", is_flag=True, help="Create the repo as private."),
+    click.option("--revision", "--branch", "revision", default=None, help="Upload to this branch (created if needed) [default: main]."),
+    click.option("--create-pr", is_flag=True, help="Open a pull request with the upload instead of committing to the branch."),
+    click.option("--commit-message", default=None, help="The commit message."),
+    click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token with write access (or HF_TOKEN)."),
+    click.option("--base-model", default=None, help="The card's base_model: the repo it was converted from [default: the source repo]."),
+    click.option("--license", "license_", default=None, help="The card's license [default: the source card's]."),
+    click.option("--replace-card", is_flag=True, help="Upload the generated card alone, not the folder's own README.md with a section added."),
+]
+
+
+def push_options(command: Callable) -> Callable:
+    """The options of ``hf upload`` (and the card's) that ``push`` and ``convert --push-to`` take."""
+    for option in reversed(PUSH_OPTIONS):
+        command = option(command)
+    return command
+
+
+def report_push(result: dict[str, Any]) -> None:
+    click.echo(f"Uploaded {len(result['files'])} files: {result['url']}")
+
+
 @cli.command()
 @click.argument("path")
 @click.argument("repo_id")
-@click.option("--private", is_flag=True, help="Create the repo as private.")
-@click.option("--branch", default=None, help="Upload to this branch (created if needed).")
-@click.option("--commit-message", default=None, help="The commit message.")
-@click.option("--token", default=None, envvar="HF_TOKEN", help="Hub token with write access (or HF_TOKEN).")
+@push_options
 @click.option("--dry-run", is_flag=True, help="Print the model card and the file list; upload nothing.")
-def push(path: str, repo_id: str, private: bool, branch: str | None, commit_message: str | None, token: str | None, dry_run: bool) -> None:
-    """Verify PATH, write its model card and upload it to the Hub as REPO_ID."""
+def push(path: str, repo_id: str, dry_run: bool, license_: str | None, **options: Any) -> None:
+    """Verify PATH, write its model card and upload it to the Hub as REPO_ID (one commit)."""
     from .hub import push as run_push
 
-    result = run_push(path, repo_id, private=private, branch=branch, commit_message=commit_message, token=token, dry_run=dry_run)
+    result = run_push(path, repo_id, dry_run=dry_run, license=license_, **options)
     if dry_run:
         click.echo(result["card"])
         click.echo("Files that would be uploaded:")
@@ -373,7 +398,7 @@ def push(path: str, repo_id: str, private: bool, branch: str | None, commit_mess
             click.echo(f"  {name}")
         click.echo("Nothing uploaded (--dry-run).")
     else:
-        click.echo(f"Uploaded {len(result['files'])} files: {result['url']}")
+        report_push(result)
 
 
 def main(argv: list[str] | None = None) -> Any:

@@ -40,6 +40,15 @@ def is_inside(path: Path, root: Path) -> bool:
     return path.resolve().is_relative_to(root.resolve())
 
 
+def human(n: float) -> str:
+    """A byte count for people: ``83.45 MB`` (decimal units)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
 def sha256_file(path: Path, *, stop: threading.Event | None = None) -> str:
     """Hex sha256 of a file, read in chunks into one reused buffer.
 

@@ -23,7 +23,7 @@ from .tensorfile import TensorInfo, header_length, parse_header
 
 #: A Hub repo id: ``name`` or ``org/name``.
 REPO_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
-#: What a conversion downloads: shards, the index, side files and the source card (for its license). Never pickles.
+#: What a conversion downloads: shards, the index, side files and the source card (for its metadata). Never pickles.
 ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "README.md", *SIDE_FILE_PATTERNS]
 CARD_NAME = "README.md"
 
@@ -31,17 +31,6 @@ CARD_NAME = "README.md"
 def is_repo_id(text: str) -> bool:
     """True if ``text`` is not an existing local path and has the form ``org/name``."""
     return "/" in text and REPO_ID.match(text) is not None and not Path(text).exists()
-
-
-def _license(card_path: Path) -> str | None:
-    if not card_path.is_file():
-        return None
-    from huggingface_hub import ModelCard
-
-    try:
-        return ModelCard.load(card_path).data.to_dict().get("license")
-    except Exception:  # noqa: BLE001 - a malformed source card only loses its license
-        return None
 
 
 def hub_snapshot(
@@ -92,9 +81,6 @@ def open_hub_source(
         src = stage_pickled(folder, allow_pickle_staging)
     src.name = repo_id
     src.provenance.update(repo_id=repo_id, revision=folder.name)
-    license_ = _license(folder / CARD_NAME)
-    if license_:
-        src.provenance["license"] = license_
     return src
 
 
@@ -229,10 +215,31 @@ def open_streamed_source(repo_id: str, scratch: Path, *, revision: str | None = 
     src = open_source(scratch, fetcher=HubShards(repo_id, info.sha, scratch, published, endpoint, token))
     src.name = repo_id
     src.provenance.update(repo_id=repo_id, revision=info.sha)
-    license_ = _license(scratch / CARD_NAME)
-    if license_:
-        src.provenance["license"] = license_
     return src
+
+
+#: Marks the section ``push`` adds to a README.md of the user's (a later push replaces only it).
+CARD_SECTION = ("<!-- nf4convert: quantization section -->", "<!-- nf4convert: end -->")
+
+
+def _with_section(own: str, card: str) -> str:
+    """The user's README ``own`` with the card's metadata filled in where ``own`` lacks it (tags
+    added) and its body in a marked section: replacing the section a previous push added, if any."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    theirs, ours = ModelCard(own), ModelCard(card)
+    data = theirs.data.to_dict()
+    for key, value in ours.data.to_dict().items():
+        if key == "tags":
+            data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *value]))
+        elif data.get(key) is None:
+            data[key] = value
+    body = theirs.text
+    start, end = CARD_SECTION
+    if start in body and end in body:
+        body = body[: body.index(start)] + body[body.index(end) + len(end) :]
+    section = "\n".join(line.replace("# ", "## Quantization: ", 1) if i == 0 else line for i, line in enumerate(ours.text.strip().splitlines()))
+    return str(ModelCard(f"---\n{ModelCardData(**data).to_yaml()}\n---\n{body.rstrip()}\n\n{start}\n{section}\n{end}\n"))
 
 
 def push(
@@ -240,34 +247,52 @@ def push(
     repo_id: str,
     *,
     private: bool = False,
-    branch: str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
     commit_message: str | None = None,
     token: str | None = None,
+    base_model: str | None = None,
+    license: str | None = None,
+    replace_card: bool = False,
     dry_run: bool = False,
 ) -> dict[str, Any]:
-    """Verify an NF4 folder and upload it to ``repo_id`` with its model card, in one commit.
+    """Verify an NF4 folder and upload it to ``repo_id`` with its model card, in one commit (the
+    conventions of ``hf upload``).
 
-    The card goes up from memory: nothing in the folder is written or replaced (a README.md of
-    the user's stays as it is).
+    The card goes up from memory: nothing in the folder is written or replaced. A README.md of the
+    user's in the folder is kept: the card's metadata fills what it lacks and its body goes in a
+    marked section (``replace_card`` uploads the card alone instead).
+
+    Args:
+        revision: the branch to upload to (created if needed); default ``main``.
+        create_pr: open a pull request with the commit instead of committing to the branch.
+        base_model: the repo it was converted from, for the card (default: the recorded source repo).
+        license: the card's license (default: the source card's).
 
     Returns:
         ``{"card": str, "files": [names], "url": str | None}`` (``url`` is ``None`` for a dry run).
 
     Raises:
         VerificationFailed: the folder does not match its manifest; nothing is uploaded.
-        HubError: the Hub refused (bad token, no permission, network).
+        HubError: a bad repo id or base model, or the Hub refused (bad token, no permission, network).
     """
     from .read import open_checkpoint
     from .verify import verify
 
     if not REPO_ID.match(repo_id):
         raise HubError(f"{repo_id!r} is not a Hub repo id (org/name)")
+    if base_model is not None and not REPO_ID.match(base_model):
+        raise HubError(f"--base-model {base_model!r} is not a Hub repo id (org/name)")
     report = verify(path)
     if not report["ok"]:
         raise VerificationFailed(f"{path}: {len(report['problems'])} problem(s), first: {report['problems'][0]}; not uploading")
-    card = model_card(path).replace("REPO_ID", repo_id)
     root = Path(path)
-    files = sorted({f["name"] for f in open_checkpoint(root).manifest["files"]} | {"nf4convert.json", CARD_NAME})
+    ckpt = open_checkpoint(root)
+    card = model_card(root, repo_id=repo_id, base_model=base_model, license=license)
+    own = root / CARD_NAME
+    if own.is_file() and not replace_card:
+        card = _with_section(own.read_text(encoding="utf-8", errors="replace"), card)
+    files = sorted({f["name"] for f in ckpt.manifest["files"]} | {"nf4convert.json", CARD_NAME})
     if dry_run:
         return {"card": card, "files": files, "url": None}
     from huggingface_hub import CommitOperationAdd, HfApi
@@ -276,19 +301,21 @@ def push(
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)
-        if branch:
-            api.create_branch(repo_id, branch=branch, exist_ok=True)
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=root / name) for name in files if name != CARD_NAME]
         operations.append(CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card.encode()))
         info = api.create_commit(
             repo_id,
             operations,
-            revision=branch,
-            commit_message=commit_message or f"Upload NF4 weights ({Path(root).resolve().name}) with nf4convert",
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or f"Upload NF4 weights ({root.resolve().name}) with nf4convert",
         )
     except hub.HfHubHTTPError as e:
         status = getattr(e.response, "status_code", "?")
         raise HubError(f"{repo_id}: upload rejected (HTTP {status}); check the token's write permission") from None
     except Exception as e:  # noqa: BLE001 - the HTTP client's connection errors are not OSErrors; answers it cannot parse
         raise HubError(f"{repo_id}: upload failed ({e.__class__.__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    return {"card": card, "files": files, "url": str(getattr(info, "commit_url", info))}
+    url = getattr(info, "pr_url", None) if create_pr else None
+    return {"card": card, "files": files, "url": str(url or getattr(info, "commit_url", info))}

@@ -164,6 +164,24 @@ def _check_numbered_shards(root: Path, names: list[str]) -> None:
             raise SourceError(f"{root}: shard {missing[0]} of {count} is missing ({first}; {len(missing)} missing in all, and no {INDEX_NAME})")
 
 
+#: What the manifest keeps of the source's model card (its YAML front matter), for the output's card.
+CARD_FIELDS = ("license", "pipeline_tag", "library_name", "datasets", "language")
+
+
+def card_fields(path: Path) -> dict[str, Any]:
+    """The :data:`CARD_FIELDS` a model card's front matter sets; ``{}`` without a card, or for one
+    that cannot be parsed (it only loses its metadata)."""
+    if not path.is_file():
+        return {}
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        metadata = metadata_load(path) or {}
+    except Exception:  # noqa: BLE001 - malformed YAML in someone's README
+        return {}
+    return {k: metadata[k] for k in CARD_FIELDS if metadata.get(k)}
+
+
 def _fold_mxfp4(tensors: list[SourceTensor], *, where: str) -> list[SourceTensor]:
     """The source's tensors with each MXFP4 pair (``X_blocks``, ``X_scales``) replaced by the decoded
     tensor ``X`` it stands for, in the blocks' place.
@@ -265,5 +283,7 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
         raise SourceError(f"{path}: the safetensors files hold no tensors")
     if is_mxfp4(config):
         tensors = _fold_mxfp4(tensors, where=str(path))
-    return Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side, fp8_block=fp8_block, fetcher=fetcher)
+    src = Source(path=path, root=root, name=path.name, shards=shards, tensors=tensors, config=config, side_files=side, fp8_block=fp8_block, fetcher=fetcher)
+    src.provenance.update(card_fields(root / "README.md"))
+    return src
 

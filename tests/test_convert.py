@@ -197,7 +197,7 @@ def test_cli_convert_then_inspect(llama_dir, tmp_path, cli):
     assert summary["quantized_bits_per_parameter"] == pytest.approx(4 + 32 / 128, abs=0.1)  # + per-tensor quant_map and blob
     assert summary["decided_by"] == f"transformers {transformers.__version__} (LlamaForCausalLM)"
     code, out, _ = cli("inspect", tmp_path / "out")
-    assert code == 0 and "nf4convert format v1" in out
+    assert code == 0 and "out: nf4convert output, format v1 (written by nf4convert" in out
     assert "  decided by transformers" in out and "  loads in:  transformers from_pretrained (bitsandbytes); nf4convert.load_model" in out
 
 
