@@ -38,23 +38,33 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
-#: What bitsandbytes logs at import on AVX512-BF16 CPUs when the optional ``kernels`` package (which
-#: downloads a CPU kernel from the Hub) is absent; it then uses its own built-in kernel.
-_KERNELS_WARNING = "Failed to load CPU gemm_4bit_forward from kernels-community"
+#: bitsandbytes' optional CPU kernel from the Hub (AVX512-BF16 CPUs): logger -> the start of a message
+#: about fetching it that means nothing is wrong (bitsandbytes falls back to its own kernel).
+_KERNEL_FETCH_MESSAGES = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "kernels._internals.hf_hub": "Skipping publisher trust check for 'kernels-community/",
+}
 
 
-class _DropKernelsWarning(logging.Filter):
+class _DropKernelFetch(logging.Filter):
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(_KERNELS_WARNING)
+        return not str(record.msg).startswith(self.prefix)
 
 
 def quiet_bitsandbytes() -> None:
-    """Drop bitsandbytes' import-time warning about the optional Hub ``kernels`` package (AVX512-BF16
-    CPUs only; bitsandbytes falls back to its own kernel, so nothing is wrong). Call before bitsandbytes
-    is imported (directly or through transformers); other bitsandbytes messages are kept. Idempotent."""
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    if not any(isinstance(f, _DropKernelsWarning) for f in logger.filters):
-        logger.addFilter(_DropKernelsWarning())
+    """Drop the messages of bitsandbytes' attempt to fetch its optional CPU kernel from the Hub
+    (``kernels-community``, on AVX512-BF16 CPUs): offline, the ``kernels`` package says it skips the
+    publisher trust check, then bitsandbytes says the fetch failed; it falls back to its own kernel, so
+    nothing is wrong. Call before bitsandbytes is imported (directly or through transformers); other
+    messages are kept. Idempotent."""
+    for name, prefix in _KERNEL_FETCH_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropKernelFetch) for f in logger.filters):
+            logger.addFilter(_DropKernelFetch(prefix))
 
 
 def float_numerics(model: torch.nn.Module) -> torch.nn.Module:

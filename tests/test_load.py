@@ -190,19 +190,23 @@ def test_loader_without_bitsandbytes_says_what_to_install(tmp_path):
     assert "MissingDependencyError loading NF4 weights needs bitsandbytes: pip install 'nf4convert[load]'" in p.stdout
 
 
-def test_quiet_bitsandbytes_drops_only_the_optional_kernels_warning(caplog):
+def test_quiet_bitsandbytes_drops_only_the_optional_kernel_fetch_messages(caplog):
     import logging
 
     from nf4convert.load import quiet_bitsandbytes
 
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    loggers = [logging.getLogger("bitsandbytes.backends.cpu.ops"), logging.getLogger("kernels._internals.hf_hub")]
     quiet_bitsandbytes()
-    quiet_bitsandbytes()  # idempotent: one filter
-    assert len(logger.filters) == 1
+    quiet_bitsandbytes()  # idempotent: one filter each
+    assert [len(logger.filters) for logger in loggers] == [1, 1]
     with caplog.at_level(logging.WARNING):
-        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module named 'kernels'")
-        logger.warning("something else")
-    assert [r.getMessage() for r in caplog.records] == ["something else"]
+        loggers[1].warning("Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes' because Hugging Face Hub is in offline mode.")
+        loggers[0].warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module named 'kernels'")
+        loggers[1].warning("Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode.")
+        loggers[0].warning("something else")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Skipping publisher trust check for 'someone/else' because Hugging Face Hub is in offline mode.", "something else",
+    ]
 
 
 def test_float_numerics_turns_off_the_avx512bf16_path_on_every_layer(llama_nf4):

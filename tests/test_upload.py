@@ -48,7 +48,8 @@ class RecordingHub(BaseHTTPRequestHandler):
         if "/commit/" in self.path:
             if self.reject_commit:
                 return self._send(403, {"error": "You don't have the rights to create a commit"})
-            return self._send(200, {"commitUrl": f"{base}/commit/{'a' * 40}", "commitOid": "a" * 40})
+            pr = {"pullRequestUrl": f"{base}/discussions/1"} if "create_pr=1" in self.path else {}
+            return self._send(200, {"commitUrl": f"{base}/commit/{'a' * 40}", "commitOid": "a" * 40, **pr})
         self._send(404, {"error": "not found"})
 
     def do_GET(self) -> None:  # noqa: N802
@@ -116,3 +117,56 @@ def test_an_unreachable_hub_is_one_line(llama_dir, tmp_path):
     out = convert(llama_dir, tmp_path / "nf4")
     p = push(out, "http://127.0.0.1:9")
     assert p.returncode == 9 and p.stderr.count("\n") == 1 and "me/tiny-nf4: upload failed" in p.stderr
+
+
+def committed(handler, branch: str = "main") -> dict[str, bytes]:
+    """The files of the (last) commit to ``branch``: name -> bytes."""
+    body = [body for method, path, body in handler.requests if method == "POST" and f"/commit/{branch}" in path][-1]
+    lines = [json.loads(line) for line in body.splitlines()]
+    return {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines[1:]}
+
+
+def test_the_folders_own_readme_is_kept_with_a_quantization_section_added(hub, llama_dir, tmp_path):
+    handler, endpoint = hub
+    out = convert(llama_dir, tmp_path / "nf4")
+    (out / "README.md").write_text("---\nlicense: mit\ntags: [mine]\n---\n# My model\n\nMy own words.\n")
+    p = push(out, endpoint)
+    assert p.returncode == 0, p.stderr
+    card = committed(handler)["README.md"].decode()
+    assert "# My model\n\nMy own words." in card and "## Quantization: me/tiny-nf4" in card
+    assert "license: mit" in card and "- mine" in card and "- nf4convert" in card  # theirs kept, ours added
+    assert (out / "README.md").read_text().endswith("My own words.\n")  # the folder is untouched
+    p = push(out, endpoint, "--replace-card")
+    assert p.returncode == 0, p.stderr
+    card = committed(handler)["README.md"].decode()
+    assert "My own words" not in card and card.split("---")[2].lstrip().startswith("# me/tiny-nf4")
+
+
+def test_hf_upload_conventions_revision_and_create_pr(hub, llama_dir, tmp_path):
+    handler, endpoint = hub
+    out = convert(llama_dir, tmp_path / "nf4")
+    p = push(out, endpoint, "--create-pr", "--revision", "main")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().endswith("/me/tiny-nf4/discussions/1")
+    assert any("/commit/main?create_pr=1" in path for method, path, _ in handler.requests if method == "POST")
+
+
+def test_a_base_model_that_is_not_a_repo_id_is_refused_and_nothing_is_uploaded(hub, llama_dir, tmp_path):
+    handler, endpoint = hub
+    out = convert(llama_dir, tmp_path / "nf4")
+    p = push(out, endpoint, "--base-model", "not a repo id")
+    assert p.returncode == 9 and p.stderr.strip() == "nf4convert: error: --base-model 'not a repo id' is not a Hub repo id (org/name)"
+    assert handler.requests == []
+
+
+def test_convert_push_to_uploads_after_a_verified_conversion(hub, llama_dir, tmp_path):
+    handler, endpoint = hub
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_TELEMETRY": "1"}
+    p = subprocess.run([sys.executable, "-m", "nf4convert", "convert", str(llama_dir), str(tmp_path / "nf4"), "--quiet", "--push-to", "me/tiny-nf4"],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert set(committed(handler)) == {"README.md"} | {q.name for q in (tmp_path / "nf4").iterdir()}
+    p = subprocess.run([sys.executable, "-m", "nf4convert", "convert", str(llama_dir), str(tmp_path / "other"), "--push-to", "no repo"],
+                       capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+    assert p.returncode == 2 and "--push-to 'no repo' is not a Hub repo id (org/name)" in p.stderr
+    assert not (tmp_path / "other").exists()
