@@ -5,7 +5,8 @@ One run, three child processes on the same synthetic Llama-shaped checkpoint (sc
   - transformers AutoModelForCausalLM.from_pretrained(NF4 folder) (bitsandbytes pre-quantized load);
   - transformers from_pretrained(bf16 source, BitsAndBytesConfig NF4): quantize on load, the usual way.
 Prints load seconds (timed inside the child, imports excluded), load plus a first forward pass (which
-touches every weight, so lazily mapped pages count), and peak RSS, with ratios.
+touches every weight, so lazily mapped pages count), peak RSS and (on a GPU) peak GPU memory, with ratios.
+With --batches, tokens/s of the dense model through load_model vs the bf16 source at those batch sizes.
 
 Then an MoE row: a small gpt-oss-shaped model (fused 3-D experts, random bf16 weights) converted with the
 defaults, its tokens/s through nf4convert.load_model (4-bit experts, dequantized per routed expert) vs the
@@ -41,12 +42,13 @@ else:
 loaded = time.perf_counter() - start
 with torch.no_grad():  # the first forward touches every weight: lazily mapped pages load here
     model(torch.arange(1, 9).unsqueeze(0).to(device))
-print(json.dumps({"seconds": loaded, "with_first_forward": time.perf_counter() - start}))
+gpu = {"peak_gpu": torch.cuda.max_memory_allocated()} if device != "cpu" else {}
+print(json.dumps({"seconds": loaded, "with_first_forward": time.perf_counter() - start, **gpu}))
 """
 
-MOE_CHILD = """
+THROUGHPUT_CHILD = """
 import json, sys, time, torch
-mode, folder, device, tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+mode, folder, device, tokens, batch = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 import transformers, nf4convert.load
 if mode == "nf4convert":
     model = nf4convert.load.load_model(folder, device=device, compute_dtype=torch.bfloat16)
@@ -54,13 +56,17 @@ else:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map=device)
     if mode == "bf16-eager":  # the experts implementation load_model's 4-bit experts run
         model.config._experts_implementation = "eager"
-ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0)).to(device)
 with torch.no_grad():
     model(ids)  # warm up
+    if device != "cpu":
+        torch.cuda.synchronize()
     start = time.perf_counter()
     for _ in range(3):
         model(ids)
-print(json.dumps({"tokens_per_s": 3 * tokens / (time.perf_counter() - start)}))
+    if device != "cpu":
+        torch.cuda.synchronize()
+print(json.dumps({"tokens_per_s": 3 * batch * tokens / (time.perf_counter() - start)}))
 """
 
 
@@ -77,20 +83,27 @@ def make_moe(path: Path, layers: int) -> None:
     transformers.GptOssForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
 
 
+def throughput(work: Path, src: Path, nf4: Path, *, tokens: int, batch: int, device: str, modes: tuple[str, ...]) -> dict:
+    """tokens/s of a prefill of ``batch`` x ``tokens`` through each of ``modes`` (nf4convert: load_model of
+    ``nf4``; bf16, bf16-eager: transformers on ``src``), one child process each."""
+    script = work / "throughput_child.py"
+    script.write_text(THROUGHPUT_CHILD)
+    out = {}
+    for mode in modes:
+        folder = nf4 if mode == "nf4convert" else src
+        print(f"{src.name} {mode}, batch {batch} ...", file=sys.stderr)
+        _, rss, text = run_measured([str(script), mode, str(folder), device, str(tokens), str(batch)], work)
+        out[mode] = {**json.loads(text.strip().splitlines()[-1]), "peak_rss": rss, "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
+    return out
+
+
 def moe_row(work: Path, layers: int, tokens: int, device: str) -> dict:
     src, nf4 = work / f"moe-src-{layers}l", work / f"moe-nf4-{layers}l"
     if not (src / "config.json").exists():
         make_moe(src, layers)
     if not (nf4 / "nf4convert.json").exists():
         subprocess.run([sys.executable, "-m", "nf4convert", "convert", str(src), str(nf4), "--quiet", "--force"], check=True)
-    script = work / "moe_child.py"
-    script.write_text(MOE_CHILD)
-    out = {}
-    for mode, folder in [("nf4convert", nf4), ("bf16", src), ("bf16-eager", src)]:
-        print(f"MoE {mode} ...", file=sys.stderr)
-        _, rss, text = run_measured([str(script), mode, str(folder), device, str(tokens)], work)
-        out[mode] = {**json.loads(text.strip().splitlines()[-1]), "peak_rss": rss, "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
-    return out
+    return throughput(work, src, nf4, tokens=tokens, batch=1, device=device, modes=("nf4convert", "bf16", "bf16-eager"))
 
 
 def main() -> None:
@@ -100,6 +113,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--moe-layers", type=int, default=4)
     ap.add_argument("--moe-tokens", type=int, default=128)
+    ap.add_argument("--batches", default="", help="Also tokens/s of the dense model at these batch sizes (e.g. 1,16), 128 tokens each.")
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(exist_ok=True)
@@ -117,14 +131,21 @@ def main() -> None:
         _, rss, out = run_measured([str(script), mode, str(folder), args.device], work)
         results[mode] = {**json.loads(out.strip().splitlines()[-1]), "peak_rss": rss}
     moe = moe_row(work, args.moe_layers, args.moe_tokens, args.device)
-    (work / "bench_load.json").write_text(json.dumps({**results, "moe": moe}, indent=2))
+    batches = [int(b) for b in args.batches.split(",") if b]
+    dense = {b: throughput(work, src, nf4, tokens=128, batch=b, device=args.device, modes=("nf4convert", "bf16")) for b in batches}
+    (work / "bench_load.json").write_text(json.dumps({**results, "moe": moe, "dense_tokens_per_s": dense}, indent=2))
     base = results["nf4convert"]
-    print("| load | load s | vs nf4convert | load + first forward s | vs nf4convert | peak RSS |\n|---|---|---|---|---|---|")
+    print("| load | load s | vs nf4convert | load + first forward s | vs nf4convert | peak RSS | peak GPU memory |\n|---|---|---|---|---|---|---|")
     for mode, r in results.items():
+        gpu = f"{r['peak_gpu'] / 2**20:,.0f} MiB" if "peak_gpu" in r else "-"
         print(
             f"| {mode} | {r['seconds']:.2f} | {r['seconds'] / base['seconds']:.1f}x | {r['with_first_forward']:.2f} | "
-            f"{r['with_first_forward'] / base['with_first_forward']:.1f}x | {r['peak_rss'] / 2**20:,.0f} MiB |"
+            f"{r['with_first_forward'] / base['with_first_forward']:.1f}x | {r['peak_rss'] / 2**20:,.0f} MiB | {gpu} |"
         )
+    for b, rows in dense.items():
+        print(f"\n| dense, batch {b}, 128 tokens | tokens/s | vs bf16 |\n|---|---|---|")
+        for mode, r in rows.items():
+            print(f"| {mode} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / rows['bf16']['tokens_per_s']:.2f}x |")
     print(f"\n| MoE ({args.moe_layers} layers, 16 experts, top-4), {args.moe_tokens} tokens | tokens/s | vs bf16 | weights | peak RSS |\n|---|---|---|---|---|")
     for mode, r in moe.items():
         print(f"| {mode} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / moe['bf16']['tokens_per_s']:.2f}x | {r['bytes'] / 2**20:,.0f} MiB | {r['peak_rss'] / 2**20:,.0f} MiB |")

@@ -1,8 +1,15 @@
 """The GPU path (marked ``cuda``; skipped without a CUDA device): ``scripts/gpu_check.sh`` runs these.
 
-- ``load_model(device="cuda")`` builds ``Linear4bit`` on the GPU with no float copy of a quantized weight;
-- its logits equal a float model built from the spec's dequantization, within bfloat16 tolerance;
-- ``convert --device cuda`` writes the same bytes as the CPU.
+- ``load_model(device="cuda")`` builds ``Linear4bit`` on the GPU with no float copy of a quantized weight,
+  and every tensor of each quant state (absmax, nested absmax, code tables, offset) lives there;
+- its logits equal a float model built from the spec's dequantization, within bfloat16 tolerance, for
+  forwards of 1 token (bitsandbytes' inference kernel, taken for at most 3), 8 and 1,600 tokens, with and
+  without double quantization; for GPT-2's Conv1D; for inner dimensions that are not whole blocks
+  (bitsandbytes dequantizes then multiplies); for per-expert and fused MoE experts (equal to the CPU);
+- ``convert --device cuda`` writes the same bytes as the CPU, on a model and on the spec's vectors
+  (all-zero, partial and subnormal blocks included);
+- a model that ran on the CPU and was moved with ``.to("cuda")`` computes right, or refuses in one line
+  where bitsandbytes' AVX512-BF16 CPU layout came along.
 """
 
 from __future__ import annotations
@@ -12,7 +19,11 @@ import torch
 
 from nf4convert.convert import convert
 from nf4convert.dequantize import dequantize_folder
+from nf4convert.load import float_numerics, load_model
 from nf4convert.plan import Options
+
+from .architectures import build, inputs, save_checkpoint
+from .test_spec import DTYPES, VECTORS
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 transformers = pytest.importorskip("transformers")
@@ -74,3 +85,91 @@ def test_convert_on_cuda_writes_the_cpu_bytes(wide_llama, tmp_path):
     assert names == sorted(p.name for p in gpu.iterdir())
     for name in names:
         assert (cpu / name).read_bytes() == (gpu / name).read_bytes(), name
+
+
+def bf16_close(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    return torch.allclose(got.float().cpu(), expected.float().cpu(), rtol=2e-2, atol=2e-2 * expected.abs().max().item())
+
+
+def reference(out, tmp_path) -> torch.nn.Module:
+    """The float32 model of the spec's dequantization of ``out``, on the CPU."""
+    return transformers.AutoModelForCausalLM.from_pretrained(dequantize_folder(out, tmp_path / "plain"), dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_forwards_of_1_8_and_1600_tokens_equal_the_dequantized_model(wide_llama, tmp_path, double_quant):
+    out = convert(wide_llama, tmp_path / "nf4", options=Options(double_quant=double_quant))
+    ref, model = reference(out, tmp_path), load_model(out, device="cuda")
+    g = torch.Generator().manual_seed(0)
+    for tokens in (1, 8, 1600):
+        ids = torch.randint(1, 256, (1, tokens), generator=g)
+        with torch.no_grad():
+            assert bf16_close(model(ids.cuda()).logits, ref(ids).logits), tokens
+
+
+def test_every_part_of_each_quant_state_is_on_the_device(wide_llama, tmp_path):
+    import bitsandbytes as bnb
+
+    model = load_model(convert(wide_llama, tmp_path / "nf4"), device="cuda")
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers
+    for m in layers:
+        qs = m.weight.quant_state
+        parts = [m.weight.data, qs.absmax, qs.code, *([qs.offset, qs.state2.absmax, qs.state2.code] if qs.nested else [])]
+        assert all(torch.as_tensor(t).device.type == "cuda" for t in parts)
+
+
+@pytest.mark.parametrize("name", ["GPT2LMHeadModel", "odd"])
+def test_conv1d_and_inner_dimensions_that_are_not_whole_blocks(name, tmp_path):
+    if name == "odd":  # in_features 96 and 200: not multiples of the block size
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    else:
+        build(name).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", tmp_path / "nf4", options=Options(compute_dtype="float32"))
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3, 11, 100]])
+    with torch.no_grad():
+        assert bf16_close(load_model(out, device="cuda")(ids.cuda()).logits, reference(out, tmp_path)(ids).logits)
+
+
+@pytest.mark.parametrize("name", ["MixtralForCausalLM", "GraniteMoeForCausalLM"])
+def test_moe_experts_on_cuda_equal_the_cpu_within_bf16_tolerance(name, tmp_path):
+    from nf4convert.experts import FusedExperts, PackedExperts
+
+    out = convert(save_checkpoint(name, tmp_path / "src"), tmp_path / "nf4", options=Options(compute_dtype="float32"))
+    cpu, gpu = float_numerics(load_model(out)), load_model(out, device="cuda")
+    experts = [m for m in gpu.modules() if isinstance(m, (FusedExperts, PackedExperts))]
+    assert experts and all(t.device.type == "cuda" for m in experts for t in [*m.parameters(), *m.buffers()])
+    x = inputs(name, cpu)
+    with torch.no_grad():
+        assert bf16_close(gpu(**{k: v.cuda() for k, v in x.items()}).logits, cpu(**x).logits)
+
+
+@pytest.mark.parametrize("case", VECTORS["vectors"], ids=lambda c: c["name"])
+def test_cuda_quantizes_the_spec_vectors_to_their_bytes(case):
+    from nf4convert.quantize import quantize_weight
+
+    w = torch.frombuffer(bytearray.fromhex(case["input"]), dtype=DTYPES[case["dtype"]]).reshape(case["shape"]).cuda()
+    q = quantize_weight(w, blocksize=case["blocksize"], double_quant=case["double_quant"], kernel="eager")
+    assert q.packed.cpu().numpy().tobytes().hex() == case["weight"]
+    assert q.absmax.cpu().numpy().tobytes().hex() == case["absmax"]
+    if case["double_quant"]:
+        assert q.nested_absmax.cpu().numpy().tobytes().hex() == case["nested_absmax"]
+
+
+def test_a_model_run_on_the_cpu_then_moved_with_to_cuda_computes_right_or_refuses(wide_llama, tmp_path):
+    from nf4convert.errors import LoadError
+
+    out = convert(wide_llama, tmp_path / "nf4")
+    expected = load_model(out, device="cuda")(IDS.cuda()).logits
+    model = load_model(out)
+    with torch.no_grad():
+        model(IDS)  # on an AVX512-BF16 CPU, bitsandbytes repacks the weights into its CPU layout here
+        model.to("cuda")
+        try:
+            got = model(IDS.cuda()).logits
+        except LoadError as e:
+            assert "model.cuda()" in str(e)
+            return
+    assert bf16_close(got, expected)

@@ -271,3 +271,18 @@ print((fast - exact).abs().max().item())
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert p.returncode == 0, p.stderr[-2000:]
     assert float(p.stdout.strip().splitlines()[-1]) < 0.05
+
+
+def test_a_layer_moved_in_bitsandbytes_cpu_layout_refuses_to_run_elsewhere(llama_nf4):
+    """bitsandbytes repacks a Linear4bit on its first CPU forward on AVX512-BF16 CPUs; ``.to("cuda")``
+    keeps that layout (its ``.cuda()`` converts back) and would compute garbage. The repack is simulated
+    (the flag bitsandbytes sets), so the test runs on every CPU; a meta tensor stands for the device."""
+    from nf4convert.errors import LoadError
+
+    model = load_model(llama_nf4)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.zeros(1, layer.in_features)
+    layer(x)  # on the CPU: fine
+    layer.weight.quant_state.packing_format_for_cpu = True
+    with pytest.raises(LoadError, match=r"AVX512-BF16 CPU layout .* on meta: move the model with model.cuda\(\)"):
+        layer(x.to("meta"))
