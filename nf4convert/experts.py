@@ -9,12 +9,10 @@ dequantized on use (spec section 2.5), so the experts module's own eager forward
 (``F.linear(x, self.gate_up_proj[e])``) runs unchanged. Only the experts a batch routes to are
 dequantized, one at a time: no full-precision copy of the experts is ever held.
 
-- :class:`PackedExperts`: per-expert ``Params4bit`` weights.
-- :class:`FusedExperts`: one 3-D NF4 tensor (the layout ``bitsandbytes.nn.parametrize`` writes and
-  reads for a quantized ``nn.Parameter``); an expert is picked with tensor indexing on the device and
-  its tables live there too, so indexing never waits for the device.
-
-Both dequantize with bitsandbytes' ``dequantize_4bit`` (its native kernels: on the CPU here ~17x
+:class:`NF4Experts` is built from per-expert ``Params4bit`` weights (their bytes stacked, one row per
+expert) or from one 3-D NF4 tensor (the layout ``bitsandbytes.nn.parametrize`` writes and reads for a
+quantized ``nn.Parameter``). An expert is picked with tensor indexing on the device and the tables live
+there too, so indexing never waits for the device. It dequantizes with bitsandbytes' ``dequantize_4bit`` (its native kernels: on the CPU here ~17x
 faster than torch ops), given each expert as one row of blocks: bitsandbytes 0.50's CPU kernel is wrong
 for 2-D shapes whose last dimension is not whole blocks on AVX-512 CPUs, and right for a single row on
 every CPU. The values are those of spec section 2.5 (the tests compare them with :func:`dequantize`).
@@ -29,6 +27,7 @@ import bitsandbytes as bnb
 import torch
 
 from .constants import DYNAMIC_MAP, NF4_CODE
+from .errors import LoadError
 from .quantize import NF4Weight, dequantize_absmax
 
 
@@ -53,106 +52,105 @@ def dequantize_run(packed: torch.Tensor, absmax: torch.Tensor, *, n: int, blocks
     return bnb.functional.dequantize_4bit(packed.reshape(-1), quant_state=state).reshape(n)
 
 
-def _dequantize_param(param: Any, dtype: torch.dtype) -> torch.Tensor:
-    """A ``Params4bit``'s weight in ``dtype`` (see :func:`dequantize_run`)."""
-    q = nf4_weight(param)
-    absmax = dequantize_absmax(q.absmax, q.nested_absmax, q.offset) if q.nested else q.absmax
-    n = math.prod(q.shape)
-    return dequantize_run(q.packed, absmax, n=n, blocksize=q.blocksize, dtype=dtype, code=param.quant_state.code).view(q.shape)
+class ExpertBlocks(torch.nn.Module):
+    """One source of an experts parameter (``gate_up_proj`` whole, or its ``gate`` part) for every expert:
+    each expert's ``[rows, cols]`` matrix a run of whole blocks, one row of ``packed`` and ``absmax``.
 
-
-class PackedExperts(torch.nn.Module):
-    """Per-expert NF4 weights that index like the fused 3-D parameter they replace.
-
-    Args:
-        experts: for each expert, its ``Params4bit`` sources in the fused parameter's order
-            (e.g. ``[gate, up]`` for ``gate_up_proj``); they are concatenated along dim 0 on use.
-        dtype: the dtype an expert's weight is given in (the replaced parameter's).
-
-    ``self[e]`` is expert ``e``'s 2-D weight, dequantized now.
+    With double quantization the 8-bit scales are either per expert (``nested`` ``[E, k]``, ``offset``
+    ``[E]``: per-expert checkpoint weights, each quantized on its own) or shared (``nested`` ``[k]``,
+    ``offset`` ``[]``: one fused tensor, whose nested blocks run across experts).
     """
 
-    def __init__(self, experts: list[list[Any]], dtype: torch.dtype) -> None:
+    def __init__(self, packed: torch.Tensor, absmax: torch.Tensor, shape: tuple[int, int], blocksize: int,
+                 nested: torch.Tensor | None = None, offset: torch.Tensor | None = None) -> None:  # fmt: skip
         super().__init__()
-        self.parts = len(experts[0])
-        self.dtype = dtype
-        self.weights = torch.nn.ParameterList([w for row in experts for w in row])
+        self.shape = shape
+        self.blocksize = blocksize
+        self.register_buffer("packed", packed)
+        self.register_buffer("absmax", absmax)
+        self.register_buffer("nested", nested)
+        self.register_buffer("offset", offset)
 
-    def __len__(self) -> int:
-        return len(self.weights) // self.parts
-
-    def __getitem__(self, expert: int | torch.Tensor) -> torch.Tensor:
-        e = int(expert)
-        if not 0 <= e < len(self):
-            raise IndexError(f"expert {e} out of range ({len(self)} experts)")
-        mats = [_dequantize_param(self.weights[e * self.parts + p], self.dtype) for p in range(self.parts)]
-        return mats[0] if self.parts == 1 else torch.cat(mats, dim=0)
-
-    @property
-    def shape(self) -> torch.Size:
-        first = self.weights[0].quant_state.shape
-        rows = sum(self.weights[p].quant_state.shape[0] for p in range(self.parts))
-        return torch.Size((len(self), rows, first[1]))
-
-    def extra_repr(self) -> str:
-        return f"experts={len(self)}, shape={tuple(self.shape)}, nf4"
+    def absmax_of(self, index: torch.Tensor, dynamic: torch.Tensor) -> torch.Tensor:
+        """The float32 scales of expert ``index`` (a one-element tensor on the device)."""
+        absmax = self.absmax.index_select(0, index)[0]
+        if self.nested is None:
+            return absmax
+        if self.offset.dim() == 0:  # shared: the expert's blocks sit at their place in the whole tensor
+            return dequantize_absmax(absmax, self.nested, self.offset, first=index * absmax.numel(), table=dynamic)
+        return dequantize_absmax(absmax, self.nested.index_select(0, index)[0], self.offset.index_select(0, index)[0], table=dynamic)
 
 
-class FusedExperts(torch.nn.Module):
-    """A 3-D NF4 tensor ``[E, a, b]`` (each expert's slice whole blocks) that indexes like the fused
-    parameter it replaces.
+class NF4Experts(torch.nn.Module):
+    """NF4 experts that index like the fused 3-D parameter they replace: ``self[e]`` (an int or a
+    one-element integer tensor) is expert ``e``'s 2-D weight in ``dtype``, dequantized now, its sources
+    concatenated along dim 0 (``[gate; up]`` for ``gate_up_proj``). Built by :meth:`from_per_expert` or
+    :meth:`from_fused`; every tensor lives on the weights' device, so indexing never waits for it."""
 
-    Args:
-        packed: the packed codes, uint8 with ``E * a * b / 2`` elements.
-        quant_state: its ``bitsandbytes.functional.QuantState`` (shape ``[E, a, b]``, absmax, nesting).
-        dtype: the dtype an expert's weight is given in (the replaced parameter's).
-
-    ``self[e]`` (an int or a one-element integer tensor) is expert ``e``'s 2-D weight, dequantized now.
-    """
-
-    def __init__(self, packed: torch.Tensor, quant_state: Any, *, dtype: torch.dtype) -> None:
+    def __init__(self, parts: list[ExpertBlocks], *, dtype: torch.dtype, fused: bool) -> None:
         super().__init__()
-        experts, rows, cols = quant_state.shape
-        device = packed.device
-        self.stored = (rows, cols)
-        self.blocksize = quant_state.blocksize
+        device = parts[0].packed.device
+        self.parts = torch.nn.ModuleList(parts)
         self.dtype = dtype
-        self.nested = quant_state.nested
-        self.blocks_per_expert = rows * cols // self.blocksize
-        self.register_buffer("packed", packed.reshape(experts, -1))
-        self.register_buffer("absmax", quant_state.absmax.reshape(experts, -1))
+        self.fused = fused
         self.register_buffer("nf4", torch.tensor(NF4_CODE, dtype=torch.float32, device=device))
-        if self.nested:
-            self.register_buffer("nested_absmax", quant_state.state2.absmax)
-            self.register_buffer("offset", torch.as_tensor(quant_state.offset, dtype=torch.float32).to(device))
-            self.register_buffer("dynamic", torch.tensor(DYNAMIC_MAP, dtype=torch.float32, device=device))
+        self.register_buffer("dynamic", torch.tensor(DYNAMIC_MAP, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_per_expert(cls, experts: list[list[Any]], dtype: torch.dtype) -> NF4Experts:
+        """From per-expert ``Params4bit`` weights: for each expert, its sources in the parameter's order.
+
+        Raises:
+            LoadError: the experts of one source differ in shape, block size or nesting.
+        """
+        parts = []
+        for p, column in enumerate(zip(*experts)):
+            states = [w.quant_state for w in column]
+            if len({(tuple(s.shape), s.blocksize, s.nested) for s in states}) != 1:
+                raise LoadError(f"the experts' 4-bit weights (source {p}) differ in shape, block size or double quantization")
+            first = states[0]
+            nested = torch.stack([s.state2.absmax for s in states]) if first.nested else None
+            offset = torch.stack([torch.as_tensor(s.offset, dtype=torch.float32).to(column[0].device).reshape(()) for s in states]) if first.nested else None
+            packed = torch.stack([w.data.reshape(-1) for w in column])
+            parts.append(ExpertBlocks(packed, torch.stack([s.absmax for s in states]), tuple(first.shape), first.blocksize, nested, offset))
+        return cls(parts, dtype=dtype, fused=False)
+
+    @classmethod
+    def from_fused(cls, packed: torch.Tensor, quant_state: Any, dtype: torch.dtype) -> NF4Experts:
+        """From one 3-D NF4 tensor ``[E, a, b]`` (each expert whole blocks) and its bitsandbytes ``QuantState``."""
+        experts, rows, cols = quant_state.shape
+        nested = quant_state.state2.absmax if quant_state.nested else None
+        offset = torch.as_tensor(quant_state.offset, dtype=torch.float32).to(packed.device).reshape(()) if quant_state.nested else None
+        part = ExpertBlocks(packed.reshape(experts, -1), quant_state.absmax.reshape(experts, -1), (rows, cols), quant_state.blocksize, nested, offset)
+        return cls([part], dtype=dtype, fused=True)
 
     def __len__(self) -> int:
-        return self.packed.shape[0]
+        return self.parts[0].packed.shape[0]
 
     def __getitem__(self, expert: int | torch.Tensor) -> torch.Tensor:
+        device = self.nf4.device
         if isinstance(expert, torch.Tensor):
-            index = expert.reshape(1).to(self.packed.device)
+            index = expert.reshape(1).to(device)
         else:
             if not 0 <= expert < len(self):
                 raise IndexError(f"expert {expert} out of range ({len(self)} experts)")
-            index = torch.tensor([expert], device=self.packed.device)
-        absmax = self.absmax.index_select(0, index)[0]
-        if self.nested:
-            absmax = dequantize_absmax(absmax, self.nested_absmax, self.offset, first=index * self.blocks_per_expert, table=self.dynamic)
-        n = math.prod(self.stored)
-        weight = dequantize_run(self.packed.index_select(0, index)[0], absmax, n=n, blocksize=self.blocksize, dtype=self.dtype, code=self.nf4)
-        return weight.view(self.stored)
+            index = torch.tensor([expert], device=device)
+        mats = []
+        for part in self.parts:
+            n = math.prod(part.shape)
+            values = dequantize_run(part.packed.index_select(0, index)[0], part.absmax_of(index, self.dynamic), n=n, blocksize=part.blocksize, dtype=self.dtype, code=self.nf4)
+            mats.append(values.view(part.shape))
+        return mats[0] if len(mats) == 1 else torch.cat(mats, dim=0)
 
     @property
     def shape(self) -> torch.Size:
-        return torch.Size((len(self), *self.stored))
+        return torch.Size((len(self), sum(p.shape[0] for p in self.parts), self.parts[0].shape[1]))
 
     def extra_repr(self) -> str:
-        return f"experts={len(self)}, shape={tuple(self.shape)}, nf4, fused"
+        return f"experts={len(self)}, shape={tuple(self.shape)}, nf4, {'fused' if self.fused else 'per expert'}"
 
 
-def place_experts(module: torch.nn.Module, name: str, experts: PackedExperts | FusedExperts) -> None:
+def place_experts(module: torch.nn.Module, name: str, experts: NF4Experts) -> None:
     """Put 4-bit ``experts`` in place of ``module``'s fused parameter ``name``; the module's forward is
     switched to transformers' eager experts implementation, the one that indexes per expert."""
     del module._parameters[name]

@@ -11,13 +11,13 @@ from the folder's ``quantization_config``; for bitsandbytes 4-bit that is ``Bnb4
   Stacking packed 4-bit bytes gives garbage, so stock transformers refuses such a folder. Here
   each such converter also collects the weights' companions (``.absmax``, ``.quant_map``, ...);
   when they are there, :class:`PackPerExpert` rebuilds each expert's ``Params4bit`` (no
-  re-quantization) and puts a :class:`~nf4convert.experts.PackedExperts` in place of the fused
+  re-quantization) and puts a :class:`~nf4convert.experts.NF4Experts` in place of the fused
   parameter. Full-precision experts (``--experts keep``) go through transformers' own operations.
 - **Fused 3-D MoE weights.** Experts a checkpoint stores fused (``experts.gate_up_proj``
   ``[E, 2I, H]``, gpt-oss, Granite MoE, ...) are one NF4 tensor with the usual companions, the layout
   ``bitsandbytes.nn.parametrize`` writes. Stock transformers would load the packed bytes into the
   float parameter; :class:`PackFused` converters, put before the model's own (its renames still
-  apply), collect them with their companions and put a :class:`~nf4convert.experts.FusedExperts`
+  apply), collect them with their companions and put a :class:`~nf4convert.experts.NF4Experts`
   in place of the parameter (nf4convert stores them in the model's layout).
 - **Layers the folder does not quantize stay ``nn.Linear``.** A head that ``config.json`` names but
   the weights lack (base-model weights, ``architectures: [BertForMaskedLM]``) is initialized by
@@ -49,7 +49,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .architecture import map_keys
 from .errors import LoadError
-from .experts import FusedExperts, PackedExperts, place_experts
+from .experts import NF4Experts, place_experts
 
 #: the key under which transformers looks up the bitsandbytes 4-bit quantizer class
 _BNB_4BIT = "bitsandbytes_4bit"
@@ -57,7 +57,7 @@ _SWAP = threading.Lock()
 
 
 class PackPerExpert(ConversionOps):
-    """The operation of one per-expert -> fused converter: ``PackedExperts`` from 4-bit experts, else
+    """The operation of one per-expert -> fused converter: ``NF4Experts`` from 4-bit experts, else
     transformers' own operations (``operations``) on full-precision ones."""
 
     def __init__(self, hf_quantizer: NF4HfQuantizer, weights: list[str], operations: list[ConversionOps]) -> None:
@@ -79,7 +79,7 @@ class PackPerExpert(ConversionOps):
             self.hf_quantizer.errors.append(e)
             raise
         module = model.get_submodule(module_name)
-        place_experts(module, name, PackedExperts(grid, module._parameters[name].dtype))
+        place_experts(module, name, NF4Experts.from_per_expert(grid, module._parameters[name].dtype))
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         return {}
@@ -95,7 +95,7 @@ class PackPerExpert(ConversionOps):
 
 
 class PackFused(ConversionOps):
-    """The operation of one fused-experts converter: a ``FusedExperts`` from the 3-D NF4 tensor and its
+    """The operation of one fused-experts converter: ``NF4Experts`` from the 3-D NF4 tensor and its
     companions (``sources``: the converter's source patterns -> the companion's suffix, ``""`` for the
     packed codes)."""
 
@@ -120,7 +120,7 @@ class PackFused(ConversionOps):
             error = LoadError(f"{full_layer_name}: fused NF4 experts of shape {list(shape)} do not fit the model's {list(target)}")
             self.hf_quantizer.errors.append(error)
             raise error
-        place_experts(module, name, FusedExperts(packed, state, dtype=param.dtype))
+        place_experts(module, name, NF4Experts.from_fused(packed, state, param.dtype))
         if missing_keys is not None:
             missing_keys.discard(full_layer_name)
         return {}

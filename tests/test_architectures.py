@@ -97,7 +97,7 @@ def test_output_equals_bitsandbytes_on_load_in_both_loaders(name, sources, tmp_p
 
 @pytest.mark.parametrize("name", [n for n in MOE if n not in FUSED])
 def test_moe_experts_are_quantized_per_expert_and_load_model_runs_them(name, sources, tmp_path):
-    from nf4convert.experts import PackedExperts, nf4_weight
+    from nf4convert.experts import NF4Experts, nf4_weight
     from nf4convert.quantize import dequantize
 
     src = sources(name)
@@ -111,8 +111,8 @@ def test_moe_experts_are_quantized_per_expert_and_load_model_runs_them(name, sou
     out = convert(src, tmp_path / "nf4", options=Options(**OPTIONS))
 
     model = float_numerics(load_model(out))
-    packed = [m for m in model.modules() if isinstance(m, PackedExperts)]
-    assert packed and all(p.weights[0].dtype == torch.uint8 for p in packed)
+    packed = [m for m in model.modules() if isinstance(m, NF4Experts) and not m.fused]
+    assert packed and all(part.packed.dtype == torch.uint8 for p in packed for part in p.parts)
     # the reference: bitsandbytes on load, with every fused expert parameter replaced by the
     # dequantization of our per-expert files, run by the same (eager) experts implementation
     reference = on_load(name, src)

@@ -24,7 +24,7 @@ from nf4convert.architecture import map_keys
 from nf4convert.convert import convert, plan_conversion
 from nf4convert.decisions import rule_decision
 from nf4convert.errors import SourceError
-from nf4convert.experts import FusedExperts
+from nf4convert.experts import NF4Experts
 from nf4convert.load import float_numerics, load_model
 from nf4convert.plan import Options
 from nf4convert.quantize import NF4Weight, dequantize
@@ -96,7 +96,7 @@ def test_fused_experts_are_quantized_and_load_model_equals_their_dequantization(
     assert manifest["loaders"] == plan.loaders
 
     model = float_numerics(load_model(out))
-    assert [m for m in model.modules() if isinstance(m, FusedExperts)]
+    assert [m for m in model.modules() if isinstance(m, NF4Experts) and m.fused]
     tensors = load_all(out)
     reference = float_numerics(load_model(out))  # the same model, each fused parameter our float dequantization
     for key, param in fused_parameters(reference, tensors).items():

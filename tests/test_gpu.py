@@ -135,11 +135,11 @@ def test_conv1d_and_inner_dimensions_that_are_not_whole_blocks(name, tmp_path):
 
 @pytest.mark.parametrize("name", ["MixtralForCausalLM", "GraniteMoeForCausalLM"])
 def test_moe_experts_on_cuda_equal_the_cpu_within_bf16_tolerance(name, tmp_path):
-    from nf4convert.experts import FusedExperts, PackedExperts
+    from nf4convert.experts import NF4Experts
 
     out = convert(save_checkpoint(name, tmp_path / "src"), tmp_path / "nf4", options=Options(compute_dtype="float32"))
     cpu, gpu = float_numerics(load_model(out)), load_model(out, device="cuda")
-    experts = [m for m in gpu.modules() if isinstance(m, (FusedExperts, PackedExperts))]
+    experts = [m for m in gpu.modules() if isinstance(m, NF4Experts)]
     assert experts and all(t.device.type == "cuda" for m in experts for t in [*m.parameters(), *m.buffers()])
     x = inputs(name, cpu)
     with torch.no_grad():
