@@ -238,7 +238,7 @@ def _source_records(plan: Plan, journal: list[dict[str, Any]]) -> list[dict[str,
     fetcher, root = plan.source.fetcher, plan.source.root
     if fetcher is None:
         names = [(p, p.relative_to(root).as_posix()) for p in plan.source.shards]
-        return [hashed.get(name) or file_record(p, name) for p, name in names]
+        return [hashed.get(name) or file_record(p, name, trust_cache=True) for p, name in names]
     published = fetcher.records()
     for r in published:
         if hashed.get(r["name"], r) != r:

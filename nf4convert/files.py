@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -65,8 +66,32 @@ def sha256_file(path: Path, *, stop: threading.Event | None = None) -> str:
     return h.hexdigest()
 
 
-def file_record(path: Path, name: str, *, stop: threading.Event | None = None) -> dict[str, Any]:
-    """``{"name", "size", "sha256"}`` of one file, as the manifest lists it."""
+#: A Hugging Face cache blob of an LFS file: ``.../blobs/<sha256>``, named by the hash huggingface_hub
+#: checked when it downloaded the file.
+_CACHE_BLOB = re.compile(r"^[0-9a-f]{64}$")
+#: How the manifest says a source hash was not computed here.
+HUB_CACHE_HASH = "huggingface cache blob name"
+
+
+def cached_sha256(path: Path) -> str | None:
+    """The sha256 a Hugging Face cache gives a file for free: a snapshot file links to ``blobs/<sha256>``
+    for LFS files (a small file's blob is named by its git hash, 40 hex digits: none then)."""
+    if not path.is_symlink():
+        return None
+    target = path.resolve()
+    return target.name if target.parent.name == "blobs" and _CACHE_BLOB.match(target.name) else None
+
+
+def file_record(path: Path, name: str, *, stop: threading.Event | None = None, trust_cache: bool = False) -> dict[str, Any]:
+    """``{"name", "size", "sha256"}`` of one file, as the manifest lists it.
+
+    Args:
+        trust_cache: take the sha256 from a Hugging Face cache blob's name where there is one
+            (:func:`cached_sha256`; the record then says so in ``"sha256_from"``) instead of reading the file.
+    """
+    known = cached_sha256(path) if trust_cache else None
+    if known is not None:
+        return {"name": name, "size": path.stat().st_size, "sha256": known, "sha256_from": HUB_CACHE_HASH}
     return {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path, stop=stop)}
 
 
@@ -77,7 +102,8 @@ def file_state(path: Path) -> tuple[int, int]:
 
 
 class FileHasher:
-    """:func:`file_record` of several files, computed in a background thread from creation on.
+    """:func:`file_record` of several source files (a Hugging Face cache blob's hash taken from its
+    name), computed in a background thread from creation on.
 
     Each file's :func:`file_state` is taken before it is read (:attr:`states`), so that a caller
     can tell whether the hashed bytes are still the file's. The thread is a daemon and checks
@@ -102,7 +128,7 @@ class FileHasher:
         try:
             for path, name in files:
                 self.states[path] = file_state(path)
-                self._records.append(file_record(path, name, stop=self._stop))
+                self._records.append(file_record(path, name, stop=self._stop, trust_cache=True))
         except BaseException as e:  # re-raised by result(), in the caller's thread
             self._error = e
 

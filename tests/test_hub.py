@@ -65,6 +65,23 @@ def test_repo_id_converts_offline_from_the_cache_and_records_provenance(hub_cach
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_cached_shards_sha256_comes_from_its_blob_name_and_says_so(hub_cache, tmp_path, cli):
+    """huggingface_hub names an LFS file's cache blob by the sha256 it checked when downloading: the
+    shard is not hashed again, and the manifest says where its hash came from; verify still reads it."""
+    code, _, err = cli("convert", "org/tiny-llama", tmp_path / "out", "--cache-dir", hub_cache, "--quiet")
+    assert code == 0, err
+    files = {f["name"]: f for f in json.loads((tmp_path / "out" / "nf4convert.json").read_text())["source"]["files"]}
+    snapshot = next(hub_cache.glob("models--org--tiny-llama/snapshots/*"))
+    shards = [name for name in files if name.endswith(".safetensors")]
+    assert shards
+    for name in shards:
+        assert files[name]["sha256_from"] == "huggingface cache blob name"
+        assert files[name]["sha256"] == hashlib.sha256((snapshot / name).read_bytes()).hexdigest()
+    assert "sha256_from" not in files["config.json"]  # a side file is hashed as ever
+    code, out, err = cli("verify", tmp_path / "out", "--source", "org/tiny-llama", "--cache-dir", hub_cache)
+    assert code == 0, err
+
+
 def test_allow_patterns_fetch_weights_configs_and_tokenizers_never_pickles():
     names = ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "config.json", "tokenizer.json",
              "tokenizer.model", "1_Pooling/config.json", "README.md", "LICENSE", "pytorch_model.bin",
