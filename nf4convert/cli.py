@@ -258,7 +258,8 @@ def inspect(path: str, as_json: bool, revision: str | None, cache_dir: str | Non
     written = f" (written by nf4convert {s['tool_version']})" if s["tool_version"] else ""
     click.echo(f"{s['path']}: {s['kind']}{written}")
     if source:
-        click.echo(f"  source:    {', '.join(f'{k}={v}' for k, v in source.items())}")
+        short = {k: (f"[{', '.join(map(str, v[:3]))}, ... ({len(v)})]" if isinstance(v, list) and len(v) > 3 else v) for k, v in source.items()}
+        click.echo(f"  source:    {', '.join(f'{k}={v}' for k, v in short.items())}")
     if s["options"]:
         click.echo(f"  options:   {', '.join(f'{k}={v}' for k, v in s['options'].items())}")
     if s["decided_by"]:
