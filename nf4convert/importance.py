@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LoadError, MissingDependencyError, OutputError, QuantizationError, SourceNotFoundError
+from .errors import LoadError, MissingDependencyError, OutputError, QuantizationError, SourceError, SourceNotFoundError
 from .files import sha256_file
 from .tensorfile import SafetensorsFile, TensorInfo, read_header
 
@@ -119,6 +119,7 @@ def measure_importance(model_dir: str | os.PathLike, text_file: str | os.PathLik
     Raises:
         MissingDependencyError: transformers is not installed.
         SourceNotFoundError, LoadError, OutputError: no text file, a model transformers cannot load, an existing output.
+        SourceError: a text shorter than one window (the message says how many tokens are needed).
         DeviceError: ``device`` does not exist here.
     """
     from .quantize import check_device
@@ -135,11 +136,11 @@ def measure_importance(model_dir: str | os.PathLike, text_file: str | os.PathLik
     except ImportError:
         raise MissingDependencyError("measuring importance runs the model: pip install 'nf4convert[load]'") from None
     text = text_path.read_text(encoding="utf-8", errors="replace")
-    try:
-        model = transformers.AutoModel.from_pretrained(model_dir, dtype="auto", use_safetensors=True).to(device).eval()
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as e:
-        raise LoadError(f"{model_dir}: transformers cannot load it ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
+    tokenizer = _load(transformers.AutoTokenizer, model_dir)
+    tokens = len(tokenizer(text).input_ids)  # checked before the model is loaded
+    if tokens < window:
+        raise SourceError(f"{text_path}: {tokens} tokens of calibration text, fewer than one window of {window}: give at least {window} tokens of text (or a smaller --window)")
+    model = _load(transformers.AutoModel, model_dir, dtype="auto", use_safetensors=True).to(device).eval()
     base = getattr(model, "base_model_prefix", "")
     vectors = collect(model, tokenizer, text, window=window)
     # AutoModel is the bare model: its modules lack the task model's prefix that checkpoints name
@@ -148,6 +149,14 @@ def measure_importance(model_dir: str | os.PathLike, text_file: str | os.PathLik
     save_file({names[k]: v.contiguous() for k, v in vectors.items()}, tmp, metadata={"nf4convert.importance": "1", "text_sha256": sha256_file(text_path)})
     os.replace(tmp, out)
     return len(vectors)
+
+
+def _load(auto: Any, model_dir: str | os.PathLike, **kwargs: Any) -> Any:
+    """``auto.from_pretrained(model_dir, **kwargs)``, its failure one :class:`LoadError` line."""
+    try:
+        return auto.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        raise LoadError(f"{model_dir}: transformers cannot load it ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
 
 
 def _checkpoint_names(model_dir: str | os.PathLike, vectors: dict[str, Any], prefix: str) -> dict[str, str]:

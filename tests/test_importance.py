@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,11 @@ def test_measuring_without_a_text_file_is_one_line(tmp_path, cli):
     rc, _, err = cli("importance", minilm.get_model_path(), tmp_path / "imp.safetensors", "--text", tmp_path / "missing.txt")
     assert rc == 2 and err.count("\n") == 1 and "no such calibration text file" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_text_shorter_than_one_window_is_one_line_saying_how_many_tokens_are_needed(tmp_path, cli):
+    (tmp_path / "short.txt").write_text("Far too short a calibration text.")
+    rc, _, err = cli("importance", minilm.get_model_path(), tmp_path / "imp.safetensors", "--text", tmp_path / "short.txt")
+    assert rc == 2 and err.count("\n") == 1
+    assert re.search(r"short\.txt: \d+ tokens of calibration text, fewer than one window of 512: give at least 512 tokens", err)
+    assert not (tmp_path / "imp.safetensors").exists()
