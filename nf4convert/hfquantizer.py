@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,17 +42,16 @@ import bitsandbytes as bnb
 import torch
 from transformers.core_model_loading import ConversionOps, MergeModulelist, WeightConverter
 from transformers.pytorch_utils import Conv1D
-from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .architecture import map_keys
 from .errors import LoadError
 from .experts import NF4Experts, place_experts
+from .hfloading import registered
 
 #: the key under which transformers looks up the bitsandbytes 4-bit quantizer class
 _BNB_4BIT = "bitsandbytes_4bit"
-_SWAP = threading.Lock()
 
 
 class PackPerExpert(ConversionOps):
@@ -204,9 +202,8 @@ class NF4HfQuantizer(Bnb4BitHfQuantizer):
 def nf4_quantizer(quantized: dict[str, tuple[int, ...]]) -> Iterator[list[LoadError]]:
     """Within the block, transformers loads bitsandbytes 4-bit folders with :class:`NF4HfQuantizer`.
 
-    transformers chooses the quantizer class by the folder's ``quant_method`` from its registry, with
-    no per-call argument; the registry entry is swapped for the block (one block at a time) and
-    restored after it.
+    transformers chooses the quantizer class by the folder's ``quant_method`` from its registry;
+    :func:`~nf4convert.hfloading.registered` swaps the entry for the block.
 
     Args:
         quantized: the checkpoint names of the folder's 4-bit weights, and their shapes.
@@ -216,10 +213,5 @@ def nf4_quantizer(quantized: dict[str, tuple[int, ...]]) -> Iterator[list[LoadEr
     """
     errors: list[LoadError] = []
     quantizer = type("NF4HfQuantizer", (NF4HfQuantizer,), {"quantized": dict(quantized), "errors": errors})
-    with _SWAP:
-        stock = AUTO_QUANTIZER_MAPPING[_BNB_4BIT]
-        AUTO_QUANTIZER_MAPPING[_BNB_4BIT] = quantizer
-        try:
-            yield errors
-        finally:
-            AUTO_QUANTIZER_MAPPING[_BNB_4BIT] = stock
+    with registered(_BNB_4BIT, quantizer):
+        yield errors

@@ -26,7 +26,7 @@ from .architecture import decide
 from .decisions import Decisions
 from .errors import QuantizationError
 from .fp8 import LOGICAL_DTYPE, pair_scales
-from .importance import check_importance, read_importance_header
+from .importance import check_importance, importance_shape, read_importance_header
 from .layout import QuantState, check_blocksize, quantization_config, quantized_tensors, transposed
 from .source import Source, SourceTensor
 
@@ -253,8 +253,8 @@ def make_plan(source: Source, options: Options) -> Plan:
         planned.append(replace(p, outputs=tuple(outputs)))
     plan = Plan(source, options, planned, decisions)
     if options.importance is not None:
-        columns = {t.name: t.source.info.shape[0 if t.transpose else 1] for t in plan.quantized if len(t.source.info.shape) == 2}
-        plan.weighted = check_importance(read_importance_header(options.importance), columns, where=options.importance)
+        shapes = {t.name: importance_shape(t.source.info.shape, transposed=t.transpose) for t in plan.quantized}
+        plan.weighted = check_importance(read_importance_header(options.importance), shapes, where=options.importance)
     if not plan.quantized:
         reasons = Counter(t.reason for t in plan.kept if len(t.source.info.shape) == 2 and t.dtype in QUANTIZABLE_DTYPES)
         why = f"{decisions.decided_by}: " + ", ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) if reasons else "no 2-D floating-point linear weights found"

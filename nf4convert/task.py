@@ -131,6 +131,18 @@ def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple
     return [(start, min(info.numel, start + step)) for start in range(0, info.numel, step)]
 
 
+def _quantize(weight: torch.Tensor, t: PlannedTensor, start: int, importance: torch.Tensor | None, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_nf4` of the piece of ``t`` that begins at element ``start``; with importance
+    rows per expert (fused experts), each expert's run of the piece weighed by its own row."""
+    if importance is None or importance.dim() == 1:
+        return quantize_nf4(weight, name=t.name, first=start, importance=importance, **options)
+    flat, per_expert = weight.reshape(-1), t.source.info.numel // importance.shape[0]
+    stop = start + flat.numel()
+    runs = [(a, min(stop, (a // per_expert + 1) * per_expert)) for a in [start, *range((start // per_expert + 1) * per_expert, stop, per_expert)]]
+    parts = [quantize_nf4(flat[a - start : b - start], name=t.name, first=a, importance=importance[a // per_expert], **options) for a, b in runs]
+    return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts])
+
+
 def _on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Tensor:
     """A piece as the quantizer takes it: transposed for a ``Conv1D`` weight (each expert's slice for
     fused experts), on ``device``."""
@@ -314,9 +326,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             offset, quantized, nested = None, [], []
             for start, stop in pieces(t, bs, in_pieces):
                 weight = _on_device(next(weights), t, device)
-                packed, scales = quantize_nf4(
-                    weight, blocksize=bs, kernel=task.kernel, name=t.name, first=start, scales=options.scales, importance=importance.get(t.name)
-                )
+                packed, scales = _quantize(weight, t, start, importance.get(t.name), blocksize=bs, kernel=task.kernel, scales=options.scales)
                 absmax[start // bs : start // bs + scales.numel()] = scales
                 if in_pieces:  # the codes for the scales a loader will use, while the piece is here
                     offset = exact_mean(scales[:NESTED_BLOCKSIZE], task.kernel) if offset is None else offset

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import embeddings  # noqa: E402
 
 from nf4convert.convert import convert  # noqa: E402
-from nf4convert.importance import measure_importance  # noqa: E402
+from nf4convert.calibrate import measure_importance  # noqa: E402
 from nf4convert.load import float_numerics, load_model  # noqa: E402
 from nf4convert.plan import Options  # noqa: E402
 from nf4convert.verify import verify  # noqa: E402

@@ -180,3 +180,18 @@ def assert_same_model(ours: torch.nn.Module, theirs: torch.nn.Module) -> None:
     assert list(a) == list(b)
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
     assert not ours.training and not theirs.training
+
+
+def save_tokenizer(path: Path) -> Path:
+    """A character-level tokenizer (printable ASCII, ids < 100) in ``path``, for the tiny models'
+    vocabularies: what ``nf4convert importance`` reads calibration text with."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate(string.printable[:95])}}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]").save_pretrained(path)
+    return path

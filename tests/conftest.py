@@ -131,10 +131,11 @@ def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]):
-    """Run the CLI in-process through its real entry point; returns (exit code, stdout, stderr)."""
+    """Run the CLI in-process through its real entry point; returns (exit code, stdout, stderr) of that run."""
     from nf4convert.cli import main
 
     def run(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()  # what the test printed before (building its checkpoint) is not the command's
         try:
             main([str(a) for a in args])
             code = 0

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from nf4convert.convert import convert
+from nf4convert.errors import QuantizationError
 from nf4convert.plan import Options
 from nf4convert.quantize import NF4Weight, dequantize, quantize_nf4
 
@@ -109,7 +110,8 @@ def test_a_weighted_conversion_records_its_importance_and_loads_in_stock_transfo
     [
         ({"encoder.layer.0.attention.self.query.weight": torch.ones(7)}, "has 7 importance values, the weight has 384 input columns"),
         ({"not.a.weight": torch.ones(384)}, "names none of the weights to quantize"),
-        ({"encoder.layer.0.attention.self.query.weight": torch.ones(384, 1)}, "expected a float32 vector"),
+        ({"encoder.layer.0.attention.self.query.weight": torch.ones(384, 1)}, "has 384 x 1 importance values, the weight has 384 input columns"),
+        ({"encoder.layer.0.attention.self.query.weight": torch.ones(2, 384, 1)}, "expected a float32 vector (or one row per expert)"),
         ({"encoder.layer.0.attention.self.query.weight": -torch.ones(384)}, "negative, NaN or infinite importance values"),
     ],
 )
@@ -145,3 +147,28 @@ def test_a_text_shorter_than_one_window_is_one_line_saying_how_many_tokens_are_n
     assert rc == 2 and err.count("\n") == 1
     assert re.search(r"short\.txt: \d+ tokens of calibration text, fewer than one window of 512: give at least 512 tokens", err)
     assert not (tmp_path / "imp.safetensors").exists()
+
+
+def test_fused_experts_are_weighed_expert_by_expert_by_their_rows(tmp_path):
+    """An importance matrix ``[E, columns]`` for a fused 3-D weight: each expert's bytes are those of
+    the expert quantized alone with its row (pieces that span experts included)."""
+    from safetensors.torch import load_file
+
+    from .architectures import save_checkpoint
+
+    src = save_checkpoint("GraniteMoeForCausalLM", tmp_path / "src")
+    stored = load_file(src / "model.safetensors")
+    name = next(k for k in stored if stored[k].dim() == 3)
+    w = stored[name]
+    torch.manual_seed(2)
+    rows = torch.rand(w.shape[0], w.shape[2]) ** 4 * 10
+    save_file({name: rows}, tmp_path / "imp.safetensors")
+    out = load_all(convert(src, tmp_path / "out", options=Options(scales="search", importance=str(tmp_path / "imp.safetensors"), double_quant=False)))
+    per_expert = w[0].numel() // 2
+    for e in range(w.shape[0]):
+        packed, absmax = quantize_nf4(w[e], kernel="native", scales="search", importance=rows[e])
+        assert torch.equal(out[name].flatten()[e * per_expert : (e + 1) * per_expert], packed.flatten())
+        assert torch.equal(out[f"{name}.absmax"][e * absmax.numel() : (e + 1) * absmax.numel()], absmax)
+    save_file({name: rows[:, :-1].contiguous()}, tmp_path / "bad.safetensors")
+    with pytest.raises(QuantizationError, match=rf"{name} has {w.shape[0]} x {w.shape[2] - 1} importance values, the weight has {w.shape[0]} experts x {w.shape[2]} input columns"):
+        convert(src, tmp_path / "bad", options=Options(scales="search", importance=str(tmp_path / "bad.safetensors")))

@@ -1,0 +1,91 @@
+"""Benchmark `nf4convert importance` (a block at a time) against the whole-model pass it replaces.
+
+One run of each, in child processes, on the same synthetic Llama-7B-shaped bf16 checkpoint with --layers
+decoder layers (scripts/bench.py's; 16 layers = 6.9 GB) and a character-level tokenizer:
+  - `nf4convert importance SRC OUT --text T --window W` (blocks offloaded to the checkpoint's own files);
+  - the whole-model pass: transformers AutoModel.from_pretrained(SRC) in memory, forward hooks on every
+    nn.Linear, the same windows in one batch (what `nf4convert importance` did before it streamed).
+Prints wall seconds (imports included), peak RSS and their ratios, and the largest relative difference
+between the two sets of vectors (the same operations on the same weights: expected 0).
+Usage: python scripts/bench_importance.py [--layers 16] [--windows 2] [--window 128] [--workdir bench-out]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench import make_checkpoint, run_measured
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.architectures import save_tokenizer  # noqa: E402
+
+TEXT = Path(__file__).resolve().parent / "data" / "apache-2.0.txt"
+
+WHOLE = """
+import sys, torch, transformers
+from safetensors.torch import save_file
+src, text, window, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model = transformers.AutoModel.from_pretrained(src, dtype="auto").eval()
+ids = transformers.AutoTokenizer.from_pretrained(src)(open(text).read(), return_tensors="pt").input_ids[0]
+windows = ids[: len(ids) // window * window].view(-1, window)
+vectors = {}
+def hook(name):
+    def record(_m, inputs, _o):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        vectors["model." + name] = (x * x).mean(0).float()
+    return record
+for name, m in model.named_modules():
+    if isinstance(m, torch.nn.Linear):
+        m.register_forward_hook(hook(name + ".weight"))
+with torch.no_grad():
+    model(input_ids=windows)
+save_file(vectors, out)
+"""
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    args = ap.parse_args()
+    import torch
+    from safetensors.torch import load_file
+
+    work = args.workdir.resolve()
+    src = work / f"llama7b-{args.layers}-layers"
+    if not (src / "config.json").exists():
+        make_checkpoint(src, args.layers)
+    if not (src / "tokenizer.json").exists():
+        save_tokenizer(src)
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
+    text = work / "calibration.txt"
+    text.write_text(TEXT.read_text()[: args.windows * args.window])  # one token per character
+    ours, theirs = work / "importance-streamed.safetensors", work / "importance-whole.safetensors"
+    ours.unlink(missing_ok=True)
+    streamed = run_measured(["nf4convert", "importance", str(src), str(ours), "--text", str(text), "--window", str(args.window), "-q"], work)
+    whole_script = work / "whole_model_pass.py"
+    whole_script.write_text(WHOLE)
+    whole = run_measured([str(whole_script), str(src), str(text), str(args.window), str(theirs)], work)
+    a, b = load_file(ours), load_file(theirs)
+    assert a.keys() == b.keys(), (sorted(a)[:3], sorted(b)[:3])
+    diff = max(float(((a[k] - b[k]).abs() / b[k].abs().clamp(min=1e-30)).max()) for k in a)
+    gib = 2**30
+    print(f"checkpoint: {args.layers} Llama-7B-shaped layers, {size / 1e9:.2f} GB bf16; {args.windows} windows of {args.window} tokens; torch {torch.__version__}")
+    print("| pass | wall s | peak RSS | vs whole model |")
+    print("|---|---|---|---|")
+    print(f"| nf4convert importance (a block at a time) | {streamed[0]:.1f} | {streamed[1] / gib:.2f} GiB | {streamed[0] / whole[0]:.2f}x time, {streamed[1] / whole[1]:.2f}x RSS |")
+    print(f"| whole model in memory | {whole[0]:.1f} | {whole[1] / gib:.2f} GiB | 1.00x |")
+    print(f"largest relative difference between the vectors: {diff:.3g} over {len(a)} weights")
+    (work / "bench_importance.json").write_text(json.dumps({
+        "layers": args.layers, "bytes": size, "windows": args.windows, "window": args.window, "max_rel_diff": diff,
+        "streamed": {"seconds": streamed[0], "peak_rss": streamed[1]}, "whole": {"seconds": whole[0], "peak_rss": whole[1]},
+    }, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
