@@ -64,6 +64,11 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
         f"  output: {human(plan.output_bytes)} in {len(plan.shards)} shard(s); {plan.bits_per_parameter:.3f} bits/parameter overall, "
         f"{plan.quantized_bits_per_parameter:.3f} for the quantized weights"
     )
+    if plan.budget is not None:
+        b = plan.budget
+        kept = ", ".join(b["kept"][:6]) + (f", ... ({len(b['kept'])} in all)" if len(b["kept"]) > 6 else "")
+        click.echo(f"  budget --bits {b['bits']:g}: {b['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized; "
+                   f"keeps {b['kept_parameters']:,} parameters in {len(b['kept'])} module(s) (by {b['measure']} per extra bit){': ' + kept if kept else ''}")
     click.echo(f"  loads in: {'; '.join(plan.loaders)}")
     if verbose:
         for t in plan.tensors:
@@ -82,6 +87,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--scales", type=click.Choice(SCALE_METHODS), default="absmax", show_default=True, help="Block scales: absmax (bit-exact with bitsandbytes) or search (lower error, same format).")
 @click.option("--importance", type=click.Path(), default=None, help="With --scales search: weight each error by its input column's activation energy (a file from `nf4convert importance`).")
 @click.option("--experts", type=click.Choice(EXPERT_MODES), default="quantize", show_default=True, help="MoE expert weights: quantize per expert, or keep them as transformers 5 does.")
+@click.option("--bits", type=float, default=None, metavar="B", help="Size budget: average B bits per parameter over the weights that would be quantized (e.g. 4.5); the modules whose quantization costs the most per extra bit stay in their dtype. Measures every weight first.")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (what is quantized, kept, sizes); write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if nf4convert wrote it (or it is empty); never a folder of yours.")
@@ -108,6 +114,7 @@ def convert(
     scales: str,
     importance: str | None,
     experts: str,
+    bits: float | None,
     max_shard_size: str,
     dry_run: bool,
     force: bool,
@@ -150,6 +157,7 @@ def convert(
         experts=experts,
         scales=scales,
         importance=importance,
+        bits=bits,
     )
     # beside OUTPUT like the partial folder, removed when done
     beside = lambda kind: Path(output).with_name(f"{Path(output).name}.nf4convert-{kind}")  # noqa: E731
@@ -184,11 +192,11 @@ def default_output(source: str) -> str:
 def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: dict[str, Any], quiet: bool, verbose: bool) -> Path | None:
     """Plan, show and run the conversion of an opened source (``run``: :func:`nf4convert.convert.convert`'s
     keywords); returns the output folder (``None`` for a dry run)."""
-    from .plan import make_plan
+    from .convert import plan_conversion
     from .write import check_output
 
     check_output(Path(output), source=src.path, force=run["force"])  # a dry run makes the same checks
-    plan = make_plan(src, options)
+    plan = plan_conversion(src, options=options, kernel=run["kernel"])
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
     if dry_run:
@@ -208,7 +216,7 @@ def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: 
     try:
         with tqdm(total=plan.source.nbytes, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
             with logging_redirect_tqdm(loggers=[logging.getLogger("nf4convert")]):  # messages on their own line
-                path = run_convert(plan.source, output, options=options, progress=bar.update, resumed=skipped, **run)
+                path = run_convert(plan, output, progress=bar.update, resumed=skipped, **run)
     except (click.exceptions.Abort, KeyboardInterrupt):
         from .write import PARTIAL_SUFFIX
 

@@ -39,6 +39,9 @@ EXPERT_MODES = ("quantize", "keep")
 #: How each block's scale is chosen (``--scales``, spec section 2.6): its absmax (bitsandbytes' rule,
 #: bit-exact), or a search for the scale of least squared error.
 SCALE_METHODS = ("absmax", "search")
+#: ``--bits``: the range of a size budget, in bits per parameter of the weights that would be quantized
+#: (NF4 at blocksize 64 with double quantization, to 16-bit weights).
+BUDGET_BITS = (4.127, 16.0)
 #: The search's candidate scales, as factors of the block's absmax: the codes of the best one are refitted
 #: by least squares (spec section 2.6).
 SEARCH_GRID = (1.05, 1.0, 0.9)

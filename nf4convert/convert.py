@@ -34,13 +34,22 @@ from .write import OutputFolder
 Finished = Callable[[dict[str, Any]], None]
 
 
-def plan_conversion(source: str | os.PathLike | Source, *, options: Options | None = None) -> Plan:
-    """Plan a conversion without reading any tensor data (what ``--dry-run`` shows).
+def plan_conversion(source: str | os.PathLike | Source | Plan, *, options: Options | None = None, kernel: str = "auto") -> Plan:
+    """Plan a conversion (what ``--dry-run`` shows) without reading tensor data, except that a size
+    budget (``options.bits``) first measures every weight's quantization error (:mod:`nf4convert.budget`,
+    with ``kernel``). A :class:`Plan` is returned as it is.
 
     Raises:
         SourceError, FormatError, QuantizationError, HubError: see :func:`convert`.
     """
-    return make_plan(resolve_source(source), options or Options())
+    if isinstance(source, Plan):
+        return source
+    plan = make_plan(resolve_source(source), options or Options())
+    if plan.options.bits is not None:
+        from .budget import apply_budget
+
+        plan = apply_budget(plan, kernel=resolve_kernel(kernel, "cpu"))
+    return plan
 
 
 def shard_tasks(plan: Plan, folder: Path, *, kernel: str = "native", device: str = "cpu") -> list[ShardTask]:
@@ -121,6 +130,7 @@ def manifest_options(plan: Plan) -> dict[str, Any]:
         "experts": o.experts,
         "scales": o.scales,
         "importance": importance_record(o.importance, len(plan.weighted)) if o.importance else None,
+        "budget": plan.budget,
     }
 
 
@@ -158,7 +168,7 @@ def manifest(plan: Plan, *, files: list[dict[str, Any]], source_files: list[dict
 
 
 def convert(
-    source: str | os.PathLike | Source,
+    source: str | os.PathLike | Source | Plan,
     output: str | os.PathLike,
     *,
     options: Options | None = None,
@@ -173,8 +183,9 @@ def convert(
     """Convert a safetensors checkpoint to NF4 (spec/FORMAT.md), streaming tensor by tensor.
 
     Args:
-        source: a folder of safetensors shards, a single ``.safetensors`` file, a Hub repo id, or a
-            :class:`Source` (see :func:`resolve_source` for Hub options and ``--stream``).
+        source: a folder of safetensors shards, a single ``.safetensors`` file, a Hub repo id, a
+            :class:`Source` (see :func:`resolve_source` for Hub options and ``--stream``), or a
+            :class:`Plan` of one (``options`` is then the plan's).
         output: the folder to create.
         options: quantization and sharding options.
         force: replace an existing output folder that nf4convert wrote, or an empty one.
@@ -202,7 +213,7 @@ def convert(
         PosixPath('Llama-3-8B-nf4')
     """
     kernel = resolve_kernel(kernel, device)
-    plan = plan_conversion(source, options=options)
+    plan = plan_conversion(source, options=options, kernel=kernel)
     if plan.options.scales == "search" and kernel != "native":
         raise QuantizationError("--scales search runs in the native kernel only (the CPU, with a C compiler)")
     if workers is not None or scheduler is not None:

@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from .constants import (
+    BUDGET_BITS,
     DEFAULT_BLOCKSIZE,
     DTYPE_SIZES,
     EXPERT_MODES,
@@ -49,6 +50,8 @@ class Options:
             error, spec section 2.6; the same format and loaders).
         importance: with ``"search"``, an importance file (:mod:`nf4convert.importance`) that weights each
             element's error by its input column's activation energy.
+        bits: a size budget in bits per parameter of the weights that would be quantized: the modules
+            whose quantization costs the most per extra bit are kept (:mod:`nf4convert.budget`).
     """
 
     blocksize: int = DEFAULT_BLOCKSIZE
@@ -60,6 +63,7 @@ class Options:
     experts: str = "quantize"
     scales: str = "absmax"
     importance: str | None = None
+    bits: float | None = None
 
     def __post_init__(self) -> None:
         check_blocksize(self.blocksize)
@@ -71,6 +75,8 @@ class Options:
             raise QuantizationError(f"invalid scale method {self.scales!r}; choose {' or '.join(SCALE_METHODS)}")
         if self.importance is not None and self.scales != "search":
             raise QuantizationError("--importance weights the scale search: it needs --scales search")
+        if self.bits is not None and not BUDGET_BITS[0] <= self.bits <= BUDGET_BITS[1]:
+            raise QuantizationError(f"--bits {self.bits:g}: a budget is {BUDGET_BITS[0]} (every weight in NF4) to {BUDGET_BITS[1]:g} bits per parameter")
         if self.experts not in EXPERT_MODES:
             raise QuantizationError(f"invalid experts mode {self.experts!r}; choose {' or '.join(EXPERT_MODES)}")
 
@@ -127,6 +133,7 @@ class Plan:
     decisions: Decisions
     shards: list[list[PlannedTensor]] = field(default_factory=list)
     weighted: list[str] = field(default_factory=list)  # the quantized weights the importance file weights
+    budget: dict | None = None  # what --bits kept (nf4convert.budget.apply_budget)
 
     @property
     def quantized(self) -> list[PlannedTensor]:

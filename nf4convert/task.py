@@ -131,7 +131,7 @@ def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple
     return [(start, min(info.numel, start + step)) for start in range(0, info.numel, step)]
 
 
-def _quantize(weight: torch.Tensor, t: PlannedTensor, start: int, importance: torch.Tensor | None, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_piece(weight: torch.Tensor, t: PlannedTensor, start: int, importance: torch.Tensor | None, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`quantize_nf4` of the piece of ``t`` that begins at element ``start``; with importance
     rows per expert (fused experts), each expert's run of the piece weighed by its own row."""
     if importance is None or importance.dim() == 1:
@@ -143,7 +143,7 @@ def _quantize(weight: torch.Tensor, t: PlannedTensor, start: int, importance: to
     return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts])
 
 
-def _on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Tensor:
+def on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Tensor:
     """A piece as the quantizer takes it: transposed for a ``Conv1D`` weight (each expert's slice for
     fused experts), on ``device``."""
     if t.transpose:
@@ -176,7 +176,7 @@ def _nested_in_pieces(t: PlannedTensor, options: Options) -> bool:
     return t.quantize and options.scales == "search" and options.double_quant
 
 
-class _SourceShard:
+class SourceShard:
     """A source shard read with ``pread`` (see :class:`ShardReader`), and its size and
     modification time when opened."""
 
@@ -190,8 +190,8 @@ class _SourceShard:
             raise SourceError(f"{self.reader.path}: changed while being converted")
 
 
-def _read_ahead(
-    items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, _SourceShard], pool: ThreadPoolExecutor, fp8_block: tuple[int, int] | None
+def read_ahead(
+    items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, SourceShard], pool: ThreadPoolExecutor, fp8_block: tuple[int, int] | None
 ) -> Iterator[torch.Tensor]:
     """The pieces ``(tensor, start, stop)`` in order, each read on ``pool`` while the one before is
     quantized: two reused buffers of the largest piece's size, whatever the model's size. A piece is a
@@ -229,7 +229,7 @@ def _read_ahead(
         yield piece
 
 
-def _read_mxfp4(t: PlannedTensor, start: int, stop: int, sources: dict[Path, _SourceShard]) -> torch.Tensor:
+def _read_mxfp4(t: PlannedTensor, start: int, stop: int, sources: dict[Path, SourceShard]) -> torch.Tensor:
     """Elements ``[start, stop)`` (whole experts) of an MXFP4 tensor, decoded to float32, flat."""
     blocks, scales = t.source.packed
     per_expert = t.source.info.shape[1] * t.source.info.shape[2]
@@ -288,7 +288,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
     began = time.perf_counter()
     local = {path: task.fetcher.fetch(path) if task.fetcher else path for path in task.source_shards}
     hasher = FileHasher([(local[path], name) for path, name in task.hash_sources]) if task.hash_sources else None
-    sources = {path: _SourceShard(local[path]) for path in task.source_shards}
+    sources = {path: SourceShard(local[path]) for path in task.source_shards}
     temporary = task.folder / f".{task.name}.{uuid.uuid4().hex[:12]}.tmp"  # a retry beside a stray worker never shares it
     written = WrittenShard(task, ShardWriter(temporary, [e for t in task.tensors for e in t.outputs], METADATA), hasher, {}, began)
     writer = written.writer
@@ -302,7 +302,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             for t in task.tensors if t.quantize or _decoded(t)
             for start, stop in pieces(t, bs, _nested_in_pieces(t, options))
         ]  # fmt: skip
-        weights = _read_ahead(items, sources, reader, task.fp8_block)
+        weights = read_ahead(items, sources, reader, task.fp8_block)
         pending: deque[Future] = deque()
 
         def submit(parts: list[tuple[str, Any, int]], done: int) -> None:
@@ -325,8 +325,8 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             in_pieces = _nested_in_pieces(t, options)
             offset, quantized, nested = None, [], []
             for start, stop in pieces(t, bs, in_pieces):
-                weight = _on_device(next(weights), t, device)
-                packed, scales = _quantize(weight, t, start, importance.get(t.name), blocksize=bs, kernel=task.kernel, scales=options.scales)
+                weight = on_device(next(weights), t, device)
+                packed, scales = quantize_piece(weight, t, start, importance.get(t.name), blocksize=bs, kernel=task.kernel, scales=options.scales)
                 absmax[start // bs : start // bs + scales.numel()] = scales
                 if in_pieces:  # the codes for the scales a loader will use, while the piece is here
                     offset = exact_mean(scales[:NESTED_BLOCKSIZE], task.kernel) if offset is None else offset

