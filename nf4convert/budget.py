@@ -1,10 +1,13 @@
 """A size budget (``--bits B``): the modules whose quantization costs the most per extra bit stay in
 their dtype, until the weights that would be quantized average ``B`` bits per parameter.
 
-Each quantized weight's cost is its squared quantization error, measured on the weight itself with
-the conversion's own encoder (``--scales``, ``--importance``) and weighed per input column by the
-importance vectors where there are some (the expected squared error of the layer's output), else
-unweighted. Keeping a weight costs ``numel * (dtype bits - its NF4 bits)``. Modules go in groups a
+Each quantized weight's cost is its relative quantization error, measured on the weight itself with
+the conversion's own encoder (``--scales``, ``--importance``): ``Σ v (W - Ŵ)² / Σ v W²``, each element
+weighed by its input column's importance ``v`` where there are vectors (then it is the noise that
+quantizing adds to the layer's output, as a share of that output's energy), else 1. The share, not
+the absolute error: activations grow along the residual stream, so absolute errors would always point
+at the last layers, and a share is what a normalized stream sees. Keeping a weight costs
+``numel * (dtype bits - its NF4 bits)``. Modules go in groups a
 loader fuses into one matrix (q/k/v, gate/up, ...; all experts of an MoE layer), so that every loader's
 skip rule holds, and they are taken greedily, highest error per extra bit first; a group that does not
 fit is passed over for smaller ones. The chosen modules join ``--skip`` (so ``llm_int8_skip_modules``
@@ -41,7 +44,7 @@ class Group:
 
     Attributes:
         patterns: what joins ``--skip`` (module names, or a glob over an MoE layer's experts).
-        error: their summed (importance-weighted) squared quantization error.
+        error: their summed relative quantization errors.
         extra_bits: what keeping them costs over quantizing them.
     """
 
@@ -72,12 +75,14 @@ def group_of(t: PlannedTensor) -> str:
     return f"{parent}.{'/'.join(siblings)}" if siblings and len(t.source.info.shape) == 2 else module
 
 
-def weighted_error(plan: Plan, *, kernel: str = "native") -> dict[str, float]:
-    """The squared quantization error of every quantized weight of ``plan``, each element weighed by its
-    input column's importance (``plan.options.importance``), read and quantized piece by piece."""
+def relative_error(plan: Plan, *, kernel: str = "native") -> dict[str, float]:
+    """Every quantized weight's relative quantization error ``Σ v (W - Ŵ)² / Σ v W²``: the noise that
+    quantizing adds to the layer's output, as a share of the output's energy, each element weighed
+    by its input column's importance ``v`` (``plan.options.importance``; 1 without). Read and
+    quantized piece by piece, with the conversion's own encoder."""
     options, bs = plan.options, plan.options.blocksize
     importance = load_importance(options.importance, [t.name for t in plan.quantized]) if options.importance else {}
-    errors: dict[str, float] = {}
+    sums: dict[str, list[float]] = {}
     by_shard: dict[Any, list[PlannedTensor]] = {}
     for t in plan.quantized:
         by_shard.setdefault(t.source.shard, []).append(t)
@@ -92,13 +97,12 @@ def weighted_error(plan: Plan, *, kernel: str = "native") -> dict[str, float]:
                 piece = on_device(next(weights), t, "cpu")
                 vector = importance.get(t.name)
                 packed, absmax = quantize_piece(piece, t, start, vector, blocksize=bs, kernel=kernel, scales=options.scales)
-                flat = piece.reshape(-1).float()
-                restored = dequantize(NF4Weight(packed, absmax, (flat.numel(),), torch.float32, bs)).reshape(-1)
-                squared = (flat - restored).double().pow(2)
-                if vector is not None:
-                    squared *= _element_weights(vector, start, flat.numel(), t.source.info.numel).double()
-                errors[t.name] = errors.get(t.name, 0.0) + float(squared.sum())
-    return errors
+                flat = piece.reshape(-1).double()
+                restored = dequantize(NF4Weight(packed, absmax, (flat.numel(),), torch.float32, bs)).reshape(-1).double()
+                v = _element_weights(vector, start, flat.numel(), t.source.info.numel).double() if vector is not None else 1.0
+                error, signal = sums.setdefault(t.name, [0.0, 0.0])
+                sums[t.name] = [error + float(((flat - restored) ** 2 * v).sum()), signal + float((flat**2 * v).sum())]
+    return {name: error / signal if signal > 0 else 0.0 for name, (error, signal) in sums.items()}
 
 
 def _element_weights(vector: torch.Tensor, start: int, count: int, numel: int) -> torch.Tensor:
@@ -138,7 +142,7 @@ def apply_budget(plan: Plan, *, kernel: str = "native") -> Plan:
     floor = 8 * sum(t.output_bytes for t in quantized) / params
     if bits < floor - 1e-9:
         raise QuantizationError(f"--bits {bits:g} is below the {floor:.3f} bits per parameter of quantizing every weight with these options")
-    errors = weighted_error(plan, kernel=kernel)
+    errors = relative_error(plan, kernel=kernel)
     members: dict[str, list[PlannedTensor]] = {}
     for t in quantized:
         members.setdefault(group_of(t), []).append(t)
@@ -155,6 +159,6 @@ def apply_budget(plan: Plan, *, kernel: str = "native") -> Plan:
         "bits_per_parameter": round(sum(8 * t.output_bytes for t in final.tensors if t.name in names) / params, 4),
         "kept": list(kept),
         "kept_parameters": sum(t.source.info.numel for t in final.kept if t.name in names),
-        "measure": "importance-weighted squared error" if plan.options.importance else "squared error",
+        "measure": "importance-weighted relative error" if plan.options.importance else "relative error",
     }
     return final

@@ -7,7 +7,9 @@ decoder layers (scripts/bench.py's; 16 layers = 6.9 GB) and a character-level to
     nn.Linear, the same windows in one batch (what `nf4convert importance` did before it streamed).
 Prints wall seconds (imports included), peak RSS and their ratios, and the largest relative difference
 between the two sets of vectors (the same operations on the same weights: expected 0).
-Usage: python scripts/bench_importance.py [--layers 16] [--windows 2] [--window 128] [--workdir bench-out]
+With --source DIR, a real checkpoint with its own tokenizer instead (e.g. eval.py's SmolLM2 bf16 folder),
+on --windows windows of scripts/data/apache-2.0.txt.
+Usage: python scripts/bench_importance.py [--layers 16] [--windows 2] [--window 128] [--source DIR] [--workdir bench-out]
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ vectors = {}
 def hook(name):
     def record(_m, inputs, _o):
         x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-        vectors["model." + name] = (x * x).mean(0).float()
+        vectors[name] = (x * x).mean(0).float()
     return record
 for name, m in model.named_modules():
     if isinstance(m, torch.nn.Linear):
@@ -51,20 +53,26 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--window", type=int, default=128)
+    ap.add_argument("--source", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
     args = ap.parse_args()
     import torch
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     work = args.workdir.resolve()
-    src = work / f"llama7b-{args.layers}-layers"
-    if not (src / "config.json").exists():
-        make_checkpoint(src, args.layers)
-    if not (src / "tokenizer.json").exists():
-        save_tokenizer(src)
-    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     text = work / "calibration.txt"
-    text.write_text(TEXT.read_text()[: args.windows * args.window])  # one token per character
+    if args.source is not None:
+        src = args.source.resolve()
+        text.write_text(TEXT.read_text())
+    else:
+        src = work / f"llama7b-{args.layers}-layers"
+        if not (src / "config.json").exists():
+            make_checkpoint(src, args.layers)
+        if not (src / "tokenizer.json").exists():
+            save_tokenizer(src)
+        text.write_text(TEXT.read_text()[: args.windows * args.window])  # one token per character
+    size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     ours, theirs = work / "importance-streamed.safetensors", work / "importance-whole.safetensors"
     ours.unlink(missing_ok=True)
     streamed = run_measured(["nf4convert", "importance", str(src), str(ours), "--text", str(text), "--window", str(args.window), "-q"], work)
@@ -72,17 +80,21 @@ def main() -> None:
     whole_script.write_text(WHOLE)
     whole = run_measured([str(whole_script), str(src), str(text), str(args.window), str(theirs)], work)
     a, b = load_file(ours), load_file(theirs)
+    a = {k.removeprefix("model."): v for k, v in a.items()}  # the bare model's names lack the task model's prefix
     assert a.keys() == b.keys(), (sorted(a)[:3], sorted(b)[:3])
     diff = max(float(((a[k] - b[k]).abs() / b[k].abs().clamp(min=1e-30)).max()) for k in a)
     gib = 2**30
-    print(f"checkpoint: {args.layers} Llama-7B-shaped layers, {size / 1e9:.2f} GB bf16; {args.windows} windows of {args.window} tokens; torch {torch.__version__}")
+    what = src.name if args.source else f"{args.layers} Llama-7B-shaped layers"
+    with safe_open(ours, "pt") as f:
+        windows = int(f.metadata()["windows"])
+    print(f"checkpoint: {what}, {size / 1e9:.2f} GB; {windows} windows of {args.window} tokens; torch {torch.__version__}")
     print("| pass | wall s | peak RSS | vs whole model |")
     print("|---|---|---|---|")
     print(f"| nf4convert importance (a block at a time) | {streamed[0]:.1f} | {streamed[1] / gib:.2f} GiB | {streamed[0] / whole[0]:.2f}x time, {streamed[1] / whole[1]:.2f}x RSS |")
     print(f"| whole model in memory | {whole[0]:.1f} | {whole[1] / gib:.2f} GiB | 1.00x |")
     print(f"largest relative difference between the vectors: {diff:.3g} over {len(a)} weights")
     (work / "bench_importance.json").write_text(json.dumps({
-        "layers": args.layers, "bytes": size, "windows": args.windows, "window": args.window, "max_rel_diff": diff,
+        "checkpoint": what, "bytes": size, "windows": windows, "window": args.window, "max_rel_diff": diff,
         "streamed": {"seconds": streamed[0], "peak_rss": streamed[1]}, "whole": {"seconds": whole[0], "peak_rss": whole[1]},
     }, indent=2))  # fmt: skip
 

@@ -114,7 +114,8 @@ def budget_curve(src: Path, tokenizer, work: Path, importance: Path) -> dict:
         return sum(stored.values()) / sum(would.values())
 
     def point(method: str, options: Options, bits: float) -> dict:
-        out = work / "budget" / f"{method}-{bits:.3f}".replace(" ", "_")
+        out = work / "budget" / f"{len(points)}-{bits:.3f}"
+        out.parent.mkdir(exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)
         convert(src, out, options=options)
         model = load_model(out)

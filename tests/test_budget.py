@@ -1,4 +1,4 @@
-"""``--bits B``: a size budget. The modules whose quantization costs the most (squared error, weighed
+"""``--bits B``: a size budget. The modules whose quantization costs the most (relative error, weighed
 by importance where given) per extra bit stay in their dtype, fused groups whole, until the weights
 that would be quantized average ``B`` bits per parameter."""
 
@@ -24,7 +24,8 @@ F = pytest.importorskip("bitsandbytes.functional")
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
-    """A small bf16 Llama (4 layers of 256 x 512), whose layers' weights differ in scale (so their errors differ)."""
+    """A small bf16 Llama (4 layers of 256 x 512) whose odd layers' weights have outliers, as real
+    checkpoints' often do (so their relative quantization errors differ)."""
     _, config_name, kwargs = ARCHITECTURES["LlamaForCausalLM"]
     config = getattr(transformers, config_name)(**{**kwargs, "num_hidden_layers": 4, "hidden_size": 256, "intermediate_size": 512})
     torch.manual_seed(0)
@@ -32,8 +33,8 @@ def llama(tmp_path_factory) -> Path:
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             for m in layer.modules():
-                if isinstance(m, torch.nn.Linear):
-                    m.weight.mul_(1 + 3 * (i % 2) + torch.rand(()))
+                if isinstance(m, torch.nn.Linear) and i % 2:
+                    m.weight.add_((torch.rand_like(m.weight) < 0.002 * (1 + torch.rand(()))) * 30 * m.weight.std())
     path = tmp_path_factory.mktemp("budget") / "llama"
     model.to(torch.bfloat16).save_pretrained(path)
     return path
@@ -43,9 +44,9 @@ GROUPS = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_a
 
 
 def ranked_groups(path: Path) -> list[tuple[float, float, list[str]]]:
-    """The spec of the choice, with bitsandbytes' own NF4: per group, the squared error of bnb's
-    quantize_4bit over the extra bits of keeping it (16 bits a parameter, less the NF4 layout's bytes),
-    highest first: ``(error per extra bit, extra bits, modules)``."""
+    """The spec of the choice, with bitsandbytes' own NF4: per group, the relative errors ``Σ (W - Ŵ)² /
+    Σ W²`` of bnb's quantize_4bit, summed, over the extra bits of keeping it (16 bits a parameter, less
+    the NF4 layout's bytes), highest first: ``(error per extra bit, extra bits, modules)``."""
     tensors = load_file(path / "model.safetensors")
     nf4_bytes = {t.name: t.output_bytes for t in plan_conversion(path).quantized}
     groups = []
@@ -56,7 +57,8 @@ def ranked_groups(path: Path) -> list[tuple[float, float, list[str]]]:
             for n in names:
                 w = tensors[f"{n}.weight"].float().flatten()
                 packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4")
-                error += float((w - reference_dequantize(packed, state.absmax, (w.numel(),), torch.float32, 64)).double().pow(2).sum())
+                noise = (w - reference_dequantize(packed, state.absmax, (w.numel(),), torch.float32, 64)).double().pow(2).sum()
+                error += float(noise / w.double().pow(2).sum())
                 extra += 16 * w.numel() - 8 * nf4_bytes[f"{n}.weight"]
             groups.append((error / extra, extra, names))
     return sorted(groups, reverse=True)

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nf4convert.calibrate import blocks, load_streamed, measure_importance
-from nf4convert.convert import convert
+from nf4convert.convert import convert, plan_conversion
 from nf4convert.plan import Options
 
 from .architectures import ARCHITECTURES, build, save_checkpoint, save_tokenizer
@@ -218,3 +218,21 @@ def test_force_replaces_an_importance_file_but_never_another_file(tmp_path, cli)
     assert rc == 5 and "already exists" in err
     assert cli("importance", src, out, "--text", TEXT, "--window", "64", "--force", "-q")[0] == 0 and metadata(out)["windows"] == str(len(windows_of(src, 64)))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["imp.safetensors", "notes.safetensors", "src"]
+
+
+@pytest.mark.parametrize("name", ["Qwen2MoeForCausalLM", "DeepseekV3ForCausalLM", "GraniteMoeSharedForCausalLM", "GptOssForCausalLM"])
+def test_every_weight_convert_quantizes_gets_a_vector_shared_experts_too(name, tmp_path):
+    """Except experts multiplied as ``x @ W[e]`` (gpt-oss): a per-column weight changes no choice there."""
+    src = save_tokenizer(save_checkpoint(name, tmp_path / "src"))
+    out = tmp_path / "imp.safetensors"
+    measure_importance(src, TEXT, out, window=32)
+    vectors = load_file(out)
+    plan = plan_conversion(src)
+    missing = {t.name for t in plan.quantized} - set(vectors)
+    if name == "GptOssForCausalLM":
+        assert missing and all(".experts." in m for m in missing)
+    else:
+        assert not missing
+    assert any("shared" in k for k in vectors) == (name != "GptOssForCausalLM")  # shared experts are measured on every token
+    weighted = json.loads((convert(src, tmp_path / "nf4", options=Options(scales="search", importance=str(out))) / "nf4convert.json").read_text())
+    assert weighted["options"]["importance"]["weighted_tensors"] == len(plan.quantized) - len(missing)

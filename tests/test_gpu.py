@@ -9,7 +9,8 @@
 - ``convert --device cuda`` writes the same bytes as the CPU, on a model and on the spec's vectors
   (all-zero, partial and subnormal blocks included);
 - a model that ran on the CPU and was moved with ``.to("cuda")`` computes right, or refuses in one line
-  where bitsandbytes' AVX512-BF16 CPU layout came along.
+  where bitsandbytes' AVX512-BF16 CPU layout came along;
+- ``nf4convert importance --device cuda`` runs the offloaded blocks on the GPU and gives the CPU's vectors.
 """
 
 from __future__ import annotations
@@ -173,3 +174,22 @@ def test_a_model_run_on_the_cpu_then_moved_with_to_cuda_computes_right_or_refuse
             assert "model.cuda()" in str(e)
             return
     assert bf16_close(got, expected)
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "MixtralForCausalLM"])
+def test_importance_measured_on_cuda_equals_the_cpu_within_float_tolerance(name, tmp_path):
+    """`nf4convert importance --device cuda`: the blocks run on the GPU, read from the checkpoint's files."""
+    from safetensors.torch import load_file
+
+    from nf4convert.calibrate import measure_importance
+
+    from .architectures import save_tokenizer
+    from .test_calibrate import TEXT
+
+    src = save_tokenizer(save_checkpoint(name, tmp_path / "src"))
+    for device in ("cpu", "cuda"):
+        measure_importance(src, TEXT, tmp_path / f"{device}.safetensors", device=device, window=32)
+    cpu, cuda = load_file(tmp_path / "cpu.safetensors"), load_file(tmp_path / "cuda.safetensors")
+    assert cpu.keys() == cuda.keys()
+    for k in cpu:  # float32 on both, TF32 off by default: rounding differences only
+        torch.testing.assert_close(cuda[k], cpu[k], rtol=1e-3, atol=1e-6)
