@@ -61,6 +61,7 @@ def main() -> None:
     from safetensors.torch import load_file
 
     work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
     text = work / "calibration.txt"
     if args.source is not None:
         src = args.source.resolve()
