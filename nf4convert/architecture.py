@@ -66,22 +66,29 @@ def _cache_path(key: str) -> Path:
     return cache_dir() / "decisions" / f"{key}.json"
 
 
-def _load_cached(key: str) -> Decisions | None:
+def _load_cached(key: str) -> Decisions | str | None:
+    """transformers' cached answer: its decisions, or why it could not answer (a string), or ``None``."""
     try:
         d = json.loads(_cache_path(key).read_text())
+        if "cannot_ask" in d:
+            return str(d["cannot_ask"])
         return Decisions(d["decided_by"], {n: Decision(*v) for n, v in d["tensors"].items()}, d["skip_modules"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _store_cached(key: str, decisions: Decisions) -> None:
+def _store_cached(key: str, answer: Decisions | str) -> None:
     """Write atomically; a cache that cannot be written is no error."""
-    tensors = {n: [d.quantize, d.reason, d.transpose, d.expert, d.fused] for n, d in decisions.tensors.items()}
+    if isinstance(answer, str):
+        content = {"cannot_ask": answer}
+    else:
+        tensors = {n: [d.quantize, d.reason, d.transpose, d.expert, d.fused] for n, d in answer.tensors.items()}
+        content = {"decided_by": answer.decided_by, "tensors": tensors, "skip_modules": answer.skip_modules}
     path = _cache_path(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"decided_by": decisions.decided_by, "tensors": tensors, "skip_modules": decisions.skip_modules}))
+        tmp.write_text(json.dumps(content))
         os.replace(tmp, path)
     except OSError:
         pass
@@ -354,6 +361,8 @@ def decide(
     transformers' answer is kept in the cache folder under a hash of everything it depends on (the
     versions, ``config.json``, every tensor's name, dtype and shape, the options): importing
     transformers' modeling code costs seconds, and a resumed or repeated conversion plans the same.
+    So is its refusal (an architecture it does not know); a ``config.json`` without ``model_type``
+    is refused without importing it.
 
     Raises:
         SourceError: fused experts whose expert count differs from the model's.
@@ -362,12 +371,20 @@ def decide(
     try:
         if not config:
             raise CannotAsk("no config.json")
+        if "model_type" not in config:  # known without importing transformers
+            raise CannotAsk("config.json has no model_type")
         key = _cache_key(infos, config, skip, quantize_lm_head, experts, blocksize)
         cached = _load_cached(key)
+        if isinstance(cached, str):
+            raise CannotAsk(cached)
         if cached is not None:
             return cached
         log.info("asking transformers which modules it quantizes (its modeling import takes seconds; cached for the next conversion)")
-        decisions = ask_transformers(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, blocksize=blocksize)
+        try:
+            decisions = ask_transformers(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, blocksize=blocksize)
+        except CannotAsk as e:
+            _store_cached(key, str(e))  # an architecture transformers does not know stays unknown to this version
+            raise
         _store_cached(key, decisions)
         return decisions
     except CannotAsk as e:

@@ -196,7 +196,7 @@ def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: 
     from .write import check_output
 
     check_output(Path(output), source=src.path, force=run["force"])  # a dry run makes the same checks
-    plan = plan_conversion(src, options=options, kernel=run["kernel"])
+    plan = plan_conversion(src, options=options, kernel=run["kernel"], hash_early=not dry_run)
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
     if dry_run:

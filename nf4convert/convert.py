@@ -21,7 +21,7 @@ from typing import Any
 from . import __version__
 from .constants import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
 from .errors import NF4ConvertError, QuantizationError, SourceError
-from .files import file_record
+from .files import FileHasher, file_record, file_state
 from .importance import importance_record
 from .plan import Options, Plan, make_plan
 from .quantize import resolve_kernel
@@ -34,21 +34,34 @@ from .write import OutputFolder
 Finished = Callable[[dict[str, Any]], None]
 
 
-def plan_conversion(source: str | os.PathLike | Source | Plan, *, options: Options | None = None, kernel: str = "auto") -> Plan:
+def plan_conversion(
+    source: str | os.PathLike | Source | Plan, *, options: Options | None = None, kernel: str = "auto", hash_early: bool = False
+) -> Plan:
     """Plan a conversion (what ``--dry-run`` shows) without reading tensor data, except that a size
     budget (``options.bits``) first measures every weight's quantization error (:mod:`nf4convert.budget`,
     with ``kernel``). A :class:`Plan` is returned as it is.
+
+    With ``hash_early``, the local source shards' sha256 begin in a background thread before the
+    planning (``plan.hashes``): transformers' import and the meta model take one core, hashing the other.
 
     Raises:
         SourceError, FormatError, QuantizationError, HubError: see :func:`convert`.
     """
     if isinstance(source, Plan):
         return source
-    plan = make_plan(resolve_source(source), options or Options())
-    if plan.options.bits is not None:
-        from .budget import apply_budget
+    src = resolve_source(source)
+    hashes = FileHasher([(p, p.relative_to(src.root).as_posix()) for p in src.shards]) if hash_early and src.fetcher is None else None
+    try:
+        plan = make_plan(src, options or Options())
+        if plan.options.bits is not None:
+            from .budget import apply_budget
 
-        plan = apply_budget(plan, kernel=resolve_kernel(kernel, "cpu"))
+            plan = apply_budget(plan, kernel=resolve_kernel(kernel, "cpu"))
+    except BaseException:
+        if hashes is not None:
+            hashes.cancel()
+        raise
+    plan.hashes = hashes
     return plan
 
 
@@ -72,7 +85,7 @@ def shard_tasks(plan: Plan, folder: Path, *, kernel: str = "native", device: str
     return [
         replace(
             task,
-            hash_sources=tuple((p, p.relative_to(root).as_posix()) for p in task.source_shards if first[p] == i),
+            hash_sources=() if plan.hashes else tuple((p, p.relative_to(root).as_posix()) for p in task.source_shards if first[p] == i),
             release=tuple(p for p in task.source_shards if last[p] == i),
         )
         for i, task in enumerate(tasks)
@@ -213,33 +226,37 @@ def convert(
         PosixPath('Llama-3-8B-nf4')
     """
     kernel = resolve_kernel(kernel, device)
-    plan = plan_conversion(source, options=options, kernel=kernel)
-    if plan.options.scales == "search" and kernel != "native":
-        raise QuantizationError("--scales search runs in the native kernel only (the CPU, with a C compiler)")
-    if workers is not None or scheduler is not None:
-        from .cluster import check_cluster_options
+    plan = plan_conversion(source, options=options, kernel=kernel, hash_early=True)
+    try:
+        if plan.options.scales == "search" and kernel != "native":
+            raise QuantizationError("--scales search runs in the native kernel only (the CPU, with a C compiler)")
+        if workers is not None or scheduler is not None:
+            from .cluster import check_cluster_options
 
-        check_cluster_options(workers, scheduler)
-    with OutputFolder(Path(output), source=plan.source.path, force=force, fingerprint=fingerprint(plan)) as out:
-        every = shard_tasks(plan, out.partial, kernel=kernel, device=device)
-        tasks = [t for t in every if t.name not in out.completed]
-        side = sum(f.stat().st_size for f in plan.source.side_files)
-        out.reserve(plan.output_bytes - sum(r["size"] for r in out.completed.values()) + side + (1 << 20))
-        done = sum(t.source_bytes for t in every if t.name in out.completed)
-        if done and (resumed or progress):
-            (resumed or progress)(done)
-        try:
-            if workers is None and scheduler is None:
-                run_serially(tasks, out.record_shard, progress)
-            else:
-                from .cluster import run_on_dask
+            check_cluster_options(workers, scheduler)
+        with OutputFolder(Path(output), source=plan.source.path, force=force, fingerprint=fingerprint(plan)) as out:
+            every = shard_tasks(plan, out.partial, kernel=kernel, device=device)
+            tasks = [t for t in every if t.name not in out.completed]
+            side = sum(f.stat().st_size for f in plan.source.side_files)
+            out.reserve(plan.output_bytes - sum(r["size"] for r in out.completed.values()) + side + (1 << 20))
+            done = sum(t.source_bytes for t in every if t.name in out.completed)
+            if done and (resumed or progress):
+                (resumed or progress)(done)
+            try:
+                if workers is None and scheduler is None:
+                    run_serially(tasks, out.record_shard, progress)
+                else:
+                    from .cluster import run_on_dask
 
-                run_on_dask(tasks, out.record_shard, progress, workers=workers, scheduler=scheduler)
-        except NF4ConvertError as e:
-            if e.resumable and out.completed:
-                raise type(e)(f"{e} ({len(out.completed)} of {len(every)} shards done, kept in {out.partial}: the same command resumes)") from None
-            raise
-        return _write_output(plan, out)
+                    run_on_dask(tasks, out.record_shard, progress, workers=workers, scheduler=scheduler)
+            except NF4ConvertError as e:
+                if e.resumable and out.completed:
+                    raise type(e)(f"{e} ({len(out.completed)} of {len(every)} shards done, kept in {out.partial}: the same command resumes)") from None
+                raise
+            return _write_output(plan, out)
+    finally:
+        if plan.hashes is not None:
+            plan.hashes.cancel()  # done by now, or abandoned with the conversion
 
 
 def _source_records(plan: Plan, journal: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -247,6 +264,11 @@ def _source_records(plan: Plan, journal: list[dict[str, Any]]) -> list[dict[str,
     remote source's are those it publishes, each checked against the hash of the downloaded shard."""
     hashed = {r["name"]: r for record in journal for r in record["sources"]}
     fetcher, root = plan.source.fetcher, plan.source.root
+    if plan.hashes is not None:
+        hashed.update((r["name"], r) for r in plan.hashes.result())
+        for path, state in plan.hashes.states.items():
+            if file_state(path) != state:
+                raise SourceError(f"{path}: changed while being converted")
     if fetcher is None:
         names = [(p, p.relative_to(root).as_posix()) for p in plan.source.shards]
         return [hashed.get(name) or file_record(p, name, trust_cache=True) for p, name in names]

@@ -26,6 +26,7 @@ from .constants import (
 from .architecture import decide
 from .decisions import Decisions
 from .errors import QuantizationError
+from .files import FileHasher
 from .fp8 import LOGICAL_DTYPE, pair_scales
 from .importance import check_importance, importance_shape, read_importance_header
 from .layout import QuantState, check_blocksize, quantization_config, quantized_tensors, transposed
@@ -134,6 +135,7 @@ class Plan:
     shards: list[list[PlannedTensor]] = field(default_factory=list)
     weighted: list[str] = field(default_factory=list)  # the quantized weights the importance file weights
     budget: dict | None = None  # what --bits kept (nf4convert.budget.apply_budget)
+    hashes: FileHasher | None = None  # the source shards' hashes, begun while planning (convert.plan_conversion)
 
     @property
     def quantized(self) -> list[PlannedTensor]:

@@ -11,9 +11,12 @@ Builds synthetic bf16 checkpoints of two kinds of shapes:
 then measures:
   - quantizer throughput (params/s): nf4convert (absmax and --scales search) vs
     bitsandbytes.functional.quantize_4bit, same tensors;
-  - for each checkpoint, end-to-end `nf4convert convert` wall time (and with --scales search) vs a copy
-    baseline that reads the same source bytes and writes (and fsyncs) as many bytes as the output has:
-    the I/O floor; and the peak RSS of the conversion (a child process);
+  - for each checkpoint, end-to-end `nf4convert convert` wall time vs a copy baseline that reads the same
+    source bytes and writes (and fsyncs) as many bytes as the output has: the I/O floor. The first
+    conversion (no cached decisions) once, then the median of 3 cached ones, each followed by a copy
+    baseline (median of those); with --scales search once; the peak RSS of the conversions (child
+    processes), and the CPU seconds of the median run by thread role (main: start-up and planning,
+    quantizing; read; write; hashing the source; sealing; torch's native threads);
   - transformers loading the 7b source with a bitsandbytes NF4 config and save_pretrained (the peer's
     way), unless --no-peer;
   - output bits per parameter;
@@ -34,6 +37,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -136,13 +140,49 @@ def make_fp8_checkpoint(path: Path) -> int:
 
 
 CHILD = """
-import atexit, runpy, sys
+import atexit, json, os, resource, runpy, sys, threading, time
 report_path, target, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
+TICK, MAIN = os.sysconf("SC_CLK_TCK"), threading.get_native_id()
+ROLES = {"nf4-read": "read (and FP8/MXFP4 decode)", "nf4-quantize": "quantize (kernel threads)", "nf4-write": "write",
+         "nf4-hash-source": "hash the source", "nf4-seal": "seal (fsync, hash the output)"}
+seen, began = {}, []  # native id -> [role, CPU s]; the main thread's CPU when the first task thread appeared
+
+def cpu(tid):
+    try:
+        fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / TICK
+    except (OSError, IndexError):
+        return None
+
+def sample():
+    for t in threading.enumerate():
+        role = "main" if t.native_id == MAIN else "sampler" if t.name == "bench-sampler" else next((r for p, r in ROLES.items() if t.name.startswith(p)), "other Python threads")
+        c = cpu(t.native_id)
+        if c is not None:
+            if role == ROLES["nf4-read"] and not began:
+                began.append(cpu(MAIN))
+            seen[t.native_id] = [role, c]
+
+def loop():
+    while True:
+        sample()
+        time.sleep(0.02)
+
 def report():  # VmHWM: this process's own peak RSS (ru_maxrss would include the forked parent's pages)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM"):
-            open(report_path, "w").write(line.split()[1])
+    sample()
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    by = {}
+    for role, c in seen.values():
+        by[role] = by.get(role, 0.0) + c
+    main = by.pop("main", 0.0)
+    start = began[0] if began else main
+    by.update({"main: start-up (imports) and planning": start, "main: quantize and orchestrate": main - start})
+    by["native threads (torch, OpenMP)"] = max(0.0, u.ru_utime + u.ru_stime - sum(by.values()))
+    rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    json.dump({"peak_rss": rss * 1024, "cpu_s": by, "user_s": u.ru_utime, "system_s": u.ru_stime}, open(report_path, "w"))
+
 atexit.register(report)
+threading.Thread(target=loop, name="bench-sampler", daemon=True).start()
 if target.endswith(".py"):
     runpy.run_path(target, run_name="__main__")
 else:
@@ -150,17 +190,26 @@ else:
 """
 
 
-def run_measured(argv: list[str], workdir: Path) -> tuple[float, int, str]:
-    """Run ``python -m MODULE ...`` or ``python SCRIPT.py ...`` in a child.
+class Measured(NamedTuple):
+    """One child run: wall seconds, peak RSS bytes, its stdout, and CPU seconds by thread role (sampled
+    from /proc every 20 ms; the main thread split where the first task thread appeared)."""
 
-    Returns (wall seconds, peak RSS bytes, the child's stdout)."""
-    report = workdir / "peak-rss.txt"
+    seconds: float
+    peak_rss: int
+    stdout: str
+    cpu: dict
+
+
+def run_measured(argv: list[str], workdir: Path, env: dict | None = None) -> Measured:
+    """Run ``python -m MODULE ...`` or ``python SCRIPT.py ...`` in a child (with ``env`` added)."""
+    report = workdir / "child-report.json"
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(report), *argv], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(report), *argv], capture_output=True, text=True, env={**os.environ, **(env or {})})
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{argv[:3]} failed: {proc.stderr[-2000:]}")
-    return elapsed, int(report.read_text()) * 1024, proc.stdout
+    child = json.loads(report.read_text())
+    return Measured(elapsed, child["peak_rss"], proc.stdout, {**child["cpu_s"], "user": child["user_s"], "system": child["system_s"]})
 
 
 def quantizer_throughput(repeats: int = 5) -> dict[str, float]:
@@ -221,42 +270,61 @@ m.save_pretrained(sys.argv[2])
 """
 
 
-def measure(src: Path, work: Path, workers: int | None = None) -> dict:
-    """Convert ``src`` twice (the first run warms the page cache and the kernel cache), once more with
-    ``--scales search``, and run the copy baseline, in this order; returns the second conversion's time
-    and peak RSS, the search conversion's time and the baseline's time.
-    With ``workers``, a third conversion on a local Dask cluster of that many worker processes."""
+def measure(src: Path, work: Path, workers: int | None = None, repeats: int = 3) -> dict:
+    """For one checkpoint, in this order: the copy baseline once (it warms the page cache); the first
+    conversion (an empty decisions cache, as for a model never converted here: transformers' modeling
+    import and its meta model; the compiled kernel is kept); ``repeats`` cached conversions and copy
+    baselines, alternating (medians); one ``--scales search`` conversion; with ``workers``, one on a
+    local Dask cluster of that many worker processes. CPU seconds by thread role are the median
+    cached run's."""
+    from nf4convert.files import cache_dir
+
     out = work / "nf4"
     shutil.rmtree(out, ignore_errors=True)
     cmd = ["nf4convert", "convert", str(src), str(out), "--quiet"]
-    print(f"nf4convert convert {src.name} (warm-up run) ...", file=sys.stderr)
-    run_measured(cmd, work)
-    shutil.rmtree(out)
-    print(f"nf4convert convert {src.name} ...", file=sys.stderr)
-    convert_s, convert_rss, _ = run_measured(cmd, work)
+    print(f"copy baseline, {src.name} (warms the page cache) ...", file=sys.stderr)
+    copy_baseline(src, sum(p.stat().st_size for p in src.glob("*.safetensors")) // 4, work / "copy.bin")
+    fresh = work / "first-cache"
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir()
+    for kernel in cache_dir().glob("nf4kernel-*"):
+        shutil.copy2(kernel, fresh / kernel.name)
+    print(f"nf4convert convert {src.name} (first conversion: no cached decisions) ...", file=sys.stderr)
+    first = run_measured(cmd, work, env={"NF4CONVERT_CACHE": str(fresh)})
+    shutil.rmtree(fresh)
     manifest = json.loads((out / "nf4convert.json").read_text())
     out_bytes = sum(f["size"] for f in manifest["files"])
+    cached, copies = [], []
+    for i in range(repeats):
+        shutil.rmtree(out)
+        print(f"nf4convert convert {src.name} (cached, run {i + 1} of {repeats}) ...", file=sys.stderr)
+        cached.append(run_measured(cmd, work))
+        print("copy baseline ...", file=sys.stderr)
+        copies.append(copy_baseline(src, out_bytes, work / "copy.bin"))
+        (work / "copy.bin").unlink()
     shutil.rmtree(out)
+    median = sorted(cached, key=lambda m: m.seconds)[len(cached) // 2]
+    copy_s = statistics.median(copies)
     print(f"nf4convert convert {src.name} --scales search ...", file=sys.stderr)
-    search_s = run_measured([*cmd, "--scales", "search"], work)[0]
+    search_s = run_measured([*cmd, "--scales", "search"], work).seconds
     shutil.rmtree(out)
     dask_s = None
     if workers:
         print(f"nf4convert convert {src.name} --workers {workers} ...", file=sys.stderr)
-        dask_s = run_measured([*cmd, "--workers", str(workers)], work)[0]
+        dask_s = run_measured([*cmd, "--workers", str(workers)], work).seconds
         shutil.rmtree(out)
-    print("copy baseline ...", file=sys.stderr)
-    copy_s = copy_baseline(src, out_bytes, work / "copy.bin")
-    (work / "copy.bin").unlink()
     src_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
     largest = max(t["shape"][0] * t["shape"][1] * 2 for t in manifest["tensors"]["quantized"] + manifest["tensors"]["kept"] if len(t["shape"]) == 2)
     return {
         "parameters": manifest["summary"]["parameters"], "bytes": src_bytes, "largest_tensor_bytes": largest,
-        "shards": len(list(src.glob("*.safetensors"))), "convert_s": convert_s, "copy_baseline_s": copy_s,
-        "convert_vs_copy": convert_s / copy_s, "convert_peak_rss": convert_rss, "search_s": search_s, "output_bytes": out_bytes, "dask_s": dask_s, "workers": workers,
+        "shards": len(list(src.glob("*.safetensors"))), "convert_s": median.seconds, "convert_runs_s": [m.seconds for m in cached],
+        "first_convert_s": first.seconds, "copy_baseline_s": copy_s, "copy_runs_s": copies,
+        "convert_vs_copy": median.seconds / copy_s, "first_vs_copy": first.seconds / copy_s,
+        "convert_peak_rss": max(m.peak_rss for m in [first, *cached]), "cpu_s": median.cpu, "first_cpu_s": first.cpu,
+        "search_s": search_s, "output_bytes": out_bytes, "dask_s": dask_s, "workers": workers,
         "bits_per_parameter": manifest["summary"]["bits_per_parameter"],
         "quantized_bits_per_parameter": manifest["summary"]["quantized_bits_per_parameter"],
-    }
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -291,7 +359,7 @@ def main() -> None:
         shutil.rmtree(peer_out, ignore_errors=True)
         script = work / "peer.py"
         script.write_text(PEER)
-        peer = run_measured([str(script), str(sources["7b"]), str(peer_out)], work)[:2]
+        peer = run_measured([str(script), str(sources["7b"]), str(peer_out)], work)[:2]  # seconds, peak RSS
         shutil.rmtree(peer_out, ignore_errors=True)
 
     result = {
@@ -310,9 +378,11 @@ def main() -> None:
         p, s_ = r["parameters"], r["convert_s"]
         rows += [
             (f"{shape}: checkpoint", f"{p / 1e9:.2f} G params, {r['bytes'] / gb:.2f} GB, {r['shards']} shard(s), largest tensor {r['largest_tensor_bytes'] / gb:.2f} GB as bf16", ""),
-            (f"{shape}: nf4convert convert (end to end)", f"{s_:.1f} s ({p / s_ / 1e6:,.0f} M params/s, {r['bytes'] / s_ / gb:.2f} GB/s)", f"{r['convert_vs_copy']:.2f}x copy baseline"),
+            (f"{shape}: nf4convert convert (end to end, decisions cached; median of {len(r['convert_runs_s'])})", f"{s_:.1f} s ({p / s_ / 1e6:,.0f} M params/s, {r['bytes'] / s_ / gb:.2f} GB/s)", f"{r['convert_vs_copy']:.2f}x copy baseline"),
+            (f"{shape}: nf4convert convert, first conversion (no cached decisions)", f"{r['first_convert_s']:.1f} s", f"{r['first_vs_copy']:.2f}x copy baseline"),
+            (f"{shape}: CPU seconds of the median run", ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s"].items() if v >= 0.05), ""),
             (f"{shape}: nf4convert convert --scales search", f"{r['search_s']:.1f} s ({p / r['search_s'] / 1e6:,.0f} M params/s)", f"{r['search_s'] / r['copy_baseline_s']:.2f}x copy baseline"),
-            (f"{shape}: copy baseline (read src, write+fsync out bytes)", f"{r['copy_baseline_s']:.1f} s", "1.00x"),
+            (f"{shape}: copy baseline (read src, write+fsync out bytes; median of {len(r['copy_runs_s'])})", f"{r['copy_baseline_s']:.1f} s", "1.00x"),
             *([(f"{shape}: nf4convert convert --workers {r['workers']} (local Dask cluster, its start included)", f"{r['dask_s']:.1f} s ({p / r['dask_s'] / 1e6:,.0f} M params/s)", f"{s_ / r['dask_s']:.2f}x the single process's speed")] if r["dask_s"] else []),
             (f"{shape}: peak RSS, nf4convert convert", f"{r['convert_peak_rss'] / 2**20:,.0f} MiB", ""),
             (f"{shape}: output", f"{r['output_bytes'] / gb:.2f} GB, {r['bits_per_parameter']:.3f} bits/param overall", f"{r['quantized_bits_per_parameter']:.3f} for quantized weights"),

@@ -92,7 +92,7 @@ def throughput(work: Path, src: Path, nf4: Path, *, tokens: int, batch: int, dev
     for mode in modes:
         folder = nf4 if mode == "nf4convert" else src
         print(f"{src.name} {mode}, batch {batch} ...", file=sys.stderr)
-        _, rss, text = run_measured([str(script), mode, str(folder), device, str(tokens), str(batch)], work)
+        _, rss, text, _ = run_measured([str(script), mode, str(folder), device, str(tokens), str(batch)], work)
         out[mode] = {**json.loads(text.strip().splitlines()[-1]), "peak_rss": rss, "bytes": sum(f.stat().st_size for f in folder.glob("*.safetensors"))}
     return out
 
@@ -128,7 +128,7 @@ def main() -> None:
     results = {}
     for mode, folder in [("nf4convert", nf4), ("transformers", nf4), ("quantize-on-load", src)]:
         print(f"{mode} ...", file=sys.stderr)
-        _, rss, out = run_measured([str(script), mode, str(folder), args.device], work)
+        _, rss, out, _ = run_measured([str(script), mode, str(folder), args.device], work)
         results[mode] = {**json.loads(out.strip().splitlines()[-1]), "peak_rss": rss}
     moe = moe_row(work, args.moe_layers, args.moe_tokens, args.device)
     batches = [int(b) for b in args.batches.split(",") if b]

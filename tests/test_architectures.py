@@ -211,6 +211,30 @@ def test_transformers_decisions_are_cached_under_a_hash_of_what_they_depend_on(s
     assert decide(infos, config=src.config) == first
 
 
+def test_an_architecture_transformers_does_not_know_is_asked_once_and_no_model_type_never(sources, tmp_path):
+    """Its refusal is cached like an answer; a config.json without model_type is refused without
+    importing transformers (seconds of the first conversion of every such checkpoint)."""
+    import os
+    import subprocess
+    import sys
+
+    src = sources("LlamaForCausalLM")
+    env = {**os.environ, "NF4CONVERT_CACHE": str(tmp_path / "cache")}
+    code = """
+import json, sys
+from nf4convert.architecture import decide
+from nf4convert.source import open_source
+src = open_source(sys.argv[1])
+config = json.loads(sys.argv[2])
+print(decide([t.info for t in src.tensors], config=config).decided_by, "transformers" in sys.modules)
+"""
+    run = lambda config: subprocess.run([sys.executable, "-c", code, str(src), json.dumps(config)], env=env, capture_output=True, text=True, check=True).stdout.split()
+    unknown = {"model_type": "no-such-architecture"}
+    first, again = run(unknown), run(unknown)  # decided_by ..., whether transformers was imported
+    assert first[-1] == "True" and again[-1] == "False" and first[:-1] == again[:-1] and "'no-such-architecture'" in " ".join(first)
+    assert run({"quantization_config": {"quant_method": "fp8"}})[-1] == "False"
+
+
 def test_a_folder_missing_an_expert_is_a_load_error_naming_the_parameter(sources, tmp_path):
     from safetensors.torch import save_file
 
