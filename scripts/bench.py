@@ -284,6 +284,7 @@ def measure(src: Path, work: Path, workers: int | None = None, repeats: int = 3)
     cmd = ["nf4convert", "convert", str(src), str(out), "--quiet"]
     print(f"copy baseline, {src.name} (warms the page cache) ...", file=sys.stderr)
     copy_baseline(src, sum(p.stat().st_size for p in src.glob("*.safetensors")) // 4, work / "copy.bin")
+    (work / "copy.bin").unlink()
     fresh = work / "first-cache"
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir()
