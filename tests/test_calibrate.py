@@ -236,3 +236,18 @@ def test_every_weight_convert_quantizes_gets_a_vector_shared_experts_too(name, t
     assert any("shared" in k for k in vectors) == (name != "GptOssForCausalLM")  # shared experts are measured on every token
     weighted = json.loads((convert(src, tmp_path / "nf4", options=Options(scales="search", importance=str(out))) / "nf4convert.json").read_text())
     assert weighted["options"]["importance"]["weighted_tensors"] == len(plan.quantized) - len(missing)
+
+
+def test_a_hub_repo_id_is_measured_offline_from_the_cache(tmp_path, cli):
+    from .test_hub import cache_repo
+
+    src = save_tokenizer(save_checkpoint("LlamaForCausalLM", tmp_path / "src"))
+    cache = tmp_path / "hf-cache"
+    cache_repo(cache, "org/tiny", {p.name: p.read_bytes() for p in src.iterdir()})
+    out = tmp_path / "imp.safetensors"
+    rc, _, err = cli("importance", "org/tiny", out, "--text", TEXT, "--window", "32", "--cache-dir", cache, "-q")
+    assert rc == 0, err
+    local = tmp_path / "local.safetensors"
+    measure_importance(src, TEXT, local, window=32)
+    ours, theirs = load_file(out), load_file(local)
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
