@@ -8,7 +8,9 @@ offload then reads it from the checkpoint's own safetensors when it runs and dro
 activations, whatever the model's size. Weights transformers changes on load (experts it fuses) are
 written once, in the model's dtype, to a scratch folder beside the output and removed afterwards.
 
-The calibration text is cut into whole windows, run as one batch (each block is read once). Every
+The calibration text is cut into whole windows, run in batches of at most ``batch_tokens`` tokens
+(16,384 by default: one batch for a few thousand words, so each block is read once; a longer text
+reads the model once per batch, and its activations stay bounded). Every
 ``nn.Linear``/``Conv1D`` input is recorded by a forward hook. Fused MoE experts (transformers'
 ``use_experts_implementation`` modules, run with their ``eager`` per-expert loop) are recorded by a
 :class:`~torch.overrides.TorchFunctionMode` that sees which expert's slice each ``F.linear`` multiplies:
@@ -37,12 +39,12 @@ if TYPE_CHECKING:
 
 def measure_importance(
     model: str | os.PathLike, text_file: str | os.PathLike, output: str | os.PathLike, *,
-    device: str = "cpu", window: int = 512, force: bool = False, progress: bool = False,
+    device: str = "cpu", window: int = 512, batch_tokens: int = 16384, force: bool = False, progress: bool = False,
     revision: str | None = None, cache_dir: str | os.PathLike | None = None,
 ) -> int:  # fmt: skip
     """Measure the importance file ``output`` of ``model`` (a local folder, or a Hub repo id through
     the local cache) over the text of ``text_file``, a block at a time (see the module docstring), on
-    ``device``. Returns the number of weights it weighs.
+    ``device``, in batches of at most ``batch_tokens`` tokens. Returns the number of weights it weighs.
 
     Raises:
         MissingDependencyError: transformers is not installed.
@@ -78,7 +80,7 @@ def measure_importance(
         net = load_streamed(folder, source.config or {}, device, Path(scratch))
         statistics = Statistics(net)
         with statistics, torch.no_grad():
-            _forward(net, windows.to(device), progress=progress)
+            _forward(net, windows.to(device), batch_tokens=batch_tokens, progress=progress)
         statistics.close()
     vectors, unrouted = statistics.vectors(net, [t.name for t in source.tensors])
     write_importance(out, vectors, {"text_sha256": sha256_file(text_path), "windows": str(len(windows)), "experts_without_tokens": str(unrouted)})
@@ -164,17 +166,21 @@ def load_streamed(folder: Path, config: dict, device: str, scratch: Path) -> tor
 
 
 
-def _forward(model: torch.nn.Module, windows: torch.Tensor, *, progress: bool) -> None:
-    """Run the bare model (no output head) on ``windows``, one batch, with a progress bar over its blocks."""
+def _forward(model: torch.nn.Module, windows: torch.Tensor, *, batch_tokens: int, progress: bool) -> None:
+    """Run the bare model (no output head) on ``windows``, in batches of at most ``batch_tokens`` tokens
+    (at least one window; each batch reads every block once), with a progress bar over the blocks."""
     from tqdm import tqdm
 
     base = model.base_model
     names = blocks(model)
-    bar = tqdm(total=len(names), unit="block", desc="measuring", disable=not progress)
+    per_batch = max(1, batch_tokens // windows.shape[1])
+    batches = windows.split(per_batch)
+    bar = tqdm(total=len(names) * len(batches), unit="block", desc="measuring", disable=not progress)
     hooks = [model.get_submodule(n).register_forward_hook(lambda *_: bar.update() and None) for n in names]
     kwargs = {"use_cache": False} if "use_cache" in inspect.signature(base.forward).parameters else {}
     try:
-        base(input_ids=windows, **kwargs)
+        for batch in batches:
+            base(input_ids=batch, **kwargs)
     except (RuntimeError, ValueError, TypeError) as e:
         raise LoadError(f"running {type(base).__name__} on the calibration text failed ({str(e).splitlines()[0] if str(e) else e.__class__.__name__})") from None
     finally:

@@ -327,18 +327,23 @@ def verify(path: str, source: str | None, as_json: bool, save: bool, revision: s
 @click.argument("output")
 @click.option("--text", "text_file", required=True, type=click.Path(), help="Calibration text (a few thousand words of the kind of text the model will see).")
 @click.option("--device", default="cpu", show_default=True, help="Device to run the model on.")
-@click.option("--window", type=click.IntRange(min=16), default=512, show_default=True, help="Tokens per window; the text is cut into whole windows, run as one batch.")
+@click.option("--window", type=click.IntRange(min=16), default=512, show_default=True, help="Tokens per window; the text is cut into whole windows.")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=16384, show_default=True, help="Tokens per forward pass (whole windows); each pass reads every block once, so more tokens mean more activation memory and fewer reads.")
 @click.option("--revision", default=None, help="For a Hub repo id: the branch, tag or commit (from the local cache).")
 @click.option("--cache-dir", default=None, help="For a Hub repo id: the Hugging Face cache folder.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an importance file nf4convert wrote.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def importance(model: str, output: str, text_file: str, device: str, window: int, revision: str | None, cache_dir: str | None, force: bool, quiet: bool) -> None:
+def importance(
+    model: str, output: str, text_file: str, device: str, window: int, batch_tokens: int, revision: str | None, cache_dir: str | None, force: bool, quiet: bool
+) -> None:
     """Measure the importance file for `convert --scales search --importance OUTPUT`: the mean squared
     activation entering each linear layer (and each MoE expert) of MODEL (a local folder, or a Hub repo id
     in the local cache) over a text, one block at a time (the memory of one block, whatever the model's size)."""
     from .calibrate import measure_importance
 
-    n = measure_importance(model, text_file, output, device=device, window=window, force=force, progress=not quiet, revision=revision, cache_dir=cache_dir)
+    n = measure_importance(
+        model, text_file, output, device=device, window=window, batch_tokens=batch_tokens, force=force, progress=not quiet, revision=revision, cache_dir=cache_dir
+    )
     click.echo(f"Wrote {output}: importance of {n} weights")
 
 

@@ -251,3 +251,15 @@ def test_a_hub_repo_id_is_measured_offline_from_the_cache(tmp_path, cli):
     measure_importance(src, TEXT, local, window=32)
     ours, theirs = load_file(out), load_file(local)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_batches_of_windows_sum_to_the_vectors_of_one_batch(tmp_path):
+    """A long text runs in several batches (each reads the model once more); the vectors are the same
+    means over the same tokens (to float rounding of the sums)."""
+    src = save_tokenizer(save_checkpoint("LlamaForCausalLM", tmp_path / "src"))
+    measure_importance(src, TEXT, tmp_path / "one.safetensors", window=32)
+    measure_importance(src, TEXT, tmp_path / "many.safetensors", window=32, batch_tokens=100)  # 3 windows a batch
+    one, many = load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "many.safetensors")
+    assert one.keys() == many.keys()
+    for k in one:
+        torch.testing.assert_close(many[k], one[k], rtol=1e-5, atol=0)
