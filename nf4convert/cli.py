@@ -193,11 +193,14 @@ def default_output(source: str) -> str:
 def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: dict[str, Any], quiet: bool, verbose: bool) -> Path | None:
     """Plan, show and run the conversion of an opened source (``run``: :func:`nf4convert.convert.convert`'s
     keywords); returns the output folder (``None`` for a dry run)."""
-    from .convert import plan_conversion
+    from .resolve import source_hasher
     from .write import check_output
 
     check_output(Path(output), source=src.path, force=run["force"])  # a dry run makes the same checks
-    plan = plan_conversion(src, options=options, kernel=run["kernel"], hash_early=not dry_run)
+    hashes = None if dry_run else source_hasher(src)  # begun before torch loads (next line), on the idle core
+    from .convert import plan_conversion
+
+    plan = plan_conversion(src, options=options, kernel=run["kernel"], hashes=hashes)
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
     if dry_run:

@@ -25,7 +25,7 @@ from .files import FileHasher, file_record, file_state
 from .importance import importance_record
 from .plan import Options, Plan, make_plan
 from .quantize import resolve_kernel
-from .resolve import resolve_source
+from .resolve import resolve_source, source_hasher
 from .source import Source
 from .task import Progress, ShardTask, seal_shard, write_shard
 from .write import OutputFolder
@@ -35,14 +35,14 @@ Finished = Callable[[dict[str, Any]], None]
 
 
 def plan_conversion(
-    source: str | os.PathLike | Source | Plan, *, options: Options | None = None, kernel: str = "auto", hash_early: bool = False
+    source: str | os.PathLike | Source | Plan, *, options: Options | None = None, kernel: str = "auto", hashes: FileHasher | None = None
 ) -> Plan:
     """Plan a conversion (what ``--dry-run`` shows) without reading tensor data, except that a size
     budget (``options.bits``) first measures every weight's quantization error (:mod:`nf4convert.budget`,
     with ``kernel``). A :class:`Plan` is returned as it is.
 
-    With ``hash_early``, the local source shards' sha256 begin in a background thread before the
-    planning (``plan.hashes``): transformers' import and the meta model take one core, hashing the other.
+    ``hashes``: the source shards' sha256, begun before planning (:func:`~nf4convert.resolve.source_hasher`),
+    kept as ``plan.hashes`` for the conversion.
 
     Raises:
         SourceError, FormatError, QuantizationError, HubError: see :func:`convert`.
@@ -50,7 +50,6 @@ def plan_conversion(
     if isinstance(source, Plan):
         return source
     src = resolve_source(source)
-    hashes = FileHasher([(p, p.relative_to(src.root).as_posix()) for p in src.shards]) if hash_early and src.fetcher is None else None
     try:
         plan = make_plan(src, options or Options())
         if plan.options.bits is not None:
@@ -226,7 +225,11 @@ def convert(
         PosixPath('Llama-3-8B-nf4')
     """
     kernel = resolve_kernel(kernel, device)
-    plan = plan_conversion(source, options=options, kernel=kernel, hash_early=True)
+    if isinstance(source, Plan):
+        plan = source
+    else:
+        src = resolve_source(source)
+        plan = plan_conversion(src, options=options, kernel=kernel, hashes=source_hasher(src))
     try:
         if plan.options.scales == "search" and kernel != "native":
             raise QuantizationError("--scales search runs in the native kernel only (the CPU, with a C compiler)")

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from .errors import SourceError, SourceNotFoundError
+from .files import FileHasher
 from .source import Source, open_source
 
 
@@ -63,3 +64,11 @@ def resolve_source(
         from .pickled import stage_pickled
 
         return stage_pickled(Path(source), allow_pickle_staging)
+
+
+def source_hasher(src: Source) -> FileHasher | None:
+    """Begin the sha256 of a local source's shards in a background thread (``None`` for a streamed
+    source, whose shards are not here yet). Needs no torch: started before torch and transformers
+    load, it hashes on the core they leave idle."""
+    return FileHasher([(p, p.relative_to(src.root).as_posix()) for p in src.shards]) if src.fetcher is None else None
+
