@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from .decisions import (
-    EXPERT_PATTERN, Decision, Decisions, decide_by_rules, fused_decision, is_fused_candidate, precheck, settle, skip_reason,
+    AS_TRANSFORMERS_NOTE, EXPERT_PATTERN, Decision, Decisions, decide_by_rules, fused_decision, is_fused_candidate, precheck,
+    rules_as_transformers, settle, skip_reason,
 )  # fmt: skip
 from .files import cache_dir
 from .tensorfile import TensorInfo
@@ -362,7 +363,8 @@ def decide(
     versions, ``config.json``, every tensor's name, dtype and shape, the options): importing
     transformers' modeling code costs seconds, and a resumed or repeated conversion plans the same.
     So is its refusal (an architecture it does not know); a ``config.json`` without ``model_type``
-    is refused without importing it.
+    is refused without importing it, and the architectures the name rules decide as transformers
+    does (:data:`~nf4convert.decisions.AS_TRANSFORMERS`) are not asked.
 
     Raises:
         SourceError: fused experts whose expert count differs from the model's.
@@ -373,6 +375,9 @@ def decide(
             raise CannotAsk("no config.json")
         if "model_type" not in config:  # known without importing transformers
             raise CannotAsk("config.json has no model_type")
+        model = rules_as_transformers(infos, config=config, quantize_lm_head=quantize_lm_head)
+        if model is not None:
+            return decide_by_rules(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, blocksize=blocksize, why=f"{model}: {AS_TRANSFORMERS_NOTE}")
         key = _cache_key(infos, config, skip, quantize_lm_head, experts, blocksize)
         cached = _load_cached(key)
         if isinstance(cached, str):

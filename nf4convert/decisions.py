@@ -18,6 +18,19 @@ from .errors import SourceError
 from .tensorfile import TensorInfo
 
 RULES = "name rules"
+#: Said in ``decided_by`` where the name rules decide an architecture of :data:`AS_TRANSFORMERS` for transformers.
+AS_TRANSFORMERS_NOTE = "decided as transformers does"
+#: transformers model classes (``architectures`` in ``config.json``) whose checkpoints the name rules decide
+#: exactly as transformers does: every tensor and the skip list, tied output head or not, with ``--skip`` or
+#: not, though not with ``--quantize-lm-head`` (tests/test_architectures.py checks each against the transformers
+#: installed). These are decided without importing transformers' modeling code, which costs seconds (issue 25).
+#: Dense decoders of ``nn.Linear`` or ``Conv1D`` only: MoE experts, whose key mapping transformers changes
+#: between versions, and FalconForCausalLM (FalconLinear is not ``nn.Linear``) are always asked.
+AS_TRANSFORMERS = frozenset({
+    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM",
+    "PhiForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "OPTForCausalLM", "BloomForCausalLM", "GPTBigCodeForCausalLM",
+    "StableLmForCausalLM",
+})  # fmt: skip
 
 #: Name rules (spec section 6): module names (last component) that are output heads.
 OUTPUT_HEADS = ("lm_head", "embed_out")
@@ -74,6 +87,11 @@ class Decisions:
     decided_by: str
     tensors: dict[str, Decision]
     skip_modules: list[str] = field(default_factory=list)
+
+    @property
+    def as_transformers(self) -> bool:
+        """Decided by transformers, or by the name rules where they decide as it does: its loader reads the output."""
+        return self.decided_by.startswith("transformers") or AS_TRANSFORMERS_NOTE in self.decided_by
 
     @property
     def experts_quantized(self) -> bool:
@@ -212,6 +230,17 @@ def settle(tensors: dict[str, Decision], entries: Callable[[set[str]], set[str]]
             return sorted(listed)
         for n, e in covered.items():
             tensors[n] = Decision(False, f"a loader would read it unquantized (skip entry {e!r} covers it)", expert=tensors[n].expert)
+
+
+def rules_as_transformers(infos: list[TensorInfo], *, config: dict, quantize_lm_head: bool) -> str | None:
+    """The model class, where the name rules decide this checkpoint as transformers would (:data:`AS_TRANSFORMERS`):
+    one of those classes, no 3-D or per-expert tensor, and the output head not quantized."""
+    names = config.get("architectures") or []
+    if len(names) != 1 or names[0] not in AS_TRANSFORMERS or quantize_lm_head:
+        return None
+    if any(is_fused_candidate(i) or EXPERT_PATTERN.search(f".{i.name}") for i in infos):
+        return None
+    return names[0]
 
 
 def decide_by_rules(

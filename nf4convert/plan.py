@@ -185,7 +185,7 @@ class Plan:
     def loaders(self) -> list[str]:
         """Which loaders read the output (what the tests check): a model loader only where the output
         has a ``config.json`` of an architecture transformers knew when converting."""
-        if self.source.config is None or not self.decisions.decided_by.startswith("transformers"):
+        if self.source.config is None or not self.decisions.as_transformers:
             why = "no config.json" if self.source.config is None else self.decisions.decided_by
             return [f"nf4convert.load_state_dict + replace_linear into your own module ({why})"]
         if self.decisions.fused_experts_transposed:  # stock from_pretrained would transpose the 4-bit bytes

@@ -119,12 +119,12 @@ MOE = [name for name, (kind, _, _) in ARCHITECTURES.items() if kind.startswith("
 FUSED = [name for name in MOE if ARCHITECTURES[name][0].startswith("MoE, fused")]
 
 
-def build(name: str, *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
-    """The tiny model ``name`` with random weights (seeded), in ``dtype``."""
+def build(name: str, *, dtype: torch.dtype = torch.float32, **config_changes: Any) -> torch.nn.Module:
+    """The tiny model ``name`` with random weights (seeded), in ``dtype``, its config changed by ``config_changes``."""
     import transformers
 
     _, config_name, kwargs = ARCHITECTURES[name]
-    config = getattr(transformers, config_name)(**kwargs)
+    config = getattr(transformers, config_name)(**{**kwargs, **config_changes})
     torch.manual_seed(0)
     model = getattr(transformers, name)(config).to(dtype).eval()
     return model

@@ -21,7 +21,8 @@ import torch
 
 from nf4convert.convert import convert, plan_conversion
 from nf4convert.errors import LoadError, QuantizationError
-from nf4convert.architecture import map_keys
+from nf4convert.architecture import ask_transformers, decide, map_keys
+from nf4convert.decisions import AS_TRANSFORMERS
 from nf4convert.load import float_numerics, load_model, load_state_dict
 from nf4convert.plan import Options
 
@@ -92,7 +93,29 @@ def test_output_equals_bitsandbytes_on_load_in_both_loaders(name, sources, tmp_p
     torch.testing.assert_close(output(float_numerics(theirs), x), expected, **exact)
     torch.testing.assert_close(output(float_numerics(ours), x), expected, **exact)
     manifest = json.loads((out / "nf4convert.json").read_text())
-    assert manifest["decided_by"] == f"transformers {transformers.__version__} ({name})"
+    decided = f"name rules ({name}: decided as transformers does)" if name in AS_TRANSFORMERS else f"transformers {transformers.__version__} ({name})"
+    assert manifest["decided_by"] == decided
+
+
+@pytest.mark.parametrize("name", sorted(AS_TRANSFORMERS))
+def test_the_name_rules_decide_these_architectures_as_transformers_does(name, tmp_path):
+    """What lets their first conversion skip transformers' modeling import (seconds): every tensor's
+    treatment and the skip list, with the output head tied or not, with --skip or not."""
+    from nf4convert.source import open_source
+
+    treatment = lambda d: {n: (t.quantize, t.transpose, t.expert, t.fused) for n, t in d.tensors.items()}  # noqa: E731
+    for tied in (False, True):
+        build(name, tie_word_embeddings=tied).save_pretrained(tmp_path / str(tied))
+        src = open_source(tmp_path / str(tied))
+        infos = [t.info for t in src.tensors]
+        for skip in ((), ("*.0.*",)):
+            options = dict(config=src.config, skip=skip, quantize_lm_head=False, experts="quantize", blocksize=64)
+            ours, theirs = decide(infos, **options), ask_transformers(infos, **options)
+            assert ours.decided_by == f"name rules ({name}: decided as transformers does)" and ours.as_transformers
+            assert treatment(ours) == treatment(theirs)
+            assert sorted(ours.skip_modules) == sorted(theirs.skip_modules)
+        with_head = decide(infos, **{**options, "quantize_lm_head": True})  # the rules' skip list differs there: asked
+        assert with_head.decided_by == f"transformers {transformers.__version__} ({name})"
 
 
 @pytest.mark.parametrize("name", [n for n in MOE if n not in FUSED])
@@ -211,9 +234,9 @@ def test_transformers_decisions_are_cached_under_a_hash_of_what_they_depend_on(s
     assert decide(infos, config=src.config) == first
 
 
-def test_an_architecture_transformers_does_not_know_is_asked_once_and_no_model_type_never(sources, tmp_path):
-    """Its refusal is cached like an answer; a config.json without model_type is refused without
-    importing transformers (seconds of the first conversion of every such checkpoint)."""
+def test_an_architecture_transformers_does_not_know_is_asked_once_and_no_model_type_or_llama_never(sources, tmp_path):
+    """Its refusal is cached like an answer; a config.json without model_type is refused, and a Llama
+    decided by the name rules, without importing transformers (seconds of every first conversion)."""
     import os
     import subprocess
     import sys
@@ -233,6 +256,7 @@ print(decide([t.info for t in src.tensors], config=config).decided_by, "transfor
     first, again = run(unknown), run(unknown)  # decided_by ..., whether transformers was imported
     assert first[-1] == "True" and again[-1] == "False" and first[:-1] == again[:-1] and "'no-such-architecture'" in " ".join(first)
     assert run({"quantization_config": {"quant_method": "fp8"}})[-1] == "False"
+    assert run(json.loads((src / "config.json").read_text())) == ["name", "rules", "(LlamaForCausalLM:", "decided", "as", "transformers", "does)", "False"]
 
 
 def test_a_folder_missing_an_expert_is_a_load_error_naming_the_parameter(sources, tmp_path):

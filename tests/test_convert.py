@@ -157,7 +157,7 @@ def test_manifest_records_options_source_hashes_outputs_and_decisions(llama_dir,
     kept = {t["name"]: t["reason"] for t in m["tensors"]["kept"]}
     assert kept["model.layers.0.mlp.down_proj.weight"] == "--skip *.mlp.down_proj"
     assert kept["lm_head.weight"].startswith("output head")
-    assert kept["model.embed_tokens.weight"] == "Embedding (not nn.Linear)"
+    assert kept["model.embed_tokens.weight"] == "embedding"
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert config["llm_int8_skip_modules"] == ["lm_head", "model.embed_tokens", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     model = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
@@ -195,18 +195,18 @@ def test_cli_convert_then_inspect(llama_dir, tmp_path, cli):
     assert code == 0 and summary["format_version"] == 1 and summary["options"]["blocksize"] == 128
     assert summary["quantized"]["tensors"] == 14 and summary["kept"]["tensors"] == 7
     assert summary["quantized_bits_per_parameter"] == pytest.approx(4 + 32 / 128, abs=0.1)  # + per-tensor quant_map and blob
-    assert summary["decided_by"] == f"transformers {transformers.__version__} (LlamaForCausalLM)"
+    assert summary["decided_by"] == "name rules (LlamaForCausalLM: decided as transformers does)"
     code, out, _ = cli("inspect", tmp_path / "out")
     assert code == 0 and "out: nf4convert output, format v1 (written by nf4convert" in out
-    assert "  decided by transformers" in out and "  loads in:  transformers from_pretrained (bitsandbytes); nf4convert.load_model" in out
+    assert "  decided by name rules (LlamaForCausalLM: decided as transformers does)" in out and "  loads in:  transformers from_pretrained (bitsandbytes); nf4convert.load_model" in out
 
 
 def test_dry_run_says_what_decided_and_which_loaders_read_the_output(llama_dir, cli):
     code, out, err = cli("convert", llama_dir, "--dry-run")
     assert code == 0, err
-    assert f"  decided by transformers {transformers.__version__} (LlamaForCausalLM)" in out
+    assert "  decided by name rules (LlamaForCausalLM: decided as transformers does)" in out
     assert "  loads in: transformers from_pretrained (bitsandbytes); nf4convert.load_model" in out
-    assert "Embedding (not nn.Linear)" in out and "Nothing written (--dry-run)." in out
+    assert "embedding" in out and "Nothing written (--dry-run)." in out
 
 
 def test_single_file_source(llama_dir, tmp_path):
