@@ -29,7 +29,8 @@ AS_TRANSFORMERS_NOTE = "decided as transformers does"
 AS_TRANSFORMERS = frozenset({
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Gemma2ForCausalLM", "Phi3ForCausalLM",
     "PhiForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "OPTForCausalLM", "BloomForCausalLM", "GPTBigCodeForCausalLM",
-    "StableLmForCausalLM",
+    "StableLmForCausalLM", "GemmaForCausalLM", "Gemma3ForCausalLM", "Olmo2ForCausalLM", "GraniteForCausalLM", "SmolLM3ForCausalLM",
+    "Starcoder2ForCausalLM",
 })  # fmt: skip
 
 #: Name rules (spec section 6): module names (last component) that are output heads.

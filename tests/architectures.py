@@ -36,6 +36,12 @@ ARCHITECTURES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "BloomForCausalLM": ("dense, fused qkv", "BloomConfig", dict(vocab_size=128, hidden_size=64, n_layer=2, n_head=4)),
     "GPTBigCodeForCausalLM": ("dense, multi-query", "GPTBigCodeConfig", dict(vocab_size=128, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
     "StableLmForCausalLM": ("dense", "StableLmConfig", _DECODER),
+    "GemmaForCausalLM": ("dense", "GemmaConfig", dict(_DECODER, head_dim=16)),
+    "Gemma3ForCausalLM": ("dense, Gemma 3 text-only", "Gemma3TextConfig", dict(_DECODER, head_dim=16)),
+    "Olmo2ForCausalLM": ("dense, q/k norms", "Olmo2Config", _DECODER),
+    "GraniteForCausalLM": ("dense, scaled residuals", "GraniteConfig", _DECODER),
+    "SmolLM3ForCausalLM": ("dense, NoPE layers", "SmolLM3Config", dict(_DECODER, pad_token_id=0)),
+    "Starcoder2ForCausalLM": ("dense, biases", "Starcoder2Config", _DECODER),
     # MoE
     "MixtralForCausalLM": ("MoE, per-expert", "MixtralConfig", _MOE),
     "Qwen2MoeForCausalLM": ("MoE, shared expert", "Qwen2MoeConfig", dict(_MOE, shared_expert_intermediate_size=96)),
@@ -161,7 +167,7 @@ def inputs(name: str, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     pixels = torch.randn(1, 3, vision.image_size, vision.image_size, generator=g) if hasattr(vision, "image_size") else None
     if main == "pixel_values" and not hasattr(config, "text_config"):
         return {"pixel_values": pixels}
-    if name.startswith(("Llava", "Gemma3")):
+    if name.startswith(("Llava", "Gemma3ForConditional")):
         tokens = getattr(config, "mm_tokens_per_image", None) or (vision.image_size // vision.patch_size) ** 2
         ids = torch.cat([ids[:, :2], torch.full((1, tokens), config.image_token_index), ids[:, 2:]], dim=1)
         return {"input_ids": ids, "pixel_values": pixels}

@@ -1,4 +1,4 @@
-"""The architecture matrix: tiny random-weight models of 35 transformers architectures, converted, then
+"""The architecture matrix: tiny random-weight models of 53 transformers architectures, converted, then
 loaded by transformers and by ``nf4convert.load_model``, checked against bitsandbytes quantizing on load.
 
 - every architecture: with ``--experts keep`` (what stock transformers 5 loads), every tensor equals
