@@ -134,7 +134,6 @@ def convert(
 ) -> None:
     """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT (default:
     NAME-nf4 beside a local SOURCE, ./NAME-nf4 for a repo id)."""
-    from .quantize import resolve_kernel
     from .resolve import resolve_source
 
     if quiet and verbose:
@@ -167,8 +166,15 @@ def convert(
     for folder in (staging, scratch):
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+    # torch's OpenMP threads spin after each parallel region by default; between the native kernel's
+    # calls the conversion's torch work is small, so spinning only takes CPU from the kernel, hashing
+    # and I/O threads (docs/performance.md: 1.9 s of 8 user seconds on the 7b bench). Before torch loads.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
-        resolve_kernel(kernel, device)  # a device or kernel this machine lacks is refused before any work
+        if device != "cpu":  # a GPU this machine lacks is refused before any work (the CPU's kernel: in _convert)
+            from .quantize import resolve_kernel
+
+            resolve_kernel(kernel, device)
         src = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=staging, stream_scratch=scratch)
         run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler}
         path = _convert(src, output, options, dry_run=dry_run, run=run, quiet=quiet, verbose=verbose)
@@ -197,7 +203,15 @@ def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: 
     from .write import check_output
 
     check_output(Path(output), source=src.path, force=run["force"])  # a dry run makes the same checks
-    hashes = None if dry_run else source_hasher(src)  # begun before torch loads (next line), on the idle core
+    hashes = None if dry_run else source_hasher(src)  # begun before torch loads (next lines), on the idle core
+    try:
+        from .quantize import resolve_kernel
+
+        resolve_kernel(run["kernel"], run["device"])  # imports torch; a kernel this machine lacks is refused before any writing
+    except NF4ConvertError:
+        if hashes is not None:
+            hashes.cancel()
+        raise
     from .convert import plan_conversion
 
     plan = plan_conversion(src, options=options, kernel=run["kernel"], hashes=hashes)

@@ -201,6 +201,32 @@ def test_cli_convert_then_inspect(llama_dir, tmp_path, cli):
     assert "  decided by name rules (LlamaForCausalLM: decided as transformers does)" in out and "  loads in:  transformers from_pretrained (bitsandbytes); nf4convert.load_model" in out
 
 
+def test_the_cli_hashes_the_source_while_torch_loads_and_keeps_openmp_from_spinning(llama_dir, tmp_path):
+    """What the 1.3x-of-a-copy target rests on (docs/performance.md): the source hasher starts before
+    torch is imported (it has the idle core meanwhile), and torch's OpenMP threads sleep after their
+    parallel regions instead of spinning against the kernel's threads."""
+    import os
+    import subprocess
+    import sys
+
+    code = """
+import os, sys
+import nf4convert.resolve as resolve
+began = resolve.source_hasher
+def spy(src):
+    print("torch" in sys.modules, os.environ.get("OMP_WAIT_POLICY"))
+    return began(src)
+resolve.source_hasher = spy
+from nf4convert.cli import main
+main(sys.argv[1:])
+"""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    p = subprocess.run([sys.executable, "-c", code, "convert", str(llama_dir), str(tmp_path / "out"), "-q"], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False", "PASSIVE"]
+    assert (tmp_path / "out" / "nf4convert.json").is_file()
+
+
 def test_dry_run_says_what_decided_and_which_loaders_read_the_output(llama_dir, cli):
     code, out, err = cli("convert", llama_dir, "--dry-run")
     assert code == 0, err
