@@ -69,7 +69,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
         kept = ", ".join(b["kept"][:6]) + (f", ... ({len(b['kept'])} in all)" if len(b["kept"]) > 6 else "")
         keeps = (f"keeps {b['kept_parameters']:,} parameters in {len(b['kept'])} module(s) (by {b['measure']} per extra bit): {kept}" if kept
                  else "keeps no module: keeping even the smallest group would exceed it")
-        click.echo(f"  budget --bits {b['bits']:g}: {b['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized; {keeps}")
+        click.echo(f"  budget --bits {b['bits']:g}: {b['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized, at blocksize {b['blocksize']}; {keeps}")
     click.echo(f"  loads in: {'; '.join(plan.loaders)}")
     if verbose:
         for t in plan.tensors:
