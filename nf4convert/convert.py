@@ -209,6 +209,10 @@ def convert(
         workers: run the shard tasks on a local Dask cluster of this many worker processes.
         scheduler: run them on the Dask cluster at this address (its workers must see source and output).
 
+    On a machine with few cores, set ``OMP_WAIT_POLICY=PASSIVE`` in the environment before torch is
+    imported (the CLI does): torch's OpenMP threads otherwise spin between its small operations here,
+    taking CPU from the quantizing and hashing threads (docs/performance.md).
+
     Returns:
         The output folder.
 
