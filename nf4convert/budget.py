@@ -1,25 +1,27 @@
-"""A size budget (``--bits B``): the modules whose quantization costs the most per extra bit stay in
-their dtype, until the weights that would be quantized average ``B`` bits per parameter.
+"""A size budget (``--bits B``): extra bits go where they remove the most quantization error, until
+the weights that would be quantized average ``B`` bits per parameter.
 
 Each quantized weight's cost is its relative quantization error, measured on the weight itself with
 the conversion's own encoder (``--scales``, ``--importance``): ``Σ v (W - Ŵ)² / Σ v W²``, each element
 weighed by its input column's importance ``v`` where there are vectors (then it is the noise that
 quantizing adds to the layer's output, as a share of that output's energy), else 1. The share, not
 the absolute error: activations grow along the residual stream, so absolute errors would always point
-at the last layers, and a share is what a normalized stream sees. Keeping a weight costs
-``numel * (dtype bits - its NF4 bits)``. Modules go in groups a
-loader fuses into one matrix (q/k/v, gate/up, ...; all experts of an MoE layer), so that every loader's
-skip rule holds, and they are taken greedily, highest error per extra bit first; a group that does not
-fit is passed over for smaller ones. The chosen modules join ``--skip`` (so ``llm_int8_skip_modules``
-lists them exactly), and the manifest records the budget (``options.budget``).
+at the last layers, and a share is what a normalized stream sees.
 
-Bits can also buy smaller blocks: blocksize 32 (the smallest bitsandbytes reads) costs 0.127 bit a
-parameter over 64 with double quantization and lowers every weight's error. Where the options'
-blocksize is larger and the budget affords it, both are planned (modules kept at the given
-blocksize, or at 32 with what is left) and the one leaving the smaller summed error is taken.
+Modules go in groups a loader fuses into one matrix (q/k/v, gate/up, ...; all experts of an MoE
+layer), so that every loader's skip rule holds. A group can spend bits two ways: on smaller blocks
+(blocksize 32, the smallest bitsandbytes reads: 0.127 bit a parameter over 64 with double
+quantization, measured by quantizing every weight at 32 too), or by staying in its dtype (``numel *
+(dtype bits - its NF4 bits)``, all its error gone). Each group's ways up are the steps of its lower
+convex hull, each removing less error per bit than the one before (smaller blocks, then kept; or kept
+at once where smaller blocks buy less per bit). Steps are taken greedily, most error removed per bit
+first; a step that does not fit is passed over for smaller ones, and ends its group's way up. Kept
+modules join ``--skip`` (so ``llm_int8_skip_modules`` lists them exactly), the others with smaller
+blocks ``small_blocks``, and the manifest records the budget (``options.budget``).
 
-Measuring reads every weight once more before the conversion, a piece at a time as the conversion
-does (the same memory bound). The double quantization of the scales is left out of the measure.
+Measuring reads every weight once more before the conversion (twice with the smaller blocks), a piece
+at a time as the conversion does (the same memory bound). The double quantization of the scales is
+left out of the measure.
 """
 
 from __future__ import annotations
@@ -44,18 +46,41 @@ FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("w1
 
 
 @dataclass(frozen=True)
-class Group:
-    """Modules kept or quantized together.
+class Step:
+    """One way a group of modules spends bits.
 
     Attributes:
-        patterns: what joins ``--skip`` (module names, or a glob over an MoE layer's experts).
-        error: their summed relative quantization errors.
-        extra_bits: what keeping them costs over quantizing them.
+        patterns: the group (module names, or a glob over an MoE layer's experts).
+        order: its place on the group's way up (0 first).
+        start: the state it leaves (``"base"`` or ``"small"``).
+        to: the state it reaches (``"small"``: blocksize 32; ``"kept"``: in its dtype).
+        gain: the summed relative error it removes.
+        cost: the extra bits it takes.
     """
 
     patterns: tuple[str, ...]
-    error: float
-    extra_bits: float
+    order: int
+    start: str
+    to: str
+    gain: float
+    cost: float
+
+    @property
+    def per_bit(self) -> float:
+        return self.gain / max(self.cost, 1.0)
+
+
+def way_up(patterns: tuple[str, ...], error: float, keep_cost: float, small: tuple[float, float] | None) -> list[Step]:
+    """A group's steps, each removing less error per bit than the one before: to smaller blocks
+    (``small``: their error and extra bits, where they can be had) then kept, or kept at once where
+    smaller blocks buy less per bit than keeping does."""
+    keep = Step(patterns, 0, "base", "kept", error, keep_cost)
+    if small is None or small[1] <= 0:
+        return [keep]
+    first = Step(patterns, 0, "base", "small", error - small[0], small[1])
+    if first.per_bit < keep.per_bit:
+        return [keep]
+    return [first, Step(patterns, 1, "small", "kept", small[0], keep_cost - small[1])]
 
 
 def kept_bits(t: PlannedTensor) -> int:
@@ -85,7 +110,7 @@ def relative_error(plan: Plan, *, kernel: str = "native") -> dict[str, float]:
     quantizing adds to the layer's output, as a share of the output's energy, each element weighed
     by its input column's importance ``v`` (``plan.options.importance``; 1 without). Read and
     quantized piece by piece, with the conversion's own encoder."""
-    options, bs = plan.options, plan.options.blocksize
+    options = plan.options
     importance = load_importance(options.importance, [t.name for t in plan.quantized]) if options.importance else {}
     sums: dict[str, list[float]] = {}
     by_shard: dict[Any, list[PlannedTensor]] = {}
@@ -96,14 +121,14 @@ def relative_error(plan: Plan, *, kernel: str = "native") -> dict[str, float]:
             sources = {p: SourceShard(p) for p in {t.source.shard for t in tensors} | {t.scale.shard for t in tensors if t.scale is not None}}
             for part in (x for t in tensors if t.source.packed is not None for x in t.source.packed):
                 sources.setdefault(part.shard, SourceShard(part.shard))
-            items = [(t, start, stop) for t in tensors for start, stop in pieces(t, bs)]
+            items = [(t, start, stop) for t in tensors for start, stop in pieces(t, t.blocksize)]
             weights = read_ahead(items, sources, pool, plan.source.fp8_block)
             for t, start, stop in items:
                 piece = on_device(next(weights), t, "cpu")
                 vector = importance.get(t.name)
-                packed, absmax = quantize_piece(piece, t, start, vector, blocksize=bs, kernel=kernel, scales=options.scales)
+                packed, absmax = quantize_piece(piece, t, start, vector, blocksize=t.blocksize, kernel=kernel, scales=options.scales)
                 flat = piece.reshape(-1).double()
-                restored = dequantize(NF4Weight(packed, absmax, (flat.numel(),), torch.float32, bs)).reshape(-1).double()
+                restored = dequantize(NF4Weight(packed, absmax, (flat.numel(),), torch.float32, t.blocksize)).reshape(-1).double()
                 v = _element_weights(vector, start, flat.numel(), t.source.info.numel).double() if vector is not None else 1.0
                 error, signal = sums.setdefault(t.name, [0.0, 0.0])
                 sums[t.name] = [error + float(((flat - restored) ** 2 * v).sum()), signal + float((flat**2 * v).sum())]
@@ -120,34 +145,20 @@ def _element_weights(vector: torch.Tensor, start: int, count: int, numel: int) -
     return vector[index // per_expert, index % vector.shape[1]]
 
 
-def choose(groups: list[Group], room: float) -> list[Group]:
-    """The groups to keep: highest error per extra bit first, each that still fits in ``room`` bits."""
-    chosen = []
-    for g in sorted(groups, key=lambda g: (-g.error / max(g.extra_bits, 1.0), g.patterns)):
-        if 0 < g.extra_bits <= room:
-            chosen.append(g)
-            room -= g.extra_bits
-    return chosen
-
-
-def _spend(plan: Plan, room: float, *, kernel: str) -> tuple[float, list[Group]]:
-    """The groups ``room`` extra bits keep in ``plan`` (:func:`choose`), and the summed relative error
-    of the weights it leaves quantized."""
-    errors = relative_error(plan, kernel=kernel)
-    members: dict[str, list[PlannedTensor]] = {}
-    for t in plan.quantized:
-        members.setdefault(group_of(t), []).append(t)
-    groups = [
-        Group((key,) if key.endswith(".experts.*") else tuple(sorted({module_of(t) for t in ts})), sum(errors[t.name] for t in ts), sum(kept_bits(t) - 8 * t.output_bytes for t in ts))
-        for key, ts in members.items()
-    ]  # fmt: skip
-    chosen = choose(groups, room)
-    return sum(errors.values()) - sum(g.error for g in chosen), chosen
+def choose(steps: list[Step], room: float) -> dict[tuple[str, ...], str]:
+    """Each group's state after spending ``room`` bits: steps most error removed per bit first, each
+    taken where its group is at its start and it still fits (``"base"`` where none was taken)."""
+    state: dict[tuple[str, ...], str] = {}
+    for step in sorted(steps, key=lambda s: (-s.per_bit, s.patterns, s.order)):
+        if state.get(step.patterns, "base") == step.start and 0 < step.cost <= room:
+            state[step.patterns] = step.to
+            room -= step.cost
+    return state
 
 
 def apply_budget(plan: Plan, *, kernel: str = "native") -> Plan:
-    """``plan`` with the modules the budget ``plan.options.bits`` keeps added to ``--skip``, at the
-    options' blocksize or at the smallest one, whichever leaves less error (see the module docstring).
+    """``plan`` with what the budget ``plan.options.bits`` buys: modules added to ``--skip``, and to
+    ``small_blocks`` (see the module docstring).
 
     Raises:
         QuantizationError: a budget below what quantizing every weight takes with these options, or a
@@ -158,28 +169,43 @@ def apply_budget(plan: Plan, *, kernel: str = "native") -> Plan:
         return plan
     if plan.source.fetcher is not None:
         raise QuantizationError("--bits measures every weight before converting, which would fetch each shard twice with --stream: download the repo first")
-    names = {t.name for t in plan.quantized}
-    params = sum(t.source.info.numel for t in plan.quantized)
-    floor = 8 * sum(t.output_bytes for t in plan.quantized) / params
+    quantized = plan.quantized
+    names = {t.name for t in quantized}
+    params = sum(t.source.info.numel for t in quantized)
+    floor = 8 * sum(t.output_bytes for t in quantized) / params
     if bits < floor - 1e-9:
         raise QuantizationError(f"--bits {bits:g} is below the {floor:.3f} bits per parameter of quantizing every weight with these options")
-    candidates = [plan]
-    if plan.options.blocksize > BLOCKSIZES[0]:
-        smaller = make_plan(plan.source, replace(plan.options, blocksize=BLOCKSIZES[0]))
-        if {t.name for t in smaller.quantized} == names and 8 * sum(t.output_bytes for t in smaller.quantized) <= bits * params:
-            candidates.append(smaller)
-    spent = [_spend(c, bits * params - 8 * sum(t.output_bytes for t in c.quantized), kernel=kernel) for c in candidates]
-    best = min(range(len(candidates)), key=lambda i: spent[i][0])
-    base, chosen = candidates[best], spent[best][1]
-    kept = tuple(p for g in chosen for p in g.patterns)
-    final = make_plan(base.source, replace(base.options, skip=base.options.skip + kept)) if kept else base
+    errors = relative_error(plan, kernel=kernel)
+    small_plan = make_plan(plan.source, replace(plan.options, small_blocks=("*",))) if plan.options.blocksize > BLOCKSIZES[0] else None
+    if small_plan is not None and {t.name for t in small_plan.quantized} != names:
+        small_plan = None  # smaller blocks would change what is quantized (fused experts): not offered
+    small_errors = relative_error(small_plan, kernel=kernel) if small_plan is not None else {}
+    small_bytes = {t.name: t.output_bytes for t in small_plan.quantized} if small_plan is not None else {}
+    members: dict[str, list[PlannedTensor]] = {}
+    for t in quantized:
+        members.setdefault(group_of(t), []).append(t)
+    steps, left = [], {}
+    for key, ts in members.items():
+        patterns = (key,) if key.endswith(".experts.*") else tuple(sorted({module_of(t) for t in ts}))
+        base_bits = sum(8 * t.output_bytes for t in ts)
+        small = (sum(small_errors[t.name] for t in ts), sum(8 * small_bytes[t.name] for t in ts) - base_bits) if small_errors else None
+        steps += way_up(patterns, sum(errors[t.name] for t in ts), sum(kept_bits(t) for t in ts) - base_bits, small)
+        left[patterns] = {"base": sum(errors[t.name] for t in ts), "small": small[0] if small else 0.0, "kept": 0.0}
+    state = choose(steps, bits * params - 8 * sum(t.output_bytes for t in quantized))
+    kept = tuple(p for g, s in state.items() if s == "kept" for p in g)
+    small = tuple(p for g, s in state.items() if s == "small" for p in g)
+    if small and all(state.get(g, "base") != "base" for g in left):
+        small = ("*",)  # every module not kept: one pattern says it
+    options = replace(plan.options, skip=plan.options.skip + kept, small_blocks=plan.options.small_blocks + small)
+    final = make_plan(plan.source, options) if kept or small else plan
     final.budget = {
         "bits": bits,
         "bits_per_parameter": round(sum(8 * t.output_bytes for t in final.tensors if t.name in names) / params, 4),
-        "blocksize": base.options.blocksize,
         "kept": list(kept),
         "kept_parameters": sum(t.source.info.numel for t in final.kept if t.name in names),
+        "small_blocks": list(small),
+        "small_blocks_parameters": sum(t.source.info.numel for t in final.quantized if t.blocksize < plan.options.blocksize),
         "measure": "importance-weighted relative error" if plan.options.importance else "relative error",
-        "error_left": {str(c.options.blocksize): round(e, 6) for c, (e, _) in zip(candidates, spent)},
+        "error_left": round(sum(left[g][state.get(g, "base")] for g in left), 6),
     }
     return final

@@ -67,9 +67,10 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
     if plan.budget is not None:
         b = plan.budget
         kept = ", ".join(b["kept"][:6]) + (f", ... ({len(b['kept'])} in all)" if len(b["kept"]) > 6 else "")
-        keeps = (f"keeps {b['kept_parameters']:,} parameters in {len(b['kept'])} module(s) (by {b['measure']} per extra bit): {kept}" if kept
-                 else "keeps no module: keeping even the smallest group would exceed it")
-        click.echo(f"  budget --bits {b['bits']:g}: {b['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized, at blocksize {b['blocksize']}; {keeps}")
+        keeps = (f"keeps {b['kept_parameters']:,} parameters in {len(b['kept'])} module(s) (by {b['measure']} removed per extra bit): {kept}" if kept
+                 else "keeps no module")
+        small = f"; blocksize 32 for {b['small_blocks_parameters']:,} parameters" if b["small_blocks"] else ""
+        click.echo(f"  budget --bits {b['bits']:g}: {b['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized; {keeps}{small}")
     click.echo(f"  loads in: {'; '.join(plan.loaders)}")
     if verbose:
         for t in plan.tensors:
@@ -88,7 +89,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("--scales", type=click.Choice(SCALE_METHODS), default="absmax", show_default=True, help="Block scales: absmax (bit-exact with bitsandbytes) or search (lower error, same format).")
 @click.option("--importance", type=click.Path(), default=None, help="With --scales search: weight each error by its input column's activation energy (a file from `nf4convert importance`).")
 @click.option("--experts", type=click.Choice(EXPERT_MODES), default="quantize", show_default=True, help="MoE expert weights: quantize per expert, or keep them as transformers 5 does.")
-@click.option("--bits", type=float, default=None, metavar="B", help="Size budget: average B bits per parameter over the weights that would be quantized (e.g. 4.5); the modules whose quantization costs the most per extra bit stay in their dtype, at blocksize 32 where that leaves less error. Measures every weight first.")
+@click.option("--bits", type=float, default=None, metavar="B", help="Size budget: average B bits per parameter over the weights that would be quantized (e.g. 4.5); bits go where they remove the most error: blocksize 32 for some modules, others kept in their dtype. Measures every weight first.")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
 @click.option("--dry-run", is_flag=True, help="Show the plan (what is quantized, kept, sizes); write nothing.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if nf4convert wrote it (or it is empty); never a folder of yours.")

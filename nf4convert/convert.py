@@ -143,6 +143,7 @@ def manifest_options(plan: Plan) -> dict[str, Any]:
         "scales": o.scales,
         "importance": importance_record(o.importance, len(plan.weighted)) if o.importance else None,
         "budget": plan.budget,
+        "small_blocks": list(o.small_blocks),
     }
 
 

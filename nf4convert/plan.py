@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from .constants import (
+    BLOCKSIZES,
     BUDGET_BITS,
     DEFAULT_BLOCKSIZE,
     DTYPE_SIZES,
@@ -53,6 +54,9 @@ class Options:
             element's error by its input column's activation energy.
         bits: a size budget in bits per parameter of the weights that would be quantized: the modules
             whose quantization costs the most per extra bit are kept (:mod:`nf4convert.budget`).
+        small_blocks: glob patterns over module names (as ``skip``) whose weights are quantized at
+            blocksize 32, the smallest bitsandbytes reads (each weight's quant state says its own
+            blocksize); what a size budget buys besides kept modules.
     """
 
     blocksize: int = DEFAULT_BLOCKSIZE
@@ -65,6 +69,7 @@ class Options:
     scales: str = "absmax"
     importance: str | None = None
     bits: float | None = None
+    small_blocks: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_blocksize(self.blocksize)
@@ -94,6 +99,7 @@ class PlannedTensor:
         expert: a per-expert MoE weight.
         outputs: the output tensors ``(key, dtype, shape)`` it becomes.
         scale: for an FP8 weight, its ``_scale_inv`` tensor (:mod:`nf4convert.fp8`).
+        blocksize: elements per absmax of this weight (the options', or 32 for ``small_blocks``).
     """
 
     source: SourceTensor
@@ -103,6 +109,7 @@ class PlannedTensor:
     expert: bool = False
     outputs: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
     scale: SourceTensor | None = None
+    blocksize: int = DEFAULT_BLOCKSIZE
 
     @property
     def name(self) -> str:
@@ -121,7 +128,7 @@ class PlannedTensor:
         """The quant state this tensor is written with (``offset`` is known after quantizing)."""
         shape = transposed(self.source.info.shape) if self.transpose else self.source.info.shape
         dtype = QUANTIZABLE_DTYPES[self.dtype]
-        return QuantState(tuple(shape), dtype, options.blocksize, (offset or 0.0) if options.double_quant else None)
+        return QuantState(tuple(shape), dtype, self.blocksize, (offset or 0.0) if options.double_quant else None)
 
 
 @dataclass
@@ -254,7 +261,8 @@ def make_plan(source: Source, options: Options) -> Plan:
     for tensor in tensors:
         d = decisions.tensors[tensor.name]
         scale = owners[scales[tensor.name].name] if tensor.name in scales else None
-        p = PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert, scale=scale)
+        small = d.quantize and any(fnmatch.fnmatchcase(tensor.name.rpartition(".")[0], p) for p in options.small_blocks)
+        p = PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert, scale=scale, blocksize=BLOCKSIZES[0] if small else options.blocksize)
         if d.quantize:
             outputs = quantized_tensors(tensor.name, p.quant_state(options))
         else:

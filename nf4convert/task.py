@@ -294,13 +294,13 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
     writer = written.writer
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write")]
     reader, io = pools
-    bs, options, device = task.options.blocksize, task.options, task.device
+    options, device = task.options, task.device
     importance = load_importance(task.importance, [t.name for t in task.tensors if t.quantize]) if task.importance else {}
     try:
         items = [
             (t, start, stop)
             for t in task.tensors if t.quantize or _decoded(t)
-            for start, stop in pieces(t, bs, _nested_in_pieces(t, options))
+            for start, stop in pieces(t, t.blocksize, _nested_in_pieces(t, options))
         ]  # fmt: skip
         weights = read_ahead(items, sources, reader, task.fp8_block)
         pending: deque[Future] = deque()
@@ -318,9 +318,10 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
                 submit([(t.name, src.reader.chunks(info), 0)], info.nbytes)
                 continue
             if not t.quantize:  # a kept FP8 or MXFP4 weight: its bfloat16 decoding
-                for start, stop in pieces(t, bs):
+                for start, stop in pieces(t, t.blocksize):
                     submit([(t.name, next(weights).to(torch.bfloat16), start * 2)], stop - start)
                 continue
+            bs = t.blocksize
             absmax = torch.empty(-(-info.numel // bs), dtype=torch.float32, device=device)
             in_pieces = _nested_in_pieces(t, options)
             offset, quantized, nested = None, [], []

@@ -43,52 +43,75 @@ def llama(tmp_path_factory) -> Path:
 GROUPS = [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",), ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
 
 
-def ranked_groups(path: Path, blocksize: int) -> list[tuple[float, float, list[str]]]:
-    """The spec of the choice, with bitsandbytes' own NF4: per group, the relative errors ``Σ (W - Ŵ)² /
-    Σ W²`` of bnb's quantize_4bit, summed, over the extra bits of keeping it (16 bits a parameter, less
-    the NF4 layout's bytes), highest first: ``(error per extra bit, extra bits, modules)``."""
-    tensors = load_file(path / "model.safetensors")
-    nf4_bytes = {t.name: t.output_bytes for t in plan_conversion(path, options=Options(blocksize=blocksize)).quantized}
-    groups = []
-    for layer in range(4):
-        for group in GROUPS:
-            names = [f"model.layers.{layer}.{m}" for m in group]
-            error = extra = 0.0
-            for n in names:
-                w = tensors[f"{n}.weight"].float().flatten()
-                packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
-                noise = (w - reference_dequantize(packed, state.absmax, (w.numel(),), torch.float32, blocksize)).double().pow(2).sum()
-                error += float(noise / w.double().pow(2).sum())
-                extra += 16 * w.numel() - 8 * nf4_bytes[f"{n}.weight"]
-            groups.append((error / extra, extra, names))
-    return sorted(groups, reverse=True)
+def relative_errors(path: Path, blocksize: int) -> dict[str, float]:
+    """The spec of the measure, with bitsandbytes' own NF4: each weight's ``Σ (W - Ŵ)² / Σ W²`` for
+    bnb's quantize_4bit at ``blocksize``."""
+    errors = {}
+    for name, w in load_file(path / "model.safetensors").items():
+        if name.endswith("_proj.weight"):
+            w = w.float().flatten()
+            packed, state = F.quantize_4bit(w, blocksize=blocksize, quant_type="nf4")
+            noise = (w - reference_dequantize(packed, state.absmax, (w.numel(),), torch.float32, blocksize)).double().pow(2).sum()
+            errors[name] = float(noise / w.double().pow(2).sum())
+    return errors
 
 
-def test_the_budget_keeps_whole_groups_with_the_most_error_per_extra_bit_and_stays_within_it(llama, tmp_path):
+def test_the_budget_spends_bits_where_they_remove_the_most_error_in_whole_groups_within_the_budget(llama):
     plan = plan_conversion(llama, options=Options(bits=6.0))
-    kept = plan.budget["kept"]
-    assert plan.budget["bits_per_parameter"] <= 6.0 and kept
+    budget = plan.budget
+    kept, small = set(budget["kept"]), set(budget["small_blocks"])
+    assert budget["bits_per_parameter"] <= 6.0 and kept and small and not kept & small
     for layer in range(4):  # fused siblings together: all of q/k/v or none, gate and up likewise
         for group in GROUPS:
-            inside = {f"model.layers.{layer}.{m}" in kept for m in group}
-            assert len(inside) == 1
-    ranked = ranked_groups(llama, plan.budget["blocksize"])
-    assert ranked[0][2][0] in kept  # the most error per extra bit is kept first
-    left = [r for r in ranked if r[2][0] not in kept]
-    for ratio, extra, _ in (r for r in ranked if r[2][0] in kept):  # a group passed over had less error per bit, or did not fit
-        assert all(ratio >= other or extra_other > extra for other, extra_other, _ in left)
+            modules = [f"model.layers.{layer}.{m}" for m in group]
+            assert len({m in kept for m in modules}) == 1 and len({m in small for m in modules}) == 1
+    # the error left, from bitsandbytes' own quantization at each weight's blocksize
+    errors = {64: relative_errors(llama, 64), 32: relative_errors(llama, 32)}
+    left = sum(errors[t.blocksize][t.name] for t in plan.quantized if t.name.endswith("_proj.weight"))
+    assert budget["error_left"] == pytest.approx(left, rel=1e-6)
+    # the step removing the most error per extra bit (to blocksize 32, or kept) is taken first
+    base = {t.name: 8 * t.output_bytes for t in plan_conversion(llama).quantized}
+    halved = {t.name: 8 * t.output_bytes for t in plan_conversion(llama, options=Options(blocksize=32)).quantized}
+    numel = {t.name: t.source.info.numel for t in plan.tensors}
+    best, best_rate = None, 0.0
+    for layer in range(4):
+        for group in GROUPS:
+            names = [f"model.layers.{layer}.{m}.weight" for m in group]
+            e64, e32 = sum(errors[64][n] for n in names), sum(errors[32][n] for n in names)
+            extra_small = sum(halved[n] - base[n] for n in names)
+            extra_kept = sum(16 * numel[n] - base[n] for n in names)  # bf16 kept
+            rate = max((e64 - e32) / extra_small, e64 / extra_kept)
+            if rate > best_rate:
+                best, best_rate = names[0].removesuffix(".weight"), rate
+    assert best in kept | small
 
 
-def test_the_budget_buys_smaller_blocks_where_they_leave_less_error_than_kept_modules(llama):
-    """Blocksize 32 costs 0.127 bit a parameter over 64 and lowers every weight's error: both ways of
-    spending the bits are planned, and the one leaving the smaller summed relative error is taken."""
-    tight = plan_conversion(llama, options=Options(bits=4.3))  # below blocksize 32's own 4.373 here: modules only
-    assert tight.budget["blocksize"] == 64 and list(tight.budget["error_left"]) == ["64"]
-    for bits in (4.5, 5.0, 6.0):
-        budget = plan_conversion(llama, options=Options(bits=bits)).budget
-        assert set(budget["error_left"]) == {"64", "32"}
-        assert budget["error_left"][str(budget["blocksize"])] == min(budget["error_left"].values())
-    assert plan_conversion(llama, options=Options(bits=4.5)).budget["blocksize"] == 32  # its outliers: halved blocks beat any module kept
+def test_the_budget_buys_smaller_blocks_module_by_module_and_every_loader_reads_the_mix(llama, tmp_path):
+    """Blocksize 32 costs 0.127 bit a parameter over 64: below the size of halving every block, a
+    budget halves the blocks of the modules where that removes the most error. Each weight's quant
+    state says its blocksize, so transformers and load_model read the mix."""
+    from nf4convert.load import load_model
+    from nf4convert.plan import DEFAULT_BLOCKSIZE
+
+    assert plan_conversion(llama, options=Options(blocksize=32)).quantized_bits_per_parameter > 4.3
+    plan = plan_conversion(llama, options=Options(bits=4.3))
+    assert plan.budget["small_blocks"] and not plan.budget["kept"]
+    small = {t.name for t in plan.quantized if t.blocksize == 32}
+    assert small and len(small) < len(plan.quantized) and all(t.blocksize in (32, DEFAULT_BLOCKSIZE) for t in plan.quantized)
+    out = convert(plan, tmp_path / "out")
+    manifest = json.loads((out / "nf4convert.json").read_text())
+    assert manifest["options"]["small_blocks"] == plan.budget["small_blocks"] and manifest["options"]["blocksize"] == 64
+    stored = load_file(out / "model.safetensors")
+    blob = lambda n: json.loads(bytes(stored[f"{n}.quant_state.bitsandbytes__nf4"].tolist()))  # noqa: E731
+    assert {n for n in (t.name for t in plan.quantized) if blob(n)["blocksize"] == 32} == small
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Linear4bit":
+            assert module.weight.quant_state.blocksize == (32 if f"{name}.weight" in small else 64), name
+    ours = load_model(out)
+    x = torch.arange(1, 9)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x).logits.float(), model(x).logits.float(), rtol=0, atol=0)
 
 
 def test_a_budgeted_folder_loads_in_stock_transformers_with_the_kept_modules_as_linear(llama, tmp_path):
@@ -96,7 +119,6 @@ def test_a_budgeted_folder_loads_in_stock_transformers_with_the_kept_modules_as_
     manifest = json.loads((out / "nf4convert.json").read_text())
     budget = manifest["options"]["budget"]
     assert budget["bits"] == 5.0 and budget["bits_per_parameter"] <= 5.0 and budget["kept"]
-    assert manifest["options"]["blocksize"] == budget["blocksize"]
     skip = json.loads((out / "config.json").read_text())["quantization_config"]["llm_int8_skip_modules"]
     assert set(budget["kept"]) <= set(skip)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
@@ -141,7 +163,7 @@ def test_a_budget_out_of_range_is_one_line_and_nothing_is_written(args, match, l
 
 def test_the_dry_run_shows_what_the_budget_keeps_and_writes_nothing(llama, tmp_path, cli):
     rc, out, _ = cli("convert", llama, tmp_path / "out", "--bits", "5", "--dry-run")
-    assert rc == 0 and "budget --bits 5: " in out and "bits/parameter over the weights that would be quantized, at blocksize 32; keeps" in out
+    assert rc == 0 and "budget --bits 5: " in out and "bits/parameter over the weights that would be quantized; keeps" in out
     assert "--skip model.layers." in out and not list(tmp_path.iterdir())
 
 
