@@ -42,7 +42,7 @@ def _settings(m: dict[str, Any], total: int) -> list[str]:
     kept = m.get("tensors", {}).get("kept", [])
     has_head = any("output head" in t.get("reason", "") for t in kept) or options.get("quantize_lm_head")
     rows = [
-        ("block size", options.get("blocksize")),
+        ("block size", options.get("blocksize") if not options.get("small_blocks") else f"{options.get('blocksize')}, and 32 for the modules matching {', '.join(options['small_blocks'][:4])}{' ...' if len(options['small_blocks']) > 4 else ''} (a size budget's choice)"),
         ("double quantization", _yes(options.get("double_quant"))),
         ("scales", "searched per block (lower error, same format)" if options.get("scales") == "search" else "absmax (bitsandbytes' rule)"),
         ("compute dtype", options.get("compute_dtype")),

@@ -112,6 +112,9 @@ def test_the_budget_buys_smaller_blocks_module_by_module_and_every_loader_reads_
     x = torch.arange(1, 9)[None]
     with torch.no_grad():
         torch.testing.assert_close(ours(x).logits.float(), model(x).logits.float(), rtol=0, atol=0)
+    from nf4convert.card import model_card
+
+    assert "| block size | 64, and 32 for the modules matching model.layers." in model_card(out, repo_id="org/llama-nf4")
 
 
 def test_a_budgeted_folder_loads_in_stock_transformers_with_the_kept_modules_as_linear(llama, tmp_path):
