@@ -11,7 +11,7 @@
 4. `--scales search` (spec section 2.6) beside the default absmax scales (= bitsandbytes' bytes), without and
    with importance weights measured on scripts/data/apache-2.0.txt (not the perplexity text): mean squared
    weight error over all quantized tensors of both models, MiniLM's embedding cosine, SmolLM2's perplexity.
-5. Size budgets (`--bits`): SmolLM2's perplexity gap to bf16 on all three texts against bits per parameter, for
+5. Size budgets (`--bits`): SmolLM2's perplexity gap and KL divergence to bf16 on all three texts against bits per parameter, for
    bitsandbytes NF4 on load, search + importance at budgets of +0, +0.0625, +0.25, +0.5 and +1 bit, and the hand-picked
    recipe of keeping the first and last k layers beside the budget at the same bits; the curve is drawn as
    budget-curve.png beside eval.json. The same on MiniLM (genuinely float32, where SmolLM2's weights sit on a
@@ -72,19 +72,34 @@ def smollm2_bf16(workdir: Path) -> Path:
     return out
 
 
-def perplexity(model: torch.nn.Module, tokenizer, window: int = 512, text: str = TEXT) -> float:
+def next_token_logprobs(model: torch.nn.Module, tokenizer, window: int = 512, text: str = TEXT) -> tuple[torch.Tensor, torch.Tensor]:
+    """The log-probabilities ``[N, vocab]`` (float32) the model gives every next token it predicts in
+    windows of ``text``, and those tokens ``[N]``: the predictions behind :func:`perplexity`."""
     ids = tokenizer(text, return_tensors="pt").input_ids[0]
-    nll, count = 0.0, 0
+    logprobs, targets = [], []
     with torch.no_grad():
         for start in range(0, len(ids) - 1, window):
-            chunk = ids[start : start + window + 1].unsqueeze(0)
-            if chunk.shape[1] < 2:
+            inputs = ids[start : start + window + 1][:-1]
+            if inputs.numel() < 2:
                 break
-            loss = float_numerics(model.eval())(input_ids=chunk[:, :-1], labels=chunk[:, :-1]).loss
-            n = chunk.shape[1] - 2
-            nll += loss.item() * n
-            count += n
-    return math.exp(nll / count)
+            logits = float_numerics(model.eval())(input_ids=inputs.unsqueeze(0)).logits[0, :-1].float()
+            logprobs.append(torch.log_softmax(logits, dim=-1))
+            targets.append(inputs[1:])
+    return torch.cat(logprobs), torch.cat(targets)
+
+
+def perplexity(model: torch.nn.Module, tokenizer, window: int = 512, text: str = TEXT) -> float:
+    logprobs, targets = next_token_logprobs(model, tokenizer, window, text)
+    return math.exp(-float(logprobs.gather(1, targets.unsqueeze(1)).double().mean()))
+
+
+def divergence(logprobs: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """Mean KL divergence ``KL(reference || model)`` per predicted token (nats), and its standard error:
+    how far the quantized model's next-token distributions moved from the original's (llama.cpp's
+    ``--kl-divergence``). Every prediction counts, not only the probability of the text's own token,
+    so it is far less noisy than a perplexity gap on a short text."""
+    kl = (reference.exp() * (reference - logprobs)).sum(-1).double()
+    return float(kl.mean()), float(kl.std() / math.sqrt(kl.numel()))
 
 
 def texts() -> dict[str, str]:
@@ -96,15 +111,26 @@ def texts() -> dict[str, str]:
 
 
 def budget_curve(src: Path, tokenizer, work: Path, importance: Path) -> dict:
-    """Perplexity gap to bf16 against bits per parameter (over the weights that would be quantized), on
-    every text: bitsandbytes NF4 on load; search + importance with --bits budgets of +0, +0.0625, +0.25, +0.5 and
+    """Perplexity gap and KL divergence to bf16 against bits per parameter (over the weights that would be
+    quantized), on every text: bitsandbytes NF4 on load; search + importance with --bits budgets of +0, +0.0625, +0.25, +0.5 and
     +1 bit; the hand-picked recipe of keeping the first and last k decoder layers (k = 1, 2), and the
     budget at the bits each recipe takes. Draws the curve as budget-curve.png beside eval.json."""
     from nf4convert.convert import plan_conversion
 
     corpora = texts()
     bf16 = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
-    base = {name: perplexity(bf16, tokenizer, text=text) for name, text in corpora.items()}
+    reference = {name: next_token_logprobs(bf16, tokenizer, text=text) for name, text in corpora.items()}
+    base = {name: math.exp(-float(lp.gather(1, t.unsqueeze(1)).double().mean())) for name, (lp, t) in reference.items()}
+
+    def measured(method: str, bits: float, model: torch.nn.Module) -> dict:
+        """A point of the curve: the perplexity gap to bf16 and the KL divergence to bf16 on every text."""
+        point, kl = {"method": method, "bits": bits}, {}
+        for name, text in corpora.items():
+            logprobs, targets = next_token_logprobs(model, tokenizer, text=text)
+            point[name] = math.exp(-float(logprobs.gather(1, targets.unsqueeze(1)).double().mean())) - base[name]
+            kl[name] = divergence(logprobs, reference[name][0])
+        return {**point, "kl": {n: v[0] for n, v in kl.items()}, "kl_se": {n: v[1] for n, v in kl.items()}}
+
     weighted = Options(double_quant=True, compute_dtype="bfloat16", scales="search", importance=str(importance))
     plain = plan_conversion(src, options=weighted)
     would = {t.name: t.source.info.numel for t in plain.quantized}
@@ -120,11 +146,9 @@ def budget_curve(src: Path, tokenizer, work: Path, importance: Path) -> dict:
         out.parent.mkdir(exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)
         convert(src, out, options=options)
-        model = load_model(out)
-        return {"method": method, "bits": bits, **{name: perplexity(model, tokenizer, text=text) - base[name] for name, text in corpora.items()}}
+        return measured(method, bits, load_model(out))
 
-    bnb = bnb_on_load(src, double_quant=True, quantize_head=False)
-    points = [{"method": "bitsandbytes NF4 on load", "bits": floor, **{name: perplexity(bnb, tokenizer, text=text) - base[name] for name, text in corpora.items()}}]
+    points = [measured("bitsandbytes NF4 on load", floor, bnb_on_load(src, double_quant=True, quantize_head=False))]
     for extra in (0.0, 0.0625, 0.25, 0.5, 1.0):
         options = replace(weighted, bits=round(floor + extra, 4)) if extra else weighted
         points.append(point("search + importance, --bits budget", options, bits_of(options) if not extra else plan_conversion(src, options=options).budget["bits_per_parameter"]))
@@ -213,31 +237,40 @@ def print_budget(b: dict) -> None:
     print(f"| bf16 perplexity | 16 | {base} |")
     for p in b["points"]:
         print(f"| {p['method']} | {p['bits']:.3f} | {' | '.join(f'{p[n]:+.3f}' for n in names)} |")
+    print("\nThe same points: mean KL divergence to bf16 per predicted token, nats (± standard error)")
+    print(f"| method | bits | {' | '.join(short)} |\n|---|---|{'---|' * len(names)}")
+    for p in b["points"]:
+        cells = " | ".join(f"{p['kl'][n]:.4f} ± {p['kl_se'][n]:.4f}" for n in names)
+        print(f"| {p['method']} | {p['bits']:.3f} | {cells} |")
     bnb = b["points"][0]
     for p in b["points"][1:]:
         if p["method"].endswith("budget") and p["bits"] <= bnb["bits"] + 0.25 + 1e-9:
             cut = ", ".join(f"{100 * (1 - p[n] / bnb[n]):.0f}%" for n in names)
-            print(f"gap smaller than bitsandbytes' at {p['bits']:.3f} bits (+{p['bits'] - bnb['bits']:.3f}): {cut}")
+            kl = ", ".join(f"{100 * (1 - p['kl'][n] / bnb['kl'][n]):.0f}%" for n in names)
+            print(f"smaller than bitsandbytes' at {p['bits']:.3f} bits (+{p['bits'] - bnb['bits']:.3f}): gap {cut}; KL {kl}")
 
 
 def _plot(points: list[dict], corpora: list[str], path: Path) -> None:
-    """One panel per text: perplexity gap to bf16 against bits per parameter, a line per method."""
+    """One column per text: perplexity gap to bf16 (top) and KL divergence to bf16 (bottom) against bits
+    per parameter, a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(corpora), figsize=(6 * len(corpora), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], corpora):
-        for method in dict.fromkeys(p["method"] for p in points):
-            mine = sorted((p["bits"], p[name]) for p in points if p["method"] == method)
-            ax.plot(*zip(*mine), marker="o", label=method)
-        ax.set_title(name[:60], fontsize=9)
-        ax.set_xlabel("bits per parameter (weights that would be quantized)")
-        ax.set_ylabel("perplexity gap to bf16")
-        ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(2, len(corpora), figsize=(6 * len(corpora), 9), squeeze=False)
+    for column, name in enumerate(corpora):
+        for row, (value, label) in enumerate(((lambda p: p[name], "perplexity gap to bf16"), (lambda p: p["kl"][name], "KL divergence to bf16 (nats/token)"))):
+            ax = axes[row][column]
+            for method in dict.fromkeys(p["method"] for p in points):
+                mine = sorted((p["bits"], value(p)) for p in points if p["method"] == method)
+                ax.plot(*zip(*mine), marker="o", label=method)
+            ax.set_title(name[:60], fontsize=9)
+            ax.set_xlabel("bits per parameter (weights that would be quantized)")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct: NF4 perplexity gap to bf16 against size")
+    fig.suptitle("SmolLM2-135M-Instruct: NF4 against size, perplexity gap and KL divergence to bf16")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
