@@ -19,9 +19,9 @@ first; a step that does not fit is passed over for smaller ones, and ends its gr
 modules join ``--skip`` (so ``llm_int8_skip_modules`` lists them exactly), the others with smaller
 blocks ``small_blocks``, and the manifest records the budget (``options.budget``).
 
-Measuring reads every weight once more before the conversion (twice with the smaller blocks), a piece
-at a time as the conversion does (the same memory bound). The double quantization of the scales is
-left out of the measure.
+Measuring reads every weight once more before the conversion, a piece at a time as the conversion
+does (the same memory bound), and quantizes it at both blocksizes. The double quantization of the
+scales is left out of the measure.
 """
 
 from __future__ import annotations
@@ -105,14 +105,26 @@ def group_of(t: PlannedTensor) -> str:
     return f"{parent}.{'/'.join(siblings)}" if siblings and len(t.source.info.shape) == 2 else module
 
 
-def relative_error(plan: Plan, *, kernel: str = "native") -> dict[str, float]:
-    """Every quantized weight's relative quantization error ``Σ v (W - Ŵ)² / Σ v W²``: the noise that
-    quantizing adds to the layer's output, as a share of the output's energy, each element weighed
-    by its input column's importance ``v`` (``plan.options.importance``; 1 without). Read and
-    quantized piece by piece, with the conversion's own encoder."""
+#: Elements measured at a time: temporaries of a few MB, so measuring stays in the conversion's memory
+#: bound and reuses the same memory instead of faulting in fresh pages for every piece.
+MEASURE_CHUNK = 1 << 20
+
+
+def relative_errors(plan: Plan, *, smaller: int | None = None, kernel: str = "native") -> tuple[dict[str, float], dict[str, float]]:
+    """Every quantized weight's relative quantization error ``Σ v (W - Ŵ)² / Σ v W²`` at its planned
+    blocksize, and with ``smaller`` at that blocksize too: the noise that quantizing adds to the layer's
+    output, as a share of the output's energy, each element weighed by its input column's importance
+    ``v`` (``plan.options.importance``; 1 without). Each weight is read once, piece by piece, and
+    quantized with the conversion's own encoder (double quantization left out).
+
+    Returns:
+        ``(errors, smaller_errors)``: by weight name (``smaller_errors`` empty without ``smaller``).
+    """
     options = plan.options
     importance = load_importance(options.importance, [t.name for t in plan.quantized]) if options.importance else {}
-    sums: dict[str, list[float]] = {}
+    blocksizes = lambda t: (t.blocksize, smaller) if smaller else (t.blocksize,)  # noqa: E731
+    noise: dict[str, list[float]] = {}
+    signal: dict[str, float] = {}
     by_shard: dict[Any, list[PlannedTensor]] = {}
     for t in plan.quantized:
         by_shard.setdefault(t.source.shard, []).append(t)
@@ -124,15 +136,24 @@ def relative_error(plan: Plan, *, kernel: str = "native") -> dict[str, float]:
             items = [(t, start, stop) for t in tensors for start, stop in pieces(t, t.blocksize)]
             weights = read_ahead(items, sources, pool, plan.source.fp8_block)
             for t, start, stop in items:
-                piece = on_device(next(weights), t, "cpu")
-                vector = importance.get(t.name)
-                packed, absmax = quantize_piece(piece, t, start, vector, blocksize=t.blocksize, kernel=kernel, scales=options.scales)
-                flat = piece.reshape(-1).double()
-                restored = dequantize(NF4Weight(packed, absmax, (flat.numel(),), torch.float32, t.blocksize)).reshape(-1).double()
-                v = _element_weights(vector, start, flat.numel(), t.source.info.numel).double() if vector is not None else 1.0
-                error, signal = sums.setdefault(t.name, [0.0, 0.0])
-                sums[t.name] = [error + float(((flat - restored) ** 2 * v).sum()), signal + float((flat**2 * v).sum())]
-    return {name: error / signal if signal > 0 else 0.0 for name, (error, signal) in sums.items()}
+                piece, vector = on_device(next(weights), t, "cpu").reshape(-1), importance.get(t.name)
+                sums = noise.setdefault(t.name, [0.0] * len(blocksizes(t)))
+                for at in range(0, piece.numel(), MEASURE_CHUNK):
+                    chunk = piece[at : at + MEASURE_CHUNK]
+                    w = chunk.float()
+                    v = _element_weights(vector, start + at, chunk.numel(), t.source.info.numel).double() if vector is not None else None
+                    signal[t.name] = signal.get(t.name, 0.0) + _weighted_sum(w.square(), v)
+                    for i, blocksize in enumerate(blocksizes(t)):
+                        packed, absmax = quantize_piece(chunk, t, start + at, vector, blocksize=blocksize, kernel=kernel, scales=options.scales)
+                        restored = dequantize(NF4Weight(packed, absmax, (chunk.numel(),), torch.float32, blocksize))
+                        sums[i] += _weighted_sum(restored.sub_(w).square_(), v)
+    share = lambda name, i: noise[name][i] / signal[name] if signal[name] > 0 else 0.0  # noqa: E731
+    return {name: share(name, 0) for name in noise}, ({name: share(name, 1) for name in noise} if smaller else {})
+
+
+def _weighted_sum(values: torch.Tensor, weights: torch.Tensor | None) -> float:
+    """``Σ weights · values`` (``Σ values`` without weights), summed in float64."""
+    return float(torch.dot(values.double(), weights) if weights is not None else values.double().sum())
 
 
 def _element_weights(vector: torch.Tensor, start: int, count: int, numel: int) -> torch.Tensor:
@@ -175,11 +196,10 @@ def apply_budget(plan: Plan, *, kernel: str = "native") -> Plan:
     floor = 8 * sum(t.output_bytes for t in quantized) / params
     if bits < floor - 1e-9:
         raise QuantizationError(f"--bits {bits:g} is below the {floor:.3f} bits per parameter of quantizing every weight with these options")
-    errors = relative_error(plan, kernel=kernel)
     small_plan = make_plan(plan.source, replace(plan.options, small_blocks=("*",))) if plan.options.blocksize > BLOCKSIZES[0] else None
     if small_plan is not None and {t.name for t in small_plan.quantized} != names:
         small_plan = None  # smaller blocks would change what is quantized (fused experts): not offered
-    small_errors = relative_error(small_plan, kernel=kernel) if small_plan is not None else {}
+    errors, small_errors = relative_errors(plan, smaller=BLOCKSIZES[0] if small_plan is not None else None, kernel=kernel)
     small_bytes = {t.name: t.output_bytes for t in small_plan.quantized} if small_plan is not None else {}
     members: dict[str, list[PlannedTensor]] = {}
     for t in quantized:

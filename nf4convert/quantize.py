@@ -27,6 +27,8 @@ log = logging.getLogger("nf4convert")
 
 _NF4 = torch.tensor(NF4_CODE, dtype=torch.float32)
 _CODES = {quant_type: torch.tensor(code, dtype=torch.float32) for quant_type, code in CODE_TABLES.items()}
+#: Each packed byte's two values, first the high nibble's: ``byte -> (code[byte >> 4], code[byte & 15])``.
+_PAIRS = {quant_type: torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1) for quant_type, code in _CODES.items()}
 _DYNAMIC = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
 
 
@@ -335,9 +337,11 @@ def dequantize(q: NF4Weight) -> torch.Tensor:
     """Rebuild the weight (spec section 2.5): ``NF4[code] * absmax[block]`` in float32, cast to ``q.dtype``
     (``FP4[code]`` for an FP4 weight of a bitsandbytes folder)."""
     absmax = dequantize_absmax(q.absmax, q.nested_absmax, q.offset) if q.nested else q.absmax
-    n = math.prod(q.shape)
+    n, bs = math.prod(q.shape), q.blocksize
     packed = q.packed.reshape(-1)
-    codes = torch.stack((packed >> 4, packed & 0xF), dim=1).reshape(-1)[:n]
-    values = _CODES[q.quant_type].to(packed.device)[codes.long()]
-    scale = absmax.repeat_interleave(q.blocksize)[:n]
-    return (values * scale).to(q.dtype).reshape(q.shape)
+    values = torch.index_select(_PAIRS[q.quant_type].to(packed.device), 0, packed.int()).reshape(-1)[:n]
+    full = n - n % bs
+    weight = torch.empty(n, dtype=torch.float32, device=packed.device)
+    torch.mul(values[:full].view(-1, bs), absmax[: full // bs].unsqueeze(1), out=weight[:full].view(-1, bs))
+    torch.mul(values[full:], absmax[full // bs :], out=weight[full:])  # the last block, where it is partial
+    return weight.to(q.dtype).reshape(q.shape)

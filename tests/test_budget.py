@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from nf4convert.convert import convert, plan_conversion
 from nf4convert.errors import QuantizationError
@@ -84,6 +84,29 @@ def test_the_budget_spends_bits_where_they_remove_the_most_error_in_whole_groups
             if rate > best_rate:
                 best, best_rate = names[0].removesuffix(".weight"), rate
     assert best in kept | small
+
+
+def test_the_weighted_measure_is_the_specs_formula_on_whole_weights_though_read_in_chunks(llama, tmp_path, monkeypatch):
+    """``Σ v (W - Ŵ)² / Σ v W²`` with the conversion's own encoder (the weighted search), computed here
+    on whole weights. The budget reads each weight once and measures it a chunk at a time (320
+    elements here: many chunks a weight, each starting mid-row), at its blocksize and at 32."""
+    from nf4convert import budget
+    from nf4convert.quantize import NF4Weight, dequantize, quantize_nf4
+
+    weights = {n: w for n, w in load_file(llama / "model.safetensors").items() if n.endswith("_proj.weight")}
+    torch.manual_seed(1)
+    vectors = {n: torch.rand(w.shape[1]) ** 4 for n, w in weights.items()}
+    save_file(vectors, tmp_path / "imp.safetensors")
+    monkeypatch.setattr(budget, "MEASURE_CHUNK", 5 * 64)
+    plan = plan_conversion(llama, options=Options(scales="search", importance=str(tmp_path / "imp.safetensors")))
+    errors, small = budget.relative_errors(plan, smaller=32)
+    assert errors.keys() == small.keys() == weights.keys()
+    for blocksize, measured in ((64, errors), (32, small)):
+        for name, w in weights.items():
+            packed, absmax = quantize_nf4(w, blocksize=blocksize, scales="search", importance=vectors[name], kernel="native")
+            noise = w.double() - dequantize(NF4Weight(packed, absmax, tuple(w.shape), torch.float32, blocksize)).double()
+            v = vectors[name].double()
+            assert measured[name] == pytest.approx(float((noise**2 * v).sum() / (w.double() ** 2 * v).sum()), rel=1e-6), name
 
 
 def test_the_budget_buys_smaller_blocks_module_by_module_and_every_loader_reads_the_mix(llama, tmp_path):
