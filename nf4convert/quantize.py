@@ -333,15 +333,24 @@ def quantize_weight(
     return NF4Weight(packed, quantized, tuple(weight.shape), weight.dtype, blocksize, nested, offset)
 
 
+#: Elements dequantized at a time (whole blocks): temporaries of a few MB whatever the weight's size.
+DEQUANTIZE_CHUNK = 1 << 20
+
+
 def dequantize(q: NF4Weight) -> torch.Tensor:
     """Rebuild the weight (spec section 2.5): ``NF4[code] * absmax[block]`` in float32, cast to ``q.dtype``
-    (``FP4[code]`` for an FP4 weight of a bitsandbytes folder)."""
+    (``FP4[code]`` for an FP4 weight of a bitsandbytes folder). Computed a chunk of blocks at a time into
+    the result, so it needs little memory beyond the result itself."""
     absmax = dequantize_absmax(q.absmax, q.nested_absmax, q.offset) if q.nested else q.absmax
     n, bs = math.prod(q.shape), q.blocksize
     packed = q.packed.reshape(-1)
-    values = torch.index_select(_PAIRS[q.quant_type].to(packed.device), 0, packed.int()).reshape(-1)[:n]
-    full = n - n % bs
-    weight = torch.empty(n, dtype=torch.float32, device=packed.device)
-    torch.mul(values[:full].view(-1, bs), absmax[: full // bs].unsqueeze(1), out=weight[:full].view(-1, bs))
-    torch.mul(values[full:], absmax[full // bs :], out=weight[full:])  # the last block, where it is partial
-    return weight.to(q.dtype).reshape(q.shape)
+    pairs = _PAIRS[q.quant_type].to(packed.device)
+    weight = torch.empty(n, dtype=q.dtype, device=packed.device)
+    step = max(bs, DEQUANTIZE_CHUNK // bs * bs)
+    for at in range(0, n, step):
+        count = min(step, n - at)
+        values = torch.index_select(pairs, 0, packed[at // 2 : (at + count + 1) // 2].int()).reshape(-1)[:count]
+        scale, full = absmax[at // bs : -(-(at + count) // bs)], count - count % bs
+        weight[at : at + full].view(-1, bs).copy_(values[:full].view(-1, bs) * scale[: full // bs].unsqueeze(1))
+        weight[at + full : at + count].copy_(values[full:] * scale[full // bs :])  # the last block, where it is partial
+    return weight.reshape(q.shape)
