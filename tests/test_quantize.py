@@ -210,6 +210,21 @@ def test_nf4_values_are_fixed_points_of_quantize_dequantize(dtype, double_quant,
     assert torch.equal(again.packed, q.packed)
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("chunk", [64, 5 * 64, 1 << 20])
+def test_dequantizing_a_chunk_of_blocks_at_a_time_gives_the_specs_values(blocksize, chunk, monkeypatch):
+    """Chunks of whole blocks, an odd element count and a partial last block: element for element the
+    spec's ``NF4[code] * absmax[block]``."""
+    from nf4convert import quantize
+
+    monkeypatch.setattr(quantize, "DEQUANTIZE_CHUNK", chunk)
+    torch.manual_seed(7)
+    w = torch.randn(37, 301).to(torch.bfloat16)
+    packed, absmax = quantize_nf4(w, blocksize=blocksize, kernel="eager")
+    ours = dequantize(NF4Weight(packed, absmax, tuple(w.shape), w.dtype, blocksize))
+    assert torch.equal(ours, reference_dequantize(packed, absmax, tuple(w.shape), w.dtype, blocksize))
+
+
 def test_quantization_does_not_depend_on_threads():
     torch.manual_seed(6)
     w = torch.randn(1024, 2048).to(torch.bfloat16)
