@@ -1,7 +1,8 @@
 """NF4 folder -> plain safetensors checkpoint (for merging adapters, or tools that do not read 4-bit).
 
 Streams weight by weight with the same rules as conversion: planned shard layout, a
-partial folder renamed into place at the end.
+partial folder renamed into place at the end. A quantized weight is rebuilt a chunk of blocks at a time
+and written as it goes (a transposed one whole, to transpose it back).
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from .errors import FormatError
 from .layout import quantized_tensors, transposed as transposed_shape
 from .files import containment, is_inside, is_plain_relative
 from .plan import DEFAULT_MAX_SHARD_SIZE
-from .quantize import dequantize
+from .quantize import dequantize, dequantize_chunks
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
 from .source import SIDE_FILE_PATTERNS
 from .tensorfile import SafetensorsFile, torch_dtypes
-from .write import OUTPUT_MARK, OutputFolder, ShardWriter
+from .write import OUTPUT_MARK, OutputFolder, ShardWriter, as_bytes
 
 
 def _side_files(ckpt: NF4Checkpoint) -> list[str]:
@@ -115,9 +116,11 @@ def dequantize_folder(
                 try:
                     for key, sdtype, shape in shard:
                         f = files.get(where[key]) or files.setdefault(where[key], SafetensorsFile(ckpt.root / where[key]))
-                        if key in ckpt.quant_states:
-                            value = dequantize(stored_weight(f, ckpt, key))
-                            value = (value.transpose(-1, -2) if key in transposed else value).to(to_torch[sdtype])
+                        if key in ckpt.quant_states and key in transposed:
+                            value = dequantize(stored_weight(f, ckpt, key)).transpose(-1, -2).to(to_torch[sdtype])
+                        elif key in ckpt.quant_states:  # a chunk of blocks at a time, straight to the file
+                            q = stored_weight(f, ckpt, key)
+                            value = (as_bytes(chunk.to(q.dtype).to(to_torch[sdtype])) for chunk in dequantize_chunks(q))
                         else:
                             value = f.tensor(key).to(to_torch[sdtype]) if to_torch.get(sdtype) else f.raw(key)
                         writer.write(key, value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
 
@@ -337,20 +338,31 @@ def quantize_weight(
 DEQUANTIZE_CHUNK = 1 << 20
 
 
-def dequantize(q: NF4Weight) -> torch.Tensor:
-    """Rebuild the weight (spec section 2.5): ``NF4[code] * absmax[block]`` in float32, cast to ``q.dtype``
-    (``FP4[code]`` for an FP4 weight of a bitsandbytes folder). Computed a chunk of blocks at a time into
-    the result, so it needs little memory beyond the result itself."""
+def dequantize_chunks(q: NF4Weight) -> Iterator[torch.Tensor]:
+    """The weight rebuilt (spec section 2.5), flat and in order, as float32 chunks of whole blocks (at
+    most :data:`DEQUANTIZE_CHUNK` elements): ``NF4[code] * absmax[block]`` (``FP4[code]`` for an FP4
+    weight of a bitsandbytes folder). Each packed byte is looked up as its two values at once."""
     absmax = dequantize_absmax(q.absmax, q.nested_absmax, q.offset) if q.nested else q.absmax
     n, bs = math.prod(q.shape), q.blocksize
     packed = q.packed.reshape(-1)
     pairs = _PAIRS[q.quant_type].to(packed.device)
-    weight = torch.empty(n, dtype=q.dtype, device=packed.device)
     step = max(bs, DEQUANTIZE_CHUNK // bs * bs)
     for at in range(0, n, step):
         count = min(step, n - at)
         values = torch.index_select(pairs, 0, packed[at // 2 : (at + count + 1) // 2].int()).reshape(-1)[:count]
         scale, full = absmax[at // bs : -(-(at + count) // bs)], count - count % bs
-        weight[at : at + full].view(-1, bs).copy_(values[:full].view(-1, bs) * scale[: full // bs].unsqueeze(1))
-        weight[at + full : at + count].copy_(values[full:] * scale[full // bs :])  # the last block, where it is partial
+        chunk = torch.empty(count, dtype=torch.float32, device=packed.device)
+        torch.mul(values[:full].view(-1, bs), scale[: full // bs].unsqueeze(1), out=chunk[:full].view(-1, bs))
+        torch.mul(values[full:], scale[full // bs :], out=chunk[full:])  # the last block, where it is partial
+        yield chunk
+
+
+def dequantize(q: NF4Weight) -> torch.Tensor:
+    """Rebuild the weight (spec section 2.5): ``NF4[code] * absmax[block]`` in float32, cast to ``q.dtype``
+    (``FP4[code]`` for an FP4 weight of a bitsandbytes folder), a chunk at a time into the result."""
+    weight = torch.empty(math.prod(q.shape), dtype=q.dtype, device=q.packed.device)
+    at = 0
+    for chunk in dequantize_chunks(q):
+        weight[at : at + chunk.numel()] = chunk
+        at += chunk.numel()
     return weight.reshape(q.shape)
