@@ -20,7 +20,13 @@ from .test_convert import load_all
 
 
 @pytest.mark.parametrize("double_quant", [False, True])
-def test_dequantize_then_convert_gives_the_same_codes(llama_dir, tmp_path, double_quant):
+@pytest.mark.parametrize("chunk", [3 * 64, None])
+def test_dequantize_then_convert_gives_the_same_codes(llama_dir, tmp_path, double_quant, chunk, monkeypatch):
+    """Also when each weight is rebuilt and written in many chunks (192 elements: mid-row)."""
+    from nf4convert import quantize
+
+    if chunk:
+        monkeypatch.setattr(quantize, "DEQUANTIZE_CHUNK", chunk)
     options = Options(double_quant=double_quant)
     first = convert(llama_dir, tmp_path / "first", options=options)
     plain = dequantize_folder(first, tmp_path / "plain")
