@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ from .errors import FormatError, NF4ConvertError
 from .files import containment, is_inside, is_plain_relative, sha256_file
 from .fp8 import SCALE_SUFFIX, decode_rows
 from .mxfp4 import decode as decode_mxfp4
-from .quantize import dequantize
+from .layout import transposed as transposed_shape
+from .quantize import dequantize, dequantize_chunks
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
 from .source import Source, open_source
 from .tensorfile import SafetensorsFile
@@ -44,14 +46,21 @@ def _check_files(ckpt: NF4Checkpoint) -> list[str]:
     return problems
 
 
-def _quality(original: torch.Tensor, restored: torch.Tensor) -> dict[str, float]:
-    w, r = original.double(), restored.double()
-    err = (w - r).pow(2).sum().item()
-    energy = w.pow(2).sum().item()
+def _quality(original: torch.Tensor, restored: Iterable[torch.Tensor]) -> dict[str, float]:
+    """Error of ``restored`` (the weight's elements in order, in chunks) against the flat ``original``,
+    summed in float64 a chunk at a time."""
+    err = energy = peak = 0.0
+    at = 0
+    for chunk in restored:
+        w = original[at : at + chunk.numel()].double()
+        noise = chunk.double().sub_(w)
+        err, energy = err + float(torch.dot(noise, noise)), energy + float(torch.dot(w, w))
+        peak = max(peak, float(noise.abs_().max()))
+        at += chunk.numel()
     return {
         "rel_rmse": math.sqrt(err / energy) if energy else 0.0,
         "sqnr_db": 10 * math.log10(energy / err) if err and energy else None,  # None: no error (or no signal)
-        "max_abs_err": (w - r).abs().max().item(),
+        "max_abs_err": peak,
     }
 
 
@@ -118,7 +127,7 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                         continue
                     path = originals[key].shard
                     g = opened.get(path) or opened.setdefault(path, SafetensorsFile(path))
-                    restored = dequantize(stored_weight(f, ckpt, key))
+                    q = stored_weight(f, ckpt, key)
                     packed = originals[key].packed or ()
                     if packed:  # MXFP4: its decoding, in the model's layout
                         blocks, scales = ((opened.get(p.shard) or opened.setdefault(p.shard, SafetensorsFile(p.shard))).tensor(p.name) for p in packed)
@@ -129,11 +138,13 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                         scale = originals[key + SCALE_SUFFIX]
                         h = opened.get(scale.shard) or opened.setdefault(scale.shard, SafetensorsFile(scale.shard))
                         original = decode_rows(original.view(torch.uint8), h.tensor(scale.name), 0, src.fp8_block)
-                    restored = restored.transpose(-1, -2) if key in transposed else restored
-                    if original.shape != restored.shape:
-                        problems.append(f"{key}: shape {list(restored.shape)}, the source's is {list(original.shape)}")
-                    else:
-                        quality[key] = _quality(original, restored)
+                    shape = transposed_shape(q.shape) if key in transposed else q.shape
+                    if tuple(original.shape) != tuple(shape):
+                        problems.append(f"{key}: shape {list(shape)}, the source's is {list(original.shape)}")
+                    elif key in transposed:
+                        quality[key] = _quality(original.reshape(-1), [dequantize(q).transpose(-1, -2).reshape(-1)])
+                    else:  # a chunk of blocks at a time
+                        quality[key] = _quality(original.reshape(-1), (chunk.to(q.dtype) for chunk in dequantize_chunks(q)))
                     for p in packed:
                         opened[p.shard].release(p.name)
                     if not packed:
