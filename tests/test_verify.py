@@ -31,6 +31,35 @@ def test_a_fresh_conversion_verifies_with_quality_figures(nf4, llama_dir, cli):
     assert code == 0 and json.loads(out)["ok"]
 
 
+@pytest.mark.parametrize("chunk", [3 * 64, None])
+def test_each_weights_error_is_the_whole_weights_measured_a_chunk_at_a_time(nf4, llama_dir, chunk, monkeypatch):
+    """rel RMSE, SQNR and the largest error of the dequantized weight against the source, computed here
+    on whole weights; verify sums them a chunk at a time (here also 192 elements: mid-row)."""
+    import math
+
+    from safetensors.torch import load_file
+
+    from nf4convert import quantize
+    from nf4convert.read import open_checkpoint, stored_weight
+    from nf4convert.tensorfile import SafetensorsFile
+
+    if chunk:
+        monkeypatch.setattr(quantize, "DEQUANTIZE_CHUNK", chunk)
+    quality = verify(nf4, source=llama_dir)["quality"]
+    source = {k: v for f in llama_dir.glob("*.safetensors") for k, v in load_file(f).items()}
+    ckpt = open_checkpoint(nf4)
+    for shard, tensors in ckpt.shards.items():
+        with SafetensorsFile(nf4 / shard) as f:
+            for key in (k for k in tensors if k in ckpt.quant_states):
+                w = source[key].double()
+                noise = quantize.dequantize(stored_weight(f, ckpt, key)).double() - w
+                err, energy = float((noise**2).sum()), float((w**2).sum())
+                assert quality[key]["rel_rmse"] == pytest.approx(math.sqrt(err / energy), rel=1e-12)
+                assert quality[key]["sqnr_db"] == pytest.approx(10 * math.log10(energy / err), rel=1e-12)
+                assert quality[key]["max_abs_err"] == float(noise.abs().max())
+    assert len(quality) == 14
+
+
 def test_a_flipped_byte_is_found_and_named(nf4, cli):
     shard = sorted(nf4.glob("model-*.safetensors"))[1]
     data = bytearray(shard.read_bytes())
