@@ -382,10 +382,13 @@ def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, f
     from .dequantize import dequantize_folder
     from .read import open_checkpoint
     from .resolve import resolve_folder
+    from .write import check_output
 
     folder = resolve_folder(path, revision=revision, cache_dir=cache_dir)
+    kind = open_checkpoint(folder, bitsandbytes_folders=True).kind
+    check_output(Path(output), source=folder, force=force)  # before any output, as convert
     if not quiet:
-        click.echo(f"Reading {folder}: {open_checkpoint(folder, bitsandbytes_folders=True).kind}")
+        click.echo(f"Reading {folder}: {kind}")
     with tqdm(unit="B", unit_scale=True, desc="dequantizing", disable=quiet, file=sys.stderr) as bar:
         out = dequantize_folder(
             folder, output, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=parse_size(max_shard_size), force=force,

@@ -174,6 +174,16 @@ def test_force_never_replaces_a_folder_nf4convert_did_not_write(cli, tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "mine"] + (["nf4"] if command == "dequantize" else []))
 
 
+def test_dequantize_refuses_an_output_before_it_reads_or_shows_progress(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    rc, _, err = cli("convert", src, tmp_path / "nf4", "--quiet")
+    assert rc == 0, err
+    (tmp_path / "mine.txt").write_text("mine")
+    rc, out, err = cli("dequantize", tmp_path / "nf4", tmp_path / "mine.txt")
+    assert rc == 5 and out == "" and err == f"nf4convert: error: {tmp_path / 'mine.txt'}: exists and is not a folder\n"
+    assert (tmp_path / "mine.txt").read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt", "nf4", "src"]
+
+
 def test_force_replaces_an_empty_folder_and_dequantize_output(cli, tmp_path):
     src = model_folder(tmp_path / "src")
     (tmp_path / "empty").mkdir()
