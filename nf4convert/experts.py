@@ -29,6 +29,7 @@ import torch
 from .constants import DYNAMIC_MAP, NF4_CODE
 from .errors import LoadError
 from .quantize import NF4Weight, dequantize_absmax
+from .rowdecode import dequantize_run
 
 
 def nf4_weight(param: Any) -> NF4Weight:
@@ -39,17 +40,6 @@ def nf4_weight(param: Any) -> NF4Weight:
         param.data, qs.absmax, tuple(qs.shape), qs.dtype, qs.blocksize,
         qs.state2.absmax if nested else None, float(qs.offset) if nested else None,
     )  # fmt: skip
-
-
-def dequantize_run(packed: torch.Tensor, absmax: torch.Tensor, *, n: int, blocksize: int, dtype: torch.dtype, code: torch.Tensor) -> torch.Tensor:
-    """The ``n`` values of a run of NF4 blocks (float32 ``absmax``), in ``dtype``, by bitsandbytes'
-    ``dequantize_4bit`` given them as one row.
-
-    Args:
-        code: the NF4 code table on ``packed``'s device.
-    """
-    state = bnb.functional.QuantState(absmax=absmax, shape=torch.Size([n]), dtype=dtype, blocksize=blocksize, quant_type="nf4", code=code)
-    return bnb.functional.dequantize_4bit(packed.reshape(-1), quant_state=state).reshape(n)
 
 
 class ExpertBlocks(torch.nn.Module):

@@ -23,7 +23,9 @@ from the folder's ``quantization_config``; for bitsandbytes 4-bit that is ``Bnb4
   the weights lack (base-model weights, ``architectures: [BertForMaskedLM]``) is initialized by
   transformers, which cannot initialize an empty 4-bit weight: only the layers whose weights the
   folder stores in 4 bits become ``Linear4bit``.
-- **CPU-independent shapes.** bitsandbytes' AVX512-BF16 CPU path fails on layers with
+- **CPU-independent shapes.** bitsandbytes' AVX-512 CPU decode is wrong for weights whose rows are not
+  whole blocks: those layers decode as one row (:mod:`nf4convert.rowdecode`), right on every CPU. Its
+  AVX512-BF16 CPU path fails on layers with
   ``out_features % 32 != 0`` or ``in_features % blocksize != 0``; it is turned off for those. The
   layers that keep it refuse a forward on another device after ``.to(device)`` moved them in its
   layout (:func:`refuse_cpu_layout_off_cpu`; bitsandbytes' ``.cuda()`` converts it back, ``.to`` does not).
@@ -49,6 +51,7 @@ from .architecture import map_keys
 from .errors import LoadError
 from .experts import NF4Experts, place_experts
 from .hfloading import registered
+from .rowdecode import exact_on_cpu
 
 #: the key under which transformers looks up the bitsandbytes 4-bit quantizer class
 _BNB_4BIT = "bitsandbytes_4bit"
@@ -188,10 +191,10 @@ class NF4HfQuantizer(Bnb4BitHfQuantizer):
         return super().update_weight_conversions(updated, model)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        exact_on_cpu(model)
         for module in model.modules():
             if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu":
-                qs = module.weight.quant_state
-                if module.out_features % 32 or module.in_features % qs.blocksize:
+                if module.out_features % 32 or module.in_features % module.weight.quant_state.blocksize:
                     module.support_avx512bf16_for_cpu = False
                 else:
                     module.register_forward_pre_hook(refuse_cpu_layout_off_cpu)

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .architecture import CannotAsk
+from .architecture import CannotAsk, map_keys, meta_model
 from .architecture import model_class as model_class_of
 from .constants import MANIFEST_NAME, QUANTIZABLE_DTYPES
 from .errors import LoadError, MissingDependencyError
@@ -68,17 +68,24 @@ def quiet_bitsandbytes() -> None:
 
 
 def float_numerics(model: torch.nn.Module) -> torch.nn.Module:
-    """Turn off bitsandbytes' AVX512-BF16 CPU path in every ``Linear4bit`` of ``model``, so that a CPU
-    forward dequantizes and multiplies in the compute dtype, the same on every CPU.
+    """Make every ``Linear4bit`` of ``model`` compute the same, right values on every CPU: bitsandbytes'
+    AVX512-BF16 CPU path off, and the layers whose rows are not whole blocks decoded as one row
+    (:func:`nf4convert.rowdecode.exact_on_cpu`), so that a CPU forward dequantizes right and multiplies
+    in the compute dtype. For models loaded by other means (stock ``from_pretrained``);
+    :func:`load_model` does the second part itself.
 
-    That path (taken only on CPUs with AVX512-BF16, in eval mode) repacks each weight on its first
-    forward and computes in bfloat16: results then depend on the CPU, and it fails outright for
+    The AVX512-BF16 path (taken only on CPUs with AVX512-BF16, in eval mode) repacks each weight on its
+    first forward and computes in bfloat16: results then depend on the CPU, and it fails outright for
     ``out_features % 32 != 0`` or ``in_features % blocksize != 0`` (which :func:`replace_linear`
     already turns it off for). Returns ``model``.
     """
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    for m in layers:
+        m.support_avx512bf16_for_cpu = False
+    if layers:
+        from .rowdecode import exact_on_cpu
+
+        exact_on_cpu(model)
     return model
 
 
@@ -187,6 +194,8 @@ def replace_linear(
         LoadError: a quantized weight does not fit its layer, or (``strict``) keys do not match.
     """
     bnb = _bnb()
+    from .rowdecode import exact_on_cpu
+
     replaced: set[str] = set()
     for name, child in list(module.named_modules()):
         key = f"{name}.weight" if name else "weight"
@@ -213,6 +222,7 @@ def replace_linear(
             layer.support_avx512bf16_for_cpu = layer.support_avx512bf16_for_cpu and (
                 out_features % 32 == 0 and in_features % weight.blocksize == 0
             )
+        exact_on_cpu(layer)
         _set_submodule(module, name, layer)
         replaced.add(key)
     rest = {k: v for k, v in state_dict.items() if k not in replaced}
@@ -225,20 +235,68 @@ def replace_linear(
     return LoadResult(missing, unexpected)
 
 
-def _model_class(transformers: Any, model_class: Any, config: dict, root: Path) -> Any:
-    """The class ``from_pretrained`` is called on: the caller's, else the one ``architectures`` names (else
-    the ``AutoModel`` of the ``model_type``), refusing a class built for another ``model_type``."""
+def _model_class(transformers: Any, model_class: Any, config: dict, root: Path, keys: list[str]) -> Any:
+    """The class ``from_pretrained`` is called on: the caller's, refusing a class built for another
+    ``model_type``; else the class whose weights the folder holds (:func:`default_class`)."""
     if model_class is None:
-        try:
-            return model_class_of(config)[0]
-        except CannotAsk as e:
-            raise LoadError(f"{root}: cannot build the model: {e}") from None
+        return default_class(config, keys, root=root)
     if isinstance(model_class, str):
         model_class = getattr(transformers, model_class, None) or _fail(f"transformers has no class {model_class!r}")
     expected = getattr(getattr(model_class, "config_class", None), "model_type", None)
     if expected and expected != config.get("model_type"):
         raise LoadError(f"{root}: {model_class.__name__} is a {expected!r} model, the weights are {config.get('model_type')!r}")
     return model_class
+
+
+def default_class(config: dict, keys: list[str], *, root: Path) -> Any:
+    """The class whose weights the folder holds: the one ``config.json``'s ``architectures`` names, unless
+    none of its head's weights is stored (many sentence-transformers checkpoints name
+    ``BertForMaskedLM`` over a base model's weights), then the base model (``AutoModel``'s class).
+
+    The head is every parameter outside the base model (``base_model_prefix``), tied ones aside; the
+    folder's tensor names are mapped with transformers' own load-time key mapping.
+
+    Raises:
+        LoadError: transformers cannot build a model from ``config.json``.
+    """
+    try:
+        cls, cfg = model_class_of(config)
+    except CannotAsk as e:
+        raise LoadError(f"{root}: cannot build the model: {e}") from None
+    base = getattr(cls, "base_model_prefix", "")
+    try:
+        base_cls = model_class_of({k: v for k, v in config.items() if k != "architectures"})[0]
+    except CannotAsk:
+        return cls
+    if base_cls is cls or not base:
+        return cls
+    model = meta_model(config)
+    if not isinstance(getattr(model, base, None), torch.nn.Module):
+        return cls
+    head = [name for name, _ in model.named_parameters() if not name.startswith(base + ".")]
+    stored = {m.key for m in map_keys(model, keys).values()}
+    return base_cls if head and not stored.intersection(head) else cls
+
+
+def _refuse_uninitialized(model: Any, info: dict[str, Any], *, root: Path, caller_class: bool) -> None:
+    """Refuse a model in which a weight was neither read from the folder nor computed by the model's own
+    rules (transformers' ignore lists, non-persistent buffers, tied weights: none of these is reported
+    missing). Only a head that the caller's class adds is left to transformers' warning.
+
+    Raises:
+        LoadError: naming the weights that would be random.
+    """
+    missing = set(info.get("missing_keys") or ()) | {k[0] for k in info.get("mismatched_keys") or ()}
+    base = getattr(model, "base_model_prefix", "")
+    if caller_class and base and isinstance(getattr(model, base, None), torch.nn.Module):
+        missing = {k for k in missing if k.startswith(base + ".")}
+    if missing:
+        names = sorted(missing)
+        more = f", ... ({len(names)} in all)" if len(names) > 3 else ""
+        raise LoadError(
+            f"{root}: {type(model).__name__} would have random weights: {', '.join(names[:3])}{more} are not in the folder "
+            "(a folder converted with another layout, or for another class: convert the source again, or pass the model class)"
+        )
 
 
 def _fail(message: str) -> Any:
@@ -266,20 +324,27 @@ def load_model(
     Args:
         path: the NF4 folder.
         model_class: a transformers class (``AutoModelForMaskedLM``, ``BertModel``, or its name);
-            default: the class ``config.json``'s ``architectures`` names. A head the weights lack is
-            initialized and reported by transformers (a warning, as in ``from_pretrained``).
+            default: the class whose weights the folder holds (:func:`default_class`: the one
+            ``config.json``'s ``architectures`` names, or the base model where none of that head's
+            weights is stored). A head the caller's class adds and the weights lack is initialized
+            and reported by transformers (a warning, as in ``from_pretrained``); any other weight
+            missing from the folder is an error.
         device: where the model goes (``"cpu"``, ``"cuda"``, ``"cuda:1"``).
         dtype: the dtype of the weights that are not quantized, as ``from_pretrained(dtype=...)``.
         compute_dtype: override ``bnb_4bit_compute_dtype`` (float32, float16 or bfloat16).
         **kwargs: passed to ``from_pretrained`` (``output_loading_info=True``, ``attn_implementation``, ...).
 
     Returns:
-        The model in eval mode, as ``from_pretrained`` returns it (``is_loaded_in_4bit`` is ``True``).
+        The model in eval mode, as ``from_pretrained`` returns it (``is_loaded_in_4bit`` is ``True``);
+        with ``output_loading_info=True``, ``(model, loading_info)``. Every weight of it was read from
+        the folder or computed by the model's own rules (tied weights, buffers, transformers' ignore
+        lists), or is in a head the caller's class adds.
 
     Raises:
         MissingDependencyError: transformers, accelerate or bitsandbytes is missing.
         LoadError: not an NF4 folder, no ``config.json``, a class for another model type, a bad
-            compute dtype, or transformers could not load the weights into the class.
+            compute dtype, transformers could not load the weights into the class, or a weight of the
+            model would be random (not in the folder, and not a head the caller's class adds).
         FormatError, UnsupportedVersionError: the folder fails the spec's structural checks.
 
     Example:
@@ -298,21 +363,24 @@ def load_model(
     config_dict = json.loads(config_path.read_text())
     if compute_dtype is not None and str(compute_dtype).removeprefix("torch.") not in QUANTIZABLE_DTYPES.values():
         raise LoadError(f"unsupported compute dtype {compute_dtype} (float32, float16 or bfloat16)")
-    cls = _model_class(transformers, model_class, config_dict, ckpt.root)
+    keys = [name for tensors in ckpt.shards.values() for name in tensors]
+    cls = _model_class(transformers, model_class, config_dict, ckpt.root, keys)
     if compute_dtype is not None:
         config = transformers.AutoConfig.from_pretrained(ckpt.root)
         config.quantization_config["bnb_4bit_compute_dtype"] = str(compute_dtype).removeprefix("torch.")
         kwargs["config"] = config
     if dtype is not None:
         kwargs["dtype"] = dtype
+    with_info = kwargs.pop("output_loading_info", False)
     from .hfquantizer import nf4_quantizer
 
     with nf4_quantizer({name: state.shape for name, state in ckpt.quant_states.items()}) as refused:
         try:
-            model = cls.from_pretrained(ckpt.root, device_map={"": torch.device(device)}, **kwargs)
+            model, info = cls.from_pretrained(ckpt.root, device_map={"": torch.device(device)}, output_loading_info=True, **kwargs)
         except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:
             if refused:
                 raise refused[0] from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LoadError(f"{ckpt.root}: transformers cannot load it as {cls.__name__}: {first}") from e
-    return model
+    _refuse_uninitialized(model, info, root=ckpt.root, caller_class=model_class is not None)
+    return (model, info) if with_info else model

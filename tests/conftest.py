@@ -10,8 +10,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if platform.machine().lower() in ("x86_64", "amd64"):
     # The suite-wide CPU guard, part 1 (before torch is imported; subprocesses inherit it): torch's
-    # AVX2 kernels on every x86 CPU, so bitsandbytes registers none of its AVX-512 CPU kernels
-    # (its dequantize_4bit there is wrong when shape[-1] % blocksize != 0). Part 2 is below.
+    # AVX2 kernels on every x86 CPU, so bitsandbytes registers none of its AVX-512 torch kernels. Its
+    # native library still picks its AVX-512 decode by the CPU (wrong when rows are not whole blocks):
+    # tests/test_rowdecode.py runs both of its branches on any CPU. Part 2 is below.
     os.environ["ATEN_CPU_CAPABILITY"] = "avx2"
 
 import pytest  # noqa: E402

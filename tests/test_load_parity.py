@@ -85,9 +85,26 @@ def headless_bert(old_bert, tmp_path_factory) -> Path:
     return folder
 
 
-def test_a_head_the_weights_lack_is_a_warning_and_the_class_is_transformers_choice(headless_bert, caplog):
+def test_by_default_the_class_is_the_one_whose_weights_the_folder_holds(headless_bert):
+    """config.json names BertForMaskedLM, the weights are BertModel's: the base model, not a random head."""
+    ours, info = load_model(headless_bert, output_loading_info=True)
+    assert type(ours) is transformers.BertModel and info["missing_keys"] == set()
+    theirs = transformers.AutoModel.from_pretrained(headless_bert, device_map="cpu")
+    assert_same_model(ours, theirs)
+    assert torch.equal(hidden(ours), hidden(theirs))
+
+
+def test_a_head_class_is_the_default_where_its_head_is_stored(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=200, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", tmp_path / "nf4", options=Options(compute_dtype="float32"))
+    assert type(load_model(out)) is transformers.BertForMaskedLM
+
+
+def test_a_head_the_callers_class_adds_is_a_warning_as_in_transformers(headless_bert, caplog):
     with caplog.at_level(logging.WARNING, logger="transformers"):
-        ours, info = load_model(headless_bert, output_loading_info=True)
+        ours, info = load_model(headless_bert, transformers.BertForMaskedLM, output_loading_info=True)
     assert type(ours) is transformers.BertForMaskedLM
     assert "LOAD REPORT" in caplog.text and any(k.startswith("cls.predictions") for k in info["missing_keys"])
     # the head is initialized as transformers initializes it, in full precision: it has no 4-bit weights
@@ -95,6 +112,23 @@ def test_a_head_the_weights_lack_is_a_warning_and_the_class_is_transformers_choi
     body = transformers.AutoModel.from_pretrained(headless_bert, device_map="cpu")
     with torch.no_grad():
         assert torch.equal(ours.bert(input_ids=IDS).last_hidden_state, body(input_ids=IDS).last_hidden_state)
+
+
+def test_a_weight_of_the_body_missing_from_the_folder_is_a_load_error_naming_it(old_bert, tmp_path):
+    """Never a model with random weights: a body weight the folder lacks is refused, whatever the class."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "nf4"
+    shutil.copytree(old_bert, folder)
+    (shard,) = [p for p in folder.glob("*.safetensors")]
+    tensors = {k: v for k, v in load_file(shard).items() if not k.startswith("encoder.layer.1.output.LayerNorm")}
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (folder / "nf4convert.json").unlink(missing_ok=True)
+    for cls in (None, transformers.BertForMaskedLM):
+        with pytest.raises(LoadError, match=r"would have random weights: .*encoder\.layer\.1\.output\.LayerNorm\.bias"):
+            load_model(folder, cls)
 
 
 def test_stock_transformers_cannot_initialize_a_missing_head_as_4_bit(headless_bert):
