@@ -34,7 +34,7 @@ import torch
 
 from .constants import BLOCKSIZES, DTYPE_SIZES
 from .decisions import EXPERT_PATTERN
-from .errors import QuantizationError
+from .errors import OptionError
 from .importance import load_importance
 from .plan import Plan, PlannedTensor, make_plan
 from .quantize import NF4Weight, dequantize
@@ -182,20 +182,20 @@ def apply_budget(plan: Plan, *, kernel: str = "native") -> Plan:
     ``small_blocks`` (see the module docstring).
 
     Raises:
-        QuantizationError: a budget below what quantizing every weight takes with these options, or a
+        OptionError: a budget below what quantizing every weight takes with these options, or a
             streamed source.
     """
     bits = plan.options.bits
     if bits is None:
         return plan
     if plan.source.fetcher is not None:
-        raise QuantizationError("--bits measures every weight before converting, which would fetch each shard twice with --stream: download the repo first")
+        raise OptionError("--bits measures every weight before converting, which would fetch each shard twice with --stream: download the repo first")
     quantized = plan.quantized
     names = {t.name for t in quantized}
     params = sum(t.source.info.numel for t in quantized)
     floor = 8 * sum(t.output_bytes for t in quantized) / params
     if bits < floor - 1e-9:
-        raise QuantizationError(f"--bits {bits:g} is below the {floor:.3f} bits per parameter of quantizing every weight with these options")
+        raise OptionError(f"--bits {bits:g} is below the {floor:.3f} bits per parameter of quantizing every weight with these options")
     small_plan = make_plan(plan.source, replace(plan.options, small_blocks=("*",))) if plan.options.blocksize > BLOCKSIZES[0] else None
     if small_plan is not None and {t.name for t in small_plan.quantized} != names:
         small_plan = None  # smaller blocks would change what is quantized (fused experts): not offered

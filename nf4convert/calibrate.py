@@ -71,8 +71,20 @@ def measure_importance(
         raise MissingDependencyError("measuring importance runs the model: pip install 'nf4convert[load]'") from None
     folder = resolve_folder(model, revision=revision, cache_dir=cache_dir)
     source = open_source(folder)
-    tokenizer = _load(transformers.AutoTokenizer, folder)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise LoadError(
+            f"{folder}: no tokenizer transformers can load ({e.__class__.__name__}): the calibration text is read with the model's "
+            "tokenizer; put its files (tokenizer.json, tokenizer_config.json, ...) in the model folder"
+        ) from None
     ids = tokenizer(text_path.read_text(encoding="utf-8", errors="replace"), return_tensors="pt", verbose=False).input_ids[0]
+    unknown = float((ids == tokenizer.unk_token_id).float().mean()) if tokenizer.unk_token_id is not None and len(ids) else 0.0
+    if unknown >= 0.5:  # transformers builds a near-empty tokenizer from a config alone
+        raise LoadError(
+            f"{folder}: its tokenizer reads {unknown:.0%} of the calibration text as unknown tokens ({len(tokenizer)} tokens known): "
+            "put the model's tokenizer files (tokenizer.json, tokenizer_config.json, ...) in the model folder"
+        )
     if len(ids) < window:  # checked before the model is built
         raise SourceError(f"{text_path}: {len(ids)} tokens of calibration text, fewer than one window of {window}: give at least {window} tokens of text (or a smaller --window)")
     windows = ids[: len(ids) // window * window].view(-1, window)

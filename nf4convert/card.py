@@ -16,10 +16,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .constants import VERIFY_REPORT
 from .files import human
 
-#: The report ``nf4convert verify --save`` writes into the folder; the card quotes its summary.
-VERIFY_REPORT = "nf4convert-verify.json"
 #: What stands for the repo id in a card rendered without one (``push`` puts the repo id in).
 REPO_PLACEHOLDER = "REPO_ID"
 #: Libraries whose files in a folder say how the model is used: marker file -> (library_name, default pipeline_tag).

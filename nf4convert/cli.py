@@ -33,15 +33,27 @@ from .source import Source
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str) -> int:
-    """``"5GB"`` -> 5000000000, ``"2GiB"`` -> 2147483648, ``"1000"`` -> 1000."""
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
+    """``"5GB"`` -> 5000000000, ``"2GiB"`` -> 2147483648, ``"1000"`` -> 1000.
+
+    Raises:
+        click.BadParameter: naming ``option``, for text that is no positive size.
+    """
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()]) if m else 0
+    if size <= 0:
+        raise click.BadParameter(f"{text!r} is not a size like 5GB, 500MB or 2GiB", param_hint=f"'{option}'")
+    return size
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: The exit codes, as ``--help`` lists them (the error classes carry them: nf4convert.errors).
+EXIT_CODES = (
+    "Exit codes: 0 done; 1 other error; 2 bad option or source, or a device this machine lacks; 3 format; "
+    "4 quantization; 5 output; 6 missing optional dependency; 7 load; 8 verification failed; 9 Hub; 10 cluster; 130 interrupted."
+)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(__version__, prog_name="nf4convert")
 @click.option("--debug", is_flag=True, envvar="NF4CONVERT_DEBUG", help="Show tracebacks of errors.")
 @click.pass_context
@@ -78,7 +90,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
             click.echo(f"  {mark} {t.name} {t.source.info.dtype} {list(t.source.info.shape)}  ({t.reason})")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("source")
 @click.argument("output", required=False)
 @click.option("--blocksize", type=click.Choice([str(b) for b in BLOCKSIZES]), default=str(DEFAULT_BLOCKSIZE), show_default=True, help="Weights per absmax scale.")
@@ -178,7 +190,7 @@ def convert(
             resolve_kernel(kernel, device)
         src = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=staging, stream_scratch=scratch)
         run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler}
-        path = _convert(src, output, options, dry_run=dry_run, run=run, quiet=quiet, verbose=verbose)
+        path = _convert(src, output, options, dry_run=dry_run, run=run, quiet=quiet, verbose=verbose, pushing=push_to is not None)
         if push_to is not None and path is not None:
             from .hub import push as run_push
 
@@ -190,20 +202,38 @@ def convert(
 
 
 def default_output(source: str) -> str:
-    """OUTPUT when none is given: ``<name>-nf4`` beside a local source, in the current folder for a
-    Hub repo id (``org/name`` -> ``./name-nf4``)."""
-    path = Path(source.rstrip("/"))
-    name = f"{path.stem if path.suffix == '.safetensors' else path.name}-nf4"
-    return str(path.with_name(name) if path.exists() else Path(name))
+    """OUTPUT when none is given: ``<name>-nf4`` beside a local source (a file's model folder when the
+    file sits in one with a ``config.json``: never inside the model's folder, whose later conversion
+    would take the output for side files), in the current folder for a Hub repo id
+    (``org/name`` -> ``./name-nf4``).
+
+    Raises:
+        click.UsageError: an empty SOURCE.
+    """
+    if not source.strip():
+        raise click.UsageError("SOURCE is empty: give a folder, a .safetensors file or a Hub repo id")
+    path = Path(source)
+    if not path.exists():
+        return str(Path(f"{Path(source.rstrip('/')).name}-nf4"))
+    path = Path(os.path.normpath(source))
+    if path.name in ("", ".."):  # ".", "..": the folder's own name
+        path = path.resolve()
+    if path.is_file() and (path.parent / "config.json").is_file():
+        path = path.parent
+    name = f"{path.stem if path.is_file() else path.name}-nf4"
+    return str(path.with_name(name))
 
 
-def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: dict[str, Any], quiet: bool, verbose: bool) -> Path | None:
+def _convert(
+    src: Source, output: str, options: Options, *, dry_run: bool, run: dict[str, Any], quiet: bool, verbose: bool, pushing: bool = False
+) -> Path | None:
     """Plan, show and run the conversion of an opened source (``run``: :func:`nf4convert.convert.convert`'s
-    keywords); returns the output folder (``None`` for a dry run)."""
+    keywords); returns the output folder (``None`` for a dry run). ``pushing``: the upload follows (the
+    summary's next steps leave ``push`` out)."""
     from .resolve import source_hasher
     from .write import check_output
 
-    check_output(Path(output), source=src.path, force=run["force"])  # a dry run makes the same checks
+    check_output(Path(output), source=src.path, force=run["force"])  # a dry run makes the same checks (the names, once planned)
     hashes = None if dry_run else source_hasher(src)  # begun before torch loads (next lines), on the idle core
     try:
         from .quantize import resolve_kernel
@@ -213,9 +243,15 @@ def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: 
         if hashes is not None:
             hashes.cancel()
         raise
-    from .convert import plan_conversion
+    from .convert import output_files, plan_conversion
 
     plan = plan_conversion(src, options=options, kernel=run["kernel"], hashes=hashes)
+    try:
+        check_output(Path(output), source=src.path, force=run["force"], writes=output_files(plan))
+    except NF4ConvertError:
+        if hashes is not None:
+            hashes.cancel()
+        raise
     if dry_run or verbose:
         _print_plan(plan, verbose=verbose)
     if dry_run:
@@ -248,7 +284,8 @@ def _convert(src: Source, output: str, options: Options, *, dry_run: bool, run: 
             f"{plan.bits_per_parameter:.3f} bits/parameter, in {time.perf_counter() - began:.1f} s"
         )
         loads = any(loader.startswith("nf4convert.load_model") for loader in plan.loaders)
-        steps = [f"nf4convert verify {path} --source {src.path}", f"nf4convert push {path} ORG/NAME"]
+        pickled = " --allow-pickle" if "pickled_files" in src.provenance else ""
+        steps = [f"nf4convert verify {path} --source {src.path}{pickled}"] + ([] if pushing else [f"nf4convert push {path} ORG/NAME"])
         steps += [f"python -c \"import nf4convert; nf4convert.load_model('{path}')\""] if loads else []
         click.echo("Next: " + "  |  ".join(steps))
     return path
@@ -267,7 +304,7 @@ def hub_folder(command: Callable) -> Callable:
     return command
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @hub_folder
@@ -287,8 +324,16 @@ def inspect(path: str, as_json: bool, revision: str | None, cache_dir: str | Non
     if source:
         short = {k: (f"[{', '.join(map(str, v[:3]))}, ... ({len(v)})]" if isinstance(v, list) and len(v) > 3 else v) for k, v in source.items()}
         click.echo(f"  source:    {', '.join(f'{k}={v}' for k, v in short.items())}")
-    if s["options"]:
-        click.echo(f"  options:   {', '.join(f'{k}={v}' for k, v in s['options'].items())}")
+    options = dict(s["options"])
+    budget, small = options.pop("budget", None), options.pop("small_blocks", None)
+    if s["blocksizes"]:  # what the weights have, whatever the options said
+        options["blocksize"] = ", ".join(f"{b} ({n} weights)" for b, n in sorted(s["blocksizes"].items(), key=lambda kv: -kv[1])) if len(s["blocksizes"]) > 1 else next(iter(s["blocksizes"]))
+    if options:
+        click.echo(f"  options:   {', '.join(f'{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}' for k, v in options.items())}")
+    if budget:
+        kept = f"keeps {len(budget['kept'])} module(s) ({budget['kept_parameters']:,} parameters)" if budget["kept"] else "keeps no module"
+        blocks = f"; blocksize 32 for {budget['small_blocks_parameters']:,} parameters ({', '.join(small or [])})" if small else ""
+        click.echo(f"  budget:    --bits {budget['bits']:g}: {budget['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized; {kept}{blocks}")
     if s["decided_by"]:
         click.echo(f"  decided by {s['decided_by']}")
     if s["loaders"]:
@@ -300,24 +345,29 @@ def inspect(path: str, as_json: bool, revision: str | None, cache_dir: str | Non
     click.echo(f"  bits/parameter: {s['bits_per_parameter']:.3f} overall, {s['quantized_bits_per_parameter']:.3f} for quantized weights")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("path")
 @click.option("--source", default=None, help="The checkpoint PATH was converted from (folder, file or Hub repo id): also measure each tensor's error.")
 @click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON.")
 @click.option("--save", is_flag=True, help="Also write the report to PATH/nf4convert-verify.json (push puts its figures in the model card).")
 @click.option("--revision", default=None, help="Hub repo ids (PATH, --source): branch, tag or commit [default: main].")
 @click.option("--cache-dir", default=None, help="Hub repo ids (PATH, --source): the Hugging Face cache folder.")
-def verify(path: str, source: str | None, as_json: bool, save: bool, revision: str | None, cache_dir: str | None) -> None:
+@click.option("--allow-pickle", is_flag=True, help="With --source: read pickled *.bin weights (torch.load weights_only=True), staged as safetensors in a temporary folder.")
+def verify(path: str, source: str | None, as_json: bool, save: bool, revision: str | None, cache_dir: str | None, allow_pickle: bool) -> None:
     """Check PATH's files against its manifest and the spec (and, with --source, the quantization error).
     PATH may be a bitsandbytes 4-bit folder transformers saved (its structure is checked: it has no
     manifest), or a cached Hub repo id."""
-    from .card import VERIFY_REPORT
+    import tempfile
+
+    from .constants import VERIFY_REPORT
     from .resolve import resolve_folder, resolve_source
     from .verify import verify as run_verify
 
-    src = resolve_source(source, revision=revision, cache_dir=cache_dir) if source is not None else None
     path = str(resolve_folder(path, revision=revision, cache_dir=cache_dir))
-    report = run_verify(path, source=src)
+    with tempfile.TemporaryDirectory(prefix="nf4convert-staging-") as scratch:
+        staging = Path(scratch) / "staged" if allow_pickle else None
+        src = resolve_source(source, revision=revision, cache_dir=cache_dir, allow_pickle_staging=staging) if source is not None else None
+        report = run_verify(path, source=src)
     if save and report["ok"]:
         try:
             (Path(path) / VERIFY_REPORT).write_text(json.dumps(report, indent=2) + "\n")
@@ -341,7 +391,7 @@ def verify(path: str, source: str | None, as_json: bool, save: bool, revision: s
         raise VerificationFailed(f"{path}: {len(report['problems'])} problem(s), first: {report['problems'][0]}")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("model")
 @click.argument("output")
 @click.option("--text", "text_file", required=True, type=click.Path(), help="Calibration text (a few thousand words of the kind of text the model will see).")
@@ -366,7 +416,7 @@ def importance(
     click.echo(f"Wrote {output}: importance of {n} weights")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("path")
 @click.argument("output")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Cast floating-point tensors [default: each weight's original dtype].")
@@ -379,19 +429,21 @@ def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, f
     or a bitsandbytes 4-bit folder transformers saved (NF4 or FP4), local or a cached Hub repo id."""
     import torch
 
-    from .dequantize import dequantize_folder
+    from .dequantize import dequantize_folder, output_files
     from .read import open_checkpoint
     from .resolve import resolve_folder
     from .write import check_output
 
     folder = resolve_folder(path, revision=revision, cache_dir=cache_dir)
-    kind = open_checkpoint(folder, bitsandbytes_folders=True).kind
-    check_output(Path(output), source=folder, force=force)  # before any output, as convert
+    ckpt = open_checkpoint(folder, bitsandbytes_folders=True)
+    kind, size = ckpt.kind, parse_size(max_shard_size, "--max-shard-size")
+    writes = output_files(ckpt, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=size)
+    check_output(Path(output), source=folder, force=force, writes=writes)  # before any output, as convert
     if not quiet:
         click.echo(f"Reading {folder}: {kind}")
     with tqdm(unit="B", unit_scale=True, desc="dequantizing", disable=quiet, file=sys.stderr) as bar:
         out = dequantize_folder(
-            folder, output, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=parse_size(max_shard_size), force=force,
+            folder, output, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=size, force=force,
             progress=bar.update, total=lambda n: bar.reset(total=n),
         )
     if not quiet:
@@ -421,7 +473,7 @@ def report_push(result: dict[str, Any]) -> None:
     click.echo(f"Uploaded {len(result['files'])} files: {result['url']}")
 
 
-@cli.command()
+@cli.command(epilog=EXIT_CODES)
 @click.argument("path")
 @click.argument("repo_id")
 @push_options
@@ -454,8 +506,10 @@ def main(argv: list[str] | None = None) -> Any:
     except (click.exceptions.Abort, KeyboardInterrupt):  # click turns Ctrl-C into Abort
         click.echo("nf4convert: interrupted (run the same command again to resume a conversion)", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # one line, as every error (click's own would print the usage first)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if isinstance(e, click.UsageError) and ctx is not None else ""
+        click.echo(f"nf4convert: error: {e.format_message()}{hint}", err=True)
         sys.exit(e.exit_code)
     except (NF4ConvertError, OSError) as e:
         if debug:

@@ -16,6 +16,11 @@ MANIFEST_NAME = "nf4convert.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME_TEMPLATE = "model-{index:05d}-of-{count:05d}.safetensors"
+#: The hidden file in each folder ``dequantize`` writes: JSON ``{"files": [names]}``, what it wrote there
+#: (a ``convert`` output's manifest lists its files).
+OUTPUT_MARK = ".nf4convert-output"
+#: The report ``nf4convert verify --save`` writes into a folder; the card quotes its summary.
+VERIFY_REPORT = "nf4convert-verify.json"
 
 #: Keys of every shard's safetensors `__metadata__`.
 METADATA = {"format": "pt", "nf4convert.format": FORMAT_NAME, "nf4convert.version": str(FORMAT_VERSION)}

@@ -242,7 +242,7 @@ def convert(
             from .cluster import check_cluster_options
 
             check_cluster_options(workers, scheduler)
-        with OutputFolder(Path(output), source=plan.source.path, force=force, fingerprint=fingerprint(plan)) as out:
+        with OutputFolder(Path(output), source=plan.source.path, force=force, fingerprint=fingerprint(plan), writes=output_files(plan)) as out:
             every = shard_tasks(plan, out.partial, kernel=kernel, device=device)
             tasks = [t for t in every if t.name not in out.completed]
             side = sum(f.stat().st_size for f in plan.source.side_files)
@@ -285,6 +285,14 @@ def _source_records(plan: Plan, journal: list[dict[str, Any]]) -> list[dict[str,
         if hashed.get(r["name"], r) != r:
             raise SourceError(f"{r['name']}: the downloaded shard does not match the size and sha256 its repository publishes")
     return published
+
+
+def output_files(plan: Plan) -> set[str]:
+    """Every file the output of ``plan`` holds (relative POSIX paths): shards, index, side files, config,
+    manifest. What a replaced output's files of the user's must not be named (:func:`check_output`)."""
+    src = plan.source
+    names = {*plan.shard_names(), MANIFEST_NAME, *(p.relative_to(src.root).as_posix() for p in src.side_files)}
+    return names | ({INDEX_NAME} if len(plan.shards) > 1 else set()) | ({"config.json"} if src.config is not None else set())
 
 
 def _write_output(plan: Plan, out: OutputFolder) -> Path:

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .constants import DTYPE_SIZES, INDEX_NAME, MANIFEST_NAME, SHARD_NAME_TEMPLATE, SINGLE_SHARD_NAME
+from .constants import DTYPE_SIZES, INDEX_NAME, MANIFEST_NAME, OUTPUT_MARK, SHARD_NAME_TEMPLATE, SINGLE_SHARD_NAME
 from .errors import FormatError
 from .layout import quantized_tensors, transposed as transposed_shape
-from .files import containment, is_inside, is_plain_relative
+from .files import is_plain_relative, may_read
 from .plan import DEFAULT_MAX_SHARD_SIZE
 from .quantize import dequantize, dequantize_chunks
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
 from .source import SIDE_FILE_PATTERNS
 from .tensorfile import SafetensorsFile, torch_dtypes
-from .write import OUTPUT_MARK, OutputFolder, ShardWriter, as_bytes
+from .write import OutputFolder, ShardWriter, as_bytes
 
 
 def _side_files(ckpt: NF4Checkpoint) -> list[str]:
@@ -41,10 +41,59 @@ def _side_files(ckpt: NF4Checkpoint) -> list[str]:
     names = []
     for record in ckpt.manifest.get("files", []):
         name = record.get("name") if isinstance(record, dict) else None
-        if not is_plain_relative(name) or not is_inside(ckpt.root / name, containment(ckpt.root)):
+        if not is_plain_relative(name) or not may_read(ckpt.root / name, ckpt.root):
             raise FormatError(f"{ckpt.root / MANIFEST_NAME}: file name {name!r} is not a path inside the folder")
         names.append(name)
     return names
+
+
+Entry = tuple[str, str, tuple[int, ...]]
+
+
+def _plan(ckpt: NF4Checkpoint, dtype: torch.dtype | None, max_shard_size: int) -> tuple[list[Entry], list[list[Entry]], list[str]]:
+    """Every output tensor (name, safetensors dtype, shape), cut into shards, and the shards' names."""
+    to_torch = torch_dtypes()
+    to_safetensors = {v: k for k, v in to_torch.items()}
+    transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
+    companions = {n for k, s in ckpt.quant_states.items() for n, _, _ in quantized_tensors(k, s) if n != k}
+    plan: list[Entry] = []
+    for tensors in ckpt.shards.values():
+        for key, info in tensors.items():
+            if key in companions:
+                continue
+            if key in ckpt.quant_states:
+                state = ckpt.quant_states[key]
+                out_dtype = dtype or getattr(torch, state.dtype)
+                shape = transposed_shape(state.shape) if key in transposed else state.shape
+                plan.append((key, to_safetensors[out_dtype], tuple(shape)))
+            else:
+                floating = info.dtype in to_torch and to_torch[info.dtype].is_floating_point
+                plan.append((key, to_safetensors[dtype] if dtype and floating else info.dtype, info.shape))
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for entry in plan:
+        nbytes = math.prod(entry[2]) * DTYPE_SIZES[entry[1]]
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = [SINGLE_SHARD_NAME] if len(shards) == 1 else [SHARD_NAME_TEMPLATE.format(index=i + 1, count=len(shards)) for i in range(len(shards))]
+    return plan, shards, names
+
+
+def _side_names(ckpt: NF4Checkpoint) -> list[str]:
+    produced = {MANIFEST_NAME, INDEX_NAME, *ckpt.shards}
+    return [name for name in _side_files(ckpt) if name not in produced and name != "config.json"]
+
+
+def output_files(path: str | os.PathLike | NF4Checkpoint, *, dtype: torch.dtype | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE) -> set[str]:
+    """Every file :func:`dequantize_folder` writes for these arguments (relative POSIX paths): what a
+    replaced output's files of the user's must not be named (:func:`~nf4convert.write.check_output`)."""
+    ckpt = path if isinstance(path, NF4Checkpoint) else open_checkpoint(path, bitsandbytes_folders=True)
+    _, shards, names = _plan(ckpt, dtype, max_shard_size)
+    extra = ({INDEX_NAME} if len(shards) > 1 else set()) | ({"config.json"} if (ckpt.root / "config.json").is_file() else set())
+    return {*names, *_side_names(ckpt), OUTPUT_MARK} | extra
 
 
 def dequantize_folder(
@@ -78,38 +127,15 @@ def dequantize_folder(
         OutputError: as for conversion.
     """
     ckpt = open_checkpoint(path, bitsandbytes_folders=True)
-    to_torch = torch_dtypes()
-    to_safetensors = {v: k for k, v in to_torch.items()}
-    transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
-    companions = {n for k, s in ckpt.quant_states.items() for n, _, _ in quantized_tensors(k, s) if n != k}
-    plan: list[tuple[str, str, tuple[int, ...]]] = []
-    for tensors in ckpt.shards.values():
-        for key, info in tensors.items():
-            if key in companions:
-                continue
-            if key in ckpt.quant_states:
-                state = ckpt.quant_states[key]
-                out_dtype = dtype or getattr(torch, state.dtype)
-                shape = transposed_shape(state.shape) if key in transposed else state.shape
-                plan.append((key, to_safetensors[out_dtype], tuple(shape)))
-            else:
-                floating = info.dtype in to_torch and to_torch[info.dtype].is_floating_point
-                plan.append((key, to_safetensors[dtype] if dtype and floating else info.dtype, info.shape))
+    plan, shards, names = _plan(ckpt, dtype, max_shard_size)
     if total:
         total(sum(math.prod(shape) * DTYPE_SIZES[sdtype] for _, sdtype, shape in plan))
-    shards: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for entry in plan:
-        nbytes = math.prod(entry[2]) * DTYPE_SIZES[entry[1]]
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append([])
-            size = 0
-        shards[-1].append(entry)
-        size += nbytes
-    names = [SINGLE_SHARD_NAME] if len(shards) == 1 else [SHARD_NAME_TEMPLATE.format(index=i + 1, count=len(shards)) for i in range(len(shards))]
+    to_torch = torch_dtypes()
+    transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
+    sides, writes = _side_names(ckpt), output_files(ckpt, dtype=dtype, max_shard_size=max_shard_size)
     where = {key: shard for shard, tensors in ckpt.shards.items() for key in tensors}
     files: dict[str, SafetensorsFile] = {}
-    with OutputFolder(Path(output), source=ckpt.root, force=force) as out:
+    with OutputFolder(Path(output), source=ckpt.root, force=force, writes=writes) as out:
         try:
             for name, shard in zip(names, shards):
                 writer = ShardWriter(out.path(name), shard, {"format": "pt"})
@@ -137,15 +163,14 @@ def dequantize_folder(
             weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
             total = sum(math.prod(s) * DTYPE_SIZES[d] for _, d, s in plan)
             (out.path(INDEX_NAME)).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        produced = {MANIFEST_NAME, INDEX_NAME, *ckpt.shards}
-        for name in _side_files(ckpt):
-            if name not in produced and name != "config.json":
-                out.path(name).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(ckpt.root / name, out.path(name))
+        for name in sides:
+            out.path(name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(ckpt.root / name, out.path(name))
         config_path = ckpt.root / "config.json"
         if config_path.is_file():
             config = json.loads(config_path.read_text())
             config.pop("quantization_config", None)
             out.path("config.json").write_text(json.dumps(config, indent=2) + "\n")
-        out.path(OUTPUT_MARK).write_text("written by nf4convert dequantize; dequantize --force may replace this folder\n")
+        written = sorted(n for n in writes if n != OUTPUT_MARK)
+        out.path(OUTPUT_MARK).write_text(json.dumps({"written_by": "nf4convert dequantize; dequantize --force replaces these files", "files": written}, indent=2) + "\n")
         return out.commit()

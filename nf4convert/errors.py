@@ -50,6 +50,13 @@ class QuantizationError(NF4ConvertError, ValueError):
     exit_code = 4
 
 
+class OptionError(QuantizationError):
+    """An option value (or combination) no conversion takes, refused before any work: exit 2, as
+    click's own refusals of a bad option."""
+
+    exit_code = 2
+
+
 class OutputError(NF4ConvertError, OSError):
     """The output location cannot be used (exists, lies inside the source, not writable)."""
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
 
 from .constants import DYNAMIC_MAP, NF4_CODE

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import threading
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from .constants import MANIFEST_NAME, OUTPUT_MARK, VERIFY_REPORT
 
 _HASH_CHUNK = 16 << 20
 
@@ -34,6 +37,42 @@ def containment(root: Path) -> Path:
     if root.parent.name == "snapshots" and (root.parent.parent / "blobs").is_dir():
         return root.parent.parent
     return root
+
+
+def recorded_files(folder: Path) -> set[str] | None:
+    """The files nf4convert wrote in ``folder`` and recorded there (relative POSIX paths), or ``None``
+    when it is no output of nf4convert's.
+
+    A ``convert`` output records its files in its manifest, a ``dequantize`` output in its mark
+    (:data:`~nf4convert.constants.OUTPUT_MARK`); ``verify --save``'s report is nf4convert's too. A
+    record that cannot be read records only itself: every other file then counts as the user's.
+    """
+    for record in (MANIFEST_NAME, OUTPUT_MARK):
+        if (folder / record).is_file():
+            try:
+                listed = json.loads((folder / record).read_text(encoding="utf-8")).get("files", [])
+                names = {f["name"] if isinstance(f, dict) else f for f in listed}
+            except (OSError, ValueError, AttributeError, KeyError, TypeError):
+                names = set()
+            return {n for n in names if is_plain_relative(n)} | {record, VERIFY_REPORT}
+    return None
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file (or link) under ``folder``, hidden ones too, as sorted relative POSIX paths."""
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() or p.is_symlink())
+
+
+def may_read(path: Path, root: Path) -> bool:
+    """Whether a file of the checkpoint folder ``root`` may be read where its links lead.
+
+    In a Hugging Face cache snapshot the files are links the Hub client made into ``../../blobs``: they
+    must resolve inside the repo's cache folder. In any other folder the links are the user's (weights
+    kept in a store elsewhere): they are followed; names read from an index or manifest are checked
+    apart, as names (:func:`is_plain_relative`).
+    """
+    repo = containment(root)
+    return repo == root or is_inside(path, repo)
 
 
 def is_inside(path: Path, root: Path) -> bool:

@@ -226,15 +226,20 @@ def _with_section(own: str, card: str) -> str:
     """The user's README ``own`` with the card's metadata filled in where ``own`` lacks it (tags
     added) and its body in a marked section: replacing the section a previous push added, if any."""
     from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub.repocard import REGEX_YAML_BLOCK
 
-    theirs, ours = ModelCard(own), ModelCard(card)
-    data = theirs.data.to_dict()
+    ours = ModelCard(card)
+    if REGEX_YAML_BLOCK.search(own):
+        theirs = ModelCard(own)
+        data, own_body = theirs.data.to_dict(), theirs.text
+    else:  # a README without front matter: nothing to merge (ModelCard would warn that it has none)
+        data, own_body = {}, own
     for key, value in ours.data.to_dict().items():
         if key == "tags":
             data["tags"] = list(dict.fromkeys([*(data.get("tags") or []), *value]))
         elif data.get(key) is None:
             data[key] = value
-    body = theirs.text
+    body = own_body
     start, end = CARD_SECTION
     if start in body and end in body:
         body = body[: body.index(start)] + body[body.index(end) + len(end) :]
@@ -276,13 +281,14 @@ def push(
         VerificationFailed: the folder does not match its manifest; nothing is uploaded.
         HubError: a bad repo id or base model, or the Hub refused (bad token, no permission, network).
     """
-    from .read import open_checkpoint
+    from .read import open_checkpoint, require_nf4_folder
     from .verify import verify
 
     if not REPO_ID.match(repo_id):
         raise HubError(f"{repo_id!r} is not a Hub repo id (org/name)")
     if base_model is not None and not REPO_ID.match(base_model):
         raise HubError(f"--base-model {base_model!r} is not a Hub repo id (org/name)")
+    require_nf4_folder(path)  # a bitsandbytes folder has no manifest to check and upload by
     report = verify(path)
     if not report["ok"]:
         raise VerificationFailed(f"{path}: {len(report['problems'])} problem(s), first: {report['problems'][0]}; not uploading")

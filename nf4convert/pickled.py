@@ -42,19 +42,21 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def stage_pickled(root: Path, staging: Path) -> Source:
-    """Stage the pickled shards of ``root`` as safetensors in ``staging`` and open that as the source.
+def stage_pickled(path: Path, staging: Path) -> Source:
+    """Stage the pickled shards of the folder ``path`` (or the one pickled file ``path``, with its folder's
+    side files) as safetensors in ``staging`` and open that as the source.
 
-    The returned source keeps ``root`` as its path and name, and records the pickled files'
+    The returned source keeps ``path`` as its path and name, and records the pickled files'
     sha256 in its provenance (``pickled_files``).
 
     Raises:
-        SourceNotFoundError: ``root`` has no ``*.bin`` weights.
+        SourceNotFoundError: ``path`` has no ``*.bin`` weights.
         SourceError: a file that is not a weights-only checkpoint of named tensors.
     """
     from safetensors.torch import save_file
 
-    bins = sorted(p for p in root.glob(PICKLE_PATTERN) if p.is_file())
+    root = path.parent if path.is_file() else path
+    bins = [path] if path.is_file() else sorted(p for p in root.glob(PICKLE_PATTERN) if p.is_file())
     if not bins:
         raise SourceNotFoundError(f"{root}: no *.safetensors or *.bin weights")
     staging.mkdir(parents=True)
@@ -64,6 +66,6 @@ def stage_pickled(root: Path, staging: Path) -> Source:
         if side.is_file() and any(fnmatch.fnmatch(side.name, g) for g in SIDE_FILE_PATTERNS) and ".bin." not in side.name:
             shutil.copyfile(side, staging / side.name)
     src = open_source(staging)
-    src.path, src.name = root, root.name
+    src.path, src.name = path, path.name
     src.provenance["pickled_files"] = [file_record(p, p.name) for p in bins]
     return src

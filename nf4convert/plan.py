@@ -26,7 +26,7 @@ from .constants import (
 )
 from .architecture import decide
 from .decisions import Decisions
-from .errors import QuantizationError
+from .errors import OptionError, QuantizationError
 from .files import FileHasher
 from .fp8 import LOGICAL_DTYPE, pair_scales
 from .importance import check_importance, importance_shape, read_importance_header
@@ -74,17 +74,17 @@ class Options:
     def __post_init__(self) -> None:
         check_blocksize(self.blocksize)
         if self.compute_dtype not in (None, *QUANTIZABLE_DTYPES.values()):
-            raise QuantizationError(f"invalid compute dtype {self.compute_dtype!r}; choose float32, float16 or bfloat16")
+            raise OptionError(f"invalid compute dtype {self.compute_dtype!r}; choose float32, float16 or bfloat16")
         if self.max_shard_size <= 0:
-            raise QuantizationError("max shard size must be positive")
+            raise OptionError("max shard size must be positive")
         if self.scales not in SCALE_METHODS:
-            raise QuantizationError(f"invalid scale method {self.scales!r}; choose {' or '.join(SCALE_METHODS)}")
+            raise OptionError(f"invalid scale method {self.scales!r}; choose {' or '.join(SCALE_METHODS)}")
         if self.importance is not None and self.scales != "search":
-            raise QuantizationError("--importance weights the scale search: it needs --scales search")
+            raise OptionError("--importance weights the scale search: it needs --scales search")
         if self.bits is not None and not BUDGET_BITS[0] <= self.bits <= BUDGET_BITS[1]:
-            raise QuantizationError(f"--bits {self.bits:g}: a budget is {BUDGET_BITS[0]} (every weight in NF4) to {BUDGET_BITS[1]:g} bits per parameter")
+            raise OptionError(f"--bits {self.bits:g}: a budget is {BUDGET_BITS[0]} (every weight in NF4) to {BUDGET_BITS[1]:g} bits per parameter")
         if self.experts not in EXPERT_MODES:
-            raise QuantizationError(f"invalid experts mode {self.experts!r}; choose {' or '.join(EXPERT_MODES)}")
+            raise OptionError(f"invalid experts mode {self.experts!r}; choose {' or '.join(EXPERT_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def check_skip_patterns(patterns: tuple[str, ...], tensor_names: list[str]) -> N
     ``pooler.dense`` match BERT's pooler, a bare ``pooler`` does not.
 
     Raises:
-        QuantizationError: the first pattern that matches nothing.
+        OptionError: the first pattern that matches nothing.
     """
     modules = sorted({name.rpartition(".")[0] or name for name in tensor_names})
     for pattern in patterns:
@@ -234,7 +234,7 @@ def check_skip_patterns(patterns: tuple[str, ...], tensor_names: list[str]) -> N
         core = pattern.strip("*.")
         close = [m for m in modules if core and core in m][:3] or difflib.get_close_matches(pattern, modules, n=3, cutoff=0.4)
         hint = f"; modules like it: {', '.join(close)}" if close else ""
-        raise QuantizationError(f"--skip {pattern!r} matches no module (patterns are globs over whole module names, e.g. '*{core}*'){hint}")
+        raise OptionError(f"--skip {pattern!r} matches no module (patterns are globs over whole module names, e.g. '*{core}*'){hint}")
 
 
 def make_plan(source: Source, options: Options) -> Plan:

@@ -25,7 +25,7 @@ from .constants import (
     SINGLE_SHARD_NAME,
 )
 from .errors import FormatError, SourceNotFoundError
-from .files import containment, is_inside, is_plain_relative
+from .files import is_plain_relative, may_read
 from .layout import QuantState, check_version, decode_quant_state, quantized_tensors
 from .quantize import NF4Weight
 from .tensorfile import SafetensorsFile, TensorInfo, read_header
@@ -90,6 +90,7 @@ class NF4Checkpoint:
             "loaders": self.manifest.get("loaders", []),
             "shards": len(self.shards),
             "quantized": {"tensors": quantized, "parameters": q_params, "bytes": q_bytes},
+            "blocksizes": {str(b): sum(1 for st in self.quant_states.values() if st.blocksize == b) for b in sorted({st.blocksize for st in self.quant_states.values()})},
             "kept": {"tensors": kept, "parameters": k_params, "bytes": k_bytes},
             "bytes": q_bytes + k_bytes,
             "bits_per_parameter": round(8 * (q_bytes + k_bytes) / max(1, params), 4),
@@ -153,6 +154,30 @@ def _check_weight(key: str, tensors: dict[str, TensorInfo], blob: bytes, where: 
     return state
 
 
+def require_nf4_folder(path: str | os.PathLike, *, bitsandbytes_folders: bool = False) -> Path:
+    """``path`` as a folder that claims to be an NF4 folder (a manifest, or with ``bitsandbytes_folders``
+    a bitsandbytes 4-bit ``config.json``): the input a reader takes, before any of its contents is checked.
+
+    Raises:
+        SourceNotFoundError: a file, or nothing there.
+        FormatError: a folder of something else (the message says what to run).
+    """
+    root = Path(path)
+    if root.is_file():
+        raise SourceNotFoundError(f"{root}: a file; give the output folder that holds it ({root.parent})")
+    if not root.is_dir():
+        raise SourceNotFoundError(f"{root}: no such folder")
+    if (root / MANIFEST_NAME).exists() or (bitsandbytes_folders and is_bitsandbytes_4bit(root)):
+        return root
+    if is_bitsandbytes_4bit(root):
+        raise FormatError(
+            f"{root}: a bitsandbytes 4-bit folder saved by transformers, not an nf4convert output (no {MANIFEST_NAME}): "
+            "inspect, verify and dequantize read it; other commands take nf4convert outputs"
+        )
+    also = " nor a bitsandbytes 4-bit folder (no such quantization_config in config.json)" if bitsandbytes_folders else ""
+    raise FormatError(f"{root}: not an nf4convert output (no {MANIFEST_NAME}){also}; 'nf4convert convert {root} --dry-run' shows what converting it would do")
+
+
 def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = False) -> NF4Checkpoint:
     """Open and structurally validate an nf4convert output folder.
 
@@ -170,14 +195,7 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
         UnsupportedVersionError: written by a format version this reader does not know.
         FormatError: anything else that breaks spec/FORMAT.md; the message names the file and tensor.
     """
-    root = Path(path)
-    if root.is_file():
-        raise SourceNotFoundError(f"{root}: a file; give the output folder that holds it ({root.parent})")
-    if not root.is_dir():
-        raise SourceNotFoundError(f"{root}: no such folder")
-    if not (root / MANIFEST_NAME).exists() and not (bitsandbytes_folders and is_bitsandbytes_4bit(root)):
-        also = " nor a bitsandbytes 4-bit folder (no such quantization_config in config.json)" if bitsandbytes_folders else ""
-        raise FormatError(f"{root}: not an nf4convert output (no {MANIFEST_NAME}){also}; 'nf4convert convert {root} --dry-run' shows what converting it would do")
+    root = require_nf4_folder(path, bitsandbytes_folders=bitsandbytes_folders)
     quant_types: tuple[str, ...] = ("nf4",)
     if bitsandbytes_folders and not (root / MANIFEST_NAME).exists() and is_bitsandbytes_4bit(root):
         manifest: dict[str, Any] = {}
@@ -197,7 +215,7 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
         shard = root / name
         if not shard.is_file():
             raise FormatError(f"{shard}: missing")
-        if not is_inside(shard, containment(root)):
+        if not may_read(shard, root):
             raise FormatError(f"{shard}: leads outside the folder")
         tensors, metadata = read_header(shard)
         if version is not None and metadata.get("nf4convert.version") != str(version):

@@ -56,14 +56,19 @@ def resolve_source(
         return open_streamed_source(str(source), stream_scratch, revision=revision, token=token)
     if is_repo_id(str(source)):
         return open_hub_source(str(source), revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=allow_pickle_staging)
+    path = Path(source)
+    if allow_pickle_staging is not None and path.is_file() and path.suffix == ".bin":
+        from .pickled import stage_pickled
+
+        return stage_pickled(path, allow_pickle_staging)
     try:
         return open_source(source)
     except SourceNotFoundError:
-        if allow_pickle_staging is None or not Path(source).is_dir():
+        if allow_pickle_staging is None or not path.is_dir():
             raise
         from .pickled import stage_pickled
 
-        return stage_pickled(Path(source), allow_pickle_staging)
+        return stage_pickled(path, allow_pickle_staging)
 
 
 def source_hasher(src: Source) -> FileHasher | None:

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from .constants import INDEX_NAME, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
-from .files import containment, is_inside, is_plain_relative
+from .files import is_plain_relative, may_read, recorded_files
 from .fp8 import block_size
 from .mxfp4 import is_mxfp4, pair as pair_mxfp4
 from .tensorfile import TensorInfo, read_header
@@ -126,7 +126,7 @@ def _load_json(path: Path) -> Any:
         raise SourceError(f"{path}: not valid JSON ({e.__class__.__name__})") from None
 
 
-def _shards_from_index(root: Path, index_path: Path, containment: Path, exists: Callable[[Path], bool]) -> tuple[list[Path], dict[str, str]]:
+def _shards_from_index(root: Path, index_path: Path, exists: Callable[[Path], bool]) -> tuple[list[Path], dict[str, str]]:
     index = _load_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -138,7 +138,7 @@ def _shards_from_index(root: Path, index_path: Path, containment: Path, exists: 
         if not is_plain_relative(filename) or not filename.endswith(".safetensors"):
             raise SourceError(f"{index_path}: shard path {filename!r} (for {tensor!r}) is not a file inside the source")
         path = root / filename
-        if not is_inside(path, containment):
+        if not may_read(path, root):
             raise SourceError(f"{index_path}: shard {filename!r} leads outside the source folder")
         if not exists(path):
             raise SourceNotFoundError(f"{index_path}: shard {filename!r} (for {tensor!r}) does not exist")
@@ -227,7 +227,8 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
         raise SourceNotFoundError(f"{path}: no such file or folder")
     if path.is_file():
         if path.suffix != ".safetensors":
-            raise SourceError(f"{path}: not a .safetensors file (pickled weights are never loaded)")
+            hint = "pickled *.bin weights are read only with --allow-pickle" if path.suffix == ".bin" else "pickled weights are never loaded"
+            raise SourceError(f"{path}: not a .safetensors file ({hint})")
         # the folder's config.json (if any) describes the file: the output keeps it and stays loadable
         root, shards, weight_map, side = path.parent, [path], None, []
     else:
@@ -239,17 +240,19 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             remote = {root / name for name in fetcher.names()}
             exists, listed = remote.__contains__, [p for p in remote if p.parent == root]
         if index_path.is_file():
-            shards, weight_map = _shards_from_index(root, index_path, containment(root), exists)
+            shards, weight_map = _shards_from_index(root, index_path, exists)
         else:
             shards, weight_map = sorted(listed), None
             _check_numbered_shards(root, [p.name for p in shards])
             for shard in shards:
-                if not is_inside(shard, containment(root)):
+                if not may_read(shard, root):
                     raise SourceError(f"{shard}: leads outside the source folder")
         if not shards:
             others = [p.name for p in root.iterdir() if any(fnmatch.fnmatch(p.name, g) for g in OTHER_WEIGHT_PATTERNS)]
             hint = f" (found {', '.join(sorted(others)[:3])}: other weight formats are not read; *.bin only with --allow-pickle)" if others else ""
             raise SourceNotFoundError(f"{root}: no *.safetensors weights{hint}")
+        # an output of nf4convert's inside the folder (or its partial, lock, scratch) is never a side file
+        ours = [d for d in root.rglob("*") if d.is_dir() and (".nf4convert-" in d.name or recorded_files(d) is not None)]
         side = sorted(
             p
             for p in root.rglob("*")
@@ -257,7 +260,8 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILE_PATTERNS)
             and p.relative_to(root).as_posix() not in (INDEX_NAME, MANIFEST_NAME, "config.json")
-            and is_inside(p, containment(root))
+            and not any(p.is_relative_to(d) for d in ours)
+            and may_read(p, root)
         )
     config_path = root / "config.json"
     config = _load_json(config_path) if config_path.is_file() else None

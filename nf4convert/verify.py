@@ -14,12 +14,12 @@ import torch
 
 from .constants import MANIFEST_NAME
 from .errors import FormatError, NF4ConvertError
-from .files import containment, is_inside, is_plain_relative, sha256_file
+from .files import is_plain_relative, may_read, sha256_file
 from .fp8 import SCALE_SUFFIX, decode_rows
 from .mxfp4 import decode as decode_mxfp4
 from .layout import transposed as transposed_shape
 from .quantize import dequantize, dequantize_chunks
-from .read import NF4Checkpoint, open_checkpoint, stored_weight
+from .read import NF4Checkpoint, open_checkpoint, require_nf4_folder, stored_weight
 from .source import Source, open_source
 from .tensorfile import SafetensorsFile
 
@@ -29,7 +29,7 @@ def _check_files(ckpt: NF4Checkpoint) -> list[str]:
     listed = set()
     for record in ckpt.manifest.get("files", []):
         name = record.get("name") if isinstance(record, dict) else None
-        if not is_plain_relative(name) or not is_inside(ckpt.root / name, containment(ckpt.root)):
+        if not is_plain_relative(name) or not may_read(ckpt.root / name, ckpt.root):
             problems.append(f"{MANIFEST_NAME}: file name {name!r} is not a path inside the folder")
             continue
         listed.add(name)
@@ -87,9 +87,12 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | Source | None
         where the tensor is exact), ``max_abs_err``) and its ``summary`` (``{}`` per measure with no value).
 
     Raises:
-        SourceNotFoundError: ``path`` does not exist. Every other failure is a problem in the report.
+        SourceNotFoundError: ``path`` does not exist.
+        FormatError: ``path`` is no NF4 folder at all (no manifest, no bitsandbytes 4-bit config).
+            Every other failure is a problem in the report.
     """
     report: dict[str, Any] = {"path": str(path), "ok": False, "problems": []}
+    require_nf4_folder(path, bitsandbytes_folders=True)
     try:
         ckpt = open_checkpoint(path, bitsandbytes_folders=True)
     except FormatError as e:

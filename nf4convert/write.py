@@ -17,13 +17,13 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .constants import DTYPE_SIZES, MANIFEST_NAME
+from .constants import DTYPE_SIZES
 from .errors import FormatError, OutputError
-from .files import sha256_file
+from .files import files_under, recorded_files, sha256_file
 from .tensorfile import build_header
 
 if TYPE_CHECKING:
@@ -41,19 +41,14 @@ RECORD_SUFFIX = ".record.json"
 log = logging.getLogger("nf4convert")
 
 
-#: A hidden file in each folder ``dequantize`` writes (a ``convert`` output has its manifest): the
-#: marks of the folders ``force`` may replace.
-OUTPUT_MARK = ".nf4convert-output"
-
-
-def written_by_nf4convert(folder: Path) -> bool:
-    """Whether ``folder`` is an output nf4convert wrote (a manifest, or the dequantize mark)."""
-    return (folder / MANIFEST_NAME).is_file() or (folder / OUTPUT_MARK).is_file()
-
-
-def check_output(target: Path, *, source: Path, force: bool = False) -> None:
+def check_output(target: Path, *, source: Path, force: bool = False, writes: Collection[str] = ()) -> list[str]:
     """Refuse an output that exists (without ``force``), is a file, or overlaps the source; with
-    ``force``, refuse a folder that holds anything and is not nf4convert's own output.
+    ``force``, refuse a folder that holds anything and is not nf4convert's own output, or holds a file
+    of the user's (one nf4convert did not record, :func:`~nf4convert.files.recorded_files`) under a
+    name the new output ``writes``.
+
+    Returns:
+        The user's files in an output ``force`` replaces: they stay (:meth:`OutputFolder.commit`).
 
     Raises:
         OutputError: with the reason.
@@ -65,14 +60,27 @@ def check_output(target: Path, *, source: Path, force: bool = False) -> None:
         raise OutputError(f"{target}: the output folder must not contain the source")
     if target.exists() and not target.is_dir():
         raise OutputError(f"{target}: exists and is not a folder")
+    if not target.parent.is_dir():
+        raise OutputError(f"{target.parent}: no such folder (the output's parent folder must exist)")
     if target.exists() and not force:
         raise OutputError(f"{target}: already exists (--force, or force=True in Python, replaces it)")
-    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    if entries and not written_by_nf4convert(target):
+    if not target.is_dir():
+        return []
+    entries = files_under(target)
+    recorded = recorded_files(target)
+    if entries and recorded is None:
         raise OutputError(
-            f"{target}: not a folder nf4convert wrote ({len(entries)} entries: {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''});"
+            f"{target}: not a folder nf4convert wrote ({len(entries)} files: {', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''});"
             " force replaces only nf4convert's own output, so nothing was deleted: choose another output folder"
         )
+    users = [name for name in entries if name not in (recorded or set())]
+    clash = [name for name in users if name in writes]
+    if clash:
+        raise OutputError(
+            f"{target}: holds {', '.join(clash[:3])}{', ...' if len(clash) > 3 else ''}, not written by nf4convert, where the new output "
+            "writes its own: nothing was deleted; move them out of the folder, then run again"
+        )
+    return users
 
 
 class OutputLock:
@@ -122,15 +130,16 @@ class OutputFolder:
         OutputError: as :func:`check_output`, or the partial folder cannot be created.
     """
 
-    def __init__(self, target: Path, *, source: Path, force: bool = False, fingerprint: str | None = None) -> None:
-        check_output(target, source=source, force=force)
+    def __init__(self, target: Path, *, source: Path, force: bool = False, fingerprint: str | None = None, writes: Collection[str] = ()) -> None:
+        check_output(target, source=source, force=force, writes=writes)
         self.target = target
+        self.source, self.force, self.writes = source, force, writes
         self.partial = target.with_name(target.name + PARTIAL_SUFFIX)
         self.fingerprint = fingerprint
         self.completed: dict[str, dict[str, Any]] = {}
         self.lock = OutputLock(target)
         try:
-            check_output(target, source=source, force=force)  # again: a run that held the lock may have written it
+            check_output(target, source=source, force=force, writes=writes)  # again: a run that held the lock may have written it
             if self.partial.exists():
                 self._resume()
             self.partial.mkdir(parents=True, exist_ok=True)
@@ -205,12 +214,21 @@ class OutputFolder:
         return record
 
     def commit(self) -> Path:
-        """Drop the journal and the shard records, sync the partial folder and rename it to the target
-        (replacing an old one)."""
+        """Drop the journal and the shard records, sync the partial folder and rename it to the target.
+
+        An output it replaces (``force``) goes, but for the user's files in it (those nf4convert did not
+        record), which are moved into the new output first: only what nf4convert wrote is deleted.
+
+        Raises:
+            OutputError: the target cannot be replaced, or a file of the user's there now has the name of
+                one of the new output's (nothing is deleted; the finished work stays, and resumes).
+        """
         self.path(JOURNAL_NAME).unlink(missing_ok=True)
         for record in self.partial.glob(f".*{RECORD_SUFFIX}"):
             record.unlink()
         self._drop_strays()
+        written = set(files_under(self.partial))
+        users = check_output(self.target, source=self.source, force=self.force, writes=written)  # the folder may have changed during the run
         fsync_folder(self.partial)
         old = None
         try:
@@ -224,6 +242,12 @@ class OutputFolder:
                 old.rename(self.target)  # the previous output goes back where it was
             raise OutputError(f"{self.target}: cannot put the output in place ({e.strerror}; a mount point cannot be replaced, write into a folder inside it)") from None
         if old is not None:
+            try:
+                for name in users:
+                    (self.target / name).parent.mkdir(parents=True, exist_ok=True)
+                    (old / name).rename(self.target / name)
+            except OSError as e:
+                raise OutputError(f"{old}: the previous output, kept: some of your files in it could not be moved into {self.target} ({e.strerror})") from None
             shutil.rmtree(old, ignore_errors=True)
         return self.target
 

@@ -93,3 +93,20 @@ def test_a_folder_that_is_neither_ours_nor_bitsandbytes_4bit_is_refused_in_one_l
     assert code == 3 and err.count("\n") == 1
     assert "not an nf4convert output (no nf4convert.json) nor a bitsandbytes 4-bit folder" in err
     assert not (tmp_path / "plain").exists()
+
+
+def test_verify_of_a_folder_that_is_neither_is_the_same_one_line_as_inspect(llama_dir, cli):
+    results = [cli(command, llama_dir) for command in ("inspect", "verify")]
+    assert [code for code, _, _ in results] == [3, 3]
+    assert [out for _, out, _ in results] == ["", ""]  # no FAIL line on stdout besides the error
+    assert results[0][2] == results[1][2] and results[0][2].count("\n") == 1
+
+
+def test_push_of_a_bitsandbytes_folder_says_what_it_is_not_to_convert_it(llama_dir, tmp_path, cli):
+    saved_by_transformers(llama_dir, tmp_path / "bnb", "nf4", True)
+    code, out, err = cli("push", tmp_path / "bnb", "org/name", "--dry-run")
+    assert code == 3 and out == ""
+    assert err == (
+        f"nf4convert: error: {tmp_path / 'bnb'}: a bitsandbytes 4-bit folder saved by transformers, not an nf4convert output "
+        "(no nf4convert.json): inspect, verify and dequantize read it; other commands take nf4convert outputs\n"
+    )

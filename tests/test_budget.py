@@ -5,6 +5,7 @@ that would be quantized average ``B`` bits per parameter."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -183,7 +184,7 @@ def test_moe_experts_are_kept_a_whole_layer_at_a_time_and_load_model_runs_the_mi
 )
 def test_a_budget_out_of_range_is_one_line_and_nothing_is_written(args, match, llama, tmp_path, cli):
     rc, _, err = cli("convert", llama, tmp_path / "out", *args, "-q")
-    assert rc == 4 and err.count("\n") == 1 and match in err, err
+    assert rc == 2 and err.count("\n") == 1 and match in err, err
     assert not list(tmp_path.iterdir())
 
 
@@ -191,6 +192,17 @@ def test_the_dry_run_shows_what_the_budget_keeps_and_writes_nothing(llama, tmp_p
     rc, out, _ = cli("convert", llama, tmp_path / "out", "--bits", "5", "--dry-run")
     assert rc == 0 and "budget --bits 5: " in out and "bits/parameter over the weights that would be quantized; keeps" in out
     assert "--skip model.layers." in out and not list(tmp_path.iterdir())
+
+
+def test_inspect_says_the_blocksizes_the_weights_have_and_the_budget_in_words(llama, tmp_path, cli):
+    out = convert(plan_conversion(llama, options=Options(bits=4.3)), tmp_path / "out")
+    rc, text, err = cli("inspect", out)
+    assert rc == 0, err
+    assert "{" not in text and "small_blocks" not in text
+    options = next(line for line in text.splitlines() if line.strip().startswith("options:"))
+    assert re.search(r"blocksize=(64|32) \(\d+ weights\), (32|64) \(\d+ weights\),", options), options
+    budget = next(line for line in text.splitlines() if line.strip().startswith("budget:"))
+    assert budget.strip().startswith("budget:    --bits 4.3: ") and "keeps no module; blocksize 32 for " in budget
 
 
 def test_the_api_refuses_a_budget_before_any_work():

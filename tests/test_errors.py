@@ -107,19 +107,37 @@ def test_index_paths_outside_the_source_are_refused(cli, tmp_path, shard):
     assert_refused(cli, tmp_path, src, match="is not a file inside the source")
 
 
-def test_symlinked_shard_leaving_the_source_is_refused(cli, tmp_path):
+@pytest.mark.parametrize("index", [True, False])
+def test_a_local_folder_whose_weights_link_into_a_store_elsewhere_converts(cli, tmp_path, index):
+    """git-annex, DVC, a shared model store: the user's own links are followed; the names read from
+    the index are still checked as names (above)."""
     src = model_folder(tmp_path / "src")
-    save_file({"a.bias": torch.zeros(64)}, tmp_path / "elsewhere.safetensors")
-    os.symlink(tmp_path / "elsewhere.safetensors", src / "model-2.safetensors")
-    write_index(src, {"a.weight": "model.safetensors", "a.bias": "model-2.safetensors"})
-    assert_refused(cli, tmp_path, src, match="leads outside the source folder")
+    store = tmp_path / "store"
+    store.mkdir()
+    save_file({"b.weight": torch.randn(64, 64)}, store / "blob-2")
+    os.symlink(store / "blob-2", src / "model-2.safetensors")
+    (store / "tokenizer.json").write_text("{}")
+    os.symlink(store / "tokenizer.json", src / "tokenizer.json")
+    if index:
+        write_index(src, {"a.weight": "model.safetensors", "a.bias": "model.safetensors", "b.weight": "model-2.safetensors"})
+    rc, _, err = cli("convert", src, tmp_path / "out", "--quiet")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "out" / "nf4convert.json").read_text())
+    assert "b.weight" in {t["name"] for t in manifest["tensors"]["quantized"]}
+    assert "tokenizer.json" in {f["name"] for f in manifest["files"]}
+    assert not (tmp_path / "out" / "tokenizer.json").is_symlink()
 
 
-def test_symlinked_shard_leaving_the_source_without_an_index_is_refused(cli, tmp_path):
-    src = model_folder(tmp_path / "src")
+def test_a_hub_snapshot_link_leaving_the_repos_cache_folder_is_refused(cli, tmp_path):
+    repo = tmp_path / "hub" / "models--org--name"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    model_folder(snapshot)
     save_file({"b.weight": torch.zeros(64, 64)}, tmp_path / "elsewhere.safetensors")
-    os.symlink(tmp_path / "elsewhere.safetensors", src / "model-2.safetensors")
-    assert_refused(cli, tmp_path, src, match="model-2.safetensors: leads outside the source folder")
+    os.symlink(tmp_path / "elsewhere.safetensors", snapshot / "model-2.safetensors")
+    rc, _, err = cli("convert", snapshot, tmp_path / "out", "--quiet")
+    assert rc == 2 and err.strip().endswith("model-2.safetensors: leads outside the source folder")
+    assert not (tmp_path / "out").exists()
 
 
 def test_index_that_disagrees_with_the_shards(cli, tmp_path):
@@ -169,7 +187,7 @@ def test_force_never_replaces_a_folder_nf4convert_did_not_write(cli, tmp_path, c
     (mine / "notes" / "a.md").write_text("also mine")
     rc, _, err = cli(command, src, mine, "--quiet", "--force")
     assert rc == 5 and "Traceback" not in err
-    assert err.strip() == f"nf4convert: error: {mine}: not a folder nf4convert wrote (2 entries: keep.txt, notes); force replaces only nf4convert's own output, so nothing was deleted: choose another output folder"
+    assert err.strip() == f"nf4convert: error: {mine}: not a folder nf4convert wrote (2 files: keep.txt, notes/a.md); force replaces only nf4convert's own output, so nothing was deleted: choose another output folder"
     assert (mine / "keep.txt").read_text() == "mine" and (mine / "notes" / "a.md").read_text() == "also mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "mine"] + (["nf4"] if command == "dequantize" else []))
 
@@ -193,6 +211,49 @@ def test_force_replaces_an_empty_folder_and_dequantize_output(cli, tmp_path):
         rc, _, err = cli("dequantize", tmp_path / "empty", tmp_path / "plain", "--quiet", "--force")
         assert rc == 0, err
     assert (tmp_path / "plain" / ".nf4convert-output").is_file()
+
+
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_force_replaces_only_what_nf4convert_wrote_and_keeps_the_users_files(cli, tmp_path, command):
+    """A README.md kept beside the weights (push merges it into the card), results of an evaluation:
+    --force replaces the files the manifest (or dequantize's mark) lists, and nothing else."""
+    src = model_folder(tmp_path / "src")
+    if command == "dequantize":
+        assert cli("convert", src, tmp_path / "nf4", "--quiet")[0] == 0
+        src = tmp_path / "nf4"
+    out = tmp_path / "out"
+    assert cli(command, src, out, "--quiet")[0] == 0
+    ours = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    (out / "README.md").write_text("# my notes")
+    (out / "eval").mkdir()
+    (out / "eval" / "results.csv").write_text("ppl,7.1")
+    rc, _, err = cli(command, src, out, "--quiet", "--force")
+    assert rc == 0, err
+    assert (out / "README.md").read_text() == "# my notes" and (out / "eval" / "results.csv").read_text() == "ppl,7.1"
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == sorted(ours + ["README.md", "eval/results.csv"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src", "out"] + (["nf4"] if command == "dequantize" else []))
+
+
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_force_refuses_before_the_work_where_a_users_file_has_the_name_of_an_output_file(cli, tmp_path, command):
+    src = model_folder(tmp_path / "src")
+    if command == "dequantize":
+        assert cli("convert", src, tmp_path / "nf4", "--quiet")[0] == 0
+        src = tmp_path / "nf4"
+    out = tmp_path / "out"
+    assert cli(command, src, out, "--quiet")[0] == 0
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    (out / "model.safetensors.index.json").write_text("mine")  # the output writes it only when sharded
+    big = ["--max-shard-size", "1KB"]
+    (out / "model-00001-of-00002.safetensors").write_text("mine")
+    rc, stdout, err = cli(command, src, out, "--force", *big)
+    assert rc == 5 and stdout == ""
+    assert err.strip() == (
+        f"nf4convert: error: {out}: holds model-00001-of-00002.safetensors, model.safetensors.index.json, not written by nf4convert, "
+        "where the new output writes its own: nothing was deleted; move them out of the folder, then run again"
+    )
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert (out / "model-00001-of-00002.safetensors").read_text() == "mine"
 
 
 def test_output_inside_the_source_is_refused(cli, tmp_path):
@@ -300,9 +361,9 @@ def test_a_numbered_shard_missing_without_an_index_is_refused(cli, tmp_path):
 def test_a_skip_pattern_that_matches_no_module_is_refused_with_close_ones(cli, tmp_path, pattern, hint):
     tensors = {"l0.mlp.gate_proj.weight": torch.randn(64, 64), "pooler.dense.weight": torch.randn(64, 64)}
     src = model_folder(tmp_path / "src", tensors)
-    assert_refused(cli, tmp_path, src, match=f"--skip {pattern!r} matches no module", code=4, extra=("--skip", pattern))
+    assert_refused(cli, tmp_path, src, match=f"--skip {pattern!r} matches no module", code=2, extra=("--skip", pattern))
     rc, _, err = cli("convert", src, tmp_path / "out", "--skip", pattern, "--dry-run")
-    assert rc == 4 and hint in err
+    assert rc == 2 and hint in err
 
 
 def test_a_skip_glob_that_matches_is_taken(cli, tmp_path):
@@ -423,13 +484,45 @@ def test_the_summary_says_sizes_time_and_next_steps(cli, tmp_path):
     assert second.startswith(f"Next: nf4convert verify {tmp_path / 'out'} --source {src}")
 
 
-@pytest.mark.parametrize("source, expected", [("src", "src-nf4"), ("src/model.safetensors", "src/model-nf4"), ("org/name", "name-nf4")])
-def test_output_defaults_to_name_nf4(source, expected, tmp_path, monkeypatch):
+@pytest.mark.parametrize("source, expected", [
+    ("src", "src-nf4"), ("src/", "src-nf4"), ("src/model.safetensors", "src-nf4"), ("loose/w.safetensors", "loose/w-nf4"), ("org/name", "name-nf4"),
+])  # fmt: skip
+def test_output_defaults_to_name_nf4_beside_the_model_never_inside_its_folder(source, expected, tmp_path, monkeypatch):
     from nf4convert.cli import default_output
 
     monkeypatch.chdir(tmp_path)
     model_folder(tmp_path / "src")
+    (tmp_path / "loose").mkdir()
+    save_file({"w": torch.zeros(64, 64)}, tmp_path / "loose" / "w.safetensors")
     assert default_output(source) == expected
+
+
+@pytest.mark.parametrize("args", [[], ["--dry-run"]])
+def test_convert_dot_from_inside_the_model_folder_writes_beside_it(cli, tmp_path, monkeypatch, args):
+    src = model_folder(tmp_path / "model")
+    monkeypatch.chdir(src)
+    rc, out, err = cli("convert", ".", "--quiet", *args)
+    assert rc == 0 and err == "", err
+    assert (tmp_path / "model-nf4" / "nf4convert.json").is_file() == (args == [])
+    assert sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_an_empty_source_is_one_line(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli("convert", "")
+    assert rc == 2 and out == "" and err == "nf4convert: error: SOURCE is empty: give a folder, a .safetensors file or a Hub repo id (see: nf4convert convert --help)\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_single_files_output_is_never_a_side_file_of_its_folders_next_conversion(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    assert cli("convert", src / "model.safetensors", "--quiet")[0] == 0
+    assert (tmp_path / "src-nf4").is_dir() and sorted(p.name for p in src.iterdir()) == ["config.json", "model.safetensors"]
+    assert cli("convert", src / "model.safetensors", src / "file-nf4", "--quiet")[0] == 0  # an output put inside it on purpose
+    rc, _, err = cli("convert", src, tmp_path / "folder-nf4", "--quiet")
+    assert rc == 0, err
+    manifest = json.loads((tmp_path / "folder-nf4" / "nf4convert.json").read_text())
+    assert sorted(f["name"] for f in manifest["files"]) == ["config.json", "model.safetensors"]
 
 
 def test_convert_without_output_writes_name_nf4_beside_the_source(cli, tmp_path):
@@ -446,3 +539,43 @@ def test_the_first_conversion_of_a_model_says_it_asks_transformers(cli, tmp_path
     assert rc == 0 and "nf4convert: asking transformers which modules it quantizes" in err
     rc, _, err = cli("convert", src, tmp_path / "b", "--quantize-lm-head")
     assert rc == 0 and "asking transformers" not in err  # cached
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "abc"], "Invalid value for '--bits': 'abc' is not a valid float."),
+    (["--bits", "2"], "--bits 2: a budget is 4.127 (every weight in NF4) to 16 bits per parameter"),
+    (["--max-shard-size", "abc"], "Invalid value for '--max-shard-size': 'abc' is not a size like 5GB, 500MB or 2GiB"),
+    (["--max-shard-size", "0"], "Invalid value for '--max-shard-size': '0' is not a size like 5GB, 500MB or 2GiB"),
+    (["--blocksize", "48"], "Invalid value for '--blocksize': '48' is not one of"),
+])  # fmt: skip
+def test_a_bad_option_value_is_one_line_naming_the_option_exit_2(cli, tmp_path, args, message):
+    src = model_folder(tmp_path / "src")
+    rc, out, err = cli("convert", src, tmp_path / "out", *args)
+    assert rc == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith(f"nf4convert: error: {message}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_dequantize_max_shard_size_is_checked_as_convert_checks_it(cli, tmp_path):
+    src = model_folder(tmp_path / "src")
+    assert cli("convert", src, tmp_path / "nf4", "--quiet")[0] == 0
+    rc, out, err = cli("dequantize", tmp_path / "nf4", tmp_path / "plain", "--max-shard-size", "big")
+    assert rc == 2 and out == "" and err.startswith("nf4convert: error: Invalid value for '--max-shard-size': 'big'") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_an_output_whose_parent_folder_is_missing_is_named(cli, tmp_path, command):
+    src = model_folder(tmp_path / "src")
+    if command == "dequantize":
+        assert cli("convert", src, tmp_path / "nf4", "--quiet")[0] == 0
+        src = tmp_path / "nf4"
+    rc, out, err = cli(command, src, tmp_path / "typo" / "out")
+    assert rc == 5 and out == "" and err == f"nf4convert: error: {tmp_path / 'typo'}: no such folder (the output's parent folder must exist)\n"
+    assert not (tmp_path / "typo").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["convert"], ["inspect"], ["verify"], ["dequantize"], ["push"], ["importance"]])
+def test_help_lists_the_exit_codes(cli, command):
+    rc, out, _ = cli(*command, "--help")
+    assert rc == 0 and "Exit codes: 0 done; 1 other error; 2 bad option or source" in " ".join(out.split())
+    assert "5 output; 6 missing optional dependency; 7 load; 8 verification failed; 9 Hub; 10 cluster" in " ".join(out.split())

@@ -132,7 +132,20 @@ def test_a_pickle_as_importance_file_is_refused_unread(tmp_path, cli):
 
 def test_importance_needs_the_search(tmp_path, cli):
     rc, _, err = cli("convert", minilm.get_model_path(), tmp_path / "out", "--importance", TEXT, "-q")
-    assert rc == 4 and err.strip() == "nf4convert: error: --importance weights the scale search: it needs --scales search"
+    assert rc == 2 and err.strip() == "nf4convert: error: --importance weights the scale search: it needs --scales search"
+
+
+def test_measuring_a_model_without_a_tokenizer_says_what_is_missing(tmp_path, cli):
+    model = tmp_path / "model"
+    model.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (model / name).symlink_to(Path(minilm.get_model_path()) / name)
+    (tmp_path / "text.txt").write_text("some calibration text " * 200)
+    rc, out, err = cli("importance", model, tmp_path / "imp.safetensors", "--text", tmp_path / "text.txt")
+    assert rc == 7 and out == "" and err.count("\n") == 1
+    assert err.startswith(f"nf4convert: error: {model}: its tokenizer reads ") and "% of the calibration text as unknown tokens" in err
+    assert "put the model's tokenizer files (tokenizer.json" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "text.txt"]
 
 
 def test_measuring_without_a_text_file_is_one_line(tmp_path, cli):

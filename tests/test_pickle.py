@@ -68,3 +68,23 @@ def test_pickle_only_hub_repo_converts_with_the_flag(llama_dir, tmp_path, cli):
     assert code == 0, err
     manifest = json.loads((tmp_path / "out" / "nf4convert.json").read_text())
     assert manifest["source"]["repo_id"] == "org/old-llama"
+
+
+def test_a_pickled_file_converts_with_the_flag_and_verify_reads_it_too(llama_dir, tmp_path, cli):
+    """The file form (the folder's side files come along), and the summary's verify step, which runs."""
+    src = pickled_copy(llama_dir, tmp_path / "src")
+    code, _, err = cli("convert", src / "pytorch_model.bin", tmp_path / "out", "--quiet")
+    assert code == 2 and "pickled *.bin weights are read only with --allow-pickle" in err
+    code, out, err = cli("convert", src / "pytorch_model.bin", tmp_path / "out", "--allow-pickle")
+    assert code == 0, err
+    step = f"nf4convert verify {tmp_path / 'out'} --source {src / 'pytorch_model.bin'} --allow-pickle"
+    assert step in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+    code, _, _ = cli("convert", llama_dir, tmp_path / "ref", "--quiet")
+    a, b = load_all(tmp_path / "out"), load_all(tmp_path / "ref")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    code, out, err = cli(*step.split()[1:])
+    assert code == 0 and out.startswith(f"OK {tmp_path / 'out'}"), err
+    code, _, err = cli("verify", tmp_path / "out", "--source", src)
+    assert code == 2 and "*.bin only with --allow-pickle" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref", "src"]

@@ -126,6 +126,16 @@ def committed(handler, branch: str = "main") -> dict[str, bytes]:
     return {v["value"]["path"]: base64.b64decode(v["value"]["content"]) for v in lines[1:]}
 
 
+def test_a_readme_without_front_matter_is_kept_and_no_library_warning_reaches_the_user(hub, llama_dir, tmp_path):
+    handler, endpoint = hub
+    out = convert(llama_dir, tmp_path / "nf4")
+    (out / "README.md").write_text("# My model\n\nMy own words.\n")
+    p = push(out, endpoint)
+    assert p.returncode == 0 and p.stderr == "", p.stderr
+    card = committed(handler)["README.md"].decode()
+    assert card.startswith("---\n") and "# My model\n\nMy own words." in card and "## Quantization: me/tiny-nf4" in card
+
+
 def test_the_folders_own_readme_is_kept_with_a_quantization_section_added(hub, llama_dir, tmp_path):
     handler, endpoint = hub
     out = convert(llama_dir, tmp_path / "nf4")
@@ -162,9 +172,10 @@ def test_a_base_model_that_is_not_a_repo_id_is_refused_and_nothing_is_uploaded(h
 def test_convert_push_to_uploads_after_a_verified_conversion(hub, llama_dir, tmp_path):
     handler, endpoint = hub
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": endpoint, "HF_TOKEN": "hf_test_token", "HF_HUB_DISABLE_TELEMETRY": "1"}
-    p = subprocess.run([sys.executable, "-m", "nf4convert", "convert", str(llama_dir), str(tmp_path / "nf4"), "--quiet", "--push-to", "me/tiny-nf4"],
+    p = subprocess.run([sys.executable, "-m", "nf4convert", "convert", str(llama_dir), str(tmp_path / "nf4"), "--push-to", "me/tiny-nf4"],
                        capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
     assert p.returncode == 0, p.stderr
+    assert "Next: nf4convert verify" in p.stdout and "nf4convert push" not in p.stdout  # pushed already
     assert set(committed(handler)) == {"README.md"} | {q.name for q in (tmp_path / "nf4").iterdir()}
     p = subprocess.run([sys.executable, "-m", "nf4convert", "convert", str(llama_dir), str(tmp_path / "other"), "--push-to", "no repo"],
                        capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
