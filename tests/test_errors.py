@@ -213,16 +213,22 @@ def test_force_replaces_an_empty_folder_and_dequantize_output(cli, tmp_path):
     assert (tmp_path / "plain" / ".nf4convert-output").is_file()
 
 
-@pytest.mark.parametrize("command", ["convert", "dequantize"])
-def test_force_replaces_only_what_nf4convert_wrote_and_keeps_the_users_files(cli, tmp_path, command):
-    """A README.md kept beside the weights (push merges it into the card), results of an evaluation:
-    --force replaces the files the manifest (or dequantize's mark) lists, and nothing else."""
+def written_by(command: str, cli, tmp_path: Path) -> tuple[Path, Path]:
+    """``command``'s input (a model folder, or for dequantize its conversion) and its output ``out``, written once."""
     src = model_folder(tmp_path / "src")
     if command == "dequantize":
         assert cli("convert", src, tmp_path / "nf4", "--quiet")[0] == 0
         src = tmp_path / "nf4"
     out = tmp_path / "out"
     assert cli(command, src, out, "--quiet")[0] == 0
+    return src, out
+
+
+@pytest.mark.parametrize("command", ["convert", "dequantize"])
+def test_force_replaces_only_what_nf4convert_wrote_and_keeps_the_users_files(cli, tmp_path, command):
+    """A README.md kept beside the weights (push merges it into the card), results of an evaluation:
+    --force replaces the files the manifest (or dequantize's mark) lists, and nothing else."""
+    src, out = written_by(command, cli, tmp_path)
     ours = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     (out / "README.md").write_text("# my notes")
     (out / "eval").mkdir()
@@ -236,12 +242,7 @@ def test_force_replaces_only_what_nf4convert_wrote_and_keeps_the_users_files(cli
 
 @pytest.mark.parametrize("command", ["convert", "dequantize"])
 def test_force_refuses_before_the_work_where_a_users_file_has_the_name_of_an_output_file(cli, tmp_path, command):
-    src = model_folder(tmp_path / "src")
-    if command == "dequantize":
-        assert cli("convert", src, tmp_path / "nf4", "--quiet")[0] == 0
-        src = tmp_path / "nf4"
-    out = tmp_path / "out"
-    assert cli(command, src, out, "--quiet")[0] == 0
+    src, out = written_by(command, cli, tmp_path)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     (out / "model.safetensors.index.json").write_text("mine")  # the output writes it only when sharded
     big = ["--max-shard-size", "1KB"]
