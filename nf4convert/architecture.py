@@ -333,8 +333,23 @@ def ask_transformers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, 
             continue
         is_conv1d = isinstance(module, conv1d)
         tensors[info.name] = Decision(True, "linear weight (Conv1D, transposed)" if is_conv1d else "linear weight", is_conv1d)
+    _keep_read_outside(model, mapping, tensors)
     skip_modules = _skip_modules(model, infos, mapping, tensors, linear, conv1d)
     return Decisions(f"transformers {transformers.__version__} ({type(model).__name__})", tensors, skip_modules)
+
+
+def _keep_read_outside(model: Any, mapping: dict[str, KeyMapping], tensors: dict[str, Decision]) -> None:
+    """Keep, in place, the weights the model computes with outside their layer's forward (a 4-bit layer
+    would hand it packed bytes: :mod:`nf4convert.directreads`)."""
+    from .directreads import read_outside
+
+    layers = {mapping[n].key.rpartition(".")[0]: n for n, d in tensors.items() if d.quantize and not d.expert and n in mapping}
+    found = read_outside(model, sorted(layers))
+    if found is None:
+        log.info("%s: its forward could not be traced on the meta device; no layer is known to be read outside its forward", type(model).__name__)
+    for layer, operation in (found or {}).items():
+        owner = type(model.get_submodule(layer.rpartition(".")[0])).__name__ if "." in layer else type(model).__name__
+        tensors[layers[layer]] = Decision(False, f"read outside its layer by {owner} ({operation} of the weight): a 4-bit weight would fail there")
 
 
 def _skip_modules(model: Any, infos: list[TensorInfo], mapping: dict[str, KeyMapping], tensors: dict[str, Decision], linear: Any, conv1d: Any) -> list[str]:

@@ -282,6 +282,47 @@ def test_an_architecture_transformers_does_not_know_is_a_load_error(tmp_path):
         load_model(out)
 
 
+def test_a_layer_the_model_reads_outside_its_forward_stays_in_full_precision(tmp_path):
+    """Mamba's mixer multiplies by ``dt_proj.weight`` itself: a 4-bit dt_proj fails in every loader,
+    bitsandbytes quantizing on load too. Decided by tracing the model's forward on the meta device."""
+    from nf4convert.experts import nf4_weight
+
+    from .reference import reference_dequantize
+
+    config = transformers.MambaConfig(vocab_size=128, hidden_size=64, state_size=8, num_hidden_layers=2, expand=2, conv_kernel=4)
+    torch.manual_seed(0)
+    transformers.MambaForCausalLM(config).save_pretrained(tmp_path / "src")
+    plan = plan_conversion(tmp_path / "src", options=Options(**OPTIONS))
+    read = {t.name: t.reason for t in plan.kept if "read outside" in t.reason}
+    assert read == {f"backbone.layers.{i}.mixer.dt_proj.weight": "read outside its layer by MambaMixer (matmul of the weight): a 4-bit weight would fail there" for i in (0, 1)}
+    assert {n.removesuffix(".weight") for n in read} <= set(plan.skip_modules)
+    assert any(t.name.endswith("mixer.in_proj.weight") for t in plan.quantized)
+    with pytest.raises(RuntimeError):
+        x = {"input_ids": torch.tensor([[1, 5, 9, 42, 7]])}
+        output(on_load("MambaForCausalLM", tmp_path / "src"), x)
+    out = convert(plan, tmp_path / "nf4")
+    ours = float_numerics(load_model(out))
+    theirs = float_numerics(transformers.MambaForCausalLM.from_pretrained(out, device_map="cpu"))
+    reference = transformers.MambaForCausalLM.from_pretrained(tmp_path / "src").eval()
+    for key, weight in load_state_dict(out).items():
+        if hasattr(weight, "quant_state"):
+            q = nf4_weight(weight)
+            reference.get_parameter(key).data = reference_dequantize(q.packed, q.absmax, q.shape, torch.float32, q.blocksize)
+    assert torch.equal(output(ours, x), output(theirs, x))
+    torch.testing.assert_close(output(ours, x), output(reference, x), rtol=0, atol=1e-5)
+
+
+def test_a_forward_that_cannot_be_traced_on_the_meta_device_reads_nothing_outside(sources):
+    from nf4convert.architecture import meta_model
+    from nf4convert.directreads import read_outside
+
+    config = json.loads((sources("T5ForConditionalGeneration") / "config.json").read_text())
+    model = meta_model(config)
+    layers = [n for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    assert read_outside(model, layers) is None  # an encoder-decoder needs more than input_ids
+    assert not hasattr(model.config, "_is_quantized")
+
+
 def convert_plain_weight(tmp_path: Path) -> Path:
     from safetensors.torch import save_file
 
