@@ -23,7 +23,7 @@ from .constants import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
 from .errors import NF4ConvertError, QuantizationError, SourceError
 from .files import FileHasher, file_record, file_state
 from .importance import importance_record
-from .plan import Options, Plan, make_plan
+from .plan import Options, Plan, PlannedTensor, make_plan
 from .quantize import resolve_kernel
 from .resolve import resolve_source, source_hasher
 from .source import Source
@@ -169,15 +169,23 @@ def manifest(plan: Plan, *, files: list[dict[str, Any]], source_files: list[dict
         },
         "tensors": {
             "quantized": [
-                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "transposed": t.transpose, "expert": t.expert}
+                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "transposed": t.transpose, "expert": t.expert, **_cut(t)}
                 for t in plan.quantized
             ],
             "kept": [
-                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "reason": t.reason}
+                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "reason": t.reason, **_cut(t)}
                 for t in plan.kept
             ],
         },
     }
+
+
+def _cut(t: PlannedTensor) -> dict[str, Any]:
+    """For a weight cut from fused experts, where it lies in the source (spec sections 6.1 and 8)."""
+    split = t.source.split
+    if split is None:
+        return {}
+    return {"cut_from": {"name": split.fused.name, "shape": list(split.fused.info.shape), "expert": split.expert, "start": split.start, "stop": split.stop, "transposed": split.transposed}}
 
 
 def convert(

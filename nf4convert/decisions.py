@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 from .constants import QUANTIZABLE_DTYPES
@@ -88,6 +89,9 @@ class Decisions:
     decided_by: str
     tensors: dict[str, Decision]
     skip_modules: list[str] = field(default_factory=list)
+    #: fused experts tensor -> the per-expert weights it is cut into, ``[name, expert, start, stop,
+    #: transposed]`` each (:class:`~nf4convert.source.Split`), where transformers loads them per expert
+    splits: dict[str, list[list[Any]]] = field(default_factory=dict)
 
     @property
     def as_transformers(self) -> bool:
@@ -96,7 +100,10 @@ class Decisions:
 
     @property
     def experts_quantized(self) -> bool:
-        return any(d.quantize and d.expert for d in self.tensors.values())
+        """Per-expert 4-bit weights that transformers 5 fuses on load (not those cut from fused experts
+        for a family it loads per expert)."""
+        cut = {spec[0] for specs in self.splits.values() for spec in specs}
+        return any(d.quantize and d.expert and name not in cut for name, d in self.tensors.items())
 
     @property
     def fused_experts_quantized(self) -> bool:

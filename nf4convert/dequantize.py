@@ -12,7 +12,8 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 from pathlib import Path
 
 import torch
@@ -22,7 +23,7 @@ from .errors import FormatError
 from .layout import quantized_tensors, transposed as transposed_shape
 from .files import is_plain_relative, may_read
 from .plan import DEFAULT_MAX_SHARD_SIZE
-from .quantize import dequantize, dequantize_chunks
+from .quantize import NF4Weight, dequantize, dequantize_chunks
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
 from .source import SIDE_FILE_PATTERNS
 from .tensorfile import SafetensorsFile, torch_dtypes
@@ -50,12 +51,20 @@ def _side_files(ckpt: NF4Checkpoint) -> list[str]:
 Entry = tuple[str, str, tuple[int, ...]]
 
 
+def _cuts(ckpt: NF4Checkpoint) -> dict[str, dict[str, Any]]:
+    """Each weight cut from fused experts (spec section 6.1) -> its ``cut_from`` record."""
+    records = [t for kind in ("quantized", "kept") for t in ckpt.manifest.get("tensors", {}).get(kind, [])]
+    return {t["name"]: t["cut_from"] for t in records if isinstance(t, dict) and isinstance(t.get("cut_from"), dict)}
+
+
 def _plan(ckpt: NF4Checkpoint, dtype: torch.dtype | None, max_shard_size: int) -> tuple[list[Entry], list[list[Entry]], list[str]]:
-    """Every output tensor (name, safetensors dtype, shape), cut into shards, and the shards' names."""
+    """Every output tensor (name, safetensors dtype, shape), cut into shards, and the shards' names.
+    Weights cut from fused experts go back into the fused tensor, in the first one's place."""
     to_torch = torch_dtypes()
     to_safetensors = {v: k for k, v in to_torch.items()}
     transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
     companions = {n for k, s in ckpt.quant_states.items() for n, _, _ in quantized_tensors(k, s) if n != k}
+    cuts = _cuts(ckpt)
     plan: list[Entry] = []
     for tensors in ckpt.shards.values():
         for key, info in tensors.items():
@@ -63,12 +72,15 @@ def _plan(ckpt: NF4Checkpoint, dtype: torch.dtype | None, max_shard_size: int) -
                 continue
             if key in ckpt.quant_states:
                 state = ckpt.quant_states[key]
-                out_dtype = dtype or getattr(torch, state.dtype)
-                shape = transposed_shape(state.shape) if key in transposed else state.shape
-                plan.append((key, to_safetensors[out_dtype], tuple(shape)))
+                out_dtype, shape = to_safetensors[dtype or getattr(torch, state.dtype)], transposed_shape(state.shape) if key in transposed else state.shape
             else:
                 floating = info.dtype in to_torch and to_torch[info.dtype].is_floating_point
-                plan.append((key, to_safetensors[dtype] if dtype and floating else info.dtype, info.shape))
+                out_dtype, shape = to_safetensors[dtype] if dtype and floating else info.dtype, info.shape
+            if key in cuts:
+                key, shape = cuts[key]["name"], cuts[key]["shape"]
+                if any(entry[0] == key for entry in plan):
+                    continue
+            plan.append((key, out_dtype, tuple(shape)))
     shards: list[list[Entry]] = [[]]
     size = 0
     for entry in plan:
@@ -94,6 +106,24 @@ def output_files(path: str | os.PathLike | NF4Checkpoint, *, dtype: torch.dtype 
     _, shards, names = _plan(ckpt, dtype, max_shard_size)
     extra = ({INDEX_NAME} if len(shards) > 1 else set()) | ({"config.json"} if (ckpt.root / "config.json").is_file() else set())
     return {*names, *_side_names(ckpt), OUTPUT_MARK} | extra
+
+
+def _fuse(parts: list[tuple[str, dict[str, Any]]], shape: tuple[int, ...], dtype: torch.dtype, read: Callable[[str], Any]) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each expert's ``[a, b]`` matrix of a fused experts tensor, from the weights cut from it (``read``
+    gives a weight's :class:`~nf4convert.quantize.NF4Weight` or its kept tensor)."""
+    by_expert: dict[int, list[tuple[str, dict[str, Any]]]] = {}
+    for key, record in parts:
+        by_expert.setdefault(record["expert"], []).append((key, record))
+    for expert in sorted(by_expert):
+        matrix = torch.empty(tuple(shape[1:]), dtype=dtype)
+        for key, r in by_expert[expert]:
+            value = read(key)
+            weight = (dequantize(value) if isinstance(value, NF4Weight) else value).to(dtype)
+            if r["transposed"]:
+                matrix[:, r["start"] : r["stop"]] = weight.T
+            else:
+                matrix[r["start"] : r["stop"]] = weight
+        yield expert, matrix
 
 
 def dequantize_folder(
@@ -134,14 +164,29 @@ def dequantize_folder(
     transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
     sides, writes = _side_names(ckpt), output_files(ckpt, dtype=dtype, max_shard_size=max_shard_size)
     where = {key: shard for shard, tensors in ckpt.shards.items() for key in tensors}
+    cuts: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for key, record in _cuts(ckpt).items():
+        cuts.setdefault(record["name"], []).append((key, record))
     files: dict[str, SafetensorsFile] = {}
+
+    def opened(key: str) -> SafetensorsFile:
+        return files.get(where[key]) or files.setdefault(where[key], SafetensorsFile(ckpt.root / where[key]))
+
     with OutputFolder(Path(output), source=ckpt.root, force=force, writes=writes) as out:
         try:
             for name, shard in zip(names, shards):
                 writer = ShardWriter(out.path(name), shard, {"format": "pt"})
                 try:
                     for key, sdtype, shape in shard:
-                        f = files.get(where[key]) or files.setdefault(where[key], SafetensorsFile(ckpt.root / where[key]))
+                        if key in cuts:  # fused experts, one expert's matrix at a time
+                            for expert, matrix in _fuse(cuts[key], shape, to_torch[sdtype], lambda k: stored_weight(opened(k), ckpt, k) if k in ckpt.quant_states else opened(k).tensor(k)):
+                                writer.write(key, as_bytes(matrix), expert * matrix.numel() * DTYPE_SIZES[sdtype])
+                            for part, _ in cuts[key]:
+                                opened(part).release(part)
+                            if progress:
+                                progress(math.prod(shape) * DTYPE_SIZES[sdtype])
+                            continue
+                        f = opened(key)
                         if key in ckpt.quant_states and key in transposed:
                             value = dequantize(stored_weight(f, ckpt, key)).transpose(-1, -2).to(to_torch[sdtype])
                         elif key in ckpt.quant_states:  # a chunk of blocks at a time, straight to the file

@@ -31,7 +31,7 @@ from .files import FileHasher
 from .fp8 import LOGICAL_DTYPE, pair_scales
 from .importance import check_importance, importance_shape, read_importance_header
 from .layout import QuantState, check_blocksize, quantization_config, quantized_tensors, transposed
-from .source import Source, SourceTensor
+from .source import Source, SourceTensor, split_tensor
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 
@@ -257,6 +257,8 @@ def make_plan(source: Source, options: Options) -> Plan:
         [replace(t.info, dtype=LOGICAL_DTYPE) if t.name in scales else t.info for t in tensors], config=source.config,
         skip=options.skip, quantize_lm_head=options.quantize_lm_head, experts=options.experts, blocksize=options.blocksize,
     )  # fmt: skip
+    if decisions.splits:  # fused experts that transformers loads per expert: one weight per expert
+        tensors = [part for t in tensors for part in ([split_tensor(t, *spec) for spec in decisions.splits[t.name]] if t.name in decisions.splits else [t])]
     planned = []
     for tensor in tensors:
         d = decisions.tensors[tensor.name]

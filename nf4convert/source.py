@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .constants import INDEX_NAME, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
@@ -22,6 +22,9 @@ from .files import is_plain_relative, may_read, recorded_files
 from .fp8 import block_size
 from .mxfp4 import is_mxfp4, pair as pair_mxfp4
 from .tensorfile import TensorInfo, read_header
+
+if TYPE_CHECKING:
+    import torch
 
 #: Side files copied next to the weights: configs, tokenizers, chat templates, licenses (subfolders too,
 #: e.g. sentence-transformers' ``1_Pooling/config.json``; hidden folders are skipped).
@@ -60,15 +63,61 @@ class SourceTensor:
     Attributes:
         packed: for a tensor decoded from MXFP4 (:mod:`nf4convert.mxfp4`), its blocks and scales
             (``info`` is then the decoded tensor's, which no file holds), else ``None``.
+        split: for one expert's 2-D weight cut from a fused 3-D experts tensor (``info`` is then that
+            weight's, which no file holds), where it lies there; else ``None``.
     """
 
     shard: Path
     info: TensorInfo
     packed: tuple[SourceTensor, SourceTensor] | None = None
+    split: Split | None = None
 
     @property
     def name(self) -> str:
         return self.info.name
+
+
+@dataclass(frozen=True)
+class Split:
+    """One expert's 2-D weight ``[out, in]`` in a fused experts tensor ``[E, a, b]``: expert ``expert``'s
+    matrix, its rows ``[start, stop)`` (``transposed`` false: stored ``[out, in]``) or its columns
+    ``[start, stop)``, transposed (``transposed``: stored ``[in, out]``).
+
+    Attributes:
+        fused: the fused tensor.
+    """
+
+    fused: SourceTensor
+    expert: int
+    start: int
+    stop: int
+    transposed: bool
+
+    def take(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The weight, contiguous, from the expert's ``[a, b]`` matrix."""
+        return cut_weight(matrix, self.start, self.stop, self.transposed)
+
+
+def cut_weight(matrix: torch.Tensor, start: int, stop: int, transposed: bool) -> torch.Tensor:
+    """One layer's weight ``[out, in]``, contiguous, from an expert's matrix of fused experts: its rows
+    ``[start, stop)``, or its columns ``[start, stop)`` transposed (spec section 6.1)."""
+    return (matrix[:, start:stop].T if transposed else matrix[start:stop]).contiguous()
+
+
+def split_info(fused: TensorInfo, name: str, expert: int, start: int, stop: int, transposed: bool) -> TensorInfo:
+    """The :class:`TensorInfo` of one expert's weight cut from ``fused`` (see :class:`Split`): no file
+    holds it; its byte range is its share of the expert's (``nbytes`` is its size)."""
+    _, a, b = fused.shape
+    shape = (stop - start, a) if transposed else (stop - start, b)
+    size = fused.nbytes // fused.numel
+    first = fused.start + expert * a * b * size
+    return TensorInfo(name, fused.dtype, shape, first, first + shape[0] * shape[1] * size)
+
+
+def split_tensor(fused: SourceTensor, name: str, expert: int, start: int, stop: int, transposed: bool) -> SourceTensor:
+    """The :class:`SourceTensor` of one expert's weight cut from ``fused`` (see :class:`Split`)."""
+    info = split_info(fused.info, name, expert, start, stop, transposed)
+    return SourceTensor(fused.shard, info, split=Split(fused, expert, start, stop, transposed))
 
 
 @dataclass

@@ -103,8 +103,8 @@ def _parts(t: PlannedTensor) -> tuple:
 
 
 def _decoded(t: PlannedTensor) -> bool:
-    """Whether weight ``t`` is decoded when read (FP8, MXFP4)."""
-    return t.scale is not None or t.source.packed is not None
+    """Whether weight ``t`` is decoded when read (FP8, MXFP4, an expert's weight cut from fused experts)."""
+    return t.scale is not None or t.source.packed is not None or t.source.split is not None
 
 
 def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple[int, int]]:
@@ -115,7 +115,7 @@ def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple
     whole nested blocks (:data:`~nf4convert.constants.NESTED_BLOCKSIZE` blocks), however small
     :data:`PIECE_BYTES` is. MXFP4 experts go in whole experts, decoded to float32."""
     info = t.source.info
-    if t.transpose and len(info.shape) == 2:
+    if (t.transpose and len(info.shape) == 2) or t.source.split is not None:
         return [(0, info.numel)]
     if t.scale is not None:
         unit, size = math.lcm(info.shape[1], blocksize), DTYPE_SIZES["F32"]
@@ -198,7 +198,7 @@ def read_ahead(
     flat tensor (FP8 decoded to float32 with ``fp8_block`` scales), or the shaped weight where it is
     quantized transposed. An MXFP4 piece (whole experts) is read into buffers of its own and decoded
     (:func:`nf4convert.mxfp4.decode`)."""
-    size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items if t.source.packed is None), default=0)
+    size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items if t.source.packed is None and t.source.split is None), default=0)
     buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(items) > 1 else len(items))]
     decoded_size = max((stop - start for t, start, stop in items if t.scale is not None), default=0)
     decoded = [torch.empty(decoded_size, dtype=torch.float32) for _ in buffers] if decoded_size else []
@@ -209,6 +209,8 @@ def read_ahead(
         t, start, stop = items[i]
         if t.source.packed is not None:
             return _read_mxfp4(t, start, stop, sources)
+        if t.source.split is not None:
+            return _read_split(t, sources)
         info, k = t.source.info, DTYPE_SIZES[t.source.info.dtype]
         data = buffers[i % 2][: (stop - start) * k]
         sources[t.source.shard].reader.read_into(info, memoryview(data.numpy()), start * k)
@@ -241,6 +243,16 @@ def _read_mxfp4(t: PlannedTensor, start: int, stop: int, sources: dict[Path, Sou
         sources[part.shard].reader.read_into(part.info, memoryview(data.numpy()), first * size)
         parts.append(data.view(count, *part.info.shape[1:]))
     return decode_mxfp4(*parts, name=t.name, first=first).reshape(-1)
+
+
+def _read_split(t: PlannedTensor, sources: dict[Path, SourceShard]) -> torch.Tensor:
+    """One expert's weight cut from fused experts (:class:`~nf4convert.source.Split`): the expert's matrix
+    read whole, the weight taken from it, flat."""
+    split, info = t.source.split, t.source.split.fused.info
+    per_expert, size = info.shape[1] * info.shape[2], DTYPE_SIZES[info.dtype]
+    data = torch.empty(per_expert * size, dtype=torch.uint8)
+    sources[split.fused.shard].reader.read_into(info, memoryview(data.numpy()), split.expert * per_expert * size)
+    return split.take(data.view(torch_dtypes()[info.dtype]).view(info.shape[1:])).reshape(-1)
 
 
 def _store(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int, progress: Progress | None) -> None:
@@ -317,9 +329,11 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             if not t.quantize and not _decoded(t):
                 submit([(t.name, src.reader.chunks(info), 0)], info.nbytes)
                 continue
-            if not t.quantize:  # a kept FP8 or MXFP4 weight: its bfloat16 decoding
+            if not t.quantize:  # a kept FP8 or MXFP4 weight: its bfloat16 decoding; a kept cut expert weight: its values
+                size = DTYPE_SIZES[t.dtype]
                 for start, stop in pieces(t, t.blocksize):
-                    submit([(t.name, next(weights).to(torch.bfloat16), start * 2)], stop - start)
+                    done = (stop - start) * (size if t.source.split is not None else 1)  # source bytes (FP8: one a value)
+                    submit([(t.name, next(weights).to(torch_dtypes()[t.dtype]), start * size)], done)
                 continue
             bs = t.blocksize
             absmax = torch.empty(-(-info.numel // bs), dtype=torch.float32, device=device)

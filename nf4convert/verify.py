@@ -20,7 +20,7 @@ from .mxfp4 import decode as decode_mxfp4
 from .layout import transposed as transposed_shape
 from .quantize import dequantize, dequantize_chunks
 from .read import NF4Checkpoint, open_checkpoint, require_nf4_folder, stored_weight
-from .source import Source, open_source
+from .source import Source, cut_weight, open_source
 from .tensorfile import SafetensorsFile
 
 
@@ -119,22 +119,27 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
             problems.append(f"source {name}: sha256 differs from the one converted")
     originals = {t.name: t for t in src.tensors}
     transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
+    cuts = {t["name"]: t["cut_from"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if isinstance(t.get("cut_from"), dict)}
     quality: dict[str, dict[str, float]] = {}
     opened: dict[Path, SafetensorsFile] = {}
     try:
         for shard, tensors in ckpt.shards.items():
             with SafetensorsFile(ckpt.root / shard) as f:
                 for key in (k for k in tensors if k in ckpt.quant_states):
-                    if key not in originals:
-                        problems.append(f"{key}: not in the source")
+                    cut = cuts.get(key)
+                    name = cut["name"] if cut else key  # a weight cut from fused experts: compared with its cut
+                    if name not in originals:
+                        problems.append(f"{name}: not in the source")
                         continue
-                    path = originals[key].shard
+                    path = originals[name].shard
                     g = opened.get(path) or opened.setdefault(path, SafetensorsFile(path))
                     q = stored_weight(f, ckpt, key)
-                    packed = originals[key].packed or ()
+                    packed = originals[name].packed or ()
                     if packed:  # MXFP4: its decoding, in the model's layout
                         blocks, scales = ((opened.get(p.shard) or opened.setdefault(p.shard, SafetensorsFile(p.shard))).tensor(p.name) for p in packed)
                         original = decode_mxfp4(blocks, scales, name=key)
+                    elif cut:
+                        original = cut_weight(g.tensor(name)[cut["expert"]], cut["start"], cut["stop"], cut["transposed"])
                     else:
                         original = g.tensor(key)
                     if src.fp8_block and key + SCALE_SUFFIX in originals:
@@ -150,7 +155,7 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                         quality[key] = _quality(original.reshape(-1), (chunk.to(q.dtype) for chunk in dequantize_chunks(q)))
                     for p in packed:
                         opened[p.shard].release(p.name)
-                    if not packed:
+                    if not packed and not cut:  # a fused tensor stays mapped for its other cuts
                         g.release(key)
                     f.release(key)
     finally:
