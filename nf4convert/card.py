@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .constants import VERIFY_REPORT
+from .constants import DIFFUSERS_FILES, VERIFY_REPORT, weight_files
 from .files import human
 
 #: What stands for the repo id in a card rendered without one (``push`` puts the repo id in).
@@ -27,8 +27,14 @@ LIBRARIES = {"modules.json": ("sentence-transformers", "sentence-similarity")}
 
 def library(root: Path) -> tuple[str, str | None]:
     """``(library_name, default pipeline_tag)`` of the model in ``root``: sentence-transformers where its
-    ``modules.json`` is there, else transformers (no default task)."""
+    ``modules.json`` is there, diffusers for a diffusers model, else transformers (no default task)."""
+    if weight_files(_config(root)) is DIFFUSERS_FILES:
+        return "diffusers", None
     return next((lib for marker, lib in LIBRARIES.items() if (root / marker).is_file()), ("transformers", None))
+
+
+def _config(root: Path) -> dict[str, Any]:
+    return json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else {}
 
 
 def _yes(value: Any) -> str:
@@ -56,7 +62,7 @@ def _settings(m: dict[str, Any], total: int) -> list[str]:
 
 def _usage(m: dict[str, Any], root: Path, repo: str, library_name: str) -> list[str]:
     """The card's "Use" section: a snippet for each loader the manifest lists."""
-    config = json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else {}
+    config = _config(root)
     cls = (config.get("architectures") or ["AutoModel"])[0]
     loaders = m.get("loaders", [])
     experts = [t for t in m.get("tensors", {}).get("quantized", []) if t.get("expert")]
@@ -68,6 +74,12 @@ def _usage(m: dict[str, Any], root: Path, repo: str, library_name: str) -> list[
         return ["Into your own module (`pip install 'nf4convert[load]'`): its `nn.Linear` layers become `Linear4bit`:", "",
                 "```python", *download, "from nf4convert.load import load_state_dict, replace_linear",
                 f'replace_linear(module, load_state_dict(snapshot_download("{repo}")))', "```", ""]  # fmt: skip
+    if library_name == "diffusers":
+        dtype = m.get("options", {}).get("compute_dtype") or "bfloat16"
+        return ["With diffusers and bitsandbytes, on a GPU (diffusers' bitsandbytes loader refuses a machine without one):", "",
+                "```python", "import torch", f"from diffusers import {config['_class_name']}",
+                f'model = {config["_class_name"]}.from_pretrained("{repo}", torch_dtype=torch.{dtype})', "```", "",
+                "On any machine, the CPU included, with nf4convert's loader (diffusers' own loading, no GPU needed):", "", *own[2:]]  # fmt: skip
     if library_name == "sentence-transformers":
         return ["With sentence-transformers and bitsandbytes (its pooling and normalisation modules are in the repo):", "",
                 "```python", "from sentence_transformers import SentenceTransformer", f'model = SentenceTransformer("{repo}")',

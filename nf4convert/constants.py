@@ -7,6 +7,8 @@ The reader, the writer and the quantizer import this module, never each other.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 FORMAT_NAME = "nf4convert"
 FORMAT_VERSION = 1
 #: Format versions a reader of this package accepts.
@@ -16,6 +18,36 @@ MANIFEST_NAME = "nf4convert.json"
 SINGLE_SHARD_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 SHARD_NAME_TEMPLATE = "model-{index:05d}-of-{count:05d}.safetensors"
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    """How a library names a model's weights files: one file, numbered shards, and their index."""
+
+    single: str
+    template: str
+    index: str
+
+    def names(self, count: int) -> list[str]:
+        """The shard names of a model written in ``count`` shards."""
+        return [self.single] if count == 1 else [self.template.format(index=i + 1, count=count) for i in range(count)]
+
+
+#: transformers' names (and sentence-transformers').
+TRANSFORMERS_FILES = WeightFiles(SINGLE_SHARD_NAME, SHARD_NAME_TEMPLATE, INDEX_NAME)
+#: diffusers' names for a model (a pipeline component).
+DIFFUSERS_FILES = WeightFiles(
+    "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model-{index:05d}-of-{count:05d}.safetensors", "diffusion_pytorch_model.safetensors.index.json"
+)
+#: Every index name a reader looks for.
+INDEX_NAMES = (TRANSFORMERS_FILES.index, DIFFUSERS_FILES.index)
+
+
+def weight_files(config: dict | None) -> WeightFiles:
+    """The weights file names of the library whose ``config.json`` this is: diffusers' for a diffusers
+    model (``_class_name`` and ``_diffusers_version``), else transformers'."""
+    is_diffusers = isinstance(config, dict) and isinstance(config.get("_class_name"), str) and "_diffusers_version" in config
+    return DIFFUSERS_FILES if is_diffusers else TRANSFORMERS_FILES
 #: The hidden file in each folder ``dequantize`` writes: JSON ``{"files": [names]}``, what it wrote there
 #: (a ``convert`` output's manifest lists its files).
 OUTPUT_MARK = ".nf4convert-output"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .constants import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, MANIFEST_NAME
+from .constants import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 from .errors import NF4ConvertError, QuantizationError, SourceError
 from .files import FileHasher, file_record, file_state
 from .importance import importance_record
@@ -300,7 +300,7 @@ def output_files(plan: Plan) -> set[str]:
     manifest. What a replaced output's files of the user's must not be named (:func:`check_output`)."""
     src = plan.source
     names = {*plan.shard_names(), MANIFEST_NAME, *(p.relative_to(src.root).as_posix() for p in src.side_files)}
-    return names | ({INDEX_NAME} if len(plan.shards) > 1 else set()) | ({"config.json"} if src.config is not None else set())
+    return names | ({plan.files.index} if len(plan.shards) > 1 else set()) | ({"config.json"} if src.config is not None else set())
 
 
 def _write_output(plan: Plan, out: OutputFolder) -> Path:
@@ -312,8 +312,8 @@ def _write_output(plan: Plan, out: OutputFolder) -> Path:
     if len(plan.shards) > 1:
         weight_map = {key: name for name, shard in zip(plan.shard_names(), plan.shards) for t in shard for key, _, _ in t.outputs}
         index = {"metadata": {"total_size": plan.output_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(out.path(INDEX_NAME), index)
-        files.append(file_record(out.path(INDEX_NAME), INDEX_NAME))
+        _write_json(out.path(plan.files.index), index)
+        files.append(file_record(out.path(plan.files.index), plan.files.index))
     names = [p.relative_to(src.root).as_posix() for p in src.side_files]
     for side, name in zip(src.side_files, names):
         out.path(name).parent.mkdir(parents=True, exist_ok=True)

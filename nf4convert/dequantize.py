@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .constants import DTYPE_SIZES, INDEX_NAME, MANIFEST_NAME, OUTPUT_MARK, SHARD_NAME_TEMPLATE, SINGLE_SHARD_NAME
+from .constants import DTYPE_SIZES, INDEX_NAMES, MANIFEST_NAME, OUTPUT_MARK, WeightFiles, weight_files
 from .errors import FormatError
 from .layout import quantized_tensors, transposed as transposed_shape
 from .files import is_plain_relative, may_read
@@ -90,12 +90,22 @@ def _plan(ckpt: NF4Checkpoint, dtype: torch.dtype | None, max_shard_size: int) -
             size = 0
         shards[-1].append(entry)
         size += nbytes
-    names = [SINGLE_SHARD_NAME] if len(shards) == 1 else [SHARD_NAME_TEMPLATE.format(index=i + 1, count=len(shards)) for i in range(len(shards))]
+    names = _files(ckpt).names(len(shards))
     return plan, shards, names
 
 
+def _files(ckpt: NF4Checkpoint) -> WeightFiles:
+    """The weights file names of the folder's library (as its ``config.json`` says)."""
+    path = ckpt.root / "config.json"
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else None
+    except (OSError, ValueError):
+        config = None
+    return weight_files(config)
+
+
 def _side_names(ckpt: NF4Checkpoint) -> list[str]:
-    produced = {MANIFEST_NAME, INDEX_NAME, *ckpt.shards}
+    produced = {MANIFEST_NAME, *INDEX_NAMES, *ckpt.shards}
     return [name for name in _side_files(ckpt) if name not in produced and name != "config.json"]
 
 
@@ -104,7 +114,7 @@ def output_files(path: str | os.PathLike | NF4Checkpoint, *, dtype: torch.dtype 
     replaced output's files of the user's must not be named (:func:`~nf4convert.write.check_output`)."""
     ckpt = path if isinstance(path, NF4Checkpoint) else open_checkpoint(path, bitsandbytes_folders=True)
     _, shards, names = _plan(ckpt, dtype, max_shard_size)
-    extra = ({INDEX_NAME} if len(shards) > 1 else set()) | ({"config.json"} if (ckpt.root / "config.json").is_file() else set())
+    extra = ({_files(ckpt).index} if len(shards) > 1 else set()) | ({"config.json"} if (ckpt.root / "config.json").is_file() else set())
     return {*names, *_side_names(ckpt), OUTPUT_MARK} | extra
 
 
@@ -207,7 +217,7 @@ def dequantize_folder(
         if len(shards) > 1:
             weight_map = {key: name for name, shard in zip(names, shards) for key, _, _ in shard}
             total = sum(math.prod(s) * DTYPE_SIZES[d] for _, d, s in plan)
-            (out.path(INDEX_NAME)).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+            (out.path(_files(ckpt).index)).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         for name in sides:
             out.path(name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ckpt.root / name, out.path(name))

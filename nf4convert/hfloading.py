@@ -1,9 +1,8 @@
 """Where nf4convert steps into transformers' ``from_pretrained``: its quantizer registry, swapped for
 one call, and FP8 checkpoints decoded as spec section 6.3 says.
 
-transformers picks the quantizer that fills a model from the folder's ``quant_method``, in a registry
-with no per-call argument; :func:`registered` swaps an entry for the duration of a block (one block at
-a time) and restores it.
+transformers picks the quantizer that fills a model from the folder's ``quant_method``;
+:func:`registered` swaps its entry for one block (:mod:`nf4convert.registry`).
 
 FP8: on a machine without a GPU transformers dequantizes a block-scaled FP8 checkpoint while loading
 (``FineGrainedFP8HfQuantizer``'s ``Fp8Dequantize``, the first operation of each weight's conversion,
@@ -17,8 +16,6 @@ with :func:`nf4convert.fp8.decode_rows` (the decoding nf4convert quantizes from)
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -27,20 +24,11 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.quantizers.quantizer_finegrained_fp8 import FineGrainedFP8HfQuantizer
 
 from .fp8 import decode_rows
+from .registry import swapped
 
-_SWAP = threading.Lock()
-
-
-@contextlib.contextmanager
-def registered(quant_method: str, quantizer: type) -> Iterator[None]:
+def registered(quant_method: str, quantizer: type) -> contextlib.AbstractContextManager[None]:
     """Within the block, transformers loads folders of ``quant_method`` with ``quantizer``."""
-    with _SWAP:
-        stock = AUTO_QUANTIZER_MAPPING[quant_method]
-        AUTO_QUANTIZER_MAPPING[quant_method] = quantizer
-        try:
-            yield
-        finally:
-            AUTO_QUANTIZER_MAPPING[quant_method] = stock
+    return swapped(AUTO_QUANTIZER_MAPPING, quant_method, quantizer)
 
 
 class SpecFp8Dequantize(Fp8Dequantize):

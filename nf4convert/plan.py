@@ -21,11 +21,13 @@ from .constants import (
     EXPERT_MODES,
     SCALE_METHODS,
     QUANTIZABLE_DTYPES,
-    SHARD_NAME_TEMPLATE,
-    SINGLE_SHARD_NAME,
+    DIFFUSERS_FILES,
+    WeightFiles,
+    weight_files,
 )
 from .architecture import decide
 from .decisions import Decisions
+from .diffusers_models import quantization_config as diffusers_quantization_config
 from .errors import OptionError, QuantizationError
 from .files import FileHasher
 from .fp8 import LOGICAL_DTYPE, pair_scales
@@ -192,6 +194,8 @@ class Plan:
     def loaders(self) -> list[str]:
         """Which loaders read the output (what the tests check): a model loader only where the output
         has a ``config.json`` of an architecture transformers knew when converting."""
+        if self.files is DIFFUSERS_FILES:
+            return ["diffusers from_pretrained (bitsandbytes; needs a GPU)", "nf4convert.load_model (CPU or GPU)"]
         if self.source.config is None or not self.decisions.as_transformers:
             why = "no config.json" if self.source.config is None else self.decisions.decided_by
             return [f"nf4convert.load_state_dict + replace_linear into your own module ({why})"]
@@ -207,15 +211,17 @@ class Plan:
             return ["nf4convert.load_model (transformers 5)", "transformers 4.x from_pretrained (experts as per-expert Linear4bit)"]
         return ["transformers from_pretrained (bitsandbytes)", "nf4convert.load_model"]
 
+    @property
+    def files(self) -> WeightFiles:
+        """How the output's weights files are named: as the source's library names them."""
+        return weight_files(self.source.config)
+
     def quantization_config(self) -> dict:
-        return quantization_config(
-            double_quant=self.options.double_quant, compute_dtype=self.compute_dtype, skip_modules=self.skip_modules
-        )
+        writer = diffusers_quantization_config if self.files is DIFFUSERS_FILES else quantization_config
+        return writer(double_quant=self.options.double_quant, compute_dtype=self.compute_dtype, skip_modules=self.skip_modules)
 
     def shard_names(self) -> list[str]:
-        if len(self.shards) == 1:
-            return [SINGLE_SHARD_NAME]
-        return [SHARD_NAME_TEMPLATE.format(index=i + 1, count=len(self.shards)) for i in range(len(self.shards))]
+        return self.files.names(len(self.shards))
 
 
 def check_skip_patterns(patterns: tuple[str, ...], tensor_names: list[str]) -> None:

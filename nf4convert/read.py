@@ -18,11 +18,13 @@ import torch
 from .constants import (
     CODE_TABLES,
     FORMAT_NAME,
-    INDEX_NAME,
+    DIFFUSERS_FILES,
+    INDEX_NAMES,
     MANIFEST_NAME,
     QUANT_STATE_SUFFIXES,
     QUANT_SUFFIXES,
     SINGLE_SHARD_NAME,
+    TRANSFORMERS_FILES,
 )
 from .errors import FormatError, SourceNotFoundError
 from .files import is_plain_relative, may_read
@@ -60,7 +62,8 @@ class NF4Checkpoint:
         types = sorted({s.quant_type.upper() for s in self.quant_states.values()}) or ["no 4-bit weights"]
         nested = {s.nested for s in self.quant_states.values()}
         dq = "double quantization" if nested == {True} else "no double quantization" if nested == {False} else "mixed double quantization"
-        return f"bitsandbytes 4-bit folder saved by transformers ({', '.join(types)}, {dq}; no nf4convert manifest)"
+        library = "diffusers" if any(name.startswith(DIFFUSERS_FILES.single.removesuffix(".safetensors")) for name in self.shards) else "transformers"
+        return f"bitsandbytes 4-bit folder saved by {library} ({', '.join(types)}, {dq}; no nf4convert manifest)"
 
     def summary(self) -> dict[str, Any]:
         """What ``nf4convert inspect`` shows."""
@@ -122,9 +125,11 @@ def is_bitsandbytes_4bit(root: Path) -> bool:
 
 
 def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None]:
-    index_path = root / INDEX_NAME
-    if not index_path.exists():
-        return [SINGLE_SHARD_NAME], None
+    """The folder's shards, by the index of transformers' or diffusers' naming, else its single file."""
+    index_path = next((root / name for name in INDEX_NAMES if (root / name).exists()), None)
+    if index_path is None:
+        single = next((f.single for f in (TRANSFORMERS_FILES, DIFFUSERS_FILES) if (root / f.single).exists()), SINGLE_SHARD_NAME)
+        return [single], None
     index = _load_json(index_path)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
@@ -237,7 +242,8 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
         shards[name] = tensors
     if weight_map is not None and weight_map != owner:
         wrong = sorted(set(weight_map.items()) ^ set(owner.items()))[0][0]
-        raise FormatError(f"{root / INDEX_NAME}: does not match the shards (first difference: {wrong!r})")
+        index = next(root / n for n in INDEX_NAMES if (root / n).exists())
+        raise FormatError(f"{index}: does not match the shards (first difference: {wrong!r})")
     return NF4Checkpoint(root, manifest, shards, states)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .constants import INDEX_NAME, MANIFEST_NAME
+from .constants import INDEX_NAME, INDEX_NAMES, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
 from .files import is_plain_relative, may_read, recorded_files
 from .fp8 import block_size
@@ -282,7 +282,7 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
         root, shards, weight_map, side = path.parent, [path], None, []
     else:
         root = path
-        index_path = root / INDEX_NAME
+        index_path = next((root / name for name in INDEX_NAMES if (root / name).is_file()), root / INDEX_NAME)
         if fetcher is None:
             exists, listed = Path.is_file, [p for p in root.glob("*.safetensors") if p.is_file()]
         else:
@@ -308,7 +308,7 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             if p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILE_PATTERNS)
-            and p.relative_to(root).as_posix() not in (INDEX_NAME, MANIFEST_NAME, "config.json")
+            and p.relative_to(root).as_posix() not in (*INDEX_NAMES, MANIFEST_NAME, "config.json")
             and not any(p.is_relative_to(d) for d in ours)
             and may_read(p, root)
         )
@@ -325,13 +325,13 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
             if info.name in owner:
                 raise SourceError(f"duplicate tensor {info.name!r} in {owner[info.name].name} and {shard.name}")
             if weight_map is not None and weight_map.get(info.name) != shard.relative_to(root).as_posix():
-                raise SourceError(f"{shard}: tensor {info.name!r} is not listed for this shard in {INDEX_NAME}")
+                raise SourceError(f"{shard}: tensor {info.name!r} is not listed for this shard in {index_path.name}")
             owner[info.name] = shard
             tensors.append(SourceTensor(shard, info))
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(owner))
         if missing:
-            raise SourceError(f"{INDEX_NAME} lists {missing[0]!r} ({len(missing)} in all) that no shard holds")
+            raise SourceError(f"{index_path.name} lists {missing[0]!r} ({len(missing)} in all) that no shard holds")
     if not tensors:
         raise SourceError(f"{path}: the safetensors files hold no tensors")
     if is_mxfp4(config):

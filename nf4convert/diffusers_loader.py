@@ -1,0 +1,53 @@
+"""What nf4convert adds to diffusers' own bitsandbytes loading: loading without a GPU.
+
+``load_model`` loads a diffusers model folder with the class's own ``from_pretrained``, so every loading
+rule of diffusers applies as is. diffusers picks the quantizer from the folder's ``quantization_config``;
+for bitsandbytes 4-bit that is ``BnB4BitDiffusersQuantizer``, which refuses any machine without a GPU
+("No GPU found. A GPU is needed for quantization."), though a folder that is already 4-bit needs no
+quantizing: the weights become ``Params4bit`` through ``Params4bit.from_prequantized`` wherever they
+load. :class:`NF4DiffusersQuantizer` is that quantizer without the refusal for pre-quantized weights,
+placing the model where the caller asks, and with the CPU-independent layers of
+:mod:`nf4convert.hfquantizer` (:func:`nf4convert.rowdecode.exact_on_cpu`, the AVX512-BF16 path off
+where it fails).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import bitsandbytes as bnb
+import torch
+from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING
+from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
+
+from .registry import swapped
+from .rowdecode import exact_on_cpu
+
+_BNB_4BIT = "bitsandbytes_4bit"
+
+
+class NF4DiffusersQuantizer(BnB4BitDiffusersQuantizer):
+    """diffusers' bitsandbytes 4-bit quantizer, which loads 4-bit folders on any device (a GPU is only
+    needed to quantize, which loading a 4-bit folder does not)."""
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        if self.pre_quantized and not torch.cuda.is_available():
+            return  # its other checks (accelerate, bitsandbytes versions) hold: load_model needs both
+        super().validate_environment(*args, **kwargs)
+
+    def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
+        exact_on_cpu(model)
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu":
+                if module.out_features % 32 or module.in_features % module.weight.quant_state.blocksize:
+                    module.support_avx512bf16_for_cpu = False
+        return super()._process_model_after_weight_loading(model, **kwargs)
+
+
+@contextlib.contextmanager
+def nf4_quantizer() -> Iterator[None]:
+    """Within the block, diffusers loads bitsandbytes 4-bit folders with :class:`NF4DiffusersQuantizer`."""
+    with swapped(AUTO_QUANTIZER_MAPPING, _BNB_4BIT, NF4DiffusersQuantizer):
+        yield
