@@ -20,24 +20,20 @@ Everything here works on names, shapes and ``config.json``; no tensor data is re
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
-import os
 import sys
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any
 
-from .errors import SourceError
 from .decisions import (
     AS_TRANSFORMERS_NOTE, EXPERT_PATTERN, Decision, Decisions, decide_by_rules, fused_decision, is_fused_candidate, precheck,
     rules_as_transformers, settle, skip_reason,
 )  # fmt: skip
 from .diffusers_models import ask_diffusers, is_diffusers_config
-from .files import cache_dir
+from .decision_cache import cache_key, load_cached, store_cached
+from .perexpert import per_expert_splits
 from .source import split_info
 from .tensorfile import TensorInfo
 
@@ -45,62 +41,22 @@ from .tensorfile import TensorInfo
 log = logging.getLogger("nf4convert")
 
 
-#: The version of how transformers is asked: a change of it leaves earlier cached answers behind
-#: (2: layers read outside their forward kept, experts split where transformers loads them per expert).
-_RULES = 2
-
-
 class CannotAsk(Exception):
     """transformers cannot answer for this checkpoint (the message says why)."""
 
 
 def _cache_key(infos: list[TensorInfo], config: dict, skip: tuple[str, ...], quantize_lm_head: bool, experts: str, blocksize: int) -> str:
-    """What transformers' decisions depend on, hashed.
+    """What transformers' decisions depend on, hashed (:func:`~nf4convert.decision_cache.cache_key`).
 
     Raises:
         CannotAsk: transformers cannot be imported (checked without importing it).
     """
-    from . import __version__
-
     if sys.modules.get("transformers", True) is None or importlib.util.find_spec("transformers") is None:
         raise CannotAsk("transformers is not installed")
     version = importlib.metadata.version("transformers")
     if int(version.split(".")[0]) < 5:
         raise CannotAsk(f"transformers {version} < 5")
-    what = [__version__, _RULES, version, config, [[i.name, i.dtype, list(i.shape)] for i in infos], list(skip), quantize_lm_head, experts, blocksize]
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
-
-
-def _cache_path(key: str) -> Path:
-    return cache_dir() / "decisions" / f"{key}.json"
-
-
-def _load_cached(key: str) -> Decisions | str | None:
-    """transformers' cached answer: its decisions, or why it could not answer (a string), or ``None``."""
-    try:
-        d = json.loads(_cache_path(key).read_text())
-        if "cannot_ask" in d:
-            return str(d["cannot_ask"])
-        return Decisions(d["decided_by"], {n: Decision(*v) for n, v in d["tensors"].items()}, d["skip_modules"], d["splits"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _store_cached(key: str, answer: Decisions | str) -> None:
-    """Write atomically; a cache that cannot be written is no error."""
-    if isinstance(answer, str):
-        content = {"cannot_ask": answer}
-    else:
-        tensors = {n: [d.quantize, d.reason, d.transpose, d.expert, d.fused] for n, d in answer.tensors.items()}
-        content = {"decided_by": answer.decided_by, "tensors": tensors, "skip_modules": answer.skip_modules, "splits": answer.splits}
-    path = _cache_path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(content))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    return cache_key([version, config, [[i.name, i.dtype, list(i.shape)] for i in infos], list(skip), quantize_lm_head, experts, blocksize])
 
 
 def _transformers() -> Any:
@@ -296,7 +252,8 @@ def ask_transformers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, 
     from transformers.quantizers.quantizers_utils import should_convert_module
 
     model = meta_model(config)
-    splits = per_expert_splits(model, infos)
+    where = {name: m.key for name, m in map_keys(model, [i.name for i in infos if len(i.shape) == 3]).items()}
+    splits = per_expert_splits(model, infos, where)  # changes the model as transformers' quantizers do
     infos = [part for i in infos for part in ([split_info(i, *spec) for spec in splits[i.name]] if i.name in splits else [i])]
     linear, conv1d = _replaced_types()
     mapping = map_keys(model, [i.name for i in infos])
@@ -352,57 +309,6 @@ def ask_transformers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, 
         tensors[name] = replace(d, expert=True, reason=f"{d.reason}, cut from the fused experts: transformers loads these experts per expert when 4-bit")
     skip_modules = _skip_modules(model, infos, mapping, tensors, linear, conv1d)
     return Decisions(f"transformers {transformers.__version__} ({type(model).__name__})", tensors, skip_modules, splits)
-
-
-def per_expert_splits(model: Any, infos: list[TensorInfo]) -> dict[str, list[list[Any]]]:
-    """Where transformers loads an MoE block's experts per expert when the model is 4-bit, the per-expert
-    weights each of the checkpoint's fused experts tensors is cut into (the model is changed in place
-    as transformers changes it, so that what is decided next is decided on the model it loads).
-
-    transformers' quantizers replace the experts modules of the classes in their table
-    (``MODULES_TO_PATCH_FOR_QUANTIZATION``, those listed for bitsandbytes: Llama 4's) with a list of
-    per-expert MLPs of ``nn.Linear`` layers before loading a bitsandbytes folder, which then has to hold
-    ``experts.N.gate_proj.weight`` and so on. Each fused parameter ``gate_up_proj`` ``[E, a, b]`` is
-    matched to the layers its name lists (``gate_proj``, ``up_proj``), concatenated in that order along
-    the dimension their ``out_features`` add up on; ``[E, in, out]`` (the layout a ``bmm`` with the input
-    takes) is transposed back.
-
-    Returns:
-        fused checkpoint name -> ``[name, expert, start, stop, transposed]`` per weight, experts first.
-
-    Raises:
-        SourceError: a fused tensor of such a module that cannot be matched to its layers.
-    """
-    from types import SimpleNamespace
-
-    from transformers.quantizers.base import MODULES_TO_PATCH_FOR_QUANTIZATION, HfQuantizer
-    from transformers.utils.quantization_config import QuantizationMethod
-
-    method = QuantizationMethod.BITS_AND_BYTES
-    patched = {n for n, m in model.named_modules() if method in MODULES_TO_PATCH_FOR_QUANTIZATION.get(type(m).__name__, {}).get("quantization_methods", ())}
-    if not patched:
-        return {}
-    where = {name: m.key for name, m in map_keys(model, [i.name for i in infos if len(i.shape) == 3]).items()}
-    HfQuantizer._convert_model_for_quantization(SimpleNamespace(quantization_config=SimpleNamespace(quant_method=method)), model)
-    splits: dict[str, list[list[Any]]] = {}
-    for info in infos:
-        module, _, param = where.get(info.name, "").rpartition(".")
-        if module not in patched:
-            continue
-        experts = model.get_submodule(module)
-        names = [f"{stem}_proj" for stem in param.removesuffix("_proj").split("_")]
-        layers = [getattr(experts[0], n, None) for n in names]
-        if not all(isinstance(layer, _replaced_types()[0]) for layer in layers) or len({layer.in_features for layer in layers}) != 1:
-            raise SourceError(f"{info.name}: transformers loads {type(experts).__name__} per expert, and this tensor matches none of its layers")
-        outs, inputs = [layer.out_features for layer in layers], layers[0].in_features
-        count, a, b = info.shape
-        transposed, direct = (a, b) == (inputs, sum(outs)), (a, b) == (sum(outs), inputs)
-        if count != len(experts) or transposed == direct:
-            raise SourceError(f"{info.name}: shape {list(info.shape)} cannot be cut into {len(experts)} experts' {', '.join(names)} of {outs} x {inputs}")
-        prefix = info.name.rpartition(".")[0]
-        bounds = [sum(outs[:k]) for k in range(len(outs) + 1)]
-        splits[info.name] = [[f"{prefix}.{e}.{n}.weight", e, bounds[k], bounds[k + 1], transposed] for e in range(count) for k, n in enumerate(names)]
-    return splits
 
 
 def _keep_read_outside(model: Any, mapping: dict[str, KeyMapping], tensors: dict[str, Decision]) -> None:
@@ -468,7 +374,7 @@ def decide(
         if model is not None:
             return decide_by_rules(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, blocksize=blocksize, why=f"{model}: {AS_TRANSFORMERS_NOTE}")
         key = _cache_key(infos, config, skip, quantize_lm_head, experts, blocksize)
-        cached = _load_cached(key)
+        cached = load_cached(key)
         if isinstance(cached, str):
             raise CannotAsk(cached)
         if cached is not None:
@@ -477,9 +383,9 @@ def decide(
         try:
             decisions = ask_transformers(infos, config=config, skip=skip, quantize_lm_head=quantize_lm_head, experts=experts, blocksize=blocksize)
         except CannotAsk as e:
-            _store_cached(key, str(e))  # an architecture transformers does not know stays unknown to this version
+            store_cached(key, str(e))  # an architecture transformers does not know stays unknown to this version
             raise
-        _store_cached(key, decisions)
+        store_cached(key, decisions)
         return decisions
     except CannotAsk as e:
         why = str(e)

@@ -51,6 +51,8 @@ def weight_files(config: dict | None) -> WeightFiles:
 #: The hidden file in each folder ``dequantize`` writes: JSON ``{"files": [names]}``, what it wrote there
 #: (a ``convert`` output's manifest lists its files).
 OUTPUT_MARK = ".nf4convert-output"
+#: A diffusers pipeline's index of its components (each in a subfolder of its name).
+PIPELINE_INDEX = "model_index.json"
 #: The report ``nf4convert verify --save`` writes into a folder; the card quotes its summary.
 VERIFY_REPORT = "nf4convert-verify.json"
 

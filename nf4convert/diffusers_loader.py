@@ -22,6 +22,10 @@ import torch
 from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
 
+from .diffusers_models import model_class as diffusers_class
+from .errors import LoadError, SourceError
+from .loaded import refuse_uninitialized, stored_dtype
+from .read import NF4Checkpoint
 from .registry import swapped
 from .rowdecode import exact_on_cpu
 
@@ -51,3 +55,34 @@ def nf4_quantizer() -> Iterator[None]:
     """Within the block, diffusers loads bitsandbytes 4-bit folders with :class:`NF4DiffusersQuantizer`."""
     with swapped(AUTO_QUANTIZER_MAPPING, _BNB_4BIT, NF4DiffusersQuantizer):
         yield
+
+
+def load_diffusers(
+    ckpt: NF4Checkpoint, config: dict, model_class: Any, *, device: torch.device | str, dtype: Any, compute_dtype: torch.dtype | None, **kwargs: Any
+) -> Any:
+    """A diffusers model folder through the class's own ``from_pretrained``, with
+    :class:`~nf4convert.diffusers_loader.NF4DiffusersQuantizer` (no GPU needed), weights in the dtype the
+    folder stores them unless ``dtype`` says otherwise (diffusers would make them float16)."""
+    import diffusers
+
+    try:
+        cls = diffusers_class(config) if model_class is None else getattr(diffusers, model_class, None) if isinstance(model_class, str) else model_class
+    except SourceError as e:
+        raise LoadError(f"{ckpt.root}: cannot build the model: {e}") from None
+    if cls is None:
+        raise LoadError(f"diffusers has no class {model_class!r}")
+    with_info = kwargs.pop("output_loading_info", False)
+    torch_dtype = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or stored_dtype(ckpt)
+    with nf4_quantizer():
+        try:
+            model, info = cls.from_pretrained(ckpt.root, device_map={"": torch.device(device)}, torch_dtype=torch_dtype, output_loading_info=True, **kwargs)
+        except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise LoadError(f"{ckpt.root}: diffusers cannot load it as {cls.__name__}: {first}") from e
+    refuse_uninitialized(model, info, root=ckpt.root, caller_class=False)
+    if compute_dtype is not None:
+        for module in model.modules():
+            if hasattr(module, "compute_dtype") and hasattr(module, "support_avx512bf16_for_cpu"):
+                module.compute_dtype = compute_dtype
+    model.eval()
+    return (model, info) if with_info else model

@@ -26,7 +26,8 @@ from .architecture import CannotAsk, map_keys, meta_model
 from .architecture import model_class as model_class_of
 from .constants import MANIFEST_NAME, QUANTIZABLE_DTYPES
 from .diffusers_models import is_diffusers_config
-from .errors import LoadError, MissingDependencyError, SourceError
+from .errors import LoadError, MissingDependencyError
+from .loaded import refuse_uninitialized
 from .layout import quantized_tensors
 from .read import NF4Checkpoint, is_bitsandbytes_4bit, open_checkpoint
 from .tensorfile import SafetensorsFile
@@ -279,70 +280,6 @@ def default_class(config: dict, keys: list[str], *, root: Path) -> Any:
     return base_cls if head and not stored.intersection(head) else cls
 
 
-def _refuse_uninitialized(model: Any, info: dict[str, Any], *, root: Path, caller_class: bool) -> None:
-    """Refuse a model in which a weight was neither read from the folder nor computed by the model's own
-    rules (transformers' ignore lists, non-persistent buffers, tied weights: none of these is reported
-    missing). Only a head that the caller's class adds is left to transformers' warning.
-
-    Raises:
-        LoadError: naming the weights that would be random.
-    """
-    missing = set(info.get("missing_keys") or ()) | {k[0] for k in info.get("mismatched_keys") or ()}
-    base = getattr(model, "base_model_prefix", "")
-    if caller_class and base and isinstance(getattr(model, base, None), torch.nn.Module):
-        missing = {k for k in missing if k.startswith(base + ".")}
-    if missing:
-        names = sorted(missing)
-        more = f", ... ({len(names)} in all)" if len(names) > 3 else ""
-        raise LoadError(
-            f"{root}: {type(model).__name__} would have random weights: {', '.join(names[:3])}{more} are not in the folder "
-            "(a folder converted with another layout, or for another class: convert the source again, or pass the model class)"
-        )
-
-
-def _stored_dtype(ckpt: NF4Checkpoint) -> torch.dtype:
-    """The dtype the folder stores its full-precision floating-point tensors in (the most common one)."""
-    companions = {name for key, state in ckpt.quant_states.items() for name, _, _ in quantized_tensors(key, state)}
-    dtypes = [info.dtype for tensors in ckpt.shards.values() for key, info in tensors.items() if key not in companions and info.dtype in QUANTIZABLE_DTYPES]
-    return getattr(torch, QUANTIZABLE_DTYPES[max(set(dtypes), key=dtypes.count)]) if dtypes else torch.float32
-
-
-def _load_diffusers(
-    ckpt: NF4Checkpoint, config: dict, model_class: Any, *, device: torch.device | str, dtype: Any, compute_dtype: torch.dtype | None, **kwargs: Any
-) -> Any:
-    """A diffusers model folder through the class's own ``from_pretrained``, with
-    :class:`~nf4convert.diffusers_loader.NF4DiffusersQuantizer` (no GPU needed), weights in the dtype the
-    folder stores them unless ``dtype`` says otherwise (diffusers would make them float16)."""
-    try:
-        import diffusers
-    except ImportError:
-        raise MissingDependencyError("this folder is a diffusers model: pip install diffusers") from None
-    from .diffusers_loader import nf4_quantizer
-    from .diffusers_models import model_class as diffusers_class
-
-    try:
-        cls = diffusers_class(config) if model_class is None else getattr(diffusers, model_class, None) if isinstance(model_class, str) else model_class
-    except SourceError as e:
-        raise LoadError(f"{ckpt.root}: cannot build the model: {e}") from None
-    if cls is None:
-        raise LoadError(f"diffusers has no class {model_class!r}")
-    with_info = kwargs.pop("output_loading_info", False)
-    torch_dtype = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or _stored_dtype(ckpt)
-    with nf4_quantizer():
-        try:
-            model, info = cls.from_pretrained(ckpt.root, device_map={"": torch.device(device)}, torch_dtype=torch_dtype, output_loading_info=True, **kwargs)
-        except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LoadError(f"{ckpt.root}: diffusers cannot load it as {cls.__name__}: {first}") from e
-    _refuse_uninitialized(model, info, root=ckpt.root, caller_class=False)
-    if compute_dtype is not None:
-        for module in model.modules():
-            if hasattr(module, "compute_dtype") and hasattr(module, "support_avx512bf16_for_cpu"):
-                module.compute_dtype = compute_dtype
-    model.eval()
-    return (model, info) if with_info else model
-
-
 def _fail(message: str) -> Any:
     raise LoadError(message)
 
@@ -408,7 +345,12 @@ def load_model(
     if compute_dtype is not None and str(compute_dtype).removeprefix("torch.") not in QUANTIZABLE_DTYPES.values():
         raise LoadError(f"unsupported compute dtype {compute_dtype} (float32, float16 or bfloat16)")
     if is_diffusers_config(config_dict):
-        return _load_diffusers(ckpt, config_dict, model_class, device=device, dtype=dtype, compute_dtype=compute_dtype, **kwargs)
+        try:
+            from .diffusers_loader import load_diffusers
+        except ImportError:
+            raise MissingDependencyError("this folder is a diffusers model: pip install 'nf4convert[diffusers]'") from None
+
+        return load_diffusers(ckpt, config_dict, model_class, device=device, dtype=dtype, compute_dtype=compute_dtype, **kwargs)
     keys = [name for tensors in ckpt.shards.values() for name in tensors]
     cls = _model_class(transformers, model_class, config_dict, ckpt.root, keys)
     if compute_dtype is not None:
@@ -428,5 +370,5 @@ def load_model(
                 raise refused[0] from None
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise LoadError(f"{ckpt.root}: transformers cannot load it as {cls.__name__}: {first}") from e
-    _refuse_uninitialized(model, info, root=ckpt.root, caller_class=model_class is not None)
+    refuse_uninitialized(model, info, root=ckpt.root, caller_class=model_class is not None)
     return (model, info) if with_info else model

@@ -1,0 +1,61 @@
+"""transformers' answers (which tensors it quantizes), kept in nf4convert's cache folder: importing its
+modeling code costs seconds, and a resumed or repeated conversion plans the same.
+
+An answer is stored under a hash of everything it depends on; :data:`RULES` is in that hash, so a
+change of how transformers is asked leaves earlier answers behind. An answer is written atomically, and
+a cache that cannot be read or written is no error: it only saves time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .decisions import Decision, Decisions
+from .files import cache_dir
+
+#: The version of how transformers is asked (2: layers read outside their forward kept, experts cut
+#: where transformers loads them per expert).
+RULES = 2
+
+
+def cache_key(what: list[Any]) -> str:
+    """The key of an answer that depends on ``what`` (JSON-serializable), this nf4convert and :data:`RULES`."""
+    from . import __version__
+
+    return hashlib.sha256(json.dumps([__version__, RULES, *what], sort_keys=True).encode()).hexdigest()
+
+
+def _path(key: str) -> Path:
+    return cache_dir() / "decisions" / f"{key}.json"
+
+
+def load_cached(key: str) -> Decisions | str | None:
+    """transformers' cached answer: its decisions, or why it could not answer (a string), or ``None``."""
+    try:
+        d = json.loads(_path(key).read_text())
+        if "cannot_ask" in d:
+            return str(d["cannot_ask"])
+        return Decisions(d["decided_by"], {n: Decision(*v) for n, v in d["tensors"].items()}, d["skip_modules"], d["splits"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def store_cached(key: str, answer: Decisions | str) -> None:
+    """Write atomically; a cache that cannot be written is no error."""
+    if isinstance(answer, str):
+        content = {"cannot_ask": answer}
+    else:
+        tensors = {n: [d.quantize, d.reason, d.transpose, d.expert, d.fused] for n, d in answer.tensors.items()}
+        content = {"decided_by": answer.decided_by, "tensors": tensors, "skip_modules": answer.skip_modules, "splits": answer.splits}
+    path = _path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(content))
+        os.replace(tmp, path)
+    except OSError:
+        pass
