@@ -117,6 +117,7 @@ def _print_plan(plan: Plan, *, verbose: bool) -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or summary.")
 @click.option("-v", "--verbose", is_flag=True, help="List every tensor and the kernel used.")
 @click.option("--push-to", default=None, metavar="REPO_ID", help="Then verify OUTPUT and upload it to this Hub repo (as `push`; --token is used).")
+@click.option("--components", default=None, metavar="NAMES", help="A diffusers pipeline: the components to quantize, comma-separated [default: the denoiser and large text encoders, as published 4-bit pipelines].")
 def convert(
     source: str,
     output: str | None,
@@ -144,6 +145,7 @@ def convert(
     quiet: bool,
     verbose: bool,
     push_to: str | None,
+    components: str | None,
 ) -> None:
     """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT (default:
     NAME-nf4 beside a local SOURCE, ./NAME-nf4 for a repo id)."""
@@ -188,6 +190,16 @@ def convert(
             from .quantize import resolve_kernel
 
             resolve_kernel(kernel, device)
+        pipeline = _pipeline_folder(source, revision=revision, cache_dir=cache_dir, token=token)
+        if pipeline is not None:
+            used = [flag for flag, on in (("--stream", stream), ("--workers", workers), ("--scheduler", scheduler), ("--allow-pickle", allow_pickle), ("--push-to", push_to)) if on]
+            if used:
+                raise click.UsageError(f"{used[0]} is not supported for a diffusers pipeline yet: convert without it")
+            chosen = tuple(c.strip() for c in components.split(",") if c.strip()) if components is not None else None
+            _convert_pipeline(pipeline, output, options, chosen, dry_run=dry_run, force=force, kernel=kernel, device=device, quiet=quiet, verbose=verbose)
+            return
+        if components is not None:
+            raise click.UsageError(f"--components chooses among a diffusers pipeline's components; {source} is not a pipeline (no model_index.json)")
         src = resolve_source(source, revision=revision, cache_dir=cache_dir, token=token, allow_pickle_staging=staging, stream_scratch=scratch)
         run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler}
         path = _convert(src, output, options, dry_run=dry_run, run=run, quiet=quiet, verbose=verbose, pushing=push_to is not None)
@@ -199,6 +211,46 @@ def convert(
         for folder in (staging, scratch):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pipeline_folder(source: str, *, revision: str | None, cache_dir: str | None, token: str | None) -> Path | None:
+    """The folder of a diffusers pipeline SOURCE (local, or a Hub repo's snapshot), else ``None``."""
+    from .hub import hub_snapshot, is_repo_id
+    from .pipeline import is_pipeline
+
+    if is_repo_id(source):
+        snapshot = hub_snapshot(source, revision=revision, cache_dir=cache_dir, token=token)
+        return snapshot if is_pipeline(snapshot) else None
+    return Path(source) if is_pipeline(Path(source)) else None
+
+
+def _convert_pipeline(
+    folder: Path, output: str, options: Options, chosen: tuple[str, ...] | None, *, dry_run: bool, force: bool, kernel: str, device: str, quiet: bool, verbose: bool
+) -> None:
+    """Show the pipeline's components (and with --dry-run or --verbose each quantized one's plan), then convert it."""
+    from .convert import plan_conversion
+    from .pipeline import component_options, convert_pipeline, read_components
+    from .write import check_output
+
+    check_output(Path(output), source=folder, force=force)
+    parts = read_components(folder, chosen)
+    if dry_run or not quiet:
+        click.echo(f"Pipeline {folder.name}: {len(parts)} components")
+        for c in parts:
+            click.echo(f"  {'quantize' if c.quantize else 'copy':<8} {c.name} ({c.library} {c.class_name}): {c.reason}")
+    if dry_run or verbose:
+        for c in (c for c in parts if c.quantize):
+            _print_plan(plan_conversion(folder / c.name, options=component_options(folder / c.name, options), kernel=kernel), verbose=verbose)
+    if dry_run:
+        click.echo("Nothing written (--dry-run).")
+        return
+    total = sum(p.stat().st_size for c in parts if c.quantize for p in (folder / c.name).glob("*.safetensors"))
+    began = time.perf_counter()
+    with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
+        path = convert_pipeline(folder, output, options=options, components=chosen, force=force, kernel=kernel, device=device, progress=bar.update)
+    if not quiet:
+        click.echo(f"Wrote {path}: {sum(c.quantize for c in parts)} components in NF4, the rest copied, in {time.perf_counter() - began:.1f} s")
+        click.echo(f"Next: nf4convert verify {path} --source {folder}  |  python -c \"import nf4convert; nf4convert.load_model('{path}')\"")
 
 
 def default_output(source: str) -> str:
@@ -311,10 +363,23 @@ def hub_folder(command: Callable) -> Callable:
 def inspect(path: str, as_json: bool, revision: str | None, cache_dir: str | None) -> None:
     """Show what an NF4 folder (ours, or a bitsandbytes 4-bit one transformers saved; local or a
     cached Hub repo id) holds: version, source, options, sizes."""
+    from .pipeline import is_pipeline, pipeline_summary
     from .read import open_checkpoint
     from .resolve import resolve_folder
 
-    s = open_checkpoint(resolve_folder(path, revision=revision, cache_dir=cache_dir), bitsandbytes_folders=True).summary()
+    folder = resolve_folder(path, revision=revision, cache_dir=cache_dir)
+    if is_pipeline(folder):
+        p = pipeline_summary(folder)
+        if as_json:
+            click.echo(json.dumps(p, indent=2))
+            return
+        click.echo(f"{p['path']}: {p['kind']} ({p['pipeline']})")
+        for name, c in p["components"].items():
+            q = c["summary"]
+            what = f"NF4, {q['quantized']['tensors']} tensors quantized, {human(q['bytes'])}, {q['quantized_bits_per_parameter']:.3f} bits/parameter for quantized weights" if q else "copied as is"
+            click.echo(f"  {name:<16} {c['library']} {c['class']}: {what}")
+        return
+    s = open_checkpoint(folder, bitsandbytes_folders=True).summary()
     if as_json:
         click.echo(json.dumps(s, indent=2))
         return
@@ -360,13 +425,19 @@ def verify(path: str, source: str | None, as_json: bool, save: bool, revision: s
     import tempfile
 
     from .constants import VERIFY_REPORT
+    from .pipeline import is_pipeline
     from .resolve import resolve_folder, resolve_source
     from .verify import verify as run_verify
 
     path = str(resolve_folder(path, revision=revision, cache_dir=cache_dir))
     with tempfile.TemporaryDirectory(prefix="nf4convert-staging-") as scratch:
         staging = Path(scratch) / "staged" if allow_pickle else None
-        src = resolve_source(source, revision=revision, cache_dir=cache_dir, allow_pickle_staging=staging) if source is not None else None
+        if source is None:
+            src = None
+        elif is_pipeline(Path(path)):  # its components are measured against the source pipeline's
+            src = resolve_folder(source, revision=revision, cache_dir=cache_dir)
+        else:
+            src = resolve_source(source, revision=revision, cache_dir=cache_dir, allow_pickle_staging=staging)
         report = run_verify(path, source=src)
     if save and report["ok"]:
         try:
@@ -429,12 +500,20 @@ def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, f
     or a bitsandbytes 4-bit folder transformers saved (NF4 or FP4), local or a cached Hub repo id."""
     import torch
 
-    from .dequantize import dequantize_folder, output_files
+    from .dequantize import dequantize_folder, dequantize_pipeline, output_files
+    from .pipeline import is_pipeline
     from .read import open_checkpoint
     from .resolve import resolve_folder
     from .write import check_output
 
     folder = resolve_folder(path, revision=revision, cache_dir=cache_dir)
+    if is_pipeline(folder):
+        check_output(Path(output), source=folder, force=force)
+        with tqdm(unit="B", unit_scale=True, desc="dequantizing", disable=quiet, file=sys.stderr) as bar:
+            out = dequantize_pipeline(folder, output, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=parse_size(max_shard_size), force=force, progress=bar.update)
+        if not quiet:
+            click.echo(f"Wrote {out}")
+        return
     ckpt = open_checkpoint(folder, bitsandbytes_folders=True)
     kind, size = ckpt.kind, parse_size(max_shard_size, "--max-shard-size")
     writes = output_files(ckpt, dtype=getattr(torch, dtype) if dtype else None, max_shard_size=size)

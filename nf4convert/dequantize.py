@@ -21,7 +21,7 @@ import torch
 from .constants import DTYPE_SIZES, INDEX_NAMES, MANIFEST_NAME, OUTPUT_MARK, WeightFiles, weight_files
 from .errors import FormatError
 from .layout import quantized_tensors, transposed as transposed_shape
-from .files import is_plain_relative, may_read
+from .files import files_under, is_plain_relative, may_read
 from .plan import DEFAULT_MAX_SHARD_SIZE
 from .quantize import NF4Weight, dequantize, dequantize_chunks
 from .read import NF4Checkpoint, open_checkpoint, stored_weight
@@ -227,5 +227,36 @@ def dequantize_folder(
             config.pop("quantization_config", None)
             out.path("config.json").write_text(json.dumps(config, indent=2) + "\n")
         written = sorted(n for n in writes if n != OUTPUT_MARK)
+        out.path(OUTPUT_MARK).write_text(json.dumps({"written_by": "nf4convert dequantize; dequantize --force replaces these files", "files": written}, indent=2) + "\n")
+        return out.commit()
+
+
+def dequantize_pipeline(
+    path: str | os.PathLike, output: str | os.PathLike, *, dtype: torch.dtype | None = None, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Path:  # fmt: skip
+    """A diffusers pipeline's 4-bit components (nf4convert's or diffusers') dequantized
+    (:func:`dequantize_folder`), its other files copied: the pipeline's layout, ``model_index.json`` as
+    it is, a pipeline ``DiffusionPipeline.from_pretrained`` loads without bitsandbytes.
+
+    Raises:
+        FormatError: a component fails the structural checks, or the pipeline has no 4-bit component.
+        OutputError: as for conversion.
+    """
+    from .pipeline import quantized_components
+
+    root = Path(path)
+    names = quantized_components(root)
+    if not names:
+        raise FormatError(f"{root}: a diffusers pipeline without 4-bit components: nothing to dequantize")
+    ours = {MANIFEST_NAME, OUTPUT_MARK}
+    copied = [n for n in files_under(root) if n.split("/")[0] not in names and n not in ours and not n.startswith(".")]
+    with OutputFolder(Path(output), source=root, force=force, writes=set(copied) | {OUTPUT_MARK}) as out:
+        for name in names:
+            dequantize_folder(root / name, out.path(name), dtype=dtype, max_shard_size=max_shard_size, progress=progress)
+        for name in copied:
+            out.path(name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(root / name, out.path(name))
+        written = sorted(files_under(out.partial))
         out.path(OUTPUT_MARK).write_text(json.dumps({"written_by": "nf4convert dequantize; dequantize --force replaces these files", "files": written}, indent=2) + "\n")
         return out.commit()

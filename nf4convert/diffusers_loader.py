@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import bitsandbytes as bnb
@@ -86,3 +87,31 @@ def load_diffusers(
                 module.compute_dtype = compute_dtype
     model.eval()
     return (model, info) if with_info else model
+
+
+def load_pipeline(root: Path, *, device: torch.device | str, dtype: Any, compute_dtype: torch.dtype | None, **kwargs: Any) -> Any:
+    """A diffusers pipeline folder through ``DiffusionPipeline.from_pretrained``, its 4-bit components
+    (ours, or diffusers') loaded first by ``load_model`` and handed to it, the others loaded by diffusers
+    and moved to ``device``.
+
+    Raises:
+        LoadError: as :func:`nf4convert.load.load_model`, for any component.
+    """
+    import diffusers
+
+    from .load import load_model
+    from .pipeline import quantized_components
+
+    parts = {name: load_model(root / name, device=device, dtype=dtype, compute_dtype=compute_dtype) for name in quantized_components(root)}
+    torch_dtype = (getattr(torch, dtype) if isinstance(dtype, str) else dtype) or next(
+        (p.dtype for m in parts.values() for p in m.parameters() if p.is_floating_point()), torch.float32
+    )
+    try:
+        pipe = diffusers.DiffusionPipeline.from_pretrained(root, **parts, torch_dtype=torch_dtype, **kwargs)
+    except (RuntimeError, ValueError, TypeError, KeyError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise LoadError(f"{root}: diffusers cannot load the pipeline: {first}") from e
+    for name, component in pipe.components.items():
+        if name not in parts and isinstance(component, torch.nn.Module):
+            component.to(device)
+    return pipe

@@ -28,6 +28,7 @@ from .constants import MANIFEST_NAME, QUANTIZABLE_DTYPES
 from .diffusers_models import is_diffusers_config
 from .errors import LoadError, MissingDependencyError
 from .loaded import refuse_uninitialized
+from .pipeline import is_pipeline
 from .layout import quantized_tensors
 from .read import NF4Checkpoint, is_bitsandbytes_4bit, open_checkpoint
 from .tensorfile import SafetensorsFile
@@ -335,6 +336,12 @@ def load_model(
     transformers = _transformers()
     _bnb()
     root = Path(path)
+    if is_pipeline(root):
+        try:
+            from .diffusers_loader import load_pipeline
+        except ImportError:
+            raise MissingDependencyError("this folder is a diffusers pipeline: pip install 'nf4convert[diffusers]'") from None
+        return load_pipeline(root, device=device, dtype=dtype, compute_dtype=compute_dtype, **kwargs)
     if root.is_dir() and not (root / MANIFEST_NAME).exists() and not is_bitsandbytes_4bit(root):
         raise LoadError(f"{root}: not an NF4 folder (no {MANIFEST_NAME}, no bitsandbytes 4-bit quantization_config); convert it first: nf4convert convert")
     ckpt = open_checkpoint(root, bitsandbytes_folders=True)

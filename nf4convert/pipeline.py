@@ -200,6 +200,28 @@ def pipeline_manifest(root: Path) -> dict[str, Any] | None:
     return manifest if isinstance(manifest, dict) and isinstance(manifest.get("pipeline"), dict) else None
 
 
+def pipeline_summary(root: Path) -> dict[str, Any]:
+    """What ``nf4convert inspect`` shows of a pipeline: each component, and for a 4-bit one its folder's
+    summary (:meth:`~nf4convert.read.NF4Checkpoint.summary`)."""
+    from .read import open_checkpoint
+
+    manifest = pipeline_manifest(root)
+    index = json.loads((root / PIPELINE_INDEX).read_text())
+    quantized = set(quantized_components(root))
+    components = {}
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or entry[0] is None:
+            continue
+        summary = open_checkpoint(root / name, bitsandbytes_folders=True).summary() if name in quantized else None
+        components[name] = {"library": entry[0], "class": entry[1], "quantized": name in quantized, "summary": summary}
+    return {
+        "path": str(root),
+        "kind": "nf4convert pipeline output" if manifest else "diffusers pipeline with bitsandbytes 4-bit components",
+        "pipeline": index.get("_class_name"),
+        "components": components,
+    }
+
+
 def quantized_components(root: Path) -> list[str]:
     """The quantized components of a pipeline output (ours: its manifest; diffusers': those whose
     ``config.json`` has a bitsandbytes 4-bit ``quantization_config``)."""

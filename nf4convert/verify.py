@@ -20,6 +20,7 @@ from .mxfp4 import decode as decode_mxfp4
 from .layout import transposed as transposed_shape
 from .quantize import dequantize, dequantize_chunks
 from .read import NF4Checkpoint, open_checkpoint, require_nf4_folder, stored_weight
+from .pipeline import is_pipeline, pipeline_manifest, quantized_components
 from .source import Source, cut_weight, open_source
 from .tensorfile import SafetensorsFile
 
@@ -91,6 +92,8 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | Source | None
         FormatError: ``path`` is no NF4 folder at all (no manifest, no bitsandbytes 4-bit config).
             Every other failure is a problem in the report.
     """
+    if is_pipeline(Path(path)):
+        return verify_pipeline(Path(path), source=None if source is None else Path(source) if not isinstance(source, Source) else source.root)
     report: dict[str, Any] = {"path": str(path), "ok": False, "problems": []}
     require_nf4_folder(path, bitsandbytes_folders=True)
     try:
@@ -107,6 +110,45 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | Source | None
             problems.append(str(e))
     report["problems"] = problems
     report["ok"] = not problems
+    return report
+
+
+def verify_pipeline(root: Path, *, source: Path | None = None) -> dict[str, Any]:
+    """Check a diffusers pipeline folder: every file against the pipeline manifest (an nf4convert output;
+    diffusers' own 4-bit pipelines have none), and each 4-bit component as :func:`verify` checks a folder
+    (against ``source``'s component of the same name, where given). Problems and measures are named
+    ``component/...``.
+
+    Raises:
+        FormatError: a pipeline without any 4-bit component.
+    """
+    manifest = pipeline_manifest(root)
+    names = quantized_components(root)
+    if not names:
+        raise FormatError(f"{root}: a diffusers pipeline without 4-bit components; 'nf4convert convert {root} --dry-run' shows what converting it would do")
+    problems: list[str] = []
+    for record in (manifest or {}).get("files", []):
+        name = record.get("name") if isinstance(record, dict) else None
+        path = root / str(name)
+        if not is_plain_relative(name) or not may_read(path, root):
+            problems.append(f"{MANIFEST_NAME}: file name {name!r} is not a path inside the folder")
+        elif not path.is_file():
+            problems.append(f"{name}: missing")
+        elif path.stat().st_size != record.get("size") or sha256_file(path) != record.get("sha256"):
+            problems.append(f"{name}: size or sha256 differs from the manifest (corrupt or modified)")
+    report: dict[str, Any] = {"path": str(root), "kind": "nf4convert pipeline output" if manifest else "diffusers pipeline with bitsandbytes 4-bit components",
+                              "files": len((manifest or {}).get("files", [])), "tensors": 0, "components": {}}  # fmt: skip
+    quality: dict[str, dict[str, float]] = {}
+    for name in names:
+        part = verify(root / name, source=source / name if source is not None else None)
+        report["components"][name] = part.get("kind")
+        report["tensors"] += part.get("tensors", 0)
+        problems += [f"{name}/{p}" for p in part["problems"]]
+        quality.update({f"{name}/{k}": v for k, v in part.get("quality", {}).items()})
+    report.update(problems=problems, ok=not problems)
+    if source is not None:
+        report["quality"] = quality
+        report["summary"] = {m: _summary([q[m] for q in quality.values()]) for m in ("rel_rmse", "sqnr_db", "max_abs_err")}
     return report
 
 
