@@ -34,7 +34,7 @@ def library(root: Path) -> tuple[str, str | None]:
 
 
 def _config(root: Path) -> dict[str, Any]:
-    return json.loads((root / "config.json").read_text()) if (root / "config.json").is_file() else {}
+    return _config_of(root / "config.json")
 
 
 def _yes(value: Any) -> str:
@@ -108,8 +108,11 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None, base_mode
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    from .pipeline import pipeline_manifest
     from .read import open_checkpoint
 
+    if (pipeline := pipeline_manifest(Path(path))) is not None:
+        return _pipeline_card(Path(path), pipeline, repo_id=repo_id, base_model=base_model, license=license)
     ckpt = open_checkpoint(path)
     m = ckpt.manifest
     source = m.get("source", {})
@@ -145,3 +148,52 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None, base_mode
     lines += [f"Loads in: {'; '.join(m['loaders'])}.", ""] if m.get("loaders") else []
     lines += ["## Use", "", *_usage(m, ckpt.root, repo_id or REPO_PLACEHOLDER, library_name)]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _pipeline_card(root: Path, m: dict[str, Any], *, repo_id: str | None, base_model: str | None, license: str | None) -> str:
+    """The card of a diffusers pipeline output: its components (each 4-bit one's settings), and the two
+    ways to load it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .read import open_checkpoint
+
+    source = m.get("source", {})
+    base = base_model or source.get("repo_id")
+    repo = repo_id or REPO_PLACEHOLDER
+    index = _config_of(root / "model_index.json")
+    data = ModelCardData(
+        base_model=base, base_model_relation="quantized" if base else None, library_name="diffusers",
+        pipeline_tag=source.get("pipeline_tag"), license=license or source.get("license"), tags=["nf4", "4-bit", "bitsandbytes", "nf4convert"],
+    )  # fmt: skip
+    rows = ["| component | class | weights |", "|---|---|---|"]
+    dtype = "bfloat16"
+    for name, c in m["pipeline"].items():
+        if c.get("quantized"):
+            part = open_checkpoint(root / name).manifest
+            dtype = part.get("options", {}).get("compute_dtype") or dtype
+            summary = part.get("summary", {})
+            weights = f"NF4: {summary.get('tensors_quantized')} weights, {summary.get('quantized_bits_per_parameter', 0):.2f} bits per quantized parameter"
+        else:
+            weights = "as published (copied)"
+        rows.append(f"| `{name}` | {c.get('library')} `{c.get('class')}` | {weights} |")
+    of = f"[{base}](https://huggingface.co/{base})" if base else f"`{source.get('name')}`"
+    total = sum(f["size"] for f in m.get("files", []))
+    lines = [
+        f"# {repo_id or root.resolve().name}", "",
+        f"The {index.get('_class_name', 'diffusers')} pipeline of {of} with its large components in NF4 (4-bit NormalFloat, bitsandbytes), "
+        f"converted with nf4convert on the CPU ({human(total)}; `nf4convert.json` holds every file's hash).", "",
+        *rows, "",
+        "## Use", "",
+        "With diffusers and bitsandbytes, on a GPU (diffusers' bitsandbytes loader refuses a machine without one):", "",
+        "```python", "import torch", "from diffusers import DiffusionPipeline",
+        f'pipe = DiffusionPipeline.from_pretrained("{repo}", torch_dtype=torch.{dtype})', "```", "",
+        "On any machine, the CPU included, with nf4convert's loader (diffusers' own loading, no GPU needed):", "",
+        "```python", "from huggingface_hub import snapshot_download", "from nf4convert.load import load_model",
+        f'pipe = load_model(snapshot_download("{repo}"))', "```", "",
+    ]  # fmt: skip
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
+
+
+def _config_of(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+

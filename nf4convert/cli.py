@@ -196,7 +196,8 @@ def convert(
             if used:
                 raise click.UsageError(f"{used[0]} is not supported for a diffusers pipeline yet: convert without it")
             chosen = tuple(c.strip() for c in components.split(",") if c.strip()) if components is not None else None
-            _convert_pipeline(pipeline, output, options, chosen, dry_run=dry_run, force=force, kernel=kernel, device=device, quiet=quiet, verbose=verbose)
+            about = {"name": source, "repo_id": source} if pipeline != Path(source) else {"name": pipeline.name}
+            _convert_pipeline(pipeline, output, options, chosen, about, dry_run=dry_run, force=force, kernel=kernel, device=device, quiet=quiet, verbose=verbose)
             return
         if components is not None:
             raise click.UsageError(f"--components chooses among a diffusers pipeline's components; {source} is not a pipeline (no model_index.json)")
@@ -225,8 +226,9 @@ def _pipeline_folder(source: str, *, revision: str | None, cache_dir: str | None
 
 
 def _convert_pipeline(
-    folder: Path, output: str, options: Options, chosen: tuple[str, ...] | None, *, dry_run: bool, force: bool, kernel: str, device: str, quiet: bool, verbose: bool
-) -> None:
+    folder: Path, output: str, options: Options, chosen: tuple[str, ...] | None, about: dict[str, str], *,
+    dry_run: bool, force: bool, kernel: str, device: str, quiet: bool, verbose: bool,
+) -> None:  # fmt: skip
     """Show the pipeline's components (and with --dry-run or --verbose each quantized one's plan), then convert it."""
     from .convert import plan_conversion
     from .pipeline import component_options, convert_pipeline, read_components
@@ -247,7 +249,7 @@ def _convert_pipeline(
     total = sum(p.stat().st_size for c in parts if c.quantize for p in (folder / c.name).glob("*.safetensors"))
     began = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
-        path = convert_pipeline(folder, output, options=options, components=chosen, force=force, kernel=kernel, device=device, progress=bar.update)
+        path = convert_pipeline(folder, output, options=options, components=chosen, force=force, kernel=kernel, device=device, progress=bar.update, provenance=about)
     if not quiet:
         click.echo(f"Wrote {path}: {sum(c.quantize for c in parts)} components in NF4, the rest copied, in {time.perf_counter() - began:.1f} s")
         click.echo(f"Next: nf4convert verify {path} --source {folder}  |  python -c \"import nf4convert; nf4convert.load_model('{path}')\"")

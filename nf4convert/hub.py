@@ -281,6 +281,7 @@ def push(
         VerificationFailed: the folder does not match its manifest; nothing is uploaded.
         HubError: a bad repo id or base model, or the Hub refused (bad token, no permission, network).
     """
+    from .pipeline import pipeline_manifest
     from .read import open_checkpoint, require_nf4_folder
     from .verify import verify
 
@@ -293,12 +294,12 @@ def push(
     if not report["ok"]:
         raise VerificationFailed(f"{path}: {len(report['problems'])} problem(s), first: {report['problems'][0]}; not uploading")
     root = Path(path)
-    ckpt = open_checkpoint(root)
+    manifest = pipeline_manifest(root) or open_checkpoint(root).manifest
     card = model_card(root, repo_id=repo_id, base_model=base_model, license=license)
     own = root / CARD_NAME
     if own.is_file() and not replace_card:
         card = _with_section(own.read_text(encoding="utf-8", errors="replace"), card)
-    files = sorted({f["name"] for f in ckpt.manifest["files"]} | {"nf4convert.json", CARD_NAME})
+    files = sorted({f["name"] for f in manifest["files"]} | {"nf4convert.json", CARD_NAME})
     if dry_run:
         return {"card": card, "files": files, "url": None}
     from huggingface_hub import CommitOperationAdd, HfApi

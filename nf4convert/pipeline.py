@@ -244,6 +244,7 @@ def convert_pipeline(
     kernel: str = "auto",
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     """Convert a diffusers pipeline folder: its chosen components to NF4 (:func:`read_components`), the
     rest copied, one manifest over every file.
@@ -251,6 +252,8 @@ def convert_pipeline(
     Args:
         options: the conversion options, for each quantized component; a ``--skip`` pattern applies to
             the components it matches (and must match one).
+        provenance: what the manifest says of the source (default: the folder's name); the fields its
+            ``README.md`` front matter sets are added (license, pipeline_tag, ...).
 
     Returns:
         The output folder: the pipeline's layout, loadable by ``DiffusionPipeline.from_pretrained`` (on a
@@ -275,7 +278,10 @@ def convert_pipeline(
     def build(src: Path, dst: Path) -> None:
         convert(src, dst, options=plans[src.name], kernel=kernel, device=device, progress=progress)
 
-    return write_pipeline(source, Path(output), parts, build=build, force=force, fingerprint=fingerprint)
+    from .source import card_fields
+
+    about = {"name": source.name, **(provenance or {}), **card_fields(source / "README.md")}
+    return write_pipeline(source, Path(output), parts, build=build, force=force, fingerprint=fingerprint, provenance=about)
 
 
 def component_options(folder: Path, options: Options) -> Options:

@@ -193,3 +193,35 @@ def test_importance_measured_on_cuda_equals_the_cpu_within_float_tolerance(name,
     assert cpu.keys() == cuda.keys()
     for k in cpu:  # float32 on both, TF32 off by default: rounding differences only
         torch.testing.assert_close(cuda[k], cpu[k], rtol=1e-3, atol=1e-6)
+
+
+def test_a_diffusers_component_on_cuda_equals_diffusers_own_loading_of_it(tmp_path):
+    """Where diffusers' own bitsandbytes loader runs (a GPU), load_model gives the same model, bit for bit."""
+    diffusers = pytest.importorskip("diffusers")
+    from .test_diffusers import MODELS
+
+    torch.manual_seed(0)
+    diffusers.FluxTransformer2DModel(**MODELS["FluxTransformer2DModel"]).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    out = convert(tmp_path / "src", tmp_path / "nf4")
+    ours = load_model(out, device="cuda")
+    theirs = diffusers.FluxTransformer2DModel.from_pretrained(out, torch_dtype=torch.bfloat16, device_map="cuda")
+    g = torch.Generator().manual_seed(0)
+    x = dict(
+        hidden_states=torch.randn(1, 16, 4, generator=g), encoder_hidden_states=torch.randn(1, 8, 32, generator=g),
+        pooled_projections=torch.randn(1, 32, generator=g), timestep=torch.tensor([0.5]), img_ids=torch.zeros(16, 3), txt_ids=torch.zeros(8, 3),
+    )  # fmt: skip
+    x = {k: v.to("cuda", torch.bfloat16 if v.is_floating_point() and k != "timestep" else v.dtype) for k, v in x.items()}
+    with torch.no_grad():
+        assert torch.equal(ours(**x).sample, theirs(**x).sample)
+
+
+def test_a_diffusers_pipeline_runs_on_cuda(tmp_path):
+    pytest.importorskip("diffusers")
+    from nf4convert.pipeline import convert_pipeline
+
+    from .test_pipeline import RUN, save_tiny_flux
+
+    pipe = load_model(convert_pipeline(save_tiny_flux(tmp_path / "src"), tmp_path / "nf4"), device="cuda")
+    with torch.no_grad():
+        images = pipe(**RUN, generator=torch.Generator("cuda").manual_seed(0)).images
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()

@@ -41,7 +41,11 @@ def _tokenizer(**tokens: str):
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory) -> Path:
-    """A tiny Flux pipeline saved by diffusers."""
+    return save_tiny_flux(tmp_path_factory.mktemp("pipeline") / "flux-tiny")
+
+
+def save_tiny_flux(path: Path) -> Path:
+    """A tiny Flux pipeline saved by diffusers in ``path``."""
     torch.manual_seed(0)
     pipe = diffusers.FluxPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
@@ -63,7 +67,6 @@ def flux(tmp_path_factory) -> Path:
             joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
         ),
     )  # fmt: skip
-    path = tmp_path_factory.mktemp("pipeline") / "flux-tiny"
     pipe.save_pretrained(path)
     return path
 
@@ -182,3 +185,16 @@ def test_importance_and_stream_are_refused_for_a_pipeline(flux, tmp_path, cli):
         convert_pipeline(flux, tmp_path / "out", options=Options(scales="search", importance="imp.safetensors"))
     rc, _, err = cli("convert", flux, tmp_path / "out", "--workers", "2")
     assert rc == 2 and "--workers is not supported for a diffusers pipeline yet" in err
+
+
+def test_the_pipeline_card_says_diffusers_and_its_cpu_snippet_runs(flux_nf4, tmp_path):
+    from nf4convert.card import model_card
+
+    from .test_card import run_snippets, snippets
+
+    card = model_card(flux_nf4, repo_id="me/flux-nf4")
+    assert "library_name: diffusers" in card and 'DiffusionPipeline.from_pretrained("me/flux-nf4", torch_dtype=torch.float32)' in card
+    assert "| `transformer` | diffusers `FluxTransformer2DModel` | NF4: 28 weights" in card and "| `vae` | diffusers `AutoencoderKL` | as published (copied) |" in card
+    assert len(snippets(card)) == 2
+    printed = run_snippets(card, flux_nf4, "me/flux-nf4", tmp_path, skip="from diffusers import", after="print(type(pipe).__name__)")
+    assert printed.strip().endswith("FluxPipeline")
