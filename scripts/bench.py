@@ -8,6 +8,8 @@ Builds synthetic bf16 checkpoints of two kinds of shapes:
     kept); written in chunks, so building it takes little memory;
   - fp8: the huge shapes as a block-scaled FP8 checkpoint (DeepSeek-V3 style: F8_E4M3 weights with a
     float32 scale per 128 x 128 block), decoded while converting;
+  - flux (not by default): a Flux.1-dev-shaped diffusers transformer, 11.9 G params (23.8 GB) in 5 GB
+    shards, decided by diffusers' rules; compare with ``7b --layers 57``, an LLM of its size (11.8 G params);
 then measures:
   - quantizer throughput (params/s): nf4convert (absmax and --scales search) vs
     bitsandbytes.functional.quantize_4bit, same tensors;
@@ -137,6 +139,43 @@ def make_fp8_checkpoint(path: Path) -> int:
     fp8 = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128], "activation_scheme": "dynamic"}
     (path / "config.json").write_text(json.dumps({"quantization_config": fp8}))  # no model_type: the name rules decide
     return sum(torch.Size(s).numel() for _, s in HUGE)
+
+
+def make_flux_checkpoint(path: Path, shard_bytes: int = 5_000_000_000) -> int:
+    """A Flux.1-dev-shaped diffusers transformer (FluxTransformer2DModel's default config with guidance:
+    11.9 G params), random bf16 written 64 MB at a time into numbered shards with diffusers' index and
+    ``config.json``: a diffusers component; returns the parameter count."""
+    import diffusers
+
+    from nf4convert.constants import DIFFUSERS_FILES
+    from nf4convert.write import ShardWriter, as_bytes
+
+    path.mkdir(parents=True)
+    with torch.device("meta"):
+        model = diffusers.FluxTransformer2DModel(guidance_embeds=True)
+    tensors = [(n, tuple(t.shape)) for n, t in model.state_dict().items()]
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = 2 * torch.Size(shape).numel()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    g = torch.Generator().manual_seed(0)
+    step = 32 << 20
+    weight_map = {}
+    for fname, shard in zip(DIFFUSERS_FILES.names(len(shards)), shards):
+        writer = ShardWriter(path / fname, [(n, "BF16", s) for n, s in shard], {"format": "pt"})
+        for name, shape in shard:
+            numel = torch.Size(shape).numel()
+            writer.write(name, (as_bytes((torch.randn(min(step, numel - a), generator=g) * 0.02).to(torch.bfloat16)) for a in range(0, numel, step)))
+        writer.finish()
+        weight_map.update({n: fname for n, _ in shard})
+    (path / DIFFUSERS_FILES.index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps({**dict(model.config), "_class_name": "FluxTransformer2DModel", "_diffusers_version": diffusers.__version__}))
+    return sum(torch.Size(s).numel() for _, s in tensors)
 
 
 CHILD = """
@@ -330,7 +369,7 @@ def measure(src: Path, work: Path, workers: int | None = None, repeats: int = 3)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shapes", default="7b,huge,fp8", help="checkpoints to measure, comma-separated: 7b, huge, fp8")
+    ap.add_argument("--shapes", default="7b,huge,fp8", help="checkpoints to measure, comma-separated: 7b, huge, fp8, flux")
     ap.add_argument("--layers", type=int, default=10, help="decoder layers of the 7b checkpoint (10: 2.3 G params, 4.6 GB)")
     ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
     ap.add_argument("--no-peer", action="store_true", help="skip transformers + bitsandbytes save_pretrained")
@@ -342,11 +381,11 @@ def main() -> None:
     work.mkdir(exist_ok=True)
     sources = {}
     for shape in args.shapes.split(","):
-        src = work / {"7b": f"llama-{args.layers}l-bf16", "huge": "huge-bf16", "fp8": "huge-fp8"}[shape]
+        src = work / {"7b": f"llama-{args.layers}l-bf16", "huge": "huge-bf16", "fp8": "huge-fp8", "flux": "flux-dev-bf16"}[shape]
         if not any(src.glob("*.safetensors")):
             shutil.rmtree(src, ignore_errors=True)
             print(f"building {src} ...", file=sys.stderr)
-            {"7b": lambda p: make_checkpoint(p, args.layers), "huge": make_huge_checkpoint, "fp8": make_fp8_checkpoint}[shape](src)
+            {"7b": lambda p: make_checkpoint(p, args.layers), "huge": make_huge_checkpoint, "fp8": make_fp8_checkpoint, "flux": make_flux_checkpoint}[shape](src)
         sources[shape] = src
 
     print("quantizer throughput ...", file=sys.stderr)

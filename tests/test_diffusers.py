@@ -116,6 +116,7 @@ def test_diffusers_own_nf4_folders_are_read_by_inspect_verify_and_dequantize(sou
     assert rc == 0 and "bitsandbytes 4-bit folder saved by diffusers (NF4" in out, err
     rc, out, err = cli("verify", folder)
     assert rc == 0 and out.startswith(f"OK {folder}"), err
+    assert type(load_model(folder)).__name__ == "FluxTransformer2DModel"  # no manifest: its structure is checked
     rc, _, err = cli("dequantize", folder, tmp_path / "plain", "--quiet")
     assert rc == 0, err
     model = diffusers.FluxTransformer2DModel.from_pretrained(tmp_path / "plain")
