@@ -192,12 +192,13 @@ def convert(
             resolve_kernel(kernel, device)
         pipeline = _pipeline_folder(source, revision=revision, cache_dir=cache_dir, token=token)
         if pipeline is not None:
-            used = [flag for flag, on in (("--stream", stream), ("--workers", workers), ("--scheduler", scheduler), ("--allow-pickle", allow_pickle), ("--push-to", push_to)) if on]
+            used = [flag for flag, on in (("--stream", stream), ("--allow-pickle", allow_pickle), ("--push-to", push_to)) if on]
             if used:
                 raise click.UsageError(f"{used[0]} is not supported for a diffusers pipeline yet: convert without it")
             chosen = tuple(c.strip() for c in components.split(",") if c.strip()) if components is not None else None
             about = {"name": source, "repo_id": source} if pipeline != Path(source) else {"name": pipeline.name}
-            _convert_pipeline(pipeline, output, options, chosen, about, dry_run=dry_run, force=force, kernel=kernel, device=device, quiet=quiet, verbose=verbose)
+            run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler}
+            _convert_pipeline(pipeline, output, options, chosen, about, run, dry_run=dry_run, quiet=quiet, verbose=verbose)
             return
         if components is not None:
             raise click.UsageError(f"--components chooses among a diffusers pipeline's components; {source} is not a pipeline (no model_index.json)")
@@ -226,15 +227,16 @@ def _pipeline_folder(source: str, *, revision: str | None, cache_dir: str | None
 
 
 def _convert_pipeline(
-    folder: Path, output: str, options: Options, chosen: tuple[str, ...] | None, about: dict[str, str], *,
-    dry_run: bool, force: bool, kernel: str, device: str, quiet: bool, verbose: bool,
+    folder: Path, output: str, options: Options, chosen: tuple[str, ...] | None, about: dict[str, str], run: dict[str, Any], *,
+    dry_run: bool, quiet: bool, verbose: bool,
 ) -> None:  # fmt: skip
-    """Show the pipeline's components (and with --dry-run or --verbose each quantized one's plan), then convert it."""
+    """Show the pipeline's components (and with --dry-run or --verbose each quantized one's plan), then
+    convert it (``run``: :func:`nf4convert.pipeline.convert_pipeline`'s keywords)."""
     from .convert import plan_conversion
     from .pipeline import component_options, convert_pipeline, read_components
     from .write import check_output
 
-    check_output(Path(output), source=folder, force=force)
+    check_output(Path(output), source=folder, force=run["force"])
     parts = read_components(folder, chosen)
     if dry_run or not quiet:
         click.echo(f"Pipeline {folder.name}: {len(parts)} components")
@@ -242,14 +244,14 @@ def _convert_pipeline(
             click.echo(f"  {'quantize' if c.quantize else 'copy':<8} {c.name} ({c.library} {c.class_name}): {c.reason}")
     if dry_run or verbose:
         for c in (c for c in parts if c.quantize):
-            _print_plan(plan_conversion(folder / c.name, options=component_options(folder / c.name, options), kernel=kernel), verbose=verbose)
+            _print_plan(plan_conversion(folder / c.name, options=component_options(folder / c.name, options), kernel=run["kernel"]), verbose=verbose)
     if dry_run:
         click.echo("Nothing written (--dry-run).")
         return
     total = sum(p.stat().st_size for c in parts if c.quantize for p in (folder / c.name).glob("*.safetensors"))
     began = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
-        path = convert_pipeline(folder, output, options=options, components=chosen, force=force, kernel=kernel, device=device, progress=bar.update, provenance=about)
+        path = convert_pipeline(folder, output, options=options, components=chosen, progress=bar.update, provenance=about, **run)
     if not quiet:
         click.echo(f"Wrote {path}: {sum(c.quantize for c in parts)} components in NF4, the rest copied, in {time.perf_counter() - began:.1f} s")
         click.echo(f"Next: nf4convert verify {path} --source {folder}  |  python -c \"import nf4convert; nf4convert.load_model('{path}')\"")

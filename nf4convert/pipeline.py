@@ -245,6 +245,8 @@ def convert_pipeline(
     device: str = "cpu",
     progress: Callable[[int], None] | None = None,
     provenance: dict[str, Any] | None = None,
+    workers: int | None = None,
+    scheduler: str | None = None,
 ) -> Path:
     """Convert a diffusers pipeline folder: its chosen components to NF4 (:func:`read_components`), the
     rest copied, one manifest over every file.
@@ -254,6 +256,7 @@ def convert_pipeline(
             the components it matches (and must match one).
         provenance: what the manifest says of the source (default: the folder's name); the fields its
             ``README.md`` front matter sets are added (license, pipeline_tag, ...).
+        workers, scheduler: run each component's shard tasks on a Dask cluster (as :func:`~nf4convert.convert.convert`).
 
     Returns:
         The output folder: the pipeline's layout, loadable by ``DiffusionPipeline.from_pretrained`` (on a
@@ -276,7 +279,7 @@ def convert_pipeline(
     fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
     def build(src: Path, dst: Path) -> None:
-        convert(src, dst, options=plans[src.name], kernel=kernel, device=device, progress=progress)
+        convert(src, dst, options=plans[src.name], kernel=kernel, device=device, progress=progress, workers=workers, scheduler=scheduler)
 
     from .source import card_fields
 

@@ -180,11 +180,17 @@ def test_a_bad_model_index_is_one_line_naming_it_and_nothing_is_written(flux, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
-def test_importance_and_stream_are_refused_for_a_pipeline(flux, tmp_path, cli):
+def test_importance_and_allow_pickle_are_refused_for_a_pipeline(flux, tmp_path, cli):
     with pytest.raises(OptionError, match="an importance file covers one model"):
         convert_pipeline(flux, tmp_path / "out", options=Options(scales="search", importance="imp.safetensors"))
-    rc, _, err = cli("convert", flux, tmp_path / "out", "--workers", "2")
-    assert rc == 2 and "--workers is not supported for a diffusers pipeline yet" in err
+    rc, _, err = cli("convert", flux, tmp_path / "out", "--allow-pickle")
+    assert rc == 2 and "--allow-pickle is not supported for a diffusers pipeline yet" in err
+
+
+def test_a_pipeline_on_a_dask_cluster_writes_the_same_bytes(flux, flux_nf4, tmp_path):
+    pytest.importorskip("distributed")
+    out = convert_pipeline(flux, tmp_path / "dask", options=Options(double_quant=False, compute_dtype="float32"), workers=2)
+    assert files(out) == files(flux_nf4)
 
 
 def test_the_pipeline_card_says_diffusers_and_its_cpu_snippet_runs(flux_nf4, tmp_path):
