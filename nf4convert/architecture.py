@@ -31,7 +31,6 @@ from .decisions import (
     AS_TRANSFORMERS_NOTE, EXPERT_PATTERN, Decision, Decisions, decide_by_rules, fused_decision, is_fused_candidate, precheck,
     rules_as_transformers, settle, skip_reason,
 )  # fmt: skip
-from .diffusers_models import ask_diffusers, is_diffusers_config
 from .decision_cache import cache_key, load_cached, store_cached
 from .perexpert import per_expert_splits
 from .source import split_info
@@ -354,17 +353,10 @@ def decide(
     is refused without importing it, and the architectures the name rules decide as transformers
     does (:data:`~nf4convert.decisions.AS_TRANSFORMERS`) are not asked.
 
-    A diffusers model (``config.json`` with ``_class_name``) is decided by diffusers' rules
-    (:func:`~nf4convert.diffusers_models.ask_diffusers`), never by the name rules.
-
     Raises:
-        SourceError: fused experts whose expert count differs from the model's; a diffusers class this
-            diffusers does not know.
-        MissingDependencyError: a diffusers model, and diffusers is not installed.
+        SourceError: fused experts whose expert count differs from the model's.
     """
     config = config or {}
-    if is_diffusers_config(config):  # a diffusers model: diffusers' rules, asked of diffusers
-        return ask_diffusers(infos, config=config, skip=skip)
     try:
         if not config:
             raise CannotAsk("no config.json")

@@ -16,23 +16,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .constants import DIFFUSERS_FILES, VERIFY_REPORT, weight_files
+from .constants import VERIFY_REPORT
+from .libraries import library_for
 from .files import human
 
 #: What stands for the repo id in a card rendered without one (``push`` puts the repo id in).
 REPO_PLACEHOLDER = "REPO_ID"
 #: Libraries whose files in a folder say how the model is used: marker file -> (library_name, default pipeline_tag).
-LIBRARIES = {"modules.json": ("sentence-transformers", "sentence-similarity")}
-
-
-def library(root: Path) -> tuple[str, str | None]:
-    """``(library_name, default pipeline_tag)`` of the model in ``root``: sentence-transformers where its
-    ``modules.json`` is there, diffusers for a diffusers model, else transformers (no default task)."""
-    if weight_files(_config(root)) is DIFFUSERS_FILES:
-        return "diffusers", None
-    return next((lib for marker, lib in LIBRARIES.items() if (root / marker).is_file()), ("transformers", None))
-
-
 def _config(root: Path) -> dict[str, Any]:
     return _config_of(root / "config.json")
 
@@ -60,41 +50,17 @@ def _settings(m: dict[str, Any], total: int) -> list[str]:
     return ["| setting | value |", "|---|---|", *(f"| {k} | {v} |" for k, v in rows), ""]
 
 
-def _usage(m: dict[str, Any], root: Path, repo: str, library_name: str) -> list[str]:
-    """The card's "Use" section: a snippet for each loader the manifest lists."""
+def _usage(m: dict[str, Any], root: Path, repo: str) -> list[str]:
+    """The card's "Use" section: a snippet for each loader the manifest lists (the library's, :mod:`nf4convert.libraries`)."""
     config = _config(root)
-    cls = (config.get("architectures") or ["AutoModel"])[0]
-    loaders = m.get("loaders", [])
-    experts = [t for t in m.get("tensors", {}).get("quantized", []) if t.get("expert")]
     download = ["from huggingface_hub import snapshot_download"]
     own = ["With nf4convert's loader (`pip install 'nf4convert[load]'`):", "", "```python", *download,
            "from nf4convert.load import load_model", f'model = load_model(snapshot_download("{repo}"))', "```", ""]  # fmt: skip
-    stock = ["```python", f"from transformers import {cls}", f'model = {cls}.from_pretrained("{repo}")', "```", ""]
-    if not any(loader.startswith("nf4convert.load_model") for loader in loaders):
+    if not any(loader.startswith("nf4convert.load_model") for loader in m.get("loaders", [])):
         return ["Into your own module (`pip install 'nf4convert[load]'`): its `nn.Linear` layers become `Linear4bit`:", "",
                 "```python", *download, "from nf4convert.load import load_state_dict, replace_linear",
                 f'replace_linear(module, load_state_dict(snapshot_download("{repo}")))', "```", ""]  # fmt: skip
-    if library_name == "diffusers":
-        dtype = m.get("options", {}).get("compute_dtype") or "bfloat16"
-        return ["With diffusers and bitsandbytes, on a GPU (diffusers' bitsandbytes loader refuses a machine without one):", "",
-                "```python", "import torch", f"from diffusers import {config['_class_name']}",
-                f'model = {config["_class_name"]}.from_pretrained("{repo}", torch_dtype=torch.{dtype})', "```", "",
-                "On any machine, the CPU included, with nf4convert's loader (diffusers' own loading, no GPU needed):", "", *own[2:]]  # fmt: skip
-    if library_name == "sentence-transformers":
-        return ["With sentence-transformers and bitsandbytes (its pooling and normalisation modules are in the repo):", "",
-                "```python", "from sentence_transformers import SentenceTransformer", f'model = SentenceTransformer("{repo}")',
-                'embeddings = model.encode(["The weather is lovely today.", "It is sunny outside."])', "```", "",
-                "The transformer alone, with nf4convert's loader:", "", *own[2:]]  # fmt: skip
-    if any(len(t["shape"]) == 3 for t in experts):
-        parametrize = [loader for loader in loaders if "parametrize" in loader]
-        return ["The MoE experts are 4-bit, stored fused as 3-D tensors (the layout `bitsandbytes.nn.parametrize` writes).",
-                "bitsandbytes' transformers integration does not quantize such parameters; nf4convert's loader runs them:", "",
-                *own, *([f"Without nf4convert: {parametrize[0]}, given the companions stored beside it.", ""] if parametrize else [])]  # fmt: skip
-    if experts:
-        return ["The MoE experts are 4-bit, stored per expert. transformers 5 fuses experts into 3-D parameters",
-                "that bitsandbytes does not quantize, so it cannot load them; nf4convert's loader runs them on", "transformers 5:", "",
-                *own, "transformers 4.x (experts are per-expert `Linear4bit` there) loads the folder as is:", "", *stock]  # fmt: skip
-    return ["With transformers and bitsandbytes (no extra step: the layout is the one `save_pretrained` writes):", "", *stock, *own]
+    return library_for(config or None, root).usage(m, config, repo, own)
 
 
 def model_card(path: str | os.PathLike, *, repo_id: str | None = None, base_model: str | None = None, license: str | None = None) -> str:
@@ -117,7 +83,8 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None, base_mode
     m = ckpt.manifest
     source = m.get("source", {})
     base = base_model or source.get("repo_id")
-    library_name, default_task = library(ckpt.root)
+    lib = library_for(_config(ckpt.root) or None, ckpt.root)
+    library_name, default_task = lib.name, lib.default_task
     data = ModelCardData(
         base_model=base,
         base_model_relation="quantized" if base else None,
@@ -146,7 +113,7 @@ def model_card(path: str | os.PathLike, *, repo_id: str | None = None, base_mode
         lines += [f"Quantization error against the source (`nf4convert verify --source`): relative RMSE mean {s['rel_rmse']['mean']:.4f} "
                   f"(max {s['rel_rmse']['max']:.4f}){sqnr}.", ""]  # fmt: skip
     lines += [f"Loads in: {'; '.join(m['loaders'])}.", ""] if m.get("loaders") else []
-    lines += ["## Use", "", *_usage(m, ckpt.root, repo_id or REPO_PLACEHOLDER, library_name)]
+    lines += ["## Use", "", *_usage(m, ckpt.root, repo_id or REPO_PLACEHOLDER)]
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)))
 
 

@@ -14,7 +14,6 @@ import re
 import shutil
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -27,7 +26,8 @@ from . import __version__
 from .constants import BLOCKSIZES, DEFAULT_BLOCKSIZE, EXPERT_MODES, KERNELS, SCALE_METHODS
 from .errors import NF4ConvertError, OutputError, VerificationFailed
 from .files import human
-from .plan import DEFAULT_MAX_SHARD_SIZE, Options, Plan
+from .cli_show import print_pipeline_summary, print_plan, print_summary
+from .plan import DEFAULT_MAX_SHARD_SIZE, Options
 from .source import Source
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -60,34 +60,6 @@ EXIT_CODES = (
 def cli(ctx: click.Context, debug: bool) -> None:
     """Convert safetensors checkpoints to bitsandbytes-compatible NF4, and inspect the result."""
     ctx.obj = {"debug": debug}
-
-
-def _print_plan(plan: Plan, *, verbose: bool) -> None:
-    src = plan.source
-    reasons = Counter(t.reason for t in plan.kept)
-    click.echo(f"Plan for {src.name}: {len(src.shards)} source shard(s), {human(src.nbytes)}")
-    click.echo(f"  decided by {plan.decided_by}")
-    q_params = sum(t.source.info.numel for t in plan.quantized)
-    click.echo(f"  quantize {len(plan.quantized):>5} tensors, {q_params:,} parameters -> {human(sum(t.output_bytes for t in plan.quantized))}")
-    click.echo(f"  keep     {len(plan.kept):>5} tensors -> {human(sum(t.output_bytes for t in plan.kept))}")
-    for reason, count in reasons.most_common():
-        click.echo(f"           {count:>5} {reason}")
-    click.echo(
-        f"  output: {human(plan.output_bytes)} in {len(plan.shards)} shard(s); {plan.bits_per_parameter:.3f} bits/parameter overall, "
-        f"{plan.quantized_bits_per_parameter:.3f} for the quantized weights"
-    )
-    if plan.budget is not None:
-        b = plan.budget
-        kept = ", ".join(b["kept"][:6]) + (f", ... ({len(b['kept'])} in all)" if len(b["kept"]) > 6 else "")
-        keeps = (f"keeps {b['kept_parameters']:,} parameters in {len(b['kept'])} module(s) (by {b['measure']} removed per extra bit): {kept}" if kept
-                 else "keeps no module")
-        small = f"; blocksize 32 for {b['small_blocks_parameters']:,} parameters" if b["small_blocks"] else ""
-        click.echo(f"  budget --bits {b['bits']:g}: {b['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized; {keeps}{small}")
-    click.echo(f"  loads in: {'; '.join(plan.loaders)}")
-    if verbose:
-        for t in plan.tensors:
-            mark = "Q" if t.quantize else "K"
-            click.echo(f"  {mark} {t.name} {t.source.info.dtype} {list(t.source.info.shape)}  ({t.reason})")
 
 
 @cli.command(epilog=EXIT_CODES)
@@ -149,7 +121,7 @@ def convert(
 ) -> None:
     """Convert SOURCE (a safetensors folder or file, or a Hub repo id) to NF4 in OUTPUT (default:
     NAME-nf4 beside a local SOURCE, ./NAME-nf4 for a repo id)."""
-    from .resolve import resolve_source
+    from .resolve import resolve_pipeline, resolve_source
 
     if quiet and verbose:
         raise click.UsageError("--quiet and --verbose contradict each other: choose one")
@@ -190,15 +162,18 @@ def convert(
             from .quantize import resolve_kernel
 
             resolve_kernel(kernel, device)
-        pipeline = _pipeline_folder(source, revision=revision, cache_dir=cache_dir, token=token)
+        pipeline = None if stream else resolve_pipeline(source, revision=revision, cache_dir=cache_dir, token=token)  # --stream: one model's shards
         if pipeline is not None:
-            used = [flag for flag, on in (("--stream", stream), ("--allow-pickle", allow_pickle), ("--push-to", push_to)) if on]
-            if used:
-                raise click.UsageError(f"{used[0]} is not supported for a diffusers pipeline yet: convert without it")
+            if allow_pickle:
+                raise click.UsageError("--allow-pickle is not supported for a diffusers pipeline yet: convert without it")
             chosen = tuple(c.strip() for c in components.split(",") if c.strip()) if components is not None else None
             about = {"name": source, "repo_id": source} if pipeline != Path(source) else {"name": pipeline.name}
             run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler}
-            _convert_pipeline(pipeline, output, options, chosen, about, run, dry_run=dry_run, quiet=quiet, verbose=verbose)
+            path = _convert_pipeline(pipeline, output, options, chosen, about, run, dry_run=dry_run, quiet=quiet, verbose=verbose)
+            if push_to is not None and path is not None:
+                from .hub import push as run_push
+
+                report_push(run_push(path, push_to, token=token))
             return
         if components is not None:
             raise click.UsageError(f"--components chooses among a diffusers pipeline's components; {source} is not a pipeline (no model_index.json)")
@@ -215,23 +190,13 @@ def convert(
                 shutil.rmtree(folder, ignore_errors=True)
 
 
-def _pipeline_folder(source: str, *, revision: str | None, cache_dir: str | None, token: str | None) -> Path | None:
-    """The folder of a diffusers pipeline SOURCE (local, or a Hub repo's snapshot), else ``None``."""
-    from .hub import hub_snapshot, is_repo_id
-    from .pipeline import is_pipeline
-
-    if is_repo_id(source):
-        snapshot = hub_snapshot(source, revision=revision, cache_dir=cache_dir, token=token)
-        return snapshot if is_pipeline(snapshot) else None
-    return Path(source) if is_pipeline(Path(source)) else None
-
-
 def _convert_pipeline(
     folder: Path, output: str, options: Options, chosen: tuple[str, ...] | None, about: dict[str, str], run: dict[str, Any], *,
     dry_run: bool, quiet: bool, verbose: bool,
-) -> None:  # fmt: skip
+) -> Path | None:  # fmt: skip
     """Show the pipeline's components (and with --dry-run or --verbose each quantized one's plan), then
-    convert it (``run``: :func:`nf4convert.pipeline.convert_pipeline`'s keywords)."""
+    convert it (``run``: :func:`nf4convert.pipeline.convert_pipeline`'s keywords); returns the output
+    folder (``None`` for a dry run)."""
     from .convert import plan_conversion
     from .pipeline import component_options, convert_pipeline, read_components
     from .write import check_output
@@ -244,10 +209,10 @@ def _convert_pipeline(
             click.echo(f"  {'quantize' if c.quantize else 'copy':<8} {c.name} ({c.library} {c.class_name}): {c.reason}")
     if dry_run or verbose:
         for c in (c for c in parts if c.quantize):
-            _print_plan(plan_conversion(folder / c.name, options=component_options(folder / c.name, options), kernel=run["kernel"]), verbose=verbose)
+            print_plan(plan_conversion(folder / c.name, options=component_options(folder / c.name, options), kernel=run["kernel"]), verbose=verbose)
     if dry_run:
         click.echo("Nothing written (--dry-run).")
-        return
+        return None
     total = sum(p.stat().st_size for c in parts if c.quantize for p in (folder / c.name).glob("*.safetensors"))
     began = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
@@ -255,6 +220,7 @@ def _convert_pipeline(
     if not quiet:
         click.echo(f"Wrote {path}: {sum(c.quantize for c in parts)} components in NF4, the rest copied, in {time.perf_counter() - began:.1f} s")
         click.echo(f"Next: nf4convert verify {path} --source {folder}  |  python -c \"import nf4convert; nf4convert.load_model('{path}')\"")
+    return path
 
 
 def default_output(source: str) -> str:
@@ -309,7 +275,7 @@ def _convert(
             hashes.cancel()
         raise
     if dry_run or verbose:
-        _print_plan(plan, verbose=verbose)
+        print_plan(plan, verbose=verbose)
     if dry_run:
         click.echo("Nothing written (--dry-run).")
         return None
@@ -365,53 +331,20 @@ def hub_folder(command: Callable) -> Callable:
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @hub_folder
 def inspect(path: str, as_json: bool, revision: str | None, cache_dir: str | None) -> None:
-    """Show what an NF4 folder (ours, or a bitsandbytes 4-bit one transformers saved; local or a
-    cached Hub repo id) holds: version, source, options, sizes."""
+    """Show what an NF4 folder (ours, or a bitsandbytes 4-bit one transformers or diffusers saved; a
+    diffusers pipeline; local or a cached Hub repo id) holds: version, source, options, sizes."""
     from .pipeline import is_pipeline, pipeline_summary
     from .read import open_checkpoint
     from .resolve import resolve_folder
 
     folder = resolve_folder(path, revision=revision, cache_dir=cache_dir)
-    if is_pipeline(folder):
-        p = pipeline_summary(folder)
-        if as_json:
-            click.echo(json.dumps(p, indent=2))
-            return
-        click.echo(f"{p['path']}: {p['kind']} ({p['pipeline']})")
-        for name, c in p["components"].items():
-            q = c["summary"]
-            what = f"NF4, {q['quantized']['tensors']} tensors quantized, {human(q['bytes'])}, {q['quantized_bits_per_parameter']:.3f} bits/parameter for quantized weights" if q else "copied as is"
-            click.echo(f"  {name:<16} {c['library']} {c['class']}: {what}")
-        return
-    s = open_checkpoint(folder, bitsandbytes_folders=True).summary()
+    summary = pipeline_summary(folder) if is_pipeline(folder) else open_checkpoint(folder, bitsandbytes_folders=True).summary()
     if as_json:
-        click.echo(json.dumps(s, indent=2))
-        return
-    source = s["source"]
-    written = f" (written by nf4convert {s['tool_version']})" if s["tool_version"] else ""
-    click.echo(f"{s['path']}: {s['kind']}{written}")
-    if source:
-        short = {k: (f"[{', '.join(map(str, v[:3]))}, ... ({len(v)})]" if isinstance(v, list) and len(v) > 3 else v) for k, v in source.items()}
-        click.echo(f"  source:    {', '.join(f'{k}={v}' for k, v in short.items())}")
-    options = dict(s["options"])
-    budget, small = options.pop("budget", None), options.pop("small_blocks", None)
-    if s["blocksizes"]:  # what the weights have, whatever the options said
-        options["blocksize"] = ", ".join(f"{b} ({n} weights)" for b, n in sorted(s["blocksizes"].items(), key=lambda kv: -kv[1])) if len(s["blocksizes"]) > 1 else next(iter(s["blocksizes"]))
-    if options:
-        click.echo(f"  options:   {', '.join(f'{k}={json.dumps(v) if isinstance(v, (list, dict)) else v}' for k, v in options.items())}")
-    if budget:
-        kept = f"keeps {len(budget['kept'])} module(s) ({budget['kept_parameters']:,} parameters)" if budget["kept"] else "keeps no module"
-        blocks = f"; blocksize 32 for {budget['small_blocks_parameters']:,} parameters ({', '.join(small or [])})" if small else ""
-        click.echo(f"  budget:    --bits {budget['bits']:g}: {budget['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized; {kept}{blocks}")
-    if s["decided_by"]:
-        click.echo(f"  decided by {s['decided_by']}")
-    if s["loaders"]:
-        click.echo(f"  loads in:  {'; '.join(s['loaders'])}")
-    for kind in ("quantized", "kept"):
-        d = s[kind]
-        click.echo(f"  {kind + ':':<10} {d['tensors']} tensors, {d['parameters']:,} parameters, {human(d['bytes'])}")
-    click.echo(f"  total:     {human(s['bytes'])} in {s['shards']} shard(s)")
-    click.echo(f"  bits/parameter: {s['bits_per_parameter']:.3f} overall, {s['quantized_bits_per_parameter']:.3f} for quantized weights")
+        click.echo(json.dumps(summary, indent=2))
+    elif is_pipeline(folder):
+        print_pipeline_summary(summary)
+    else:
+        print_summary(summary)
 
 
 @cli.command(epilog=EXIT_CODES)

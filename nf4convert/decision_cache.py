@@ -1,4 +1,4 @@
-"""transformers' answers (which tensors it quantizes), kept in nf4convert's cache folder: importing its
+"""The libraries' answers (which tensors transformers or diffusers quantizes), kept in nf4convert's cache folder: importing its
 modeling code costs seconds, and a resumed or repeated conversion plans the same.
 
 An answer is stored under a hash of everything it depends on; :data:`RULES` is in that hash, so a

@@ -16,22 +16,20 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
-from .constants import DIFFUSERS_FILES, weight_files
 from .decisions import Decision, Decisions, precheck, skip_reason
 from .errors import MissingDependencyError, SourceError
 from .tensorfile import TensorInfo
 
 
-def is_diffusers_config(config: dict | None) -> bool:
-    """Whether a ``config.json`` is a diffusers model's (``_class_name`` and ``_diffusers_version``)."""
-    return weight_files(config) is DIFFUSERS_FILES
-
-
-def _diffusers(config: dict) -> Any:
+def _diffusers_available(config: dict) -> None:
     if importlib.util.find_spec("diffusers") is None:
         raise MissingDependencyError(
             f"config.json is a diffusers {config['_class_name']}: which layers diffusers quantizes is decided by diffusers itself: pip install diffusers"
         )
+
+
+def _diffusers(config: dict) -> Any:
+    _diffusers_available(config)
     import diffusers
 
     return diffusers
@@ -109,6 +107,28 @@ def ask_diffusers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, ...
         else:
             tensors[info.name] = Decision(True, "linear weight")
     return Decisions(f"diffusers {diffusers.__version__} ({type(model).__name__})", tensors, sorted(skipped))
+
+
+def decide_diffusers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, ...]) -> Decisions:
+    """:func:`ask_diffusers`, its answer cached (:mod:`nf4convert.decision_cache`) under a hash of the
+    diffusers version, ``config.json``, every tensor's name, dtype and shape, and ``skip``: importing
+    diffusers' modeling code and building the model cost seconds, and a repeated conversion plans the same.
+
+    Raises:
+        MissingDependencyError, SourceError: see :func:`meta_model`.
+    """
+    import importlib.metadata
+
+    from .decision_cache import cache_key, load_cached, store_cached
+
+    _diffusers_available(config)
+    key = cache_key(["diffusers", importlib.metadata.version("diffusers"), config, [[i.name, i.dtype, list(i.shape)] for i in infos], list(skip)])
+    cached = load_cached(key)
+    if isinstance(cached, Decisions):
+        return cached
+    decisions = ask_diffusers(infos, config=config, skip=skip)
+    store_cached(key, decisions)
+    return decisions
 
 
 def quantization_config(*, double_quant: bool, compute_dtype: str, skip_modules: list[str]) -> dict[str, Any]:

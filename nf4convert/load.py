@@ -25,8 +25,8 @@ import torch
 from .architecture import CannotAsk, map_keys, meta_model
 from .architecture import model_class as model_class_of
 from .constants import MANIFEST_NAME, QUANTIZABLE_DTYPES
-from .diffusers_models import is_diffusers_config
 from .errors import LoadError, MissingDependencyError
+from .libraries import library_for
 from .loaded import refuse_uninitialized
 from .pipeline import is_pipeline
 from .layout import quantized_tensors
@@ -333,7 +333,7 @@ def load_model(
         >>> model = load_model("./Llama-3-8B-nf4", device="cuda")            # doctest: +SKIP
         >>> mlm = load_model("./bert-nf4", AutoModelForMaskedLM)             # doctest: +SKIP
     """
-    transformers = _transformers()
+    _transformers()  # the loaders of every library need transformers and accelerate, and bitsandbytes
     _bnb()
     root = Path(path)
     if is_pipeline(root):
@@ -351,13 +351,15 @@ def load_model(
     config_dict = json.loads(config_path.read_text())
     if compute_dtype is not None and str(compute_dtype).removeprefix("torch.") not in QUANTIZABLE_DTYPES.values():
         raise LoadError(f"unsupported compute dtype {compute_dtype} (float32, float16 or bfloat16)")
-    if is_diffusers_config(config_dict):
-        try:
-            from .diffusers_loader import load_diffusers
-        except ImportError:
-            raise MissingDependencyError("this folder is a diffusers model: pip install 'nf4convert[diffusers]'") from None
+    return library_for(config_dict, ckpt.root).load(ckpt, config_dict, model_class, device=device, dtype=dtype, compute_dtype=compute_dtype, **kwargs)
 
-        return load_diffusers(ckpt, config_dict, model_class, device=device, dtype=dtype, compute_dtype=compute_dtype, **kwargs)
+
+def load_transformers(
+    ckpt: NF4Checkpoint, config_dict: dict, model_class: Any, *, device: torch.device | str, dtype: Any, compute_dtype: torch.dtype | None, **kwargs: Any
+) -> Any:
+    """A transformers model folder through the class's own ``from_pretrained`` with
+    :class:`~nf4convert.hfquantizer.NF4HfQuantizer` (:func:`load_model`'s transformers part)."""
+    transformers = _transformers()
     keys = [name for tensors in ckpt.shards.values() for name in tensors]
     cls = _model_class(transformers, model_class, config_dict, ckpt.root, keys)
     if compute_dtype is not None:

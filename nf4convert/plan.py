@@ -21,18 +21,15 @@ from .constants import (
     EXPERT_MODES,
     SCALE_METHODS,
     QUANTIZABLE_DTYPES,
-    DIFFUSERS_FILES,
     WeightFiles,
-    weight_files,
 )
-from .architecture import decide
 from .decisions import Decisions
-from .diffusers_models import quantization_config as diffusers_quantization_config
 from .errors import OptionError, QuantizationError
 from .files import FileHasher
 from .fp8 import LOGICAL_DTYPE, pair_scales
 from .importance import check_importance, importance_shape, read_importance_header
-from .layout import QuantState, check_blocksize, quantization_config, quantized_tensors, transposed
+from .layout import QuantState, check_blocksize, quantized_tensors, transposed
+from .libraries import Library, library_for
 from .source import Source, SourceTensor, split_tensor
 
 DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
@@ -191,34 +188,22 @@ class Plan:
         return self.decisions.skip_modules
 
     @property
+    def library(self) -> Library:
+        """The source's library (:mod:`nf4convert.libraries`): its decisions, file names, config, loaders."""
+        return library_for(self.source.config, self.source.root)
+
+    @property
     def loaders(self) -> list[str]:
-        """Which loaders read the output (what the tests check): a model loader only where the output
-        has a ``config.json`` of an architecture transformers knew when converting."""
-        if self.files is DIFFUSERS_FILES:
-            return ["diffusers from_pretrained (bitsandbytes; needs a GPU)", "nf4convert.load_model (CPU or GPU)"]
-        if self.source.config is None or not self.decisions.as_transformers:
-            why = "no config.json" if self.source.config is None else self.decisions.decided_by
-            return [f"nf4convert.load_state_dict + replace_linear into your own module ({why})"]
-        if self.decisions.fused_experts_transposed:  # stock from_pretrained would transpose the 4-bit bytes
-            return ["nf4convert.load_model (transformers 5)"]
-        if self.decisions.fused_experts_quantized:
-            return [
-                "nf4convert.load_model (transformers 5)",
-                "transformers 5 from_pretrained(ignore_mismatched_sizes=True), then bitsandbytes.nn.parametrize."
-                "replace_parameter_4bit_prequantized on each fused expert parameter",
-            ]
-        if self.decisions.experts_quantized:
-            return ["nf4convert.load_model (transformers 5)", "transformers 4.x from_pretrained (experts as per-expert Linear4bit)"]
-        return ["transformers from_pretrained (bitsandbytes)", "nf4convert.load_model"]
+        """Which loaders read the output (what the tests check)."""
+        return self.library.loaders(self.decisions, self.source.config)
 
     @property
     def files(self) -> WeightFiles:
         """How the output's weights files are named: as the source's library names them."""
-        return weight_files(self.source.config)
+        return self.library.files
 
     def quantization_config(self) -> dict:
-        writer = diffusers_quantization_config if self.files is DIFFUSERS_FILES else quantization_config
-        return writer(double_quant=self.options.double_quant, compute_dtype=self.compute_dtype, skip_modules=self.skip_modules)
+        return self.library.quantization_config(double_quant=self.options.double_quant, compute_dtype=self.compute_dtype, skip_modules=self.skip_modules)
 
     def shard_names(self) -> list[str]:
         return self.files.names(len(self.shards))
@@ -259,7 +244,7 @@ def make_plan(source: Source, options: Options) -> Plan:
     folded = {s.name for s in scales.values()}
     owners = {t.name: t for t in source.tensors}
     tensors = [t for t in source.tensors if t.name not in folded]
-    decisions = decide(
+    decisions = library_for(source.config, source.root).decide(
         [replace(t.info, dtype=LOGICAL_DTYPE) if t.name in scales else t.info for t in tensors], config=source.config,
         skip=options.skip, quantize_lm_head=options.quantize_lm_head, experts=options.experts, blocksize=options.blocksize,
     )  # fmt: skip

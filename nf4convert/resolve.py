@@ -77,3 +77,18 @@ def source_hasher(src: Source) -> FileHasher | None:
     load, it hashes on the core they leave idle."""
     return FileHasher([(p, p.relative_to(src.root).as_posix()) for p in src.shards]) if src.fetcher is None else None
 
+
+def resolve_pipeline(source: str, *, revision: str | None = None, cache_dir: str | os.PathLike | None = None, token: str | None = None) -> Path | None:
+    """The folder of a diffusers pipeline SOURCE (local, or a Hub repo's snapshot in the cache), else ``None``.
+
+    Raises:
+        HubError: a repo id that cannot be resolved.
+    """
+    from .hub import hub_snapshot, is_repo_id
+    from .pipeline import is_pipeline
+
+    if is_repo_id(source):
+        snapshot = hub_snapshot(source, revision=revision, cache_dir=cache_dir, token=token)
+        return snapshot if is_pipeline(snapshot) else None
+    return Path(source) if is_pipeline(Path(source)) else None
+

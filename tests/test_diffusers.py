@@ -192,3 +192,16 @@ def test_a_bad_config_is_a_source_error(tmp_path):
 
     with pytest.raises(SourceError, match="config.json: diffusers cannot build FluxTransformer2DModel from it"):
         meta_model({"_class_name": "FluxTransformer2DModel", "_diffusers_version": "0.42.1", "num_attention_heads": "many"})
+
+
+def test_diffusers_answer_is_cached_under_a_hash_of_what_it_depends_on(sources, tmp_path, monkeypatch):
+    import nf4convert.diffusers_models as models
+
+    monkeypatch.setenv("NF4CONVERT_CACHE", str(tmp_path / "cache"))
+    first = plan_conversion(sources["FluxTransformer2DModel"])
+    assert len(list((tmp_path / "cache" / "decisions").glob("*.json"))) == 1
+    monkeypatch.setattr(models, "ask_diffusers", lambda *a, **k: pytest.fail("asked again"))
+    again = plan_conversion(sources["FluxTransformer2DModel"])
+    assert [(t.name, t.quantize, t.reason) for t in again.tensors] == [(t.name, t.quantize, t.reason) for t in first.tensors]
+    with pytest.raises(pytest.fail.Exception, match="asked again"):
+        plan_conversion(sources["FluxTransformer2DModel"], options=Options(skip=("*.norm.linear",)))
