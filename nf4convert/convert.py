@@ -173,7 +173,7 @@ def manifest(plan: Plan, *, files: list[dict[str, Any]], source_files: list[dict
                 for t in plan.quantized
             ],
             "kept": [
-                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "reason": t.reason, **_cut(t)}
+                {"name": t.name, "shape": list(t.source.info.shape), "dtype": t.source.info.dtype, "reason": t.reason, **_cut(t), **({"cast": t.cast} if t.cast else {})}
                 for t in plan.kept
             ],
         },

@@ -17,9 +17,9 @@ from typing import Any
 from .decisions import Decision, Decisions
 from .files import cache_dir
 
-#: The version of how transformers is asked (2: layers read outside their forward kept, experts cut
-#: where transformers loads them per expert).
-RULES = 2
+#: The version of how the libraries are asked (2: layers read outside their forward kept, experts cut
+#: where transformers loads them per expert; 3: a kept tensor's dtype).
+RULES = 3
 
 
 def cache_key(what: list[Any]) -> str:
@@ -49,7 +49,7 @@ def store_cached(key: str, answer: Decisions | str) -> None:
     if isinstance(answer, str):
         content = {"cannot_ask": answer}
     else:
-        tensors = {n: [d.quantize, d.reason, d.transpose, d.expert, d.fused] for n, d in answer.tensors.items()}
+        tensors = {n: [d.quantize, d.reason, d.transpose, d.expert, d.fused, d.dtype] for n, d in answer.tensors.items()}
         content = {"decided_by": answer.decided_by, "tensors": tensors, "skip_modules": answer.skip_modules, "splits": answer.splits}
     path = _path(key)
     try:

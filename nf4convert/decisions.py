@@ -65,6 +65,8 @@ class Decision:
         transpose: quantize the transpose (GPT-2 ``Conv1D``; of fused experts, each expert's slice).
         expert: an MoE expert weight (per expert, or fused).
         fused: fused MoE experts, a 3-D ``[experts, rows, columns]`` tensor (spec section 2.7).
+        dtype: for a kept tensor the library stores in another dtype (diffusers' float32 modules), that
+            safetensors dtype; else ``None`` (kept as it is).
     """
 
     quantize: bool
@@ -72,6 +74,7 @@ class Decision:
     transpose: bool = False
     expert: bool = False
     fused: bool = False
+    dtype: str | None = None
 
 
 @dataclass

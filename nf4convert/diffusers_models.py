@@ -91,7 +91,10 @@ def ask_diffusers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, ...
         pre = precheck(info)
         module_name, _, param = info.name.rpartition(".")
         module = modules.get(module_name)
-        if pre is not None:
+        fp32 = _not_converted(module_name, keep)
+        if fp32 and info.dtype in ("F16", "BF16"):  # diffusers keeps (and saves) these modules in float32
+            tensors[info.name] = Decision(False, f"kept in float32 by diffusers (_keep_in_fp32_modules: {fp32!r}), stored as float32", dtype="F32")
+        elif pre is not None:
             tensors[info.name] = pre
         elif module is None or param != "weight":
             tensors[info.name] = Decision(False, "not a parameter of the model" if module is None else "not a weight")
@@ -99,8 +102,8 @@ def ask_diffusers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, ...
             tensors[info.name] = Decision(False, f"{type(module).__name__} (not nn.Linear)")
         elif tuple(module.weight.shape) != info.shape:
             tensors[info.name] = Decision(False, f"shape {list(info.shape)} differs from the model's {list(module.weight.shape)}")
-        elif entry := _not_converted(module_name, keep):
-            tensors[info.name] = Decision(False, f"kept in float32 by diffusers (_keep_in_fp32_modules: {entry!r})")
+        elif fp32:
+            tensors[info.name] = Decision(False, f"kept in float32 by diffusers (_keep_in_fp32_modules: {fp32!r})")
         elif why := skip_reason((module_name,), skip):
             tensors[info.name] = Decision(False, why)
             skipped.append(module_name)

@@ -99,6 +99,8 @@ class PlannedTensor:
         outputs: the output tensors ``(key, dtype, shape)`` it becomes.
         scale: for an FP8 weight, its ``_scale_inv`` tensor (:mod:`nf4convert.fp8`).
         blocksize: elements per absmax of this weight (the options', or 32 for ``small_blocks``).
+        cast: for a kept tensor written in another dtype than the source's (diffusers' float32
+            modules), that safetensors dtype.
     """
 
     source: SourceTensor
@@ -109,6 +111,7 @@ class PlannedTensor:
     outputs: tuple[tuple[str, str, tuple[int, ...]], ...] = ()
     scale: SourceTensor | None = None
     blocksize: int = DEFAULT_BLOCKSIZE
+    cast: str | None = None
 
     @property
     def name(self) -> str:
@@ -116,8 +119,9 @@ class PlannedTensor:
 
     @property
     def dtype(self) -> str:
-        """The safetensors dtype the weight counts as: its own, or bfloat16 for a decoded FP8 weight."""
-        return LOGICAL_DTYPE if self.scale is not None else self.source.info.dtype
+        """The safetensors dtype the tensor is written as (a quantized one counts as): its own, bfloat16
+        for a decoded FP8 weight, or the one it is cast to."""
+        return self.cast or (LOGICAL_DTYPE if self.scale is not None else self.source.info.dtype)
 
     @property
     def output_bytes(self) -> int:
@@ -255,7 +259,7 @@ def make_plan(source: Source, options: Options) -> Plan:
         d = decisions.tensors[tensor.name]
         scale = owners[scales[tensor.name].name] if tensor.name in scales else None
         small = d.quantize and any(fnmatch.fnmatchcase(tensor.name.rpartition(".")[0], p) for p in options.small_blocks)
-        p = PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert, scale=scale, blocksize=BLOCKSIZES[0] if small else options.blocksize)
+        p = PlannedTensor(tensor, d.quantize, d.reason, d.transpose, d.expert, scale=scale, blocksize=BLOCKSIZES[0] if small else options.blocksize, cast=d.dtype)
         if d.quantize:
             outputs = quantized_tensors(tensor.name, p.quant_state(options))
         else:

@@ -103,8 +103,9 @@ def _parts(t: PlannedTensor) -> tuple:
 
 
 def _decoded(t: PlannedTensor) -> bool:
-    """Whether weight ``t`` is decoded when read (FP8, MXFP4, an expert's weight cut from fused experts)."""
-    return t.scale is not None or t.source.packed is not None or t.source.split is not None
+    """Whether tensor ``t`` is read as values, not copied as bytes (FP8, MXFP4, an expert's weight cut from
+    fused experts, a kept tensor cast to another dtype)."""
+    return t.scale is not None or t.source.packed is not None or t.source.split is not None or t.cast is not None
 
 
 def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple[int, int]]:
@@ -332,7 +333,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             if not t.quantize:  # a kept FP8 or MXFP4 weight: its bfloat16 decoding; a kept cut expert weight: its values
                 size = DTYPE_SIZES[t.dtype]
                 for start, stop in pieces(t, t.blocksize):
-                    done = (stop - start) * (size if t.source.split is not None else 1)  # source bytes (FP8: one a value)
+                    done = (stop - start) * (DTYPE_SIZES[t.source.info.dtype] if t.scale is None and t.source.packed is None else 1)  # source bytes
                     submit([(t.name, next(weights).to(torch_dtypes()[t.dtype]), start * size)], done)
                 continue
             bs = t.blocksize

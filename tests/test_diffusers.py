@@ -87,10 +87,20 @@ def test_a_component_converts_to_exactly_what_diffusers_writes(name, sources, tm
     assert manifest["decided_by"] == f"diffusers {diffusers.__version__} ({name})"
 
 
-def test_wan_keeps_its_float32_modules_as_diffusers_does(sources):
-    plan = plan_conversion(sources["WanTransformer3DModel"])
-    kept = {t.name: t.reason for t in plan.kept if "_keep_in_fp32_modules" in t.reason}
-    assert kept and all(".time_embedder." in n or n.startswith(("scale_shift_table", "norm")) for n in kept), kept
+def test_a_bfloat16_wan_is_written_as_diffusers_writes_it_its_float32_modules_in_float32(sources, tmp_path, diffusers_on_cpu):
+    from safetensors.torch import load_file
+
+    src = tmp_path / "bf16"
+    diffusers.WanTransformer3DModel.from_pretrained(sources["WanTransformer3DModel"], torch_dtype=torch.bfloat16).save_pretrained(src)
+    plan = plan_conversion(src, options=Options(double_quant=False))
+    cast = {t.name for t in plan.kept if t.dtype == "F32"}
+    assert any(".time_embedder." in n for n in cast) and not any(t.dtype == "F32" for t in plan.quantized)
+    out = convert(plan, tmp_path / "nf4")
+    config = diffusers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    diffusers.WanTransformer3DModel.from_pretrained(src, quantization_config=config, torch_dtype=torch.bfloat16, device_map="cpu").save_pretrained(tmp_path / "ref")
+    ours, theirs = load_file(out / "diffusion_pytorch_model.safetensors"), load_file(tmp_path / "ref" / "diffusion_pytorch_model.safetensors")
+    assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in theirs.items()}
+    assert [k for k in ours if not torch.equal(ours[k], theirs[k])] == []
 
 
 def test_load_model_runs_a_component_on_the_cpu_equal_to_diffusers_own_nf4(sources, tmp_path, diffusers_on_cpu):
