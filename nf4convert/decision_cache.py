@@ -33,10 +33,30 @@ def _path(key: str) -> Path:
     return cache_dir() / "decisions" / f"{key}.json"
 
 
-def load_cached(key: str) -> Decisions | str | None:
-    """transformers' cached answer: its decisions, or why it could not answer (a string), or ``None``."""
+def load(key: str) -> Any:
+    """The JSON value stored under ``key``, or ``None`` (none, or unreadable)."""
     try:
-        d = json.loads(_path(key).read_text())
+        return json.loads(_path(key).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def store(key: str, value: Any) -> None:
+    """Store a JSON value under ``key``, atomically; a cache that cannot be written is no error."""
+    path = _path(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(value))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def load_cached(key: str) -> Decisions | str | None:
+    """A library's cached answer: its decisions, or why it could not answer (a string), or ``None``."""
+    try:
+        d = load(key)
         if "cannot_ask" in d:
             return str(d["cannot_ask"])
         return Decisions(d["decided_by"], {n: Decision(*v) for n, v in d["tensors"].items()}, d["skip_modules"], d["splits"])
@@ -45,17 +65,9 @@ def load_cached(key: str) -> Decisions | str | None:
 
 
 def store_cached(key: str, answer: Decisions | str) -> None:
-    """Write atomically; a cache that cannot be written is no error."""
+    """Store a library's answer (see :func:`store`)."""
     if isinstance(answer, str):
-        content = {"cannot_ask": answer}
-    else:
-        tensors = {n: [d.quantize, d.reason, d.transpose, d.expert, d.fused, d.dtype] for n, d in answer.tensors.items()}
-        content = {"decided_by": answer.decided_by, "tensors": tensors, "skip_modules": answer.skip_modules, "splits": answer.splits}
-    path = _path(key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(content))
-        os.replace(tmp, path)
-    except OSError:
-        pass
+        store(key, {"cannot_ask": answer})
+        return
+    tensors = {n: [d.quantize, d.reason, d.transpose, d.expert, d.fused, d.dtype] for n, d in answer.tensors.items()}
+    store(key, {"decided_by": answer.decided_by, "tensors": tensors, "skip_modules": answer.skip_modules, "splits": answer.splits})

@@ -136,7 +136,16 @@ def decide_diffusers(infos: list[TensorInfo], *, config: dict, skip: tuple[str, 
 
 def quantization_config(*, double_quant: bool, compute_dtype: str, skip_modules: list[str]) -> dict[str, Any]:
     """``config.json``'s ``quantization_config`` as diffusers' ``save_pretrained`` writes it: its own
-    ``BitsAndBytesConfig``, serialized (``llm_int8_skip_modules`` null where nothing is skipped)."""
+    ``BitsAndBytesConfig``, serialized (``llm_int8_skip_modules`` null where nothing is skipped); cached
+    (:mod:`nf4convert.decision_cache`), as importing diffusers costs seconds."""
+    import importlib.metadata
+
+    from .decision_cache import cache_key, load, store
+
+    key = cache_key(["diffusers quantization_config", importlib.metadata.version("diffusers"), double_quant, compute_dtype, skip_modules])
+    cached = load(key)
+    if isinstance(cached, dict):
+        return cached
     import diffusers
     import torch
 
@@ -144,4 +153,6 @@ def quantization_config(*, double_quant: bool, compute_dtype: str, skip_modules:
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=getattr(torch, compute_dtype), llm_int8_skip_modules=skip_modules or None,
     )  # fmt: skip
-    return config.to_dict()
+    answer = config.to_dict()
+    store(key, answer)
+    return answer

@@ -16,7 +16,7 @@ from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .constants import INDEX_NAME, INDEX_NAMES, MANIFEST_NAME
+from .constants import DIFFUSERS_FILES, INDEX_NAME, INDEX_NAMES, MANIFEST_NAME
 from .errors import SourceError, SourceNotFoundError
 from .files import is_plain_relative, may_read, recorded_files
 from .fp8 import block_size
@@ -316,6 +316,9 @@ def open_source(path: str | os.PathLike, *, fetcher: ShardFetcher | None = None)
     config = _load_json(config_path) if config_path.is_file() else None
     if config is not None and not isinstance(config, dict):
         raise SourceError(f"{config_path}: not a JSON object")
+    diffusers_weights = DIFFUSERS_FILES.single.removesuffix(".safetensors")
+    if config is None and any(p.name.startswith(diffusers_weights) for p in shards):
+        raise SourceError(f"{config_path}: missing: diffusers weights ({shards[0].name}) are decided from their model's config.json (its _class_name)")
     fp8_block = block_size(config, where=str(config_path))
     tensors: list[SourceTensor] = []
     owner: dict[str, Path] = {}

@@ -215,3 +215,16 @@ def test_diffusers_answer_is_cached_under_a_hash_of_what_it_depends_on(sources, 
     assert [(t.name, t.quantize, t.reason) for t in again.tensors] == [(t.name, t.quantize, t.reason) for t in first.tensors]
     with pytest.raises(pytest.fail.Exception, match="asked again"):
         plan_conversion(sources["FluxTransformer2DModel"], options=Options(skip=("*.norm.linear",)))
+
+
+def test_a_component_without_its_config_is_one_line_naming_it(sources, tmp_path, cli):
+    src = tmp_path / "transformer"
+    src.mkdir()
+    (src / "diffusion_pytorch_model.safetensors").write_bytes((sources["FluxTransformer2DModel"] / "diffusion_pytorch_model.safetensors").read_bytes())
+    rc, out, err = cli("convert", src, tmp_path / "out")
+    assert rc == 2 and out == "" and err == (
+        f"nf4convert: error: {src / 'config.json'}: missing: diffusers weights (diffusion_pytorch_model.safetensors) "
+        "are decided from their model's config.json (its _class_name)\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transformer"]
+
