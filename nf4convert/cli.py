@@ -162,13 +162,18 @@ def convert(
             from .quantize import resolve_kernel
 
             resolve_kernel(kernel, device)
-        pipeline = None if stream else resolve_pipeline(source, revision=revision, cache_dir=cache_dir, token=token)  # --stream: one model's shards
+        streamed = None
+        if stream:  # a pipeline on the Hub is read as --stream reads a model
+            from .hub import is_repo_id, open_streamed_pipeline
+
+            streamed = open_streamed_pipeline(source, scratch, revision=revision, token=token) if is_repo_id(source) else None
+        pipeline = streamed.scratch if streamed else None if stream else resolve_pipeline(source, revision=revision, cache_dir=cache_dir, token=token)
         if pipeline is not None:
             if allow_pickle:
                 raise click.UsageError("--allow-pickle is not supported for a diffusers pipeline yet: convert without it")
             chosen = tuple(c.strip() for c in components.split(",") if c.strip()) if components is not None else None
-            about = {"name": source, "repo_id": source} if pipeline != Path(source) else {"name": pipeline.name}
-            run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler}
+            about = {"name": pipeline.name} if pipeline == Path(source) else {"name": source, "repo_id": source, **({"revision": streamed.commit} if streamed else {})}
+            run = {"force": force, "kernel": kernel, "device": device, "workers": workers, "scheduler": scheduler, "streamed": streamed}
             path = _convert_pipeline(pipeline, output, options, chosen, about, run, dry_run=dry_run, quiet=quiet, verbose=verbose)
             if push_to is not None and path is not None:
                 from .hub import push as run_push
@@ -198,22 +203,28 @@ def _convert_pipeline(
     convert it (``run``: :func:`nf4convert.pipeline.convert_pipeline`'s keywords); returns the output
     folder (``None`` for a dry run)."""
     from .convert import plan_conversion
-    from .pipeline import component_options, convert_pipeline, read_components
+    from .pipeline import component_options, convert_pipeline, open_component, read_components
     from .write import check_output
 
     check_output(Path(output), source=folder, force=run["force"])
-    parts = read_components(folder, chosen)
+    parts = read_components(folder, chosen, weights=run["streamed"].weights() if run["streamed"] else None)
     if dry_run or not quiet:
         click.echo(f"Pipeline {folder.name}: {len(parts)} components")
         for c in parts:
             click.echo(f"  {'quantize' if c.quantize else 'copy':<8} {c.name} ({c.library} {c.class_name}): {c.reason}")
     if dry_run or verbose:
         for c in (c for c in parts if c.quantize):
-            print_plan(plan_conversion(folder / c.name, options=component_options(folder / c.name, options), kernel=run["kernel"]), verbose=verbose)
+            source = open_component(folder, c.name, run["streamed"])
+            print_plan(plan_conversion(source, options=component_options(source, options), kernel=run["kernel"]), verbose=verbose)
     if dry_run:
         click.echo("Nothing written (--dry-run).")
         return None
-    total = sum(p.stat().st_size for c in parts if c.quantize for p in (folder / c.name).glob("*.safetensors"))
+    streamed = run["streamed"]
+    quantized = {c.name for c in parts if c.quantize}
+    if streamed:
+        total = sum(size for name, (size, _) in streamed.published.items() if name.split("/")[0] in quantized)
+    else:
+        total = sum(p.stat().st_size for name in quantized for p in (folder / name).glob("*.safetensors"))
     began = time.perf_counter()
     with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=quiet, file=sys.stderr) as bar:
         path = convert_pipeline(folder, output, options=options, components=chosen, progress=bar.update, provenance=about, **run)

@@ -18,7 +18,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
 from diffusers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from diffusers.quantizers.bitsandbytes.bnb_quantizer import BnB4BitDiffusersQuantizer
@@ -28,7 +27,7 @@ from .errors import LoadError, SourceError
 from .loaded import refuse_uninitialized, stored_dtype
 from .read import NF4Checkpoint
 from .registry import swapped
-from .rowdecode import exact_on_cpu
+from .rowdecode import prepare_for_cpu, refuse_cpu_layout_off_cpu
 
 _BNB_4BIT = "bitsandbytes_4bit"
 
@@ -43,11 +42,8 @@ class NF4DiffusersQuantizer(BnB4BitDiffusersQuantizer):
         super().validate_environment(*args, **kwargs)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        exact_on_cpu(model)
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu":
-                if module.out_features % 32 or module.in_features % module.weight.quant_state.blocksize:
-                    module.support_avx512bf16_for_cpu = False
+        for module in prepare_for_cpu(model):
+            module.register_forward_pre_hook(refuse_cpu_layout_off_cpu)
         return super()._process_model_after_weight_loading(model, **kwargs)
 
 

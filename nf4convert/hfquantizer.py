@@ -28,7 +28,7 @@ from the folder's ``quantization_config``; for bitsandbytes 4-bit that is ``Bnb4
   AVX512-BF16 CPU path fails on layers with
   ``out_features % 32 != 0`` or ``in_features % blocksize != 0``; it is turned off for those. The
   layers that keep it refuse a forward on another device after ``.to(device)`` moved them in its
-  layout (:func:`refuse_cpu_layout_off_cpu`; bitsandbytes' ``.cuda()`` converts it back, ``.to`` does not).
+  layout (:func:`~nf4convert.rowdecode.refuse_cpu_layout_off_cpu`; bitsandbytes' ``.cuda()`` converts it back, ``.to`` does not).
 
 :func:`nf4_quantizer` makes transformers use it for the duration of one ``from_pretrained`` call.
 """
@@ -51,7 +51,7 @@ from .architecture import map_keys
 from .errors import LoadError
 from .experts import NF4Experts, place_experts
 from .hfloading import registered
-from .rowdecode import exact_on_cpu
+from .rowdecode import prepare_for_cpu, refuse_cpu_layout_off_cpu
 
 #: the key under which transformers looks up the bitsandbytes 4-bit quantizer class
 _BNB_4BIT = "bitsandbytes_4bit"
@@ -127,18 +127,6 @@ class PackFused(ConversionOps):
         return {}
 
 
-def refuse_cpu_layout_off_cpu(module: Any, args: tuple) -> None:
-    """A ``Linear4bit`` that bitsandbytes repacked into its AVX512-BF16 CPU layout on a CPU forward, then
-    moved with ``.to(device)`` (which keeps that layout; ``.cuda()`` converts it back), computes garbage
-    on the device: refuse the forward instead, saying what to do."""
-    x = args[0] if args else None
-    if isinstance(x, torch.Tensor) and x.device.type != "cpu" and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
-        raise LoadError(
-            f"a Linear4bit of this model holds bitsandbytes' AVX512-BF16 CPU layout (it ran on the CPU) on {x.device}: "
-            "move the model with model.cuda(), which converts it back, or load it with load_model(device=...)"
-        )
-
-
 class NF4HfQuantizer(Bnb4BitHfQuantizer):
     """transformers' bitsandbytes 4-bit quantizer, plus per-expert 4-bit experts, full-precision layers
     for weights the folder does not quantize, and CPU-independent shapes. :func:`nf4_quantizer` makes
@@ -191,13 +179,8 @@ class NF4HfQuantizer(Bnb4BitHfQuantizer):
         return super().update_weight_conversions(updated, model)
 
     def _process_model_after_weight_loading(self, model: Any, **kwargs: Any) -> Any:
-        exact_on_cpu(model)
-        for module in model.modules():
-            if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu":
-                if module.out_features % 32 or module.in_features % module.weight.quant_state.blocksize:
-                    module.support_avx512bf16_for_cpu = False
-                else:
-                    module.register_forward_pre_hook(refuse_cpu_layout_off_cpu)
+        for module in prepare_for_cpu(model):
+            module.register_forward_pre_hook(refuse_cpu_layout_off_cpu)
         return super()._process_model_after_weight_loading(model, **kwargs)
 
 

@@ -92,8 +92,9 @@ class HubShards:
     Attributes:
         repo_id, commit: the repo and the commit every file is fetched at.
         folder: the scratch folder (the source's root).
-        published: ``name -> (size, sha256)`` as the Hub lists each shard.
+        published: ``name -> (size, sha256)`` as the Hub lists each shard (names relative to ``folder``).
         endpoint: the Hub's URL; token: for private and gated repos (``None``: the worker's own).
+        prefix: where ``folder`` is in the repo (``"transformer/"``: a pipeline's component), else ``""``.
     """
 
     repo_id: str
@@ -102,12 +103,16 @@ class HubShards:
     published: dict[str, tuple[int, str]]
     endpoint: str
     token: str | None = None
+    prefix: str = ""
 
     def names(self) -> list[str]:
         return sorted(self.published)
 
     def _name(self, path: Path) -> str:
         return path.relative_to(self.folder).as_posix()
+
+    def _remote(self, name: str) -> str:
+        return self.prefix + name
 
     def header(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         """Two range requests: the length prefix, then the JSON header."""
@@ -116,7 +121,7 @@ class HubShards:
 
         name = self._name(path)
         size = self.published[name][0]
-        url = hf_hub_url(self.repo_id, name, revision=self.commit, endpoint=self.endpoint)
+        url = hf_hub_url(self.repo_id, self._remote(name), revision=self.commit, endpoint=self.endpoint)
 
         def get(first: int, last: int) -> bytes:
             headers = {**build_hf_headers(token=self.token), "Range": f"bytes={first}-{last}", "Accept-Encoding": "identity"}
@@ -138,8 +143,9 @@ class HubShards:
         from huggingface_hub import hf_hub_download
 
         name = self._name(path)
+        root = self.folder.parents[self.prefix.count("/") - 1] if self.prefix else self.folder  # the repo's local copy
         with _hub_errors(self.repo_id, self.commit, name):
-            got = Path(hf_hub_download(self.repo_id, name, revision=self.commit, local_dir=self.folder, token=self.token, endpoint=self.endpoint))
+            got = Path(hf_hub_download(self.repo_id, self._remote(name), revision=self.commit, local_dir=root, token=self.token, endpoint=self.endpoint))
         if got.stat().st_size != self.published[name][0]:
             raise HubError(f"{self.repo_id}/{name}: downloaded {got.stat().st_size} bytes, the Hub lists {self.published[name][0]}")
         return got
@@ -181,22 +187,19 @@ def _hub_errors(repo_id: str, revision: str | None = None, file: str | None = No
         raise HubError(f"{where}: Hub request failed ({e.__class__.__name__})") from None
 
 
-def open_streamed_source(repo_id: str, scratch: Path, *, revision: str | None = None, token: str | None = None) -> Source:
-    """A Hub repo read without downloading its weights first (``--stream``): the listing, the small
-    files (into ``scratch``) and each shard's header (two range requests); a shard is fetched into
-    ``scratch`` only when a task converts it (:class:`HubShards`).
+def _listing(repo_id: str, revision: str | None, token: str | None) -> tuple[str, dict[str, tuple[int, str]], list[str]]:
+    """A repo commit's shards (``name -> (size, sha256)`` as the Hub lists them) and small files.
 
     Raises:
-        HubError: the repo or revision cannot be resolved, or the Hub is unreachable or offline.
-        SourceNotFoundError, SourceError, FormatError: as :func:`~nf4convert.source.open_source`.
+        HubError: the repo or revision cannot be resolved, a shard has no LFS size and sha256, or the
+            Hub is unreachable or offline.
     """
-    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import HfApi
     from huggingface_hub import constants as hub_constants
 
     where = f"{repo_id}@{revision or 'main'}"
-    endpoint = hub_constants.ENDPOINT
     with _hub_errors(repo_id, revision):
-        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
+        info = HfApi(endpoint=hub_constants.ENDPOINT, token=token).model_info(repo_id, revision=revision, files_metadata=True)
     published: dict[str, tuple[int, str]] = {}
     small = []
     for f in info.siblings or []:
@@ -206,16 +209,86 @@ def open_streamed_source(repo_id: str, scratch: Path, *, revision: str | None = 
             published[f.rfilename] = (f.size, f.lfs.sha256)
         elif any(fnmatch.fnmatch(Path(f.rfilename).name, g) for g in ALLOW_PATTERNS):
             small.append(f.rfilename)
+    return str(info.sha), published, small
+
+
+def _download(repo_id: str, commit: str, names: list[str], scratch: Path, token: str | None) -> None:
+    from huggingface_hub import constants as hub_constants
+    from huggingface_hub import hf_hub_download
+
     scratch.mkdir(parents=True, exist_ok=True)
-    with _hub_errors(repo_id, revision):
-        for name in small:
-            hf_hub_download(repo_id, name, revision=info.sha, local_dir=scratch, token=token, endpoint=endpoint)
-    if not published:
-        raise SourceNotFoundError(f"{where}: no safetensors weights in the repository")
-    src = open_source(scratch, fetcher=HubShards(repo_id, info.sha, scratch, published, endpoint, token))
+    with _hub_errors(repo_id, commit):
+        for name in names:
+            hf_hub_download(repo_id, name, revision=commit, local_dir=scratch, token=token, endpoint=hub_constants.ENDPOINT)
+
+
+def _streamed(repo_id: str, commit: str, scratch: Path, prefix: str, published: dict[str, tuple[int, str]], token: str | None) -> Source:
+    """The source in ``scratch / prefix``, its shards (``published``, repo names) fetched when converted."""
+    from huggingface_hub import constants as hub_constants
+
+    mine = {n[len(prefix) :]: v for n, v in published.items() if n.startswith(prefix) and "/" not in n[len(prefix) :]}
+    if not mine:
+        raise SourceNotFoundError(f"{repo_id}@{commit}{'/' + prefix.rstrip('/') if prefix else ''}: no safetensors weights in the repository")
+    src = open_source(scratch / prefix, fetcher=HubShards(repo_id, commit, scratch / prefix, mine, hub_constants.ENDPOINT, token, prefix))
     src.name = repo_id
-    src.provenance.update(repo_id=repo_id, revision=info.sha)
+    src.provenance.update(repo_id=repo_id, revision=commit)
     return src
+
+
+def open_streamed_source(repo_id: str, scratch: Path, *, revision: str | None = None, token: str | None = None) -> Source:
+    """A Hub repo read without downloading its weights first (``--stream``): the listing, the small
+    files (into ``scratch``) and each shard's header (two range requests); a shard is fetched into
+    ``scratch`` only when a task converts it (:class:`HubShards`).
+
+    Raises:
+        HubError: the repo or revision cannot be resolved, or the Hub is unreachable or offline.
+        SourceNotFoundError, SourceError, FormatError: as :func:`~nf4convert.source.open_source`.
+    """
+    commit, published, small = _listing(repo_id, revision, token)
+    _download(repo_id, commit, [n for n in small if "/" not in n], scratch, token)
+    return _streamed(repo_id, commit, scratch, "", published, token)
+
+
+def open_streamed_pipeline(repo_id: str, scratch: Path, *, revision: str | None = None, token: str | None = None) -> StreamedPipeline | None:
+    """A Hub repo that holds a diffusers pipeline, read as ``--stream`` reads a model: its small files (every
+    component's config and tokenizer files) into ``scratch``; ``None`` for a repo that is no pipeline.
+
+    Raises:
+        HubError: as :func:`open_streamed_source`.
+    """
+    from .constants import PIPELINE_INDEX
+
+    commit, published, small = _listing(repo_id, revision, token)
+    if PIPELINE_INDEX not in small:
+        return None
+    _download(repo_id, commit, small, scratch, token)
+    return StreamedPipeline(repo_id, commit, scratch, published, token)
+
+
+@dataclass(frozen=True)
+class StreamedPipeline:
+    """A pipeline on the Hub, its small files in ``scratch``: each component's weights fetched when needed."""
+
+    repo_id: str
+    commit: str
+    scratch: Path
+    published: dict[str, tuple[int, str]]
+    token: str | None
+
+    def weights(self) -> set[str]:
+        """The components that have weights."""
+        return {name.split("/")[0] for name in self.published if name.count("/") == 1}
+
+    def download(self, component: str) -> None:
+        """Fetch a component's weights (one that is copied, not converted)."""
+        _download(self.repo_id, self.commit, sorted(n for n in self.published if n.startswith(component + "/")), self.scratch, self.token)
+
+    def source(self, component: str) -> Source:
+        """A component to convert, its shards fetched one at a time as it is converted."""
+        return _streamed(self.repo_id, self.commit, self.scratch, component + "/", self.published, self.token)
+
+    def identity(self) -> list[Any]:
+        return [self.repo_id, self.commit, sorted(self.published.items())]
 
 
 #: Marks the section ``push`` adds to a README.md of the user's (a later push replaces only it).

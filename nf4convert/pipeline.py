@@ -23,13 +23,17 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .constants import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME, PIPELINE_INDEX
 from .errors import OptionError, SourceError
 from .files import file_record, file_state, files_under, may_read
 from .plan import Options
+from .source import Source, open_source
 from .write import OutputFolder
+
+if TYPE_CHECKING:
+    from .hub import StreamedPipeline
 
 #: Component classes whose name starts so are autoencoders (VAEs): copied by default.
 AUTOENCODERS = ("Autoencoder", "VQModel")
@@ -65,8 +69,8 @@ def _weights(folder: Path) -> bool:
     return any(p.suffix == ".safetensors" for p in folder.iterdir() if p.is_file())
 
 
-def _default(name: str, library: str, class_name: str, folder: Path) -> tuple[bool, str]:
-    if not _weights(folder):
+def _default(name: str, library: str, class_name: str, folder: Path, has_weights: bool) -> tuple[bool, str]:
+    if not has_weights:
         return False, "no weights (copied)"
     if library == "diffusers":
         if class_name.startswith(AUTOENCODERS):
@@ -80,11 +84,12 @@ def _default(name: str, library: str, class_name: str, folder: Path) -> tuple[bo
     return False, f"a {library} component (copied)"
 
 
-def read_components(root: Path, components: tuple[str, ...] | None = None) -> list[Component]:
+def read_components(root: Path, components: tuple[str, ...] | None = None, *, weights: set[str] | None = None) -> list[Component]:
     """The pipeline's components, each with whether it is quantized.
 
     Args:
         components: quantize exactly these (``--components``); default: the module docstring's rule.
+        weights: the components that have weights, where they are not in ``root`` (``--stream``).
 
     Raises:
         SourceError: ``model_index.json`` is not valid, names a component without its folder, or a
@@ -110,10 +115,11 @@ def read_components(root: Path, components: tuple[str, ...] | None = None) -> li
             module = __import__(library)
             if not hasattr(module, class_name):
                 raise SourceError(f"{index_path}: {name!r} is a {library} {class_name}, a class {library} {module.__version__} does not have")
-        quantize, reason = _default(name, library, class_name, folder)
+        has_weights = name in weights if weights is not None else _weights(folder)
+        quantize, reason = _default(name, library, class_name, folder, has_weights)
         found.append(Component(name, library, class_name, quantize, reason))
     if components is not None:
-        models = {c.name for c in found if c.library in ("diffusers", "transformers") and _weights(root / c.name)}
+        models = {c.name for c in found if c.library in ("diffusers", "transformers") and (c.name in weights if weights is not None else _weights(root / c.name))}
         unknown = [c for c in components if c not in models]
         if unknown:
             raise OptionError(f"--components {unknown[0]!r}: not a model component of the pipeline (those are: {', '.join(sorted(models))})")
@@ -247,6 +253,7 @@ def convert_pipeline(
     provenance: dict[str, Any] | None = None,
     workers: int | None = None,
     scheduler: str | None = None,
+    streamed: StreamedPipeline | None = None,
 ) -> Path:
     """Convert a diffusers pipeline folder: its chosen components to NF4 (:func:`read_components`), the
     rest copied, one manifest over every file.
@@ -257,6 +264,8 @@ def convert_pipeline(
         provenance: what the manifest says of the source (default: the folder's name); the fields its
             ``README.md`` front matter sets are added (license, pipeline_tag, ...).
         workers, scheduler: run each component's shard tasks on a Dask cluster (as :func:`~nf4convert.convert.convert`).
+        streamed: ``source`` is the scratch folder of a pipeline on the Hub (``--stream``): each converted
+            component's shards are fetched one at a time as it is converted, the copied ones whole.
 
     Returns:
         The output folder: the pipeline's layout, loadable by ``DiffusionPipeline.from_pretrained`` (on a
@@ -270,16 +279,21 @@ def convert_pipeline(
     source, options = Path(source), options or Options()
     if options.importance is not None:
         raise OptionError("--importance: an importance file covers one model; convert each component of the pipeline with its own")
-    parts = read_components(source, components)
-    plans = {c.name: component_options(source / c.name, options) for c in parts if c.quantize}
+    parts = read_components(source, components, weights=streamed.weights() if streamed else None)
+    plans = {c.name: component_options(open_component(source, c.name, streamed), options) if options.skip else options for c in parts if c.quantize}
     unused = [p for p in options.skip if not any(p in o.skip for o in plans.values())]
     if unused:
         raise OptionError(f"--skip {unused[0]!r} matches no module of the quantized components ({', '.join(plans)})")
-    identity = [[c.name, c.quantize] for c in parts] + [[n, *file_state(source / n)] for n in files_under(source)] + [repr(options)]
+    files = streamed.identity() if streamed else [[n, *file_state(source / n)] for n in files_under(source)]
+    identity = [[c.name, c.quantize] for c in parts] + files + [repr(options)]
     fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
+    if streamed:
+        for c in parts:
+            if not c.quantize and c.name in streamed.weights():
+                streamed.download(c.name)
 
     def build(src: Path, dst: Path) -> None:
-        convert(src, dst, options=plans[src.name], kernel=kernel, device=device, progress=progress, workers=workers, scheduler=scheduler)
+        convert(open_component(source, src.name, streamed), dst, options=plans[src.name], kernel=kernel, device=device, progress=progress, workers=workers, scheduler=scheduler)
 
     from .source import card_fields
 
@@ -287,11 +301,14 @@ def convert_pipeline(
     return write_pipeline(source, Path(output), parts, build=build, force=force, fingerprint=fingerprint, provenance=about)
 
 
-def component_options(folder: Path, options: Options) -> Options:
-    """``options`` for one component: the ``--skip`` patterns that match its modules."""
-    from .source import open_source
+def open_component(root: Path, name: str, streamed: StreamedPipeline | None = None) -> Source:
+    """A component of the pipeline in ``root`` as a source (of ``streamed``: its shards fetched when converted)."""
+    return streamed.source(name) if streamed is not None else open_source(root / name)
 
+
+def component_options(source: Source, options: Options) -> Options:
+    """``options`` for one component: the ``--skip`` patterns that match its modules."""
     if not options.skip:
         return options
-    modules = [t.name.rpartition(".")[0] for t in open_source(folder).tensors]
+    modules = [t.name.rpartition(".")[0] for t in source.tensors]
     return replace(options, skip=tuple(p for p in options.skip if any(fnmatch.fnmatchcase(m, p) for m in modules)))

@@ -23,6 +23,8 @@ import bitsandbytes as bnb
 import torch
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
+from .errors import LoadError
+
 
 def dequantize_run(packed: torch.Tensor, absmax: torch.Tensor, *, n: int, blocksize: int, dtype: torch.dtype, code: torch.Tensor) -> torch.Tensor:
     """The ``n`` values of a run of NF4 blocks (float32 ``absmax``), in ``dtype``, by bitsandbytes'
@@ -90,3 +92,35 @@ def exact_on_cpu(model: torch.nn.Module) -> list[str]:
             module.support_avx512bf16_for_cpu = False
             changed.append(name)
     return changed
+
+
+def refuse_cpu_layout_off_cpu(module: Any, args: tuple) -> None:
+    """A ``Linear4bit`` that bitsandbytes repacked into its AVX512-BF16 CPU layout on a CPU forward, then
+    moved with ``.to(device)`` (which keeps that layout; ``.cuda()`` converts it back), computes garbage
+    on the device: refuse the forward instead, saying what to do."""
+    x = args[0] if args else None
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu" and getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+        raise LoadError(
+            f"a Linear4bit of this model holds bitsandbytes' AVX512-BF16 CPU layout (it ran on the CPU) on {x.device}: "
+            "move the model with model.cuda(), which converts it back, or load it with load_model(device=...)"
+        )
+
+
+def prepare_for_cpu(model: torch.nn.Module) -> list[Any]:
+    """Every ``Linear4bit`` of ``model`` on the CPU made to compute right on every CPU: the layers whose rows
+    are not whole blocks decode as one row (:func:`exact_on_cpu`), and bitsandbytes' AVX512-BF16 path is
+    off for the shapes it fails on (``out_features % 32 != 0`` or ``in_features % blocksize != 0``).
+
+    Returns:
+        The CPU layers that keep that path (on a CPU with AVX512-BF16 they repack on their first forward).
+    """
+    exact_on_cpu(model)
+    keeping = []
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and module.weight.device.type == "cpu":
+            if module.out_features % 32 or module.in_features % module.weight.quant_state.blocksize:
+                module.support_avx512bf16_for_cpu = False
+            else:
+                keeping.append(module)
+    return keeping
+

@@ -46,6 +46,20 @@ import torch
 HIDDEN, INTERMEDIATE, VOCAB = 4096, 11008, 32000
 
 
+def cut_shards(tensors: list[tuple[str, tuple[int, ...]]], shard_bytes: int) -> list[list[tuple[str, tuple[int, ...]]]]:
+    """bf16 tensors ``(name, shape)`` cut into shards of at most ``shard_bytes`` (a larger tensor alone), in order."""
+    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = 2 * torch.Size(shape).numel()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, shape))
+        size += nbytes
+    return shards
+
+
 def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2_000_000_000) -> int:
     """A Llama-shaped bf16 checkpoint with random weights, sharded with an index; returns its parameter count."""
     from safetensors.torch import save_file
@@ -64,15 +78,7 @@ def make_checkpoint(path: Path, layers: int, shard_bytes: int = 2_000_000_000) -
         tensors += [(f"{p}.mlp.gate_proj.weight", (INTERMEDIATE, HIDDEN)), (f"{p}.mlp.up_proj.weight", (INTERMEDIATE, HIDDEN))]
         tensors += [(f"{p}.mlp.down_proj.weight", (HIDDEN, INTERMEDIATE))]
     tensors += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in tensors:
-        nbytes = 2 * torch.Size(shape).numel()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
+    shards = cut_shards(tensors, shard_bytes)
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
@@ -154,15 +160,7 @@ def make_flux_checkpoint(path: Path, shard_bytes: int = 5_000_000_000) -> int:
     with torch.device("meta"):
         model = diffusers.FluxTransformer2DModel(guidance_embeds=True)
     tensors = [(n, tuple(t.shape)) for n, t in model.state_dict().items()]
-    shards: list[list[tuple[str, tuple[int, ...]]]] = [[]]
-    size = 0
-    for name, shape in tensors:
-        nbytes = 2 * torch.Size(shape).numel()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append((name, shape))
-        size += nbytes
+    shards = cut_shards(tensors, shard_bytes)
     g = torch.Generator().manual_seed(0)
     step = 32 << 20
     weight_map = {}

@@ -19,8 +19,10 @@ from nf4convert.load import load_model, load_state_dict
 from nf4convert.pipeline import convert_pipeline
 from nf4convert.plan import Options
 
+from .hubserver import COMMIT
 from .reference import reference_dequantize
 from .test_hub import cache_repo
+from .test_stream import online  # noqa: F401  (a fixture)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -147,7 +149,7 @@ def test_an_interrupted_pipeline_resumes_keeping_the_finished_components(flux, t
     real, calls = conversion.convert, []
 
     def second_fails(src, dst, **kwargs):
-        calls.append(Path(src).name)
+        calls.append(Path(getattr(src, "path", src)).name)
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(src, dst, **kwargs)
@@ -158,7 +160,7 @@ def test_an_interrupted_pipeline_resumes_keeping_the_finished_components(flux, t
     assert (tmp_path / "out.nf4convert-partial" / "text_encoder_2" / "nf4convert.json").is_file() and not (tmp_path / "out").exists()
     monkeypatch.setattr(conversion, "convert", real)
     calls.clear()
-    monkeypatch.setattr(conversion, "convert", lambda src, dst, **kw: calls.append(Path(src).name) or real(src, dst, **kw))
+    monkeypatch.setattr(conversion, "convert", lambda src, dst, **kw: calls.append(Path(getattr(src, "path", src)).name) or real(src, dst, **kw))
     convert_pipeline(flux, tmp_path / "out")
     assert calls == ["transformer"] and (tmp_path / "out" / "nf4convert.json").is_file()
 
@@ -204,3 +206,21 @@ def test_the_pipeline_card_says_diffusers_and_its_cpu_snippet_runs(flux_nf4, tmp
     assert len(snippets(card)) == 2
     printed = run_snippets(card, flux_nf4, "me/flux-nf4", tmp_path, skip="from diffusers import", after="print(type(pipe).__name__)")
     assert printed.strip().endswith("FluxPipeline")
+
+
+def test_a_hub_pipeline_streams_each_components_shards_and_writes_the_same_bytes(flux, flux_nf4, tmp_path, cli, online):
+    """--stream on a pipeline repo: small files first, each converted component's shards fetched one at a
+    time and deleted, the copied components' weights fetched whole; the same bytes as from a local folder."""
+    from .hubserver import serve
+
+    out, scratch = tmp_path / "out", tmp_path / "out.nf4convert-scratch"
+    with serve("org/flux-tiny", flux, scratch) as (hub, endpoint):
+        online(endpoint)
+        rc, text, err = cli("convert", "org/flux-tiny", out, "--stream", "--no-double-quant", "--compute-dtype", "float32", "--quiet")
+    assert rc == 0, err
+    ours, local = files(out), files(flux_nf4)
+    assert {k: v for k, v in ours.items() if not k.endswith("nf4convert.json")} == {k: v for k, v in local.items() if not k.endswith("nf4convert.json")}
+    assert json.loads(ours["nf4convert.json"])["source"] == {"name": "org/flux-tiny", "repo_id": "org/flux-tiny", "revision": COMMIT}
+    fetched = sorted(name for name, _ in hub.scratch_at_download)
+    assert fetched == sorted(p.relative_to(flux).as_posix() for p in flux.rglob("*.safetensors"))  # each once, whole
+    assert not scratch.exists()
