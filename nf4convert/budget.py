@@ -35,6 +35,7 @@ import torch
 from .constants import BLOCKSIZES, DTYPE_SIZES
 from .decisions import EXPERT_PATTERN
 from .errors import OptionError
+from .awq import scaled_importance, scalings_of
 from .importance import load_importance
 from .plan import Plan, PlannedTensor, make_plan
 from .quantize import NF4Weight, dequantize
@@ -121,7 +122,9 @@ def relative_errors(plan: Plan, *, smaller: int | None = None, kernel: str = "na
         ``(errors, smaller_errors)``: by weight name (``smaller_errors`` empty without ``smaller``).
     """
     options = plan.options
+    scalings = scalings_of(options.importance if options.awq else None, [t.name for t in plan.quantized if t.scaled])
     importance = load_importance(options.importance, [t.name for t in plan.quantized]) if options.importance else {}
+    importance = {name: scaled_importance(v, *scalings.get(name, (None, None))) for name, v in importance.items()}
     blocksizes = lambda t: (t.blocksize, smaller) if smaller else (t.blocksize,)  # noqa: E731
     noise: dict[str, list[float]] = {}
     signal: dict[str, float] = {}
@@ -134,7 +137,7 @@ def relative_errors(plan: Plan, *, smaller: int | None = None, kernel: str = "na
             for part in (x for t in tensors if t.source.packed is not None for x in t.source.packed):
                 sources.setdefault(part.shard, SourceShard(part.shard))
             items = [(t, start, stop) for t in tensors for start, stop in pieces(t, t.blocksize)]
-            weights = read_ahead(items, sources, pool, plan.source.fp8_block)
+            weights = read_ahead(items, sources, pool, plan.source.fp8_block, scalings)
             for t, start, stop in items:
                 piece, vector = on_device(next(weights), t, "cpu").reshape(-1), importance.get(t.name)
                 sums = noise.setdefault(t.name, [0.0] * len(blocksizes(t)))
@@ -144,7 +147,8 @@ def relative_errors(plan: Plan, *, smaller: int | None = None, kernel: str = "na
                     v = _element_weights(vector, start + at, chunk.numel(), t.source.info.numel).double() if vector is not None else None
                     signal[t.name] = signal.get(t.name, 0.0) + _weighted_sum(w.square(), v)
                     for i, blocksize in enumerate(blocksizes(t)):
-                        packed, absmax = quantize_piece(chunk, t, start + at, vector, blocksize=blocksize, kernel=kernel, scales=options.scales)
+                        searched = vector if options.scales == "search" else None
+                        packed, absmax = quantize_piece(chunk, t, start + at, searched, blocksize=blocksize, kernel=kernel, scales=options.scales)
                         restored = dequantize(NF4Weight(packed, absmax, (chunk.numel(),), torch.float32, blocksize))
                         sums[i] += _weighted_sum(restored.sub_(w).square_(), v)
     share = lambda name, i: noise[name][i] / signal[name] if signal[name] > 0 else 0.0  # noqa: E731

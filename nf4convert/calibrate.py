@@ -20,14 +20,19 @@ layer's experts, and the file counts them.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import json
 import logging
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .awq import METADATA_KEY as AWQ_KEY
+from .awq_search import Searcher, scaling_file
 from .decisions import EXPERT_PATTERN
 from .errors import LoadError, MissingDependencyError, SourceError, SourceNotFoundError
 from .files import sha256_file
@@ -40,11 +45,15 @@ if TYPE_CHECKING:
 def measure_importance(
     model: str | os.PathLike, text_file: str | os.PathLike, output: str | os.PathLike, *,
     device: str = "cpu", window: int = 512, batch_tokens: int = 16384, force: bool = False, progress: bool = False,
-    revision: str | None = None, cache_dir: str | os.PathLike | None = None,
+    revision: str | None = None, cache_dir: str | os.PathLike | None = None, awq: bool = False, blocksize: int = 64,
 ) -> int:  # fmt: skip
     """Measure the importance file ``output`` of ``model`` (a local folder, or a Hub repo id through
     the local cache) over the text of ``text_file``, a block at a time (see the module docstring), on
     ``device``, in batches of at most ``batch_tokens`` tokens. Returns the number of weights it weighs.
+
+    With ``awq``, the activation-aware scaling (:mod:`nf4convert.awq`) is found and searched in the same
+    pass, on each block's first batch, for NF4 at ``blocksize`` (:mod:`nf4convert.awq_search`), and stored
+    in the file for ``convert --awq``.
 
     Raises:
         MissingDependencyError: transformers is not installed.
@@ -55,11 +64,13 @@ def measure_importance(
         DeviceError: ``device`` does not exist here.
     """
     from .importance import check_replaceable
+    from .layout import check_blocksize
     from .quantize import check_device
     from .resolve import resolve_folder
     from .source import open_source
 
     check_device(device)
+    check_blocksize(blocksize)
     text_path, out = Path(text_file), Path(output)
     if not text_path.is_file():
         raise SourceNotFoundError(f"{text_path}: no such calibration text file")
@@ -91,11 +102,22 @@ def measure_importance(
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.offload-", dir=out.parent) as scratch:
         net = load_streamed(folder, source.config or {}, device, Path(scratch))
         statistics = Statistics(net)
-        with statistics, torch.no_grad():
-            _forward(net, windows.to(device), batch_tokens=batch_tokens, progress=progress)
-        statistics.close()
-    vectors, unrouted = statistics.vectors(net, [t.name for t in source.tensors])
-    write_importance(out, vectors, {"text_sha256": sha256_file(text_path), "windows": str(len(windows)), "experts_without_tokens": str(unrouted)})
+        searcher = Searcher(net, blocks(net), blocksize=blocksize, pause=statistics.paused) if awq else None
+        try:
+            with statistics, torch.no_grad():
+                _forward(net, windows.to(device), batch_tokens=batch_tokens, progress=progress)
+        finally:
+            statistics.close()
+            if searcher:
+                searcher.close()
+    keys = [t.name for t in source.tensors]
+    vectors, unrouted = statistics.vectors(net, keys)
+    metadata = {"text_sha256": sha256_file(text_path), "windows": str(len(windows)), "experts_without_tokens": str(unrouted)}
+    if searcher:
+        scales, scaling = scaling_file(searcher.found, net, keys, blocksize=blocksize)
+        vectors = {**vectors, **scales}
+        metadata[AWQ_KEY] = json.dumps(scaling)
+    write_importance(out, vectors, metadata)
     return len(vectors)
 
 
@@ -213,6 +235,7 @@ class Statistics:
         from .architecture import is_experts_module
 
         self.sums: dict[str, Any] = {}
+        self.paused_now = False
         self.counts: dict[str, Any] = defaultdict(int)
         self.fused: dict[str, tuple[Any, Any]] = {}  # parameter -> (sums [E, columns], tokens [E])
         self.expert_linears = [f"{n}.weight" for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and EXPERT_PATTERN.search(f".{n}.")]
@@ -223,11 +246,11 @@ class Statistics:
         class Mode(TorchFunctionMode):
             def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
                 out = func(*args, **(kwargs or {}))
-                if statistics._current is not None:
+                if statistics._current is not None and not statistics.paused_now:
                     statistics._see(func, args, kwargs or {}, out)
                 return out
 
-        self._mode = Mode()
+        self._mode = Mode() if any(is_experts_module(m) for m in model.modules()) else contextlib.nullcontext()  # its per-op cost only where it sees something
         self._hooks = [m.register_forward_hook(self._linear(f"{n}.weight")) for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
         for name, m in model.named_modules():
             if is_experts_module(m):
@@ -246,12 +269,23 @@ class Statistics:
         for h in self._hooks:
             h.remove()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Record nothing meanwhile (the scaling search's probe runs)."""
+        self.paused_now = True
+        try:
+            yield
+        finally:
+            self.paused_now = False
+
     def _enter(self, name: str | None, module: Any) -> None:
         self._current = (name, module) if name is not None else None
         self._slices.clear()
 
     def _linear(self, name: str) -> Any:
         def record(_module: Any, inputs: tuple, _output: Any) -> None:
+            if self.paused_now:
+                return
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
             self.counts[name] += x.shape[0]

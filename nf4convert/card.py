@@ -16,9 +16,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from .awq import scaling_summary
 from .constants import VERIFY_REPORT
-from .libraries import library_for
 from .files import human
+from .libraries import library_for
 
 #: What stands for the repo id in a card rendered without one (``push`` puts the repo id in).
 REPO_PLACEHOLDER = "REPO_ID"
@@ -40,6 +41,7 @@ def _settings(m: dict[str, Any], total: int) -> list[str]:
         ("block size", options.get("blocksize") if not options.get("small_blocks") else f"{options.get('blocksize')}, and 32 for the modules matching {', '.join(options['small_blocks'][:4])}{' ...' if len(options['small_blocks']) > 4 else ''} (a size budget's choice)"),
         ("double quantization", _yes(options.get("double_quant"))),
         ("scales", "searched per block (lower error, same format)" if options.get("scales") == "search" else "absmax (bitsandbytes' rule)"),
+        *([("activation-aware scaling", f"{scaling_summary(options['awq'])}, before quantizing; the float model's function is unchanged, the format is stock bitsandbytes; the scales are in `{options['awq']['file']}`")] if options.get("awq") else []),
         ("compute dtype", options.get("compute_dtype")),
         *([("output head quantized", _yes(options.get("quantize_lm_head")))] if has_head else []),
         ("kept in their dtype", f"{summary.get('tensors_kept')} tensors ({', '.join(options.get('skip') or []) or 'embeddings, norms, biases, routers, head'})"),

@@ -72,6 +72,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--keep-lm-head/--quantize-lm-head", default=True, show_default=True, help="Keep the output head unquantized.")
 @click.option("--scales", type=click.Choice(SCALE_METHODS), default="absmax", show_default=True, help="Block scales: absmax (bit-exact with bitsandbytes) or search (lower error, same format).")
 @click.option("--importance", type=click.Path(), default=None, help="With --scales search: weight each error by its input column's activation energy (a file from `nf4convert importance`).")
+@click.option("--awq", is_flag=True, help="Apply the activation-aware scaling of the --importance file (`nf4convert importance --awq`): a function-preserving rescaling of norms and linear layers before quantizing; same format, 0 bytes.")
 @click.option("--experts", type=click.Choice(EXPERT_MODES), default="quantize", show_default=True, help="MoE expert weights: quantize per expert, or keep them as transformers 5 does.")
 @click.option("--bits", type=float, default=None, metavar="B", help="Size budget: average B bits per parameter over the weights that would be quantized (e.g. 4.5); bits go where they remove the most error: blocksize 32 for some modules, others kept in their dtype. Measures every weight first.")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB.")
@@ -100,6 +101,7 @@ def convert(
     keep_lm_head: bool,
     scales: str,
     importance: str | None,
+    awq: bool,
     experts: str,
     bits: float | None,
     max_shard_size: str,
@@ -145,6 +147,7 @@ def convert(
         scales=scales,
         importance=importance,
         bits=bits,
+        awq=awq,
     )
     # beside OUTPUT like the partial folder, removed when done
     beside = lambda kind: Path(output).with_name(f"{Path(output).name}.nf4convert-{kind}")  # noqa: E731
@@ -420,19 +423,29 @@ def verify(path: str, source: str | None, as_json: bool, save: bool, revision: s
 @click.option("--revision", default=None, help="For a Hub repo id: the branch, tag or commit (from the local cache).")
 @click.option("--cache-dir", default=None, help="For a Hub repo id: the Hugging Face cache folder.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if it is an importance file nf4convert wrote.")
+@click.option("--awq", is_flag=True, help="Also find and search the activation-aware scaling (for `convert --awq`), on each block's first batch.")
+@click.option("--blocksize", type=click.Choice([str(b) for b in BLOCKSIZES]), default=str(DEFAULT_BLOCKSIZE), show_default=True, help="With --awq: the NF4 blocksize the scales are searched for.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 def importance(
-    model: str, output: str, text_file: str, device: str, window: int, batch_tokens: int, revision: str | None, cache_dir: str | None, force: bool, quiet: bool
-) -> None:
+    model: str, output: str, text_file: str, device: str, window: int, batch_tokens: int, revision: str | None, cache_dir: str | None, force: bool,
+    awq: bool, blocksize: str, quiet: bool,
+) -> None:  # fmt: skip
     """Measure the importance file for `convert --scales search --importance OUTPUT`: the mean squared
     activation entering each linear layer (and each MoE expert) of MODEL (a local folder, or a Hub repo id
-    in the local cache) over a text, one block at a time (the memory of one block, whatever the model's size)."""
+    in the local cache) over a text, one block at a time (the memory of one block, whatever the model's size).
+    With --awq, also the activation-aware scaling for `convert --awq --importance OUTPUT`."""
     from .calibrate import measure_importance
 
     n = measure_importance(
-        model, text_file, output, device=device, window=window, batch_tokens=batch_tokens, force=force, progress=not quiet, revision=revision, cache_dir=cache_dir
-    )
+        model, text_file, output, device=device, window=window, batch_tokens=batch_tokens, force=force, progress=not quiet, revision=revision,
+        cache_dir=cache_dir, awq=awq, blocksize=int(blocksize),
+    )  # fmt: skip
     click.echo(f"Wrote {output}: importance of {n} weights")
+    if awq:
+        from .awq import describe, record
+
+        for line in describe(record(output) or {}):
+            click.echo(f"  {line}")
 
 
 @cli.command(epilog=EXIT_CODES)

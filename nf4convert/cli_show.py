@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 
+from .awq import scaling_summary
 from .files import human
 from .plan import Plan
 
@@ -35,6 +36,13 @@ def print_plan(plan: Plan, *, verbose: bool) -> None:
                  else "keeps no module")
         small = f"; blocksize 32 for {b['small_blocks_parameters']:,} parameters" if b["small_blocks"] else ""
         click.echo(f"  budget --bits {b['bits']:g}: {b['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized; {keeps}{small}")
+    if plan.scaling is not None:
+        from .awq import describe
+
+        lines = describe(plan.scaling)
+        click.echo(f"  activation-aware scaling (--awq): {lines[0]}, {sum(t.scaled for t in plan.tensors)} tensors transformed")
+        for line in lines[1:]:
+            click.echo(f"  {line}")
     click.echo(f"  loads in: {'; '.join(plan.loaders)}")
     if verbose:
         for t in plan.tensors:
@@ -60,7 +68,7 @@ def print_summary(s: dict[str, Any]) -> None:
         short = {k: (f"[{', '.join(map(str, v[:3]))}, ... ({len(v)})]" if isinstance(v, list) and len(v) > 3 else v) for k, v in source.items()}
         click.echo(f"  source:    {', '.join(f'{k}={v}' for k, v in short.items())}")
     options = dict(s["options"])
-    budget, small = options.pop("budget", None), options.pop("small_blocks", None)
+    budget, small, scaling = options.pop("budget", None), options.pop("small_blocks", None), options.pop("awq", None)
     if s["blocksizes"]:  # what the weights have, whatever the options said
         options["blocksize"] = ", ".join(f"{b} ({n} weights)" for b, n in sorted(s["blocksizes"].items(), key=lambda kv: -kv[1])) if len(s["blocksizes"]) > 1 else next(iter(s["blocksizes"]))
     if options:
@@ -69,6 +77,8 @@ def print_summary(s: dict[str, Any]) -> None:
         kept = f"keeps {len(budget['kept'])} module(s) ({budget['kept_parameters']:,} parameters)" if budget["kept"] else "keeps no module"
         blocks = f"; blocksize 32 for {budget['small_blocks_parameters']:,} parameters ({', '.join(small or [])})" if small else ""
         click.echo(f"  budget:    --bits {budget['bits']:g}: {budget['bits_per_parameter']:.3f} bits/parameter over the weights that would be quantized; {kept}{blocks}")
+    if scaling:
+        click.echo(f"  scaling:   activation-aware (--awq), {scaling_summary(scaling)}; sha256 {scaling['sha256'][:16]}...")
     if s["decided_by"]:
         click.echo(f"  decided by {s['decided_by']}")
     if s["loaders"]:

@@ -22,6 +22,7 @@ from . import __version__
 from .constants import FORMAT_NAME, FORMAT_VERSION, MANIFEST_NAME
 from .errors import NF4ConvertError, QuantizationError, SourceError
 from .files import FileHasher, file_record, file_state
+from .awq import SCALES_FILE, scaling_manifest, write_scales
 from .importance import importance_record
 from .plan import Options, Plan, PlannedTensor, make_plan
 from .quantize import resolve_kernel
@@ -69,10 +70,11 @@ def shard_tasks(plan: Plan, folder: Path, *, kernel: str = "native", device: str
     that reads it and released (``--stream``: deleted) by the last."""
     first: dict[Path, int] = {}
     last: dict[Path, int] = {}
+    importance = Path(plan.options.importance).resolve() if plan.options.importance else None
     tasks = [
         ShardTask(
             name, tuple(shard), plan.options, folder, plan.source.fp8_block, fetcher=plan.source.fetcher,
-            importance=Path(plan.options.importance).resolve() if plan.options.importance else None, kernel=kernel, device=device,
+            importance=importance if plan.options.scales == "search" else None, scaling=importance if plan.options.awq else None, kernel=kernel, device=device,
         )  # fmt: skip
         for name, shard in zip(plan.shard_names(), plan.shards)
     ]
@@ -144,6 +146,7 @@ def manifest_options(plan: Plan) -> dict[str, Any]:
         "importance": importance_record(o.importance, len(plan.weighted)) if o.importance else None,
         "budget": plan.budget,
         "small_blocks": list(o.small_blocks),
+        "awq": scaling_manifest(plan.scaling, len([t for t in plan.tensors if t.scaled]), o.importance) if plan.scaling else None,
     }
 
 
@@ -299,7 +302,7 @@ def output_files(plan: Plan) -> set[str]:
     """Every file the output of ``plan`` holds (relative POSIX paths): shards, index, side files, config,
     manifest. What a replaced output's files of the user's must not be named (:func:`check_output`)."""
     src = plan.source
-    names = {*plan.shard_names(), MANIFEST_NAME, *(p.relative_to(src.root).as_posix() for p in src.side_files)}
+    names = {*plan.shard_names(), MANIFEST_NAME, *(p.relative_to(src.root).as_posix() for p in src.side_files), *([SCALES_FILE] if plan.scaling else [])}
     return names | ({plan.files.index} if len(plan.shards) > 1 else set()) | ({"config.json"} if src.config is not None else set())
 
 
@@ -321,6 +324,9 @@ def _write_output(plan: Plan, out: OutputFolder) -> Path:
     if src.config is not None:
         names.append("config.json")
         _write_json(out.path("config.json"), {**src.config, "quantization_config": plan.quantization_config()})
+    if plan.scaling is not None:  # what verify --source compares with
+        write_scales(plan.options.importance, out.path(SCALES_FILE))
+        names.append(SCALES_FILE)
     files += [file_record(out.path(name), name) for name in names]
     side_inputs = src.side_files + ([src.root / "config.json"] if src.config is not None else [])
     source_files += [file_record(p, p.relative_to(src.root).as_posix()) for p in side_inputs]

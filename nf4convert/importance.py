@@ -63,7 +63,7 @@ def check_importance(infos: dict[str, TensorInfo], shapes: dict[str, tuple[int, 
     for name, info in infos.items():
         if name in shapes and tuple(info.shape) != shapes[name]:
             want = f"{shapes[name][0]} experts x {shapes[name][1]}" if len(shapes[name]) == 2 else f"{shapes[name][0]}"
-            raise QuantizationError(f"{where}: {name} has {' x '.join(map(str, info.shape))} importance values, the weight has {want} input columns")
+            raise QuantizationError(f"{where}: {name} has {' x '.join(map(str, info.shape))} importance values, the weight has {want} input columns (an importance file of another model?)")
     covered = [name for name in shapes if name in infos]
     if not covered:
         raise QuantizationError(f"{where}: names none of the weights to quantize (an importance file of another model?)")

@@ -24,6 +24,8 @@ from .constants import (
     WeightFiles,
 )
 from .decisions import Decisions
+from .awq import check_scalings
+from .awq import record as awq_record
 from .errors import OptionError, QuantizationError
 from .files import FileHasher
 from .fp8 import LOGICAL_DTYPE, pair_scales
@@ -56,6 +58,8 @@ class Options:
         small_blocks: glob patterns over module names (as ``skip``) whose weights are quantized at
             blocksize 32, the smallest bitsandbytes reads (each weight's quant state says its own
             blocksize); what a size budget buys besides kept modules.
+        awq: apply the activation-aware scaling the importance file holds (:mod:`nf4convert.awq`) to
+            the weights before they are quantized (and to the norms and biases it divides).
     """
 
     blocksize: int = DEFAULT_BLOCKSIZE
@@ -69,6 +73,7 @@ class Options:
     importance: str | None = None
     bits: float | None = None
     small_blocks: tuple[str, ...] = ()
+    awq: bool = False
 
     def __post_init__(self) -> None:
         check_blocksize(self.blocksize)
@@ -78,8 +83,10 @@ class Options:
             raise OptionError("max shard size must be positive")
         if self.scales not in SCALE_METHODS:
             raise OptionError(f"invalid scale method {self.scales!r}; choose {' or '.join(SCALE_METHODS)}")
-        if self.importance is not None and self.scales != "search":
-            raise OptionError("--importance weights the scale search: it needs --scales search")
+        if self.awq and self.importance is None:
+            raise OptionError("--awq applies the scales measured by `nf4convert importance --awq`: give that file with --importance")
+        if self.importance is not None and self.scales != "search" and not self.awq:
+            raise OptionError("--importance weights the scale search (--scales search) or carries activation-aware scales (--awq): it needs one of them")
         if self.bits is not None and not BUDGET_BITS[0] <= self.bits <= BUDGET_BITS[1]:
             raise OptionError(f"--bits {self.bits:g}: a budget is {BUDGET_BITS[0]} (every weight in NF4) to {BUDGET_BITS[1]:g} bits per parameter")
         if self.experts not in EXPERT_MODES:
@@ -101,6 +108,7 @@ class PlannedTensor:
         blocksize: elements per absmax of this weight (the options', or 32 for ``small_blocks``).
         cast: for a kept tensor written in another dtype than the source's (diffusers' float32
             modules), that safetensors dtype.
+        scaled: transformed by the activation-aware scaling (``--awq``) before it is quantized or written.
     """
 
     source: SourceTensor
@@ -112,6 +120,7 @@ class PlannedTensor:
     scale: SourceTensor | None = None
     blocksize: int = DEFAULT_BLOCKSIZE
     cast: str | None = None
+    scaled: bool = False
 
     @property
     def name(self) -> str:
@@ -145,6 +154,7 @@ class Plan:
     shards: list[list[PlannedTensor]] = field(default_factory=list)
     weighted: list[str] = field(default_factory=list)  # the quantized weights the importance file weights
     budget: dict | None = None  # what --bits kept (nf4convert.budget.apply_budget)
+    scaling: dict | None = None  # the activation-aware scaling applied (--awq): the importance file's record
     hashes: FileHasher | None = None  # the source shards' hashes, begun while planning (convert.plan_conversion)
 
     @property
@@ -269,6 +279,13 @@ def make_plan(source: Source, options: Options) -> Plan:
     if options.importance is not None:
         shapes = {t.name: importance_shape(t.source.info.shape, transposed=t.transpose) for t in plan.quantized}
         plan.weighted = check_importance(read_importance_header(options.importance), shapes, where=options.importance)
+    if options.awq:
+        plan.scaling = awq_record(options.importance)
+        if plan.scaling is None:
+            raise QuantizationError(f"{options.importance}: holds no activation-aware scales; measure them with `nf4convert importance --awq`")
+        scaled = plan.scaling["tensors"]
+        check_scalings(options.importance, scaled, {t.name: tuple(t.source.info.shape) for t in plan.tensors if t.source.split is None and t.source.packed is None})
+        plan.tensors = planned = [replace(t, scaled=True) if t.name in scaled else t for t in planned]
     if not plan.quantized:
         reasons = Counter(t.reason for t in plan.kept if len(t.source.info.shape) == 2 and t.dtype in QUANTIZABLE_DTYPES)
         why = f"{decisions.decided_by}: " + ", ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) if reasons else "no 2-D floating-point linear weights found"

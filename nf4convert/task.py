@@ -36,6 +36,8 @@ from .errors import SourceError
 from .files import FileHasher, file_record, file_state
 from .fp8 import decode_rows
 from .mxfp4 import decode as decode_mxfp4
+from .awq import apply as apply_scaling
+from .awq import scaled_importance, scalings_of
 from .importance import load_importance
 from .layout import encode_quant_state
 from .plan import Options, PlannedTensor
@@ -70,6 +72,7 @@ class ShardTask:
         release: source shards no later task reads, given back to ``fetcher`` when done.
         fetcher: brings remote source shards to their paths (``--stream``), else ``None``.
         importance: the importance file weighting the scale search (``--importance``), else ``None``.
+        scaling: the importance file whose activation-aware scaling is applied (``--awq``), else ``None``.
         kernel: quantizer kernel (resolved: ``"native"`` or ``"eager"``).
         device: where to quantize.
     """
@@ -83,6 +86,7 @@ class ShardTask:
     release: tuple[Path, ...] = ()
     fetcher: ShardFetcher | None = None
     importance: Path | None = None
+    scaling: Path | None = None
     kernel: str = "native"
     device: str = "cpu"
 
@@ -104,8 +108,8 @@ def _parts(t: PlannedTensor) -> tuple:
 
 def _decoded(t: PlannedTensor) -> bool:
     """Whether tensor ``t`` is read as values, not copied as bytes (FP8, MXFP4, an expert's weight cut from
-    fused experts, a kept tensor cast to another dtype)."""
-    return t.scale is not None or t.source.packed is not None or t.source.split is not None or t.cast is not None
+    fused experts, a kept tensor cast to another dtype or transformed by the activation-aware scaling)."""
+    return t.scale is not None or t.source.packed is not None or t.source.split is not None or t.cast is not None or t.scaled
 
 
 def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple[int, int]]:
@@ -192,21 +196,24 @@ class SourceShard:
 
 
 def read_ahead(
-    items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, SourceShard], pool: ThreadPoolExecutor, fp8_block: tuple[int, int] | None
+    items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, SourceShard], pool: ThreadPoolExecutor, fp8_block: tuple[int, int] | None,
+    scalings: dict[str, tuple[Any, dict[str, torch.Tensor]]] | None = None,
 ) -> Iterator[torch.Tensor]:
     """The pieces ``(tensor, start, stop)`` in order, each read on ``pool`` while the one before is
     quantized: two reused buffers of the largest piece's size, whatever the model's size. A piece is a
     flat tensor (FP8 decoded to float32 with ``fp8_block`` scales), or the shaped weight where it is
     quantized transposed. An MXFP4 piece (whole experts) is read into buffers of its own and decoded
-    (:func:`nf4convert.mxfp4.decode`)."""
+    (:func:`nf4convert.mxfp4.decode`). A tensor in ``scalings`` (:func:`nf4convert.awq.scalings_of`)
+    comes transformed, in float32."""
     size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items if t.source.packed is None and t.source.split is None), default=0)
     buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(items) > 1 else len(items))]
     decoded_size = max((stop - start for t, start, stop in items if t.scale is not None), default=0)
     decoded = [torch.empty(decoded_size, dtype=torch.float32) for _ in buffers] if decoded_size else []
 
     scales: dict[str, torch.Tensor] = {}  # the FP8 scales of the weight being read (small: one per block)
+    scalings = scalings or {}
 
-    def read(i: int) -> torch.Tensor:
+    def read_raw(i: int) -> torch.Tensor:
         t, start, stop = items[i]
         if t.source.packed is not None:
             return _read_mxfp4(t, start, stop, sources)
@@ -224,6 +231,11 @@ def read_ahead(
             return decode_rows(data.view(-1, cols), scales[t.name], start // cols, fp8_block, decoded[i % 2]).reshape(-1)
         data = data.view(torch_dtypes()[info.dtype])
         return data.view(-1, *info.shape[1:]) if t.transpose else data
+
+    def read(i: int) -> torch.Tensor:
+        t, start, _ = items[i]
+        piece = read_raw(i)
+        return apply_scaling(piece, t.source.info.shape, start, *scalings[t.name]) if t.name in scalings else piece
 
     coming = pool.submit(read, 0) if items else None
     for i in range(len(items)):
@@ -308,14 +320,16 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write")]
     reader, io = pools
     options, device = task.options, task.device
+    scalings = scalings_of(task.scaling, [t.name for t in task.tensors if t.scaled])
     importance = load_importance(task.importance, [t.name for t in task.tensors if t.quantize]) if task.importance else {}
+    importance = {name: scaled_importance(v, *scalings.get(name, (None, None))) for name, v in importance.items()}
     try:
         items = [
             (t, start, stop)
             for t in task.tensors if t.quantize or _decoded(t)
             for start, stop in pieces(t, t.blocksize, _nested_in_pieces(t, options))
         ]  # fmt: skip
-        weights = read_ahead(items, sources, reader, task.fp8_block)
+        weights = read_ahead(items, sources, reader, task.fp8_block, scalings)
         pending: deque[Future] = deque()
 
         def submit(parts: list[tuple[str, Any, int]], done: int) -> None:

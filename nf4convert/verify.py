@@ -14,6 +14,8 @@ import torch
 
 from .constants import MANIFEST_NAME
 from .errors import FormatError, NF4ConvertError
+from .awq import apply as apply_scaling
+from .awq import SCALES_FILE, scalings_of
 from .files import is_plain_relative, may_read, sha256_file
 from .fp8 import SCALE_SUFFIX, decode_rows
 from .mxfp4 import decode as decode_mxfp4
@@ -162,6 +164,10 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
     originals = {t.name: t for t in src.tensors}
     transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
     cuts = {t["name"]: t["cut_from"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if isinstance(t.get("cut_from"), dict)}
+    if ckpt.manifest.get("options", {}).get("awq") and not (ckpt.root / SCALES_FILE).is_file():
+        return [*problems, f"{SCALES_FILE}: missing, so the scaled weights cannot be compared with the source"]
+    scaled = ckpt.manifest.get("options", {}).get("awq")
+    scalings = scalings_of(ckpt.root / SCALES_FILE, list(ckpt.quant_states)) if scaled else {}  # compared with the transformed source
     quality: dict[str, dict[str, float]] = {}
     opened: dict[Path, SafetensorsFile] = {}
     try:
@@ -188,6 +194,8 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                         scale = originals[key + SCALE_SUFFIX]
                         h = opened.get(scale.shard) or opened.setdefault(scale.shard, SafetensorsFile(scale.shard))
                         original = decode_rows(original.view(torch.uint8), h.tensor(scale.name), 0, src.fp8_block)
+                    if key in scalings:
+                        original = apply_scaling(original, tuple(original.shape), 0, *scalings[key])
                     shape = transposed_shape(q.shape) if key in transposed else q.shape
                     if tuple(original.shape) != tuple(shape):
                         problems.append(f"{key}: shape {list(shape)}, the source's is {list(original.shape)}")

@@ -132,7 +132,7 @@ def test_a_pickle_as_importance_file_is_refused_unread(tmp_path, cli):
 
 def test_importance_needs_the_search(tmp_path, cli):
     rc, _, err = cli("convert", minilm.get_model_path(), tmp_path / "out", "--importance", TEXT, "-q")
-    assert rc == 2 and err.strip() == "nf4convert: error: --importance weights the scale search: it needs --scales search"
+    assert rc == 2 and err.strip() == "nf4convert: error: --importance weights the scale search (--scales search) or carries activation-aware scales (--awq): it needs one of them"
 
 
 def test_measuring_a_model_without_a_tokenizer_says_what_is_missing(tmp_path, cli):

@@ -1,0 +1,495 @@
+"""Finding and searching the activation-aware scaling (:mod:`nf4convert.awq`) during the block-by-block
+calibration pass (:mod:`nf4convert.calibrate`), in the memory of one block.
+
+**Which producers feed which consumers** is measured on each block, not read from a table: after the
+block's first batch has run, the block is run again on one calibration window with hooks (its weights
+loaded as transformers' disk offload loads them, one module at a time):
+
+1. a baseline, recording every linear layer's input and the block's output;
+2. per candidate producer (every linear layer, and every module whose parameters are all vectors of one
+   length: norms), its output doubled while every linear layer's input is reset to its baseline value
+   after it is recorded (so only the direct paths show): a linear layer whose input columns came out
+   exactly doubled or unchanged is a consumer; one whose input changed otherwise (a softmax, a GELU, a
+   product of two projections) refuses the producer;
+3. one run per three bits of the producer's channel index, multiplying each channel by ``2**d`` for
+   its digit ``d`` (one bit at a time in float16): which channel feeds each consumer column (identity
+   after a norm; each query head's columns to its key-value head's channel under grouped-query attention);
+4. the proof: the producer's channels multiplied by random powers of two and each consumer's columns
+   divided by the same (both exact in every float dtype); the block's output must not change. A
+   producer whose output also reaches the block's output another way (a post-norm's residual), or is
+   read by something other than a linear layer (fused MoE experts), is refused here.
+
+A norm producer is then checked on its own: dividing its parameters by ``r`` must divide its output by
+``r`` (``offset`` 0), or, for a norm that computes ``1 + weight``, dividing ``1 + weight`` must
+(``offset`` 1); else it is refused.
+
+**The search** (AWQ's, Lin et al. 2023): for each group, ``s = t^α`` with ``t`` the mean absolute input
+per producer channel, normalized by ``sqrt(max s · min s)``, for ``α`` in ``0, 0.2, ..., 0.8`` and then
+the points of the grid ``0, 0.05, ..., 0.95`` within 0.15 of the best (11 of AutoAWQ's 20); each
+candidate quantizes every consumer's scaled weight with the default encoder at the conversion's
+blocksize, and the one with the least output error ``Σ tr(ΔW G ΔWᵀ)`` over the consumers wins, where
+``G = XᵀX`` is the Gram matrix of the consumer's input over the block's first calibration batch. ``α = 0``
+(no scaling) is a candidate, so a group is never made worse on the calibration text.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+#: The exponents tried (AutoAWQ's grid of 20): every ``COARSE``-th first, then the grid around the best.
+ALPHAS = tuple(i / 20 for i in range(20))
+COARSE = 4
+#: Bits of the producer's channel index one probe reads: its channels multiplied by ``2**digit`` (at most 128).
+DIGIT_BITS = 3
+
+
+@dataclass
+class Group:
+    """One producer and the consumers its output channels feed.
+
+    Attributes:
+        producer: its module name in the model.
+        norm: whether it is a norm (else a linear layer).
+        channels: its output channels.
+        consumers: consumer module name -> for each input column, the producer channel feeding it (-1: none).
+        offset: a norm's ``1 + weight`` offset (0 or 1).
+        scales: the chosen scale per producer channel (after :func:`search`).
+        alpha: the chosen exponent.
+        errors: the calibration output error without scaling and with the chosen scales.
+    """
+
+    producer: str
+    norm: bool
+    channels: int
+    consumers: dict[str, Any]
+    offset: float = 0.0
+    scales: Any = None
+    alpha: float = 0.0
+    errors: tuple[float, float] = (0.0, 0.0)
+
+
+@dataclass
+class Found:
+    """What :func:`find_groups` found in one block."""
+
+    groups: list[Group] = field(default_factory=list)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (producer, reason)
+
+
+def linear_modules(block: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """The block's linear layers (``nn.Linear`` and its subclasses, GPT-2's ``Conv1D``), by name."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    return {n: m for n, m in block.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
+
+
+def _is_norm_like(m: torch.nn.Module) -> bool:
+    params = [p for p in m._parameters.values() if p is not None]
+    return not any(True for _ in m.children()) and bool(params) and all(p.dim() == 1 and p.shape == params[0].shape for p in params)
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return out
+    values = out.values() if isinstance(out, dict) else out
+    return next(_first_tensor(v) for v in values if isinstance(v, (torch.Tensor, tuple, list, dict)))
+
+
+class _Runner:
+    """Runs a block on fixed inputs with hooks; records linear inputs, optionally resetting them."""
+
+    def __init__(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.block, self.args, self.kwargs = block, args, kwargs
+        self.linears = linear_modules(block)
+        self.baseline: dict[str, list[torch.Tensor]] = {}
+        self.output: torch.Tensor | None = None
+        self.dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), None)
+
+    def run(self, *, producer: str | None = None, factors: torch.Tensor | None = None, reset: bool = False,
+            divide: dict[str, torch.Tensor] | None = None, record_input_of: str | None = None) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor | None]:  # fmt: skip
+        """One run: ``producer``'s output multiplied by ``factors`` (per channel), consumers' inputs
+        divided by ``divide[name]`` (per column), every linear input reset to the baseline after it is
+        recorded with ``reset``. Returns the recorded linear inputs, the block's output, and the
+        ``(args, kwargs)`` of module ``record_input_of``'s first call."""
+        import torch
+
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in self.linears}
+        captured: list[torch.Tensor] = []
+        hooks = []
+
+        def pre(name: str) -> Any:
+            def hook(_m: Any, args: tuple) -> Any:
+                x = args[0]
+                seen[name].append(x.detach().clone())
+                if reset and self.baseline:
+                    return (self.baseline[name][len(seen[name]) - 1], *args[1:])
+                if divide and name in divide:
+                    return (x / divide[name].to(x.device, x.dtype), *args[1:])
+                return None
+
+            return hook
+
+        for name, m in self.linears.items():
+            hooks.append(m.register_forward_pre_hook(pre(name)))
+        if producer is not None:
+            scale = lambda _m, _a, out: out * factors.to(out.device, out.dtype) if isinstance(out, torch.Tensor) else None  # noqa: E731
+            hooks.append(self.block.get_submodule(producer).register_forward_hook(scale))
+        if record_input_of is not None:
+            keep = lambda _m, a, k: captured.append((a, k)) and None  # noqa: E731
+            hooks.append(self.block.get_submodule(record_input_of).register_forward_pre_hook(keep, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                out = _first_tensor(self.block.forward(*self.args, **self.kwargs))
+        finally:
+            for h in hooks:
+                h.remove()
+        return seen, out.detach().clone(), (captured[0] if captured else None)
+
+
+def _compare(base: torch.Tensor, probed: torch.Tensor) -> torch.Tensor | None:
+    """Per column, the exponent ``e`` with ``probed == 2**e * base`` on every token (-1 for an all-zero
+    column, where any holds); ``None`` where some column is not a power of two of the baseline (not
+    proportional)."""
+    import torch
+
+    b, p = base.float().reshape(-1, base.shape[-1]), probed.float().reshape(-1, probed.shape[-1])
+    if b.shape != p.shape:
+        return None
+    at = b.abs().argmax(0, keepdim=True)  # each column's largest baseline value says its exponent
+    top, moved = b.gather(0, at)[0], p.gather(0, at)[0]
+    zero = top == 0
+    exponent = torch.where(zero, 0.0, (moved / torch.where(zero, 1.0, top)).abs().clamp(min=2**-30, max=2**30).log2().round())
+    factor = torch.where(zero, 1.0, 2.0**exponent)
+    if not bool(((p - factor * b).abs() <= 1e-3 * factor * b.abs()).all()) or bool((exponent < 0)[~zero].any()):
+        return None
+    return torch.where(zero, -1, exponent).long()
+
+
+def _columns(runner: _Runner, seen: dict[str, list[torch.Tensor]], producer: str) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Per linear whose input changed: the per-column exponent of :func:`_compare` (the largest over its
+    calls); or the reason the producer is refused."""
+    found: dict[str, torch.Tensor] = {}
+    for name, inputs in seen.items():
+        if name == producer:
+            continue
+        base = runner.baseline[name]
+        if len(inputs) != len(base):
+            return {}, f"{name} runs a different number of times when its output changes"
+        merged = None
+        for x, b in zip(inputs, base):
+            e = _compare(b, x)
+            if e is None:
+                return {}, f"its output reaches {name}'s input through a non-linear function"
+            if merged is not None and not bool(((e == merged) | (e < 0) | (merged < 0)).all()):
+                return {}, f"{name}'s input columns depend on its output differently from call to call"
+            merged = e if merged is None else merged.maximum(e)
+        if merged is not None and bool((merged > 0).any()):
+            found[name] = merged
+    return found, None
+
+
+def find_groups(block: torch.nn.Module, args: tuple, kwargs: dict, *, seed: int = 0) -> Found:
+    """The producer/consumer groups of ``block`` run on ``args``/``kwargs`` (see the module docstring)."""
+    import torch
+
+    runner = _Runner(block, args, kwargs)
+    runner.baseline, runner.output, _ = runner.run()
+    candidates = [n for n, m in block.named_modules() if n and (n in runner.linears or _is_norm_like(m))]
+    found = Found()
+    generator = torch.Generator().manual_seed(seed)
+    for producer in candidates:
+        channels = _channels(block.get_submodule(producer))
+        if channels is None or channels < 2:
+            continue
+        seen, _, _ = runner.run(producer=producer, factors=torch.full((channels,), 2.0), reset=True)
+        consumers, reason = _columns(runner, seen, producer)
+        if reason is None and any(bool((e > 1).any()) for e in consumers.values()):
+            reason = f"its output reaches {', '.join(n for n, e in consumers.items() if bool((e > 1).any()))} more than linearly"
+        if reason is not None:
+            found.refused.append((producer, reason))
+        if reason is not None or not consumers:
+            continue
+        maps = {n: torch.where(e == 1, 0, -1) for n, e in consumers.items()}
+        digit = 1 if runner.dtype == torch.float16 else DIGIT_BITS  # float16 has the least range for 2**7
+        for shift in range(0, math.ceil(math.log2(channels)), digit):
+            factors = 2.0 ** ((torch.arange(channels) >> shift) & ((1 << digit) - 1)).float()
+            seen, _, _ = runner.run(producer=producer, factors=factors, reset=True)
+            exponents, reason = _columns(runner, seen, producer)
+            if reason is not None:
+                break
+            for n in maps:
+                e = exponents.get(n, torch.zeros_like(maps[n])).clamp(min=0)
+                maps[n] = torch.where(maps[n] >= 0, maps[n] + (e << shift), maps[n])
+        if reason is not None:
+            found.refused.append((producer, f"its channels mix before they reach {', '.join(consumers)}"))
+            continue
+        factors = 2.0 ** torch.randint(-1, 2, (channels,), generator=generator).float()
+        divide = {n: torch.where(m >= 0, factors[m.clamp(min=0)], 1.0) for n, m in maps.items()}
+        _, out, captured = runner.run(producer=producer, factors=factors, divide=divide, record_input_of=producer)
+        if not _same(out, runner.output):
+            found.refused.append((producer, f"its output also reaches the block's output other than through {', '.join(sorted(maps))}"))
+            continue
+        group = Group(producer, producer not in runner.linears, channels, maps)
+        if group.norm:
+            offset = _norm_offset(block.get_submodule(producer), captured, generator)
+            if offset is None:
+                found.refused.append((producer, "its output is not proportional to its weights"))
+                continue
+            group.offset = offset
+        found.groups.append(group)
+    return found
+
+
+def _channels(m: torch.nn.Module) -> int | None:
+    """How many output channels module ``m`` has (a linear layer's outputs; a norm's parameter length)."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(m, Conv1D):
+        return int(m.weight.shape[1])
+    if hasattr(m, "out_features"):
+        return int(m.out_features)
+    params = [p for p in m._parameters.values() if p is not None]
+    return int(params[0].shape[0]) if params else None
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = float(b.float().abs().max()) or 1.0
+    return a.shape == b.shape and float((a.float() - b.float()).abs().max()) <= 1e-4 * scale
+
+
+def _norm_offset(norm: torch.nn.Module, call: tuple[tuple, dict], generator: torch.Generator) -> float | None:
+    """0 if dividing the norm's parameters by ``r`` divides its output by ``r``, 1 if dividing
+    ``1 + parameter`` does, else ``None``; computed in float32 on the inputs ``call`` it had."""
+    import torch
+    from accelerate.utils import align_module_device
+
+    as_float = lambda v: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v  # noqa: E731
+    args, kwargs = [as_float(a) for a in call[0]], {k: as_float(v) for k, v in call[1].items()}
+    run = lambda: type(norm).forward(norm, *args, **kwargs).float()  # noqa: E731
+
+    with align_module_device(norm), torch.no_grad():
+        params = {n: p for n, p in norm._parameters.items() if p is not None}
+        original = {n: p.data for n, p in params.items()}
+        r = 0.5 + 1.5 * torch.rand(next(iter(original.values())).shape, generator=generator)
+        try:
+            for p in params.values():
+                p.data = p.data.float()
+            y = run()
+            for offset in (0.0, 1.0):
+                for n, p in params.items():
+                    p.data = (original[n].float() + offset) / r - offset
+                if _close(run(), y / r):
+                    return offset
+        finally:
+            for n, p in params.items():
+                p.data = original[n]
+    return None
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    scale = float(b.abs().max()) or 1.0
+    return a.shape == b.shape and float((a - b).abs().max()) <= 1e-4 * scale
+
+
+def search(group: Group, weights: dict[str, torch.Tensor], grams: dict[str, tuple[torch.Tensor, torch.Tensor]], *, blocksize: int, kernel: str) -> None:
+    """Choose ``group``'s scales (see the module docstring). ``weights``: each consumer's weight as
+    ``[out, in]`` float32; ``grams``: each consumer's ``(XᵀX / n, mean |x|)`` over its input columns."""
+    import torch
+
+    channels = group.channels
+    total, count = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
+    for name, m in group.consumers.items():
+        mapped = m >= 0
+        total.index_add_(0, m[mapped], grams[name][1][mapped].double())
+        count.index_add_(0, m[mapped], torch.ones(int(mapped.sum()), dtype=torch.float64))
+    fed = count > 0
+    t = (total / count.clamp(min=1)).float().clamp(min=1e-8)
+    tried: dict[float, tuple[float, torch.Tensor]] = {}
+
+    def evaluate(alpha: float) -> None:
+        s = t.pow(alpha).clamp(min=1e-4)
+        s = torch.where(fed, s / (s[fed].max() * s[fed].min()).sqrt(), 1.0)
+        tried[alpha] = (sum(_output_error(weights[n], grams[n][0], torch.where(m >= 0, s[m.clamp(min=0)], 1.0), blocksize, kernel) for n, m in group.consumers.items()), s)
+
+    for alpha in ALPHAS[::COARSE]:
+        evaluate(alpha)
+    best = min(tried, key=lambda a: tried[a][0])
+    for alpha in ALPHAS[max(0, ALPHAS.index(best) - COARSE + 1) : ALPHAS.index(best) + COARSE]:
+        if alpha not in tried:
+            evaluate(alpha)
+    best = min(tried, key=lambda a: tried[a][0])
+    group.errors = (tried[0.0][0], tried[best][0])
+    group.alpha, group.scales = best, tried[best][1]
+
+
+def _output_error(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, blocksize: int, kernel: str) -> float:
+    """``tr(ΔW G ΔWᵀ)`` for the weight ``w`` quantized with its columns multiplied by ``columns``."""
+    from .quantize import NF4Weight, dequantize, quantize_nf4
+
+    scaled = w * columns
+    packed, absmax = quantize_nf4(scaled, blocksize=blocksize, kernel=kernel)
+    restored = dequantize(NF4Weight(packed, absmax, tuple(w.shape), w.dtype, blocksize)) / columns
+    delta = w - restored
+    return float((delta @ gram * delta).sum())
+
+
+class Searcher:
+    """Hooks on a streamed model's blocks (:func:`nf4convert.calibrate.load_streamed`): on each block's
+    first batch, the Gram matrices of its linear layers' inputs are accumulated; when the block is done,
+    its groups are found (with ``pause`` active, so the importance statistics do not see the probes) and
+    searched, and the Gram matrices dropped: the memory of one block."""
+
+    def __init__(self, model: torch.nn.Module, block_names: list[str], *, blocksize: int, pause: Any) -> None:
+        self.blocksize, self.pause = blocksize, pause
+        self.found: dict[str, Found] = {}
+        self._args: dict[str, tuple[tuple, dict]] = {}
+        self._capturing: str | None = None
+        self._grams: dict[str, list[Any]] = {}
+        self._shared: dict[tuple, list[Any]] = {}
+        self._hooks = []
+        for name in block_names:
+            block = model.get_submodule(name)
+            self._hooks.append(block.register_forward_pre_hook(self._enter(name), with_kwargs=True))
+            self._hooks.append(block.register_forward_hook(self._leave(name, block)))
+            for inner, m in linear_modules(block).items():
+                self._hooks.append(m.register_forward_pre_hook(self._record(name, inner)))
+
+    def close(self) -> None:
+        """Remove the hooks."""
+        for h in self._hooks:
+            h.remove()
+
+    def _enter(self, name: str) -> Any:
+        def hook(_m: Any, args: tuple, kwargs: dict) -> None:
+            if name not in self.found:
+                self._args[name] = (args, kwargs)
+                self._capturing = name
+
+        return hook
+
+    def _record(self, block: str, name: str) -> Any:
+        def hook(_m: Any, args: tuple) -> None:
+            if self._capturing != block:
+                return
+            x = args[0].detach()
+            key = (x.data_ptr(), tuple(x.shape))
+            entry = self._shared.get(key)
+            if entry is None:
+                x2 = x.reshape(-1, x.shape[-1]).float()
+                entry = self._shared[key] = [x2.T @ x2, x2.abs().sum(0), x2.shape[0]]
+            if name in self._grams and self._grams[name] is not entry:  # a layer run more than once (experts)
+                mine = self._grams[name]
+                self._grams[name] = [mine[0] + entry[0], mine[1] + entry[1], mine[2] + entry[2]]
+            else:
+                self._grams[name] = entry
+
+        return hook
+
+    def _leave(self, name: str, block: torch.nn.Module) -> Any:
+        def hook(*_: Any) -> None:
+            if name in self.found or name not in self._args:
+                return
+            self._capturing = None
+            self._shared.clear()
+            args, kwargs = self._args.pop(name)
+            try:
+                self.found[name] = self._search(block, *_first_window(args, kwargs))
+            finally:
+                self._grams.clear()
+
+        return hook
+
+    def _search(self, block: torch.nn.Module, args: tuple, kwargs: dict) -> Found:
+        from accelerate.utils import align_module_device
+        from transformers.pytorch_utils import Conv1D
+
+        with self.pause():
+            found = find_groups(block, args, kwargs)
+        linears = linear_modules(block)
+        grams = {n: (g / max(1, count), a / max(1, count)) for n, (g, a, count) in self._grams.items()}
+        for group in found.groups:
+            if any(n not in grams for n in group.consumers):
+                found.refused.append((group.producer, "a consumer did not run on the calibration text"))
+                continue
+            weights = {}
+            for n in group.consumers:
+                m = linears[n]
+                with align_module_device(m):
+                    w = m.weight.detach().float()
+                    weights[n] = (w.T if isinstance(m, Conv1D) else w).contiguous().cpu()
+            search(group, weights, {n: (grams[n][0].cpu(), grams[n][1].cpu()) for n in group.consumers}, blocksize=self.blocksize, kernel="auto")
+        found.groups = [g for g in found.groups if g.scales is not None]
+        return found
+
+
+def _first_window(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """The block's inputs cut to the first sequence of the batch (the probes' input)."""
+    import torch
+
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    batch = hidden.shape[0] if isinstance(hidden, torch.Tensor) and hidden.dim() >= 2 else 1
+
+    def cut(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v[:1] if batch > 1 and v.dim() >= 1 and v.shape[0] == batch else v
+        if isinstance(v, tuple):
+            return tuple(cut(x) for x in v)
+        if isinstance(v, list):
+            return [cut(x) for x in v]
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        return v
+
+    return cut(args), cut(kwargs)
+
+
+def scaling_file(found: dict[str, Found], model: torch.nn.Module, checkpoint_keys: list[str], *, blocksize: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The vectors and the record :mod:`nf4convert.awq` stores in the importance file, under the
+    checkpoint's tensor names (a group whose weights the checkpoint does not store one to one, as the
+    model holds them, is refused)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    from .architecture import map_keys
+    from .awq import PREFIX, Scaling
+
+    stored = {m.key: name for name, m in map_keys(model, checkpoint_keys).items() if m.expert is None and m.layout is None and not m.transposed and m.parts <= 1}
+    vectors: dict[str, torch.Tensor] = {}
+    tensors: dict[str, Scaling] = {}
+    groups, refused = [], []
+    for block, result in found.items():
+        refused += [{"producer": f"{block}.{p}", "reason": r} for p, r in result.refused]
+        for g in result.groups:
+            producer = model.get_submodule(f"{block}.{g.producer}")
+            changes: list[tuple[str, str, int, torch.Tensor, float]] = []  # (param, direction, axis, vector, offset)
+            for pname, p in producer.named_parameters(recurse=False):
+                axis = 0 if g.norm or pname != "weight" else (1 if isinstance(producer, Conv1D) else 0)
+                changes.append((f"{block}.{g.producer}.{pname}", "divide", axis, g.scales, g.offset if g.norm else 0.0))
+            for c, m in g.consumers.items():
+                axis = 0 if isinstance(model.get_submodule(f"{block}.{c}"), Conv1D) else 1
+                changes.append((f"{block}.{c}.weight", "multiply", axis, torch.where(m >= 0, g.scales[m.clamp(min=0)], 1.0), 0.0))
+            missing = [param for param, *_ in changes if param not in stored]
+            if missing:
+                refused.append({"producer": f"{block}.{g.producer}", "reason": f"{missing[0]} is not stored as the model holds it"})
+                continue
+            for param, direction, axis, vector, offset in changes:
+                name = stored[param]
+                key = f"{PREFIX}{name}.{direction}"
+                vectors[key] = vectors[key] * vector if key in vectors else vector.float().contiguous()
+                old = tensors.get(name, Scaling())
+                tensors[name] = Scaling(**{**old.as_dict(), direction: axis, **({"offset": offset} if direction == "divide" else {})})
+            module = lambda param: stored[param].rpartition(".")[0]  # noqa: E731
+            groups.append({
+                "producer": module(changes[0][0]), "consumers": [module(f"{block}.{c}.weight") for c in g.consumers],
+                "alpha": g.alpha, "error": [g.errors[0], g.errors[1]],
+            })  # fmt: skip
+    record = {"blocksize": blocksize, "groups": groups, "refused": refused, "tensors": {n: s.as_dict() for n, s in tensors.items()}}
+    return vectors, record
