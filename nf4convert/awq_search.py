@@ -299,16 +299,16 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and float((a - b).abs().max()) <= 1e-4 * scale
 
 
-def search(group: Group, weights: dict[str, torch.Tensor], grams: dict[str, tuple[torch.Tensor, torch.Tensor]], *, blocksize: int, kernel: str) -> None:
+def search(group: Group, weights: dict[str, torch.Tensor], inputs: dict[str, Inputs], *, blocksize: int, kernel: str) -> None:
     """Choose ``group``'s scales (see the module docstring). ``weights``: each consumer's weight as
-    ``[out, in]`` float32; ``grams``: each consumer's ``(XᵀX / n, mean |x|)`` over its input columns."""
+    ``[out, in]`` float32; ``inputs``: what each consumer received on the first calibration batch."""
     import torch
 
     channels = group.channels
     total, count = torch.zeros(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.float64)
     for name, m in group.consumers.items():
         mapped = m >= 0
-        total.index_add_(0, m[mapped], grams[name][1][mapped].double())
+        total.index_add_(0, m[mapped], inputs[name].mean_abs()[mapped].double())
         count.index_add_(0, m[mapped], torch.ones(int(mapped.sum()), dtype=torch.float64))
     fed = count > 0
     t = (total / count.clamp(min=1)).float().clamp(min=1e-8)
@@ -317,7 +317,7 @@ def search(group: Group, weights: dict[str, torch.Tensor], grams: dict[str, tupl
     def evaluate(alpha: float) -> None:
         s = t.pow(alpha).clamp(min=1e-4)
         s = torch.where(fed, s / (s[fed].max() * s[fed].min()).sqrt(), 1.0)
-        tried[alpha] = (sum(_output_error(weights[n], grams[n][0], torch.where(m >= 0, s[m.clamp(min=0)], 1.0), blocksize, kernel) for n, m in group.consumers.items()), s)
+        tried[alpha] = (sum(_output_error(weights[n], inputs[n], torch.where(m >= 0, s[m.clamp(min=0)], 1.0), blocksize, kernel) for n, m in group.consumers.items()), s)
 
     for alpha in ALPHAS[::COARSE]:
         evaluate(alpha)
@@ -330,15 +330,67 @@ def search(group: Group, weights: dict[str, torch.Tensor], grams: dict[str, tupl
     group.alpha, group.scales = best, tried[best][1]
 
 
-def _output_error(w: torch.Tensor, gram: torch.Tensor, columns: torch.Tensor, blocksize: int, kernel: str) -> float:
-    """``tr(ΔW G ΔWᵀ)`` for the weight ``w`` quantized with its columns multiplied by ``columns``."""
+class Inputs:
+    """What one linear layer received on a block's first batch: the rows themselves while there are no
+    more of them than its input columns, else their Gram matrix ``XᵀX`` (whichever is smaller), and the
+    sum of their absolute values per column."""
+
+    def __init__(self) -> None:
+        self.rows: list[torch.Tensor] = []
+        self.gram: torch.Tensor | None = None
+        self.abs_sum: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add rows ``x`` ``[n, columns]`` (float32)."""
+        import torch
+
+        self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
+        self.count += x.shape[0]
+        if self.gram is None and self.count <= x.shape[1]:
+            self.rows.append(x.clone())
+            return
+        if self.gram is None:
+            self.gram = sum((r.T @ r for r in self.rows), torch.zeros(x.shape[1], x.shape[1], device=x.device))
+            self.rows = []
+        self.gram += x.T @ x
+
+    def merged(self, other: Inputs) -> Inputs:
+        """Both layers' inputs (a layer run more than once in a batch)."""
+        out = Inputs()
+        for part in (self, other):
+            for r in part.rows:
+                out.add(r)
+            if part.gram is not None:
+                out.gram = part.gram.clone() if out.gram is None else out.gram + part.gram
+                out.abs_sum = part.abs_sum.clone() if out.abs_sum is None else out.abs_sum + part.abs_sum
+                out.count += part.count
+        if out.gram is not None and out.rows:
+            out.gram += sum(r.T @ r for r in out.rows)
+            out.rows = []
+        return out
+
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(1, self.count)).cpu()
+
+    def energy(self, delta: torch.Tensor) -> float:
+        """``Σ_tokens |Δ x|²`` per token: the output error a weight error ``delta`` ``[out, in]`` causes."""
+        import torch
+
+        if self.gram is not None:
+            return float((delta @ self.gram.to(delta.device) * delta).sum()) / max(1, self.count)
+        x = torch.cat(self.rows).to(delta.device)
+        return float((delta @ x.T).square().sum()) / max(1, self.count)
+
+
+def _output_error(w: torch.Tensor, inputs: Inputs, columns: torch.Tensor, blocksize: int, kernel: str) -> float:
+    """The output error (:meth:`Inputs.energy`) of weight ``w`` quantized with its columns multiplied by ``columns``."""
     from .quantize import NF4Weight, dequantize, quantize_nf4
 
     scaled = w * columns
     packed, absmax = quantize_nf4(scaled, blocksize=blocksize, kernel=kernel)
     restored = dequantize(NF4Weight(packed, absmax, tuple(w.shape), w.dtype, blocksize)) / columns
-    delta = w - restored
-    return float((delta @ gram * delta).sum())
+    return inputs.energy(w - restored)
 
 
 class Searcher:
@@ -352,8 +404,8 @@ class Searcher:
         self.found: dict[str, Found] = {}
         self._args: dict[str, tuple[tuple, dict]] = {}
         self._capturing: str | None = None
-        self._grams: dict[str, list[Any]] = {}
-        self._shared: dict[tuple, list[Any]] = {}
+        self._inputs: dict[str, Inputs] = {}
+        self._shared: dict[tuple, Inputs] = {}
         self._hooks = []
         for name in block_names:
             block = model.get_submodule(name)
@@ -382,14 +434,11 @@ class Searcher:
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape))
             entry = self._shared.get(key)
-            if entry is None:
-                x2 = x.reshape(-1, x.shape[-1]).float()
-                entry = self._shared[key] = [x2.T @ x2, x2.abs().sum(0), x2.shape[0]]
-            if name in self._grams and self._grams[name] is not entry:  # a layer run more than once (experts)
-                mine = self._grams[name]
-                self._grams[name] = [mine[0] + entry[0], mine[1] + entry[1], mine[2] + entry[2]]
-            else:
-                self._grams[name] = entry
+            if entry is None:  # q, k and v read the same tensor: once
+                entry = self._shared[key] = Inputs()
+                entry.add(x.reshape(-1, x.shape[-1]).float())
+            mine = self._inputs.get(name)
+            self._inputs[name] = entry if mine is None or mine is entry else mine.merged(entry)
 
         return hook
 
@@ -403,7 +452,7 @@ class Searcher:
             try:
                 self.found[name] = self._search(block, *_first_window(args, kwargs))
             finally:
-                self._grams.clear()
+                self._inputs.clear()
 
         return hook
 
@@ -414,9 +463,8 @@ class Searcher:
         with self.pause():
             found = find_groups(block, args, kwargs)
         linears = linear_modules(block)
-        grams = {n: (g / max(1, count), a / max(1, count)) for n, (g, a, count) in self._grams.items()}
         for group in found.groups:
-            if any(n not in grams for n in group.consumers):
+            if any(n not in self._inputs for n in group.consumers):
                 found.refused.append((group.producer, "a consumer did not run on the calibration text"))
                 continue
             weights = {}
@@ -425,7 +473,7 @@ class Searcher:
                 with align_module_device(m):
                     w = m.weight.detach().float()
                     weights[n] = (w.T if isinstance(m, Conv1D) else w).contiguous().cpu()
-            search(group, weights, {n: (grams[n][0].cpu(), grams[n][1].cpu()) for n in group.consumers}, blocksize=self.blocksize, kernel="auto")
+            search(group, weights, {n: self._inputs[n] for n in group.consumers}, blocksize=self.blocksize, kernel="auto")
         found.groups = [g for g in found.groups if g.scales is not None]
         return found
 

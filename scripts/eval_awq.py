@@ -139,7 +139,8 @@ def report(result: dict) -> None:
     print("\nPerplexity gap to bf16 (bf16: " + ", ".join(f"{s['bf16_perplexity'][n]:.2f}" for n in names) + ")")
     print(f"| method | bits | {' | '.join(short)} |\n|---|---|{'---|' * len(names)}")
     for p in s["points"]:
-        print(f"| {p['method']} | {p['bits']:.3f} | {' | '.join(f'{p['gap'][n]:+.3f} ({100 * (p['gap'][n] / bnb['gap'][n] - 1):+.0f}%)' for n in names)} |")
+        cells = " | ".join(f"{p['gap'][n]:+.3f} ({100 * (p['gap'][n] / bnb['gap'][n] - 1):+.0f}%)" for n in names)
+        print(f"| {p['method']} | {p['bits']:.3f} | {cells} |")
     m = result["minilm"]
     print("\nall-MiniLM-L6-v2 (genuinely float32): mean 1 - cosine to float32 over", ", ".join(f"{k} sentences of {n.split('/')[-1][:28]}" for n, k in m["sentences"].items()))
     print(f"| method | {' | '.join(n.split('/')[-1][:28] for n in m['sentences'])} |\n|---|{'---|' * len(m['sentences'])}")

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nf4convert import awq
-from nf4convert.awq_search import Group, _output_error, find_groups, scaling_file, search
+from nf4convert.awq_search import Group, Inputs, _output_error, find_groups, scaling_file, search
 from nf4convert.calibrate import blocks, measure_importance
 from nf4convert.convert import convert, plan_conversion
 from nf4convert.errors import LoadError, OptionError, QuantizationError
@@ -143,18 +143,28 @@ def test_a_tensor_transformed_in_pieces_equals_it_transformed_whole(shape, multi
 
 
 def test_the_search_minimizes_the_true_output_error_and_never_exceeds_no_scaling():
-    """``tr(ΔW G ΔWᵀ)`` equals ``|ΔW Xᵀ|²`` over the tokens (an independent computation), and the
-    chosen scales do no worse than none on it."""
+    """The output error, from the tokens themselves (fewer than the columns) or from their Gram matrix
+    (more), equals ``|ΔW Xᵀ|²`` per token computed directly, and the chosen scales do no worse than none on it."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 128, generator=g) * (torch.rand(128, generator=g) * 4).exp()  # a few salient columns
     w = torch.randn(48, 128, generator=g)
     columns = torch.rand(128, generator=g) + 0.5
     packed, absmax = quantize_nf4(w * columns, blocksize=64)
     delta = w - dequantize(NF4Weight(packed, absmax, (48, 128), torch.float32, 64)) / columns
-    direct = float(((delta @ x.T) ** 2).sum())
-    assert _output_error(w, x.T @ x, columns, 64, "auto") == pytest.approx(direct, rel=1e-4)
+    direct = float(((delta @ x.T) ** 2).sum()) / 300
+    few, many = Inputs(), Inputs()
+    few.add(x[:100])
+    for part in x.split(70):
+        many.add(part)
+    assert few.gram is None and many.gram is not None
+    assert _output_error(w, many, columns, 64, "auto") == pytest.approx(direct, rel=1e-4)
+    assert _output_error(w, few, columns, 64, "auto") == pytest.approx(float(((delta @ x[:100].T) ** 2).sum()) / 100, rel=1e-4)
+    assert torch.allclose(many.mean_abs(), x.abs().mean(0))
+    rest = Inputs()
+    rest.add(x[100:])
+    assert _output_error(w, few.merged(rest), columns, 64, "auto") == pytest.approx(direct, rel=1e-4)  # a layer run twice in a batch
     group = Group("norm", True, 128, {"linear": torch.arange(128)})
-    search(group, {"linear": w}, {"linear": (x.T @ x / 300, x.abs().mean(0))}, blocksize=64, kernel="auto")
+    search(group, {"linear": w}, {"linear": many}, blocksize=64, kernel="auto")
     assert group.errors[1] <= group.errors[0]
     assert group.alpha > 0 and group.errors[1] < 0.9 * group.errors[0]  # salient columns: scaling pays
 
