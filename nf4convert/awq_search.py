@@ -531,7 +531,7 @@ def scaling_file(found: dict[str, Found], model: torch.nn.Module, checkpoint_key
             for param, direction, axis, vector, offset in changes:
                 name = stored[param]
                 key = f"{PREFIX}{name}.{direction}"
-                vectors[key] = vectors[key] * vector if key in vectors else vector.float().contiguous()
+                vectors[key] = vectors[key] * vector if key in vectors else vector.float().clone()  # a weight and its bias: two tensors
                 old = tensors.get(name, Scaling())
                 tensors[name] = Scaling(**{**old.as_dict(), direction: axis, **({"offset": offset} if direction == "divide" else {})})
             module = lambda param: stored[param].rpartition(".")[0]  # noqa: E731

@@ -8,8 +8,10 @@ decoder layers (scripts/bench.py's; 16 layers = 6.9 GB) and a character-level to
 Prints wall seconds (imports included), peak RSS and their ratios, and the largest relative difference
 between the two sets of vectors (the same operations on the same weights: expected 0).
 With --source DIR, a real checkpoint with its own tokenizer instead (e.g. eval.py's SmolLM2 bf16 folder),
-on --windows windows of scripts/data/apache-2.0.txt.
-Usage: python scripts/bench_importance.py [--layers 16] [--windows 2] [--window 128] [--source DIR] [--workdir bench-out]
+on --windows windows of scripts/data/apache-2.0.txt. With --awq, also `nf4convert importance --awq` (the
+activation-aware scaling found and searched in the same pass), and then `convert --awq` beside a plain
+`convert`, each with its wall time and peak RSS.
+Usage: python scripts/bench_importance.py [--layers 16] [--windows 2] [--window 128] [--source DIR] [--awq] [--workdir bench-out]
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=128)
     ap.add_argument("--source", type=Path, default=None)
     ap.add_argument("--workdir", type=Path, default=Path("bench-out"))
+    ap.add_argument("--awq", action="store_true", help="Also importance --awq, and convert with and without --awq.")
     args = ap.parse_args()
     import torch
     from safetensors import safe_open
@@ -94,6 +97,22 @@ def main() -> None:
     print(f"| nf4convert importance (a block at a time) | {streamed[0]:.1f} | {streamed[1] / gib:.2f} GiB | {streamed[0] / whole[0]:.2f}x time, {streamed[1] / whole[1]:.2f}x RSS |")
     print(f"| whole model in memory | {whole[0]:.1f} | {whole[1] / gib:.2f} GiB | 1.00x |")
     print(f"largest relative difference between the vectors: {diff:.3g} over {len(a)} weights")
+    if args.awq:
+        import shutil
+
+        scaled = work / "importance-awq.safetensors"
+        scaled.unlink(missing_ok=True)
+        searched = run_measured(["nf4convert", "importance", str(src), str(scaled), "--text", str(text), "--window", str(args.window), "--awq", "-q"], work)
+        print(f"| nf4convert importance --awq | {searched[0]:.1f} | {searched[1] / gib:.2f} GiB | {searched[0] / streamed[0]:.2f}x time, {searched[1] / streamed[1]:.2f}x RSS of importance |")
+        rows = {}
+        for name, extra in (("convert --scales search --importance", []), ("convert --awq --scales search --importance", ["--awq"])):
+            out = work / "awq-convert-out"
+            shutil.rmtree(out, ignore_errors=True)
+            rows[name] = run_measured(["nf4convert", "convert", str(src), str(out), "--scales", "search", "--importance", str(scaled), *extra, "-q"], work)
+            shutil.rmtree(out, ignore_errors=True)
+        base = rows["convert --scales search --importance"]
+        for name, (seconds, rss) in rows.items():
+            print(f"| {name} | {seconds:.1f} | {rss / gib:.2f} GiB | {seconds / base[0]:.2f}x time, {rss / base[1]:.2f}x RSS |")
     (work / "bench_importance.json").write_text(json.dumps({
         "checkpoint": what, "bytes": size, "windows": windows, "window": args.window, "max_rel_diff": diff,
         "streamed": {"seconds": streamed[0], "peak_rss": streamed[1]}, "whole": {"seconds": whole[0], "peak_rss": whole[1]},

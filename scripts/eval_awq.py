@@ -155,7 +155,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=Path("bench-out/eval"))
     work = ap.parse_args().workdir
     work.mkdir(parents=True, exist_ok=True)
-    result = {"smollm2": smollm2(work), "minilm": minilm(work)}
+    done = work / "eval-awq-smollm2.json"  # kept: a rerun after a failure in part 2 starts there
+    if not done.exists():
+        done.write_text(json.dumps(smollm2(work), indent=2))
+    result = {"smollm2": json.loads(done.read_text()), "minilm": minilm(work)}
     (work / "eval-awq.json").write_text(json.dumps(result, indent=2))
     report(result)
 

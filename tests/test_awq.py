@@ -192,6 +192,18 @@ def test_measured_scaling_is_stored_under_the_checkpoints_names(llama):
     assert all(g["error"][1] <= g["error"][0] for g in record["groups"])
 
 
+def test_producer_biases_are_scaled_too(tmp_path):
+    """Qwen2's v_proj has a bias: divided with its weight; the whole pass and conversion run through it."""
+    folder = tmp_path / "qwen2"
+    build("Qwen2ForCausalLM").save_pretrained(folder)
+    save_tokenizer(folder)
+    measure_importance(folder, TEXT, tmp_path / "imp.safetensors", window=32, awq=True)
+    record = awq.record(tmp_path / "imp.safetensors")
+    assert record["tensors"]["model.layers.0.self_attn.v_proj.bias"] == awq.Scaling(divide=0)
+    out = convert(folder, tmp_path / "out", options=Options(importance=str(tmp_path / "imp.safetensors"), awq=True))
+    assert verify(out, source=folder)["ok"]
+
+
 @pytest.mark.parametrize("scales", ["absmax", "search"])
 def test_convert_with_awq_is_recorded_verified_and_loads(tmp_path, llama, scales, cli):
     """The output loads in transformers as any bitsandbytes checkpoint; the manifest says which modules
