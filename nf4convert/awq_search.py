@@ -26,10 +26,12 @@ A norm producer is then checked on its own: dividing its parameters by ``r`` mus
 **The search** (AWQ's, Lin et al. 2023): for each group, ``s = t^α`` with ``t`` the mean absolute input
 per producer channel, normalized by ``sqrt(max s · min s)``, for ``α`` in ``0, 0.2, ..., 0.8`` and then
 the points of the grid ``0, 0.05, ..., 0.95`` within 0.15 of the best (11 of AutoAWQ's 20); each
-candidate quantizes every consumer's scaled weight with the default encoder at the conversion's
-blocksize, and the one with the least output error ``Σ tr(ΔW G ΔWᵀ)`` over the consumers wins, where
-``G = XᵀX`` is the Gram matrix of the consumer's input over the block's first calibration batch. ``α = 0``
-(no scaling) is a candidate, so a group is never made worse on the calibration text.
+candidate quantizes every consumer's scaled weight at the searched blocksize with the importance-weighted
+scale search (section 2.6, as ``convert --scales search --importance`` will; absmax scales where the
+native kernel does not build), and the one with the least output error ``Σ |ΔW Xᵀ|²`` over the
+consumers wins, ``X`` being the consumer's inputs on the block's first calibration batch (kept as their
+Gram matrix ``XᵀX`` where there are more tokens than columns). ``α = 0`` (no scaling) is a candidate, so
+a group is never made worse on the calibration text.
 """
 
 from __future__ import annotations
@@ -339,6 +341,7 @@ class Inputs:
         self.rows: list[torch.Tensor] = []
         self.gram: torch.Tensor | None = None
         self.abs_sum: torch.Tensor | None = None
+        self.square_sum: torch.Tensor | None = None
         self.count = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -346,6 +349,7 @@ class Inputs:
         import torch
 
         self.abs_sum = x.abs().sum(0) if self.abs_sum is None else self.abs_sum + x.abs().sum(0)
+        self.square_sum = x.square().sum(0) if self.square_sum is None else self.square_sum + x.square().sum(0)
         self.count += x.shape[0]
         if self.gram is None and self.count <= x.shape[1]:
             self.rows.append(x.clone())
@@ -364,6 +368,7 @@ class Inputs:
             if part.gram is not None:
                 out.gram = part.gram.clone() if out.gram is None else out.gram + part.gram
                 out.abs_sum = part.abs_sum.clone() if out.abs_sum is None else out.abs_sum + part.abs_sum
+                out.square_sum = part.square_sum.clone() if out.square_sum is None else out.square_sum + part.square_sum
                 out.count += part.count
         if out.gram is not None and out.rows:
             out.gram += sum(r.T @ r for r in out.rows)
@@ -372,6 +377,10 @@ class Inputs:
 
     def mean_abs(self) -> torch.Tensor:
         return (self.abs_sum / max(1, self.count)).cpu()
+
+    def mean_square(self) -> torch.Tensor:
+        """Per column: the importance (section 2.6) these inputs give."""
+        return (self.square_sum / max(1, self.count)).cpu()
 
     def energy(self, delta: torch.Tensor) -> float:
         """``Σ_tokens |Δ x|²`` per token: the output error a weight error ``delta`` ``[out, in]`` causes."""
@@ -384,11 +393,17 @@ class Inputs:
 
 
 def _output_error(w: torch.Tensor, inputs: Inputs, columns: torch.Tensor, blocksize: int, kernel: str) -> float:
-    """The output error (:meth:`Inputs.energy`) of weight ``w`` quantized with its columns multiplied by ``columns``."""
+    """The output error (:meth:`Inputs.energy`) of weight ``w`` quantized with its columns multiplied by
+    ``columns``: with the importance-weighted scale search (section 2.6) where the native kernel runs, as
+    ``convert --scales search --importance`` will quantize it (the importance of a scaled column is
+    divided by its scale squared), else with absmax scales."""
     from .quantize import NF4Weight, dequantize, quantize_nf4
 
     scaled = w * columns
-    packed, absmax = quantize_nf4(scaled, blocksize=blocksize, kernel=kernel)
+    if kernel == "native":
+        packed, absmax = quantize_nf4(scaled, blocksize=blocksize, kernel=kernel, scales="search", importance=(inputs.mean_square() / columns.square()).contiguous())
+    else:
+        packed, absmax = quantize_nf4(scaled, blocksize=blocksize, kernel=kernel)
     restored = dequantize(NF4Weight(packed, absmax, tuple(w.shape), w.dtype, blocksize)) / columns
     return inputs.energy(w - restored)
 
@@ -460,6 +475,8 @@ class Searcher:
         from accelerate.utils import align_module_device
         from transformers.pytorch_utils import Conv1D
 
+        from .quantize import resolve_kernel
+
         with self.pause():
             found = find_groups(block, args, kwargs)
         linears = linear_modules(block)
@@ -473,7 +490,7 @@ class Searcher:
                 with align_module_device(m):
                     w = m.weight.detach().float()
                     weights[n] = (w.T if isinstance(m, Conv1D) else w).contiguous().cpu()
-            search(group, weights, {n: self._inputs[n] for n in group.consumers}, blocksize=self.blocksize, kernel="auto")
+            search(group, weights, {n: self._inputs[n] for n in group.consumers}, blocksize=self.blocksize, kernel=resolve_kernel("auto", "cpu"))
         found.groups = [g for g in found.groups if g.scales is not None]
         return found
 
