@@ -7,6 +7,7 @@ import json
 import os
 import re
 import threading
+import time
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -110,6 +111,51 @@ def sha256_file(path: Path, *, stop: threading.Event | None = None) -> str:
 _CACHE_BLOB = re.compile(r"^[0-9a-f]{64}$")
 #: How the manifest says a source hash was not computed here.
 HUB_CACHE_HASH = "huggingface cache blob name"
+#: How the manifest says a source hash was computed by an earlier run and kept in :func:`remembered_sha256`'s cache.
+HASH_CACHE = "nf4convert hash cache"
+#: A file modified this recently may still change within its timestamp's granularity: its hash is not kept.
+_RACY_NS = 1_000_000_000
+
+
+def _identity(st: os.stat_result) -> list[int]:
+    """What any rewrite of a file changes (git's index keeps the same): device, inode, size, and the
+    modification and status-change times (the latter cannot be set back by a user)."""
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _entry(path: Path) -> Path:
+    return cache_dir() / "hashes" / f"{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:40]}.json"
+
+
+def remembered_sha256(path: Path) -> str | None:
+    """The sha256 an earlier run computed for ``path``, if the file is provably unchanged since (the same
+    :func:`_identity`); ``NF4CONVERT_HASH_CACHE=0`` turns the cache off."""
+    if os.environ.get("NF4CONVERT_HASH_CACHE") == "0":
+        return None
+    try:
+        entry = json.loads(_entry(path).read_text(encoding="utf-8"))
+        known = entry["identity"] == _identity(os.stat(path)) and entry["path"] == str(path.resolve())
+        return entry["sha256"] if known and isinstance(entry["sha256"], str) and _CACHE_BLOB.match(entry["sha256"]) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def remember_sha256(path: Path, before: os.stat_result, sha256: str) -> None:
+    """Keep ``sha256`` of ``path``, read while it had stat ``before``, if it still has (best effort: a
+    cache that cannot be written only costs the next run a read)."""
+    if os.environ.get("NF4CONVERT_HASH_CACHE") == "0":
+        return
+    try:
+        now = os.stat(path)
+        if _identity(now) != _identity(before) or time.time_ns() - max(now.st_mtime_ns, now.st_ctime_ns) < _RACY_NS:
+            return
+        entry = _entry(path)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        tmp = entry.with_name(f".{entry.name}.{os.getpid()}.{threading.get_native_id()}.tmp")
+        tmp.write_text(json.dumps({"path": str(path.resolve()), "identity": _identity(now), "sha256": sha256}), encoding="utf-8")
+        os.replace(tmp, entry)
+    except OSError:
+        pass
 
 
 def cached_sha256(path: Path) -> str | None:
@@ -126,12 +172,21 @@ def file_record(path: Path, name: str, *, stop: threading.Event | None = None, t
 
     Args:
         trust_cache: take the sha256 from a Hugging Face cache blob's name where there is one
-            (:func:`cached_sha256`; the record then says so in ``"sha256_from"``) instead of reading the file.
+            (:func:`cached_sha256`), else from an earlier run's hash of the unchanged file
+            (:func:`remembered_sha256`), instead of reading the file; the record then says which in
+            ``"sha256_from"``. A file it reads is remembered for the next run.
     """
     known = cached_sha256(path) if trust_cache else None
     if known is not None:
         return {"name": name, "size": path.stat().st_size, "sha256": known, "sha256_from": HUB_CACHE_HASH}
-    return {"name": name, "size": path.stat().st_size, "sha256": sha256_file(path, stop=stop)}
+    known = remembered_sha256(path) if trust_cache else None
+    if known is not None:
+        return {"name": name, "size": path.stat().st_size, "sha256": known, "sha256_from": HASH_CACHE}
+    before = os.stat(path)
+    digest = sha256_file(path, stop=stop)
+    if trust_cache:
+        remember_sha256(path, before, digest)
+    return {"name": name, "size": before.st_size, "sha256": digest}
 
 
 def file_state(path: Path) -> tuple[int, int]:

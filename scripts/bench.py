@@ -278,24 +278,75 @@ def quantizer_throughput(repeats: int = 5) -> dict[str, float]:
     return {"nf4convert": ours, "nf4convert_search": search, "nf4convert_search_importance": weighted, "bitsandbytes": bnb}
 
 
-def copy_baseline(source: Path, out_bytes: int, target: Path) -> float:
-    """Read every source shard and write (and fsync) out_bytes: the I/O an ideal converter cannot avoid."""
+COPY_CHUNK = 16 << 20
+
+
+def efficient_copy(source: Path, out_bytes: int, target: Path, *, kernel_copy: bool) -> float:
+    """The I/O floor of a conversion: read every source shard and write (and fsync) ``out_bytes``, as an
+    efficient copy does: one reused buffer filled by ``readinto``; the bytes written either from that
+    buffer (a quarter of each read, as NF4 is a quarter of bf16) or, with ``kernel_copy``, by
+    ``os.copy_file_range`` from the source without passing through user space."""
     start = time.perf_counter()
-    chunk = 64 << 20
+    buffer = bytearray(COPY_CHUNK)
+    view = memoryview(buffer)
     written = 0
-    with open(target, "wb") as out:
+    with open(target, "wb", buffering=0) as out:
         for shard in sorted(source.glob("*.safetensors")):
-            with open(shard, "rb") as f:
-                while block := f.read(chunk):
-                    keep = min(len(block) // 4 + 1, out_bytes - written)  # NF4 output is ~1/4 of bf16 input
+            with open(shard, "rb", buffering=0) as f:
+                if kernel_copy:
+                    want = min(out_bytes - written, shard.stat().st_size)
+                    while want > 0 and (n := os.copy_file_range(f.fileno(), out.fileno(), want)):
+                        written, want = written + n, want - n
+                    f.seek(0)
+                while n := f.readinto(buffer):
+                    keep = 0 if kernel_copy else min(n // 4 + 1, n, out_bytes - written)
                     if keep > 0:
-                        out.write(block[:keep])
+                        out.write(view[:keep])
                         written += keep
-        if written < out_bytes:
-            out.write(bytes(out_bytes - written))
-        out.flush()
+        buffer[:] = bytes(len(buffer))
+        while written < out_bytes:
+            written += out.write(view[: min(len(buffer), out_bytes - written)])
         os.fsync(out.fileno())
     return time.perf_counter() - start
+
+
+def copy_floor(source: Path, out_bytes: int, target: Path, *, cold: bool) -> float:
+    """The faster of the two efficient copies (:func:`efficient_copy`), each from a dropped page cache
+    (``cold``) or with the source read once before (warm): the floor a conversion is divided by."""
+    times = []
+    for kernel_copy in (False, True):
+        drop_page_cache(source) if cold else warm(source)
+        times.append(efficient_copy(source, out_bytes, target, kernel_copy=kernel_copy))
+        target.unlink()
+    return min(times)
+
+
+def drop_page_cache(*folders: Path) -> str:
+    """Empty the page cache: the whole machine's where this process may (``/proc/sys/vm/drop_caches`` as
+    root), else each file's under ``folders`` (``posix_fadvise(POSIX_FADV_DONTNEED)``, after a sync).
+    Returns which."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return "drop_caches"
+    except OSError:
+        for folder in folders:
+            for path in [folder] if folder.is_file() else (p for p in folder.rglob("*") if p.is_file()):
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+        return "posix_fadvise"
+
+
+def warm(source: Path) -> None:
+    """Read every source shard once (into the page cache); returns None (no cache dropped)."""
+    buffer = bytearray(COPY_CHUNK)
+    for shard in sorted(source.glob("*.safetensors")):
+        with open(shard, "rb", buffering=0) as f:
+            while f.readinto(buffer):
+                pass
 
 
 PEER = """
@@ -308,42 +359,48 @@ m.save_pretrained(sys.argv[2])
 
 
 def measure(src: Path, work: Path, workers: int | None = None, repeats: int = 3) -> dict:
-    """For one checkpoint, in this order: the copy baseline once (it warms the page cache); the first
-    conversion (an empty decisions cache, as for a model never converted here: transformers' modeling
-    import and its meta model; the compiled kernel is kept); ``repeats`` cached conversions and copy
-    baselines, alternating (medians); one ``--scales search`` conversion; with ``workers``, one on a
-    local Dask cluster of that many worker processes. CPU seconds by thread role are the median
-    cached run's."""
+    """For one checkpoint, in this order: the first conversion (an empty decisions cache, as for a model
+    never converted here: transformers' modeling import and its meta model; the compiled kernel is kept),
+    warm; then ``repeats`` rounds of a cold conversion (page cache dropped before), a cold copy floor, a
+    warm conversion (the source read once before) and a warm copy floor (medians of each); one ``--scales
+    search`` conversion, warm; with ``workers``, one on a local Dask cluster of that many worker
+    processes. CPU seconds by thread role are the median warm run's; the source's hashes are those of
+    the hash cache after the first conversion (``sha256_from``), as for any repeated conversion."""
     from nf4convert.files import cache_dir
 
     out = work / "nf4"
     shutil.rmtree(out, ignore_errors=True)
     cmd = ["nf4convert", "convert", str(src), str(out), "--quiet"]
-    print(f"copy baseline, {src.name} (warms the page cache) ...", file=sys.stderr)
-    copy_baseline(src, sum(p.stat().st_size for p in src.glob("*.safetensors")) // 4, work / "copy.bin")
-    (work / "copy.bin").unlink()
     fresh = work / "first-cache"
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir()
     for kernel in cache_dir().glob("nf4kernel-*"):
         shutil.copy2(kernel, fresh / kernel.name)
-    print(f"nf4convert convert {src.name} (first conversion: no cached decisions) ...", file=sys.stderr)
+    print(f"nf4convert convert {src.name} (first conversion: no cached decisions, no remembered hashes) ...", file=sys.stderr)
+    warm(src)
     first = run_measured(cmd, work, env={"NF4CONVERT_CACHE": str(fresh)})
     shutil.rmtree(fresh)
     manifest = json.loads((out / "nf4convert.json").read_text())
     out_bytes = sum(f["size"] for f in manifest["files"])
-    cached, copies = [], []
+    from nf4convert.files import file_record
+
+    for shard in src.glob("*.safetensors"):  # remembered, as after any conversion of this source here
+        file_record(shard, shard.name, trust_cache=True)
+    runs: dict[str, list] = {"cold": [], "warm": [], "cold_copy": [], "warm_copy": []}
+    method = None
     for i in range(repeats):
-        shutil.rmtree(out)
-        print(f"nf4convert convert {src.name} (cached, run {i + 1} of {repeats}) ...", file=sys.stderr)
-        cached.append(run_measured(cmd, work))
-        print("copy baseline ...", file=sys.stderr)
-        copies.append(copy_baseline(src, out_bytes, work / "copy.bin"))
-        (work / "copy.bin").unlink()
-    shutil.rmtree(out)
-    median = sorted(cached, key=lambda m: m.seconds)[len(cached) // 2]
-    copy_s = statistics.median(copies)
+        for state in ("cold", "warm"):
+            shutil.rmtree(out, ignore_errors=True)
+            how = drop_page_cache(src, work) if state == "cold" else warm(src)
+            method = how or method
+            print(f"nf4convert convert {src.name} ({state}, run {i + 1} of {repeats}) ...", file=sys.stderr)
+            runs[state].append(run_measured(cmd, work))
+            shutil.rmtree(out)
+            runs[f"{state}_copy"].append(copy_floor(src, out_bytes, work / "copy.bin", cold=state == "cold"))
+    median = {state: sorted(runs[state], key=lambda m: m.seconds)[len(runs[state]) // 2] for state in ("cold", "warm")}
+    floor = {state: statistics.median(runs[f"{state}_copy"]) for state in ("cold", "warm")}
     print(f"nf4convert convert {src.name} --scales search ...", file=sys.stderr)
+    warm(src)
     search_s = run_measured([*cmd, "--scales", "search"], work).seconds
     shutil.rmtree(out)
     dask_s = None
@@ -355,10 +412,15 @@ def measure(src: Path, work: Path, workers: int | None = None, repeats: int = 3)
     largest = max(t["shape"][0] * t["shape"][1] * 2 for t in manifest["tensors"]["quantized"] + manifest["tensors"]["kept"] if len(t["shape"]) == 2)
     return {
         "parameters": manifest["summary"]["parameters"], "bytes": src_bytes, "largest_tensor_bytes": largest,
-        "shards": len(list(src.glob("*.safetensors"))), "convert_s": median.seconds, "convert_runs_s": [m.seconds for m in cached],
-        "first_convert_s": first.seconds, "copy_baseline_s": copy_s, "copy_runs_s": copies,
-        "convert_vs_copy": median.seconds / copy_s, "first_vs_copy": first.seconds / copy_s,
-        "convert_peak_rss": max(m.peak_rss for m in [first, *cached]), "cpu_s": median.cpu, "first_cpu_s": first.cpu,
+        "shards": len(list(src.glob("*.safetensors"))), "dropped_by": method,
+        **{f"{state}_s": median[state].seconds for state in ("cold", "warm")},
+        **{f"{state}_runs_s": [m.seconds for m in runs[state]] for state in ("cold", "warm")},
+        **{f"{state}_copy_s": floor[state] for state in ("cold", "warm")},
+        **{f"{state}_copy_runs_s": runs[f"{state}_copy"] for state in ("cold", "warm")},
+        **{f"{state}_vs_copy": median[state].seconds / floor[state] for state in ("cold", "warm")},
+        "first_convert_s": first.seconds, "first_vs_warm_copy": first.seconds / floor["warm"],
+        "convert_peak_rss": max(m.peak_rss for m in [first, *runs["cold"], *runs["warm"]]), "cpu_s": median["warm"].cpu,
+        "cold_cpu_s": median["cold"].cpu, "first_cpu_s": first.cpu,
         "search_s": search_s, "output_bytes": out_bytes, "dask_s": dask_s, "workers": workers,
         "bits_per_parameter": manifest["summary"]["bits_per_parameter"],
         "quantized_bits_per_parameter": manifest["summary"]["quantized_bits_per_parameter"],
@@ -413,21 +475,25 @@ def main() -> None:
         ("quantizer, bitsandbytes quantize_4bit", f"{q['bitsandbytes'] / 1e6:,.0f} M params/s", "1.0x"),
     ]
     for shape, r in runs.items():
-        p, s_ = r["parameters"], r["convert_s"]
+        p, s_ = r["parameters"], r["warm_s"]
         rows += [
             (f"{shape}: checkpoint", f"{p / 1e9:.2f} G params, {r['bytes'] / gb:.2f} GB, {r['shards']} shard(s), largest tensor {r['largest_tensor_bytes'] / gb:.2f} GB as bf16", ""),
-            (f"{shape}: nf4convert convert (end to end, decisions cached; median of {len(r['convert_runs_s'])})", f"{s_:.1f} s ({p / s_ / 1e6:,.0f} M params/s, {r['bytes'] / s_ / gb:.2f} GB/s)", f"{r['convert_vs_copy']:.2f}x copy baseline"),
-            (f"{shape}: nf4convert convert, first conversion (no cached decisions)", f"{r['first_convert_s']:.1f} s", f"{r['first_vs_copy']:.2f}x copy baseline"),
-            (f"{shape}: CPU seconds of the median run", ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s"].items() if v >= 0.05), ""),
-            (f"{shape}: nf4convert convert --scales search", f"{r['search_s']:.1f} s ({p / r['search_s'] / 1e6:,.0f} M params/s)", f"{r['search_s'] / r['copy_baseline_s']:.2f}x copy baseline"),
-            (f"{shape}: copy baseline (read src, write+fsync out bytes; median of {len(r['copy_runs_s'])})", f"{r['copy_baseline_s']:.1f} s", "1.00x"),
+            *[(f"{shape}: nf4convert convert, {state} (page cache {'dropped by ' + r['dropped_by'] if state == 'cold' else 'holding the source'}; median of {len(r[state + '_runs_s'])})",
+               f"{r[state + '_s']:.1f} s ({p / r[state + '_s'] / 1e6:,.0f} M params/s, {r['bytes'] / r[state + '_s'] / gb:.2f} GB/s)", f"{r[state + '_vs_copy']:.2f}x the {state} copy floor")
+              for state in ("cold", "warm")],
+            *[(f"{shape}: copy floor, {state} (efficient copy: readinto one buffer, or copy_file_range; write+fsync the output's bytes; median of {len(r[state + '_copy_runs_s'])})", f"{r[state + '_copy_s']:.1f} s", "1.00x")
+              for state in ("cold", "warm")],
+            (f"{shape}: nf4convert convert, first conversion (no cached decisions or hashes), warm", f"{r['first_convert_s']:.1f} s", f"{r['first_vs_warm_copy']:.2f}x the warm copy floor"),
+            (f"{shape}: CPU seconds of the median warm run", ", ".join(f"{k} {v:.1f}" for k, v in r["cpu_s"].items() if v >= 0.05), ""),
+            (f"{shape}: CPU seconds of the first conversion", ", ".join(f"{k} {v:.1f}" for k, v in r["first_cpu_s"].items() if v >= 0.05), ""),
+            (f"{shape}: nf4convert convert --scales search, warm", f"{r['search_s']:.1f} s ({p / r['search_s'] / 1e6:,.0f} M params/s)", f"{r['search_s'] / r['warm_copy_s']:.2f}x the warm copy floor"),
             *([(f"{shape}: nf4convert convert --workers {r['workers']} (local Dask cluster, its start included)", f"{r['dask_s']:.1f} s ({p / r['dask_s'] / 1e6:,.0f} M params/s)", f"{s_ / r['dask_s']:.2f}x the single process's speed")] if r["dask_s"] else []),
             (f"{shape}: peak RSS, nf4convert convert", f"{r['convert_peak_rss'] / 2**20:,.0f} MiB", ""),
             (f"{shape}: output", f"{r['output_bytes'] / gb:.2f} GB, {r['bits_per_parameter']:.3f} bits/param overall", f"{r['quantized_bits_per_parameter']:.3f} for quantized weights"),
         ]
     if peer:
         rows += [
-            ("7b: transformers+bnb load + save_pretrained", f"{peer[0]:.1f} s", f"nf4convert {peer[0] / runs['7b']['convert_s']:.1f}x faster"),
+            ("7b: transformers+bnb load + save_pretrained", f"{peer[0]:.1f} s", f"nf4convert {peer[0] / runs['7b']['warm_s']:.1f}x faster (warm)"),
             ("7b: peak RSS, transformers+bnb", f"{peer[1] / 2**20:,.0f} MiB", f"{peer[1] / runs['7b']['convert_peak_rss']:.1f}x nf4convert's"),
         ]
     print("| measure | value | ratio |\n|---|---|---|")
