@@ -134,28 +134,45 @@ def scalings_of(path: str | os.PathLike | None, names: list[str]) -> dict[str, t
 
 
 def apply(values: torch.Tensor, shape: tuple[int, ...], start: int, scaling: Scaling, vectors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Elements ``[start, start + values.numel())`` of a tensor of ``shape`` (flattened row-major),
-    transformed, in float32, shaped as ``values``."""
+    """Elements ``[start, start + values.numel())`` of a tensor of ``shape`` (1-D, or 2-D flattened
+    row-major), transformed, in float32, shaped as ``values``. Whole rows are transformed as a 2-D view
+    with the vectors broadcast (no per-element index: a 64 MB piece costs its float32 copy alone)."""
     import torch
 
-    out = values.float().reshape(-1).clone() if values.dtype == torch.float32 else values.float().reshape(-1)
-    index = torch.arange(start, start + out.numel())
-    inner = [1] * len(shape)
-    for axis in range(len(shape) - 2, -1, -1):
-        inner[axis] = inner[axis + 1] * shape[axis + 1]
+    out = values.reshape(-1).float()
+    out = out.clone() if out.data_ptr() == values.data_ptr() else out
+    columns = shape[-1]  # a 1-D tensor is one row
+    row, column = divmod(start, columns)
+    at = 0
+    while at < out.numel():  # a partial first row, whole rows, a partial last row
+        left = out.numel() - at
+        width = min(columns - column, left)
+        rows = 1 if column or width < columns else left // columns
+        span = out[at : at + rows * width].view(rows, width)
+        _transform(span, row, column, scaling, vectors, len(shape))
+        at += rows * width
+        row, column = row + rows if column + width >= columns else row, (column + width) % columns
+    return out.view(values.shape)
 
-    def along(axis: int) -> torch.Tensor:
-        return (index // inner[axis]) % shape[axis]
+
+def _transform(span: torch.Tensor, row: int, column: int, scaling: Scaling, vectors: dict[str, torch.Tensor], ndim: int) -> None:
+    """Transform ``span`` in place: rows ``row...`` and columns ``column...`` of a 2-D tensor (of a 1-D
+    one, its elements ``column...`` as one row)."""
+    rows, width = span.shape
+
+    def along(axis: int, v: torch.Tensor) -> torch.Tensor:
+        if ndim == 1:
+            return v[column : column + width].view(1, width)
+        return v[row : row + rows].view(rows, 1) if axis == 0 else v[column : column + width].view(1, width)
 
     if scaling.multiply is not None:
-        out.mul_(vectors["multiply"][along(scaling.multiply)])
+        span.mul_(along(scaling.multiply, vectors["multiply"]))
     if scaling.divide is not None:
-        divisor = vectors["divide"][along(scaling.divide)]
+        divisor = along(scaling.divide, vectors["divide"])
         if scaling.offset:
-            out.add_(scaling.offset).div_(divisor).sub_(scaling.offset)
+            span.add_(scaling.offset).div_(divisor).sub_(scaling.offset)
         else:
-            out.div_(divisor)
-    return out.view(values.shape)
+            span.div_(divisor)
 
 
 def scaled_importance(importance: torch.Tensor, scaling: Scaling | None, vectors: dict[str, torch.Tensor] | None) -> torch.Tensor:

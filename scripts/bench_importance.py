@@ -111,7 +111,7 @@ def main() -> None:
             rows[name] = run_measured(["nf4convert", "convert", str(src), str(out), "--scales", "search", "--importance", str(scaled), *extra, "-q"], work)
             shutil.rmtree(out, ignore_errors=True)
         base = rows["convert --scales search --importance"]
-        for name, (seconds, rss) in rows.items():
+        for name, (seconds, rss, *_) in rows.items():
             print(f"| {name} | {seconds:.1f} | {rss / gib:.2f} GiB | {seconds / base[0]:.2f}x time, {rss / base[1]:.2f}x RSS |")
     (work / "bench_importance.json").write_text(json.dumps({
         "checkpoint": what, "bytes": size, "windows": windows, "window": args.window, "max_rel_diff": diff,
