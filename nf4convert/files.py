@@ -111,8 +111,6 @@ def sha256_file(path: Path, *, stop: threading.Event | None = None) -> str:
 _CACHE_BLOB = re.compile(r"^[0-9a-f]{64}$")
 #: How the manifest says a source hash was not computed here.
 HUB_CACHE_HASH = "huggingface cache blob name"
-#: How the manifest says a source hash was computed by an earlier run and kept in :func:`remembered_sha256`'s cache.
-HASH_CACHE = "nf4convert hash cache"
 #: A file modified this recently may still change within its timestamp's granularity: its hash is not kept.
 _RACY_NS = 1_000_000_000
 
@@ -172,16 +170,18 @@ def file_record(path: Path, name: str, *, stop: threading.Event | None = None, t
 
     Args:
         trust_cache: take the sha256 from a Hugging Face cache blob's name where there is one
-            (:func:`cached_sha256`), else from an earlier run's hash of the unchanged file
-            (:func:`remembered_sha256`), instead of reading the file; the record then says which in
-            ``"sha256_from"``. A file it reads is remembered for the next run.
+            (:func:`cached_sha256`; the record then says so in ``"sha256_from"``), else from an earlier
+            run's hash of the provably unchanged file (:func:`remembered_sha256`), instead of reading
+            the file. The record does not say the latter: it is the hash reading would give, and the
+            manifest stays the same bytes whichever run, process or worker hashed first (spec 8). A
+            file it reads is remembered for the next run.
     """
     known = cached_sha256(path) if trust_cache else None
     if known is not None:
         return {"name": name, "size": path.stat().st_size, "sha256": known, "sha256_from": HUB_CACHE_HASH}
     known = remembered_sha256(path) if trust_cache else None
     if known is not None:
-        return {"name": name, "size": path.stat().st_size, "sha256": known, "sha256_from": HASH_CACHE}
+        return {"name": name, "size": path.stat().st_size, "sha256": known}
     before = os.stat(path)
     digest = sha256_file(path, stop=stop)
     if trust_cache:

@@ -173,27 +173,18 @@ def test_quantize_lm_head_quantizes_it_and_transformers_still_loads(llama_dir, t
     assert model(torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
-def without_hash_provenance(manifest: Path) -> dict:
-    """A manifest less where its source hashes came from (read now, or remembered from an earlier run)."""
-    m = json.loads(manifest.read_text())
-    for record in m["source"]["files"]:
-        record.pop("sha256_from", None)
-    return m
-
-
 def test_output_is_deterministic(llama_dir, tmp_path):
-    """The same bytes, whatever the kernel; the manifests differ at most in where a source hash came from."""
     a = convert(llama_dir, tmp_path / "a", kernel="native")
-    b = convert(llama_dir, tmp_path / "b", kernel="eager")
-    for f in sorted(p.name for p in a.iterdir() if p.name != MANIFEST_NAME):
+    b = convert(llama_dir, tmp_path / "b", kernel="eager")  # its source hashes remembered from the first: the same manifest
+    for f in sorted(p.name for p in a.iterdir()):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
-    assert without_hash_provenance(a / MANIFEST_NAME) == without_hash_provenance(b / MANIFEST_NAME)
 
 
-def test_a_source_hashed_once_is_not_read_again_while_unchanged(tmp_path, monkeypatch):
-    """The second conversion takes each shard's sha256 from the hash cache (and says so); a shard
-    rewritten with its size and modification time restored is read again (its inode or status-change
-    time moved); NF4CONVERT_HASH_CACHE=0 turns the cache off."""
+def test_a_source_hash_is_remembered_only_while_the_file_is_provably_unchanged(tmp_path, monkeypatch):
+    """A shard hashed once is not read again for its hash while its device, inode, size, modification
+    and status-change times stay; rewritten with its size and modification time restored, it is read
+    again (its status-change time moved) and the manifest has the new hash; NF4CONVERT_HASH_CACHE=0
+    turns the cache off; a file written this instant is not remembered (it may still change unseen)."""
     import os
     import time
 
@@ -202,30 +193,33 @@ def test_a_source_hashed_once_is_not_read_again_while_unchanged(tmp_path, monkey
     from nf4convert import files
 
     monkeypatch.setenv("NF4CONVERT_CACHE", str(tmp_path / "cache"))
-    src = tmp_path / "src"
-    torch.manual_seed(0)
+    src, shard = tmp_path / "src", tmp_path / "src" / "model.safetensors"
     src.mkdir()
-    save_file({"a.weight": torch.randn(64, 128, dtype=torch.bfloat16), "b.weight": torch.randn(64, 128, dtype=torch.bfloat16)}, src / "model.safetensors")
-    time.sleep(1.1)  # older than the racy window: a file written this instant may still change unseen
-    first = json.loads((convert(src, tmp_path / "1") / MANIFEST_NAME).read_text())["source"]["files"]
-    second = json.loads((convert(src, tmp_path / "2") / MANIFEST_NAME).read_text())["source"]["files"]
-    assert "sha256_from" not in first[0] and second[0]["sha256_from"] == files.HASH_CACHE and second[0]["sha256"] == first[0]["sha256"]
-    assert (tmp_path / "1" / "model.safetensors").read_bytes() == (tmp_path / "2" / "model.safetensors").read_bytes()
+    torch.manual_seed(0)
+    save_file({"a.weight": torch.randn(64, 128, dtype=torch.bfloat16)}, shard)
+    convert(src, tmp_path / "0")
+    assert files.remembered_sha256(shard) is None  # written less than a second before
+    time.sleep(1.1)
+    first = json.loads((convert(src, tmp_path / "1") / MANIFEST_NAME).read_text())["source"]["files"][0]
+    assert files.remembered_sha256(shard) == first["sha256"] == sha256_file(shard)
+    second = (convert(src, tmp_path / "2") / MANIFEST_NAME).read_bytes()
+    assert second == (tmp_path / "1" / MANIFEST_NAME).read_bytes()
 
-    shard = src / "model.safetensors"
     data, st = bytearray(shard.read_bytes()), shard.stat()
-    data[-1] ^= 1  # same size; the modification time set back below
+    data[-1] ^= 1
     shard.write_bytes(bytes(data))
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert shard.stat().st_size == st.st_size and shard.stat().st_mtime_ns == st.st_mtime_ns
     assert files.remembered_sha256(shard) is None
-    third = json.loads((convert(src, tmp_path / "3") / MANIFEST_NAME).read_text())["source"]["files"]
-    assert "sha256_from" not in third[0] and third[0]["sha256"] == sha256_file(shard) != first[0]["sha256"]
+    third = json.loads((convert(src, tmp_path / "3") / MANIFEST_NAME).read_text())["source"]["files"][0]
+    assert third["sha256"] == sha256_file(shard) != first["sha256"]
 
     time.sleep(1.1)
-    convert(src, tmp_path / "4")  # remembered again
     monkeypatch.setenv("NF4CONVERT_HASH_CACHE", "0")
-    off = json.loads((convert(src, tmp_path / "5") / MANIFEST_NAME).read_text())["source"]["files"]
-    assert "sha256_from" not in off[0]
+    convert(src, tmp_path / "4")
+    assert files.remembered_sha256(shard) is None
+    monkeypatch.delenv("NF4CONVERT_HASH_CACHE")
+    assert files.remembered_sha256(shard) is None  # the rewrite was never remembered
 
 
 def test_dry_run_writes_nothing_and_shows_the_plan(llama_dir, tmp_path, cli):
