@@ -9,7 +9,7 @@ process, :mod:`nf4convert.cluster` on Dask workers: the same function either way
 Inside a task, weights are read in pieces of whole blocks (at most :data:`PIECE_BYTES` each) with
 ``pread`` into two reused buffers, each on a reader thread while the one before is quantized in the
 calling thread; a writer thread writes each piece's codes at its planned offset (and copies kept
-tensors in chunks), then a weight's absmax once all its pieces are done (double quantization needs
+tensors from source to output inside the kernel, ``copy_file_range``, where the file systems allow), then a weight's absmax once all its pieces are done (double quantization needs
 them all: 4 bytes per block, 1/16 of a bf16 weight at blocksize 64). Source shards are hashed by
 another thread meanwhile. Nothing is memory-mapped, so a source file truncated under the converter is
 a one-line error, not SIGBUS; at most a few pieces are in flight, so peak memory grows neither with the
@@ -53,6 +53,8 @@ _MAX_PENDING = 2
 #: size of a single tensor, and the bytes written do not depend on it (blocks are independent).
 PIECE_BYTES = 64 << 20
 
+#: The offset of a part that is a kept tensor copied whole from its source (:meth:`ShardWriter.copy`).
+COPY = -1
 _NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
 _DYNAMIC_TABLE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
 
@@ -269,9 +271,13 @@ def _read_split(t: PlannedTensor, sources: dict[Path, SourceShard]) -> torch.Ten
 
 
 def _store(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int, progress: Progress | None) -> None:
-    """Writer thread: write ``(key, data, byte offset)`` parts, then report ``done`` source bytes."""
+    """Writer thread: write ``(key, data, byte offset)`` parts (``(reader, info), COPY``: a kept tensor
+    copied from its source), then report ``done`` source bytes."""
     for key, value, offset in parts:
-        writer.write(key, value, offset)
+        if offset == COPY:
+            writer.copy(key, *value)
+        else:
+            writer.write(key, value, offset)
     if progress and done:
         progress(done)
 
@@ -341,8 +347,8 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             info = t.source.info
             src = sources[t.source.shard]
             src.check_unchanged()
-            if not t.quantize and not _decoded(t):
-                submit([(t.name, src.reader.chunks(info), 0)], info.nbytes)
+            if not t.quantize and not _decoded(t):  # copied as it is, inside the kernel where it can
+                submit([(t.name, (src.reader, info), COPY)], info.nbytes)
                 continue
             if not t.quantize:  # a kept FP8 or MXFP4 weight: its bfloat16 decoding; a kept cut expert weight: its values
                 size = DTYPE_SIZES[t.dtype]

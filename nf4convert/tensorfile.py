@@ -10,6 +10,7 @@ headers) with a :class:`~nf4convert.errors.FormatError` naming the file.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import mmap
@@ -284,6 +285,30 @@ class ShardReader:
             part = buffer[: min(self.CHUNK, info.nbytes - offset)]
             self.read_into(info, part, offset)
             yield part
+
+    def copy_to(self, info: TensorInfo, fd: int, offset: int) -> bool:
+        """Copy the tensor's bytes into file ``fd`` at ``offset`` inside the kernel (``copy_file_range``:
+        no pass through user space, a shared extent where the file system can). ``False``, with nothing
+        written, where the kernel or the file systems cannot.
+
+        Raises:
+            SourceError: the file ends before the tensor does.
+        """
+        copy = getattr(os, "copy_file_range", None)
+        done = 0
+        while done < info.nbytes:
+            try:
+                n = copy(self._fd, fd, info.nbytes - done, info.start + done, offset + done) if copy else -1
+            except OSError as e:
+                if done == 0 and e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
+                    return False
+                raise
+            if n < 0:
+                return False
+            if n == 0:
+                raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted")
+            done += n
+        return True
 
     def close(self) -> None:
         if self._fd >= 0:

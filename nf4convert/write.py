@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from .constants import DTYPE_SIZES
 from .errors import FormatError, OutputError
 from .files import files_under, recorded_files, sha256_file
-from .tensorfile import build_header
+from .tensorfile import ShardReader, TensorInfo, build_header
 
 if TYPE_CHECKING:
     import torch
@@ -337,6 +337,22 @@ class ShardWriter:
                 data, offset = data[n:], offset + n
         except OSError as e:
             raise OutputError(f"{self.path.parent}: cannot write the output ({e.strerror})") from None
+
+    def copy(self, name: str, reader: ShardReader, info: TensorInfo) -> None:
+        """Write a kept tensor whole, its bytes copied from the source file inside the kernel where it can
+        (:meth:`ShardReader.copy_to`: no pass through user space), else through a buffer."""
+        if name not in self.pending or self.written[name] or info.nbytes != self.sizes[name]:
+            raise FormatError(f"{self.path.name}: tensor {name!r} is not planned as {info.nbytes} bytes, or already written")
+        try:
+            copied = reader.copy_to(info, self.fd, self.offsets[name])
+        except OSError as e:
+            raise OutputError(f"{self.path.parent}: cannot write the output ({e.strerror})") from None
+        if not copied:
+            self.write(name, reader.chunks(info))
+            return
+        _start_writeback(self.fd, self.offsets[name], info.nbytes)
+        self.written[name] = info.nbytes
+        self.pending.discard(name)
 
     def write(self, name: str, data: memoryview | torch.Tensor | Iterator[memoryview], offset: int = 0) -> None:
         """Write a tensor's bytes, or part of them from ``offset`` bytes in, at their planned place: all at

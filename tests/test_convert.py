@@ -285,3 +285,20 @@ def test_single_file_source(llama_dir, tmp_path):
     out = convert(tmp_path / "one.safetensors", tmp_path / "out")
     assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "nf4convert.json"]
     assert set(open_checkpoint(out).quant_states) == {"layer.weight"}
+
+
+def test_kept_tensors_copied_through_a_buffer_where_the_kernel_cannot_are_the_same_bytes(llama_dir, tmp_path, monkeypatch):
+    """Kept tensors go from source to output inside the kernel (copy_file_range); across file systems or
+    where it is missing, through a buffer: the same bytes either way."""
+    import errno
+    import os
+
+    direct = convert(llama_dir, tmp_path / "direct")
+
+    def cross_device(*_args, **_kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    buffered = convert(llama_dir, tmp_path / "buffered")
+    for f in sorted(p.name for p in direct.iterdir()):
+        assert (direct / f).read_bytes() == (buffered / f).read_bytes(), f
