@@ -14,7 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from nf4convert import awq
-from nf4convert.awq_search import Group, Inputs, _output_error, find_groups, scaling_file, search
+from nf4convert.awq_probe import Group, find_groups
+from nf4convert.awq_search import Inputs, _output_error, scaling_file, search
 from nf4convert.calibrate import blocks, measure_importance
 from nf4convert.convert import convert, plan_conversion
 from nf4convert.errors import LoadError, OptionError, QuantizationError
