@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -326,6 +327,7 @@ class ShardWriter:
         self.pending = set(self.sizes)
         self.written = dict.fromkeys(self.sizes, 0)
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._flusher = ThreadPoolExecutor(1, thread_name_prefix="nf4-flush") if _SYNC_FILE_RANGE is not None else None
         self._pwrite(memoryview(header), 0)
         os.ftruncate(self.fd, len(header) + sum(self.sizes.values()))
 
@@ -350,7 +352,7 @@ class ShardWriter:
         if not copied:
             self.write(name, reader.chunks(info))
             return
-        _start_writeback(self.fd, self.offsets[name], info.nbytes)
+        self._writeback(self.offsets[name], info.nbytes)
         self.written[name] = info.nbytes
         self.pending.discard(name)
 
@@ -364,11 +366,18 @@ class ShardWriter:
             if offset + chunk.nbytes > self.sizes[name]:
                 raise FormatError(f"{self.path.name}: tensor {name!r} does not match the plan ({self.sizes[name]} bytes)")
             self._pwrite(chunk, self.offsets[name] + offset)
-            _start_writeback(self.fd, self.offsets[name] + offset, chunk.nbytes)
+            self._writeback(self.offsets[name] + offset, chunk.nbytes)
             offset += chunk.nbytes
             self.written[name] += chunk.nbytes
         if self.written[name] == self.sizes[name]:
             self.pending.discard(name)
+
+    def _writeback(self, offset: int, nbytes: int) -> None:
+        """:func:`_start_writeback` of a just-written range, on the flusher thread: the block allocation and
+        I/O submission it costs does not hold up the next write (the 7b bench, warm: 4.4 s against 4.7 s
+        with it inline, medians of 4 interleaved runs)."""
+        if self._flusher is not None and nbytes >= _WRITEBACK_MIN:
+            self._flusher.submit(_start_writeback, self.fd, offset, nbytes)
 
     def finish(self) -> None:
         """Check that every planned tensor was written, sync and close."""
@@ -382,6 +391,8 @@ class ShardWriter:
 
     def close(self) -> None:
         """Close the file (idempotent); an unfinished shard stays incomplete."""
+        if self._flusher is not None:
+            self._flusher.shutdown(wait=True)  # before its file descriptor goes
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
