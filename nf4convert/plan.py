@@ -284,6 +284,12 @@ def make_plan(source: Source, options: Options) -> Plan:
         if plan.scaling is None:
             raise QuantizationError(f"{options.importance}: holds no activation-aware scales; measure them with `nf4convert importance --awq`")
         scaled = plan.scaling["tensors"]
+        if not scaled:
+            reasons = sorted({r["reason"] for r in plan.scaling.get("refused", [])})[:2]
+            raise QuantizationError(
+                f"{options.importance}: no activation-aware scaling preserves this model's function"
+                + (f" ({'; '.join(reasons)})" if reasons else "") + ": convert without --awq"
+            )
         check_scalings(options.importance, scaled, {t.name: tuple(t.source.info.shape) for t in plan.tensors if t.source.split is None and t.source.packed is None})
         plan.tensors = planned = [replace(t, scaled=True) if t.name in scaled else t for t in planned]
     if not plan.quantized:

@@ -284,3 +284,19 @@ def test_the_scales_of_another_model_are_refused(tmp_path, llama, cli, changes):
     rc, _, err = cli("convert", other, tmp_path / "out", "--importance", importance, "--awq")
     assert rc == 4 and "another model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_model_where_no_scaling_preserves_the_function_is_refused(tmp_path, llama, cli):
+    """An importance file whose pass found no group (every producer refused): converting with --awq
+    would silently scale nothing, so it is one line naming the reasons, and nothing is written."""
+    folder, importance = llama
+    record = json.loads(safe_open(importance, "pt").metadata()[awq.METADATA_KEY])
+    record.update(groups=[], tensors={})
+    with safe_open(importance, "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not k.startswith(awq.PREFIX)}
+        metadata = {**f.metadata(), awq.METADATA_KEY: json.dumps(record)}
+    none = tmp_path / "none.safetensors"
+    save_file(tensors, none, metadata=metadata)
+    rc, _, err = cli("convert", folder, tmp_path / "out", "--importance", none, "--awq")
+    assert rc == 4 and "no activation-aware scaling preserves this model's function (its output reaches" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
