@@ -103,7 +103,7 @@ class _Runner:
         self.dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), None)
 
     def run(self, *, producer: str | None = None, factors: torch.Tensor | None = None, reset: bool = False,
-            divide: dict[str, torch.Tensor] | None = None, record_input_of: str | None = None) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, torch.Tensor | None]:  # fmt: skip
+            divide: dict[str, torch.Tensor] | None = None, record_input_of: str | None = None) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor, tuple | None]:  # fmt: skip
         """One run: ``producer``'s output multiplied by ``factors`` (per channel), consumers' inputs
         divided by ``divide[name]`` (per column), every linear input reset to the baseline after it is
         recorded with ``reset``. Returns the recorded linear inputs, the block's output, and the
@@ -111,14 +111,14 @@ class _Runner:
         import torch
 
         seen: dict[str, list[torch.Tensor]] = {n: [] for n in self.linears}
-        captured: list[torch.Tensor] = []
+        captured: list[tuple[tuple, dict]] = []
         hooks = []
 
         def pre(name: str) -> Any:
             def hook(_m: Any, args: tuple) -> Any:
                 x = args[0]
                 seen[name].append(x.detach().clone())
-                if reset and self.baseline:
+                if reset and len(self.baseline.get(name, ())) >= len(seen[name]):  # a layer run more often than in the baseline: _columns refuses
                     return (self.baseline[name][len(seen[name]) - 1], *args[1:])
                 if divide and name in divide:
                     return (x / divide[name].to(x.device, x.dtype), *args[1:])
