@@ -11,12 +11,13 @@ loaded as transformers' disk offload loads them, one module at a time):
    after it is recorded (so only the direct paths show): a linear layer whose input columns came out
    exactly doubled or unchanged is a consumer; one whose input changed otherwise (a softmax, a GELU, a
    product of two projections) refuses the producer;
-3. one run per three bits of the producer's channel index, multiplying each channel by ``2**d`` for
-   its digit ``d`` (one bit at a time in float16): which channel feeds each consumer column (identity
-   after a norm; each query head's columns to its key-value head's channel under grouped-query attention);
-4. the proof: the producer's channels multiplied by random powers of two and each consumer's columns
-   divided by the same (both exact in every float dtype); the block's output must not change. A
-   producer whose output also reaches the block's output another way (a post-norm's residual), or is
+3. which channel feeds each consumer column: the identity is tried first (the proof, step 4: it holds
+   after a norm, and from up to down); where it fails, one run per three bits of the channel index,
+   multiplying each channel by ``2**d`` for its digit ``d`` (one bit at a time in float16), reads the
+   map (each query head's columns to its key-value head's channel under grouped-query attention);
+4. the proof, twice: the producer's channels multiplied by random powers of two and each consumer's
+   columns divided by the same (both exact in every float dtype); the block's output must not change.
+   A producer whose output also reaches the block's output another way (a post-norm's residual), or is
    read by something other than a linear layer (fused MoE experts), is refused here.
 
 A norm producer is then checked on its own: dividing its parameters by ``r`` must divide its output by
@@ -206,26 +207,18 @@ def find_groups(block: torch.nn.Module, args: tuple, kwargs: dict, *, seed: int 
             found.refused.append((producer, reason))
         if reason is not None or not consumers:
             continue
-        maps = {n: torch.where(e == 1, 0, -1) for n, e in consumers.items()}
-        digit = 1 if runner.dtype == torch.float16 else DIGIT_BITS  # float16 has the least range for 2**7
-        for shift in range(0, math.ceil(math.log2(channels)), digit):
-            factors = 2.0 ** ((torch.arange(channels) >> shift) & ((1 << digit) - 1)).float()
-            seen, _, _ = runner.run(producer=producer, factors=factors, reset=True)
-            exponents, reason = _columns(runner, seen, producer)
+        maps = {n: torch.where(e == 1, torch.arange(e.numel()), -1) for n, e in consumers.items()}  # the identity, first
+        proof = _proof(runner, producer, channels, maps, generator) if all(m.numel() == channels for m in maps.values()) else None
+        if proof is None:  # not the identity: read the map
+            maps, reason = _read_map(runner, producer, channels, consumers)
             if reason is not None:
-                break
-            for n in maps:
-                e = exponents.get(n, torch.zeros_like(maps[n])).clamp(min=0)
-                maps[n] = torch.where(maps[n] >= 0, maps[n] + (e << shift), maps[n])
-        if reason is not None:
-            found.refused.append((producer, f"its channels mix before they reach {', '.join(consumers)}"))
-            continue
-        factors = 2.0 ** torch.randint(-1, 2, (channels,), generator=generator).float()
-        divide = {n: torch.where(m >= 0, factors[m.clamp(min=0)], 1.0) for n, m in maps.items()}
-        _, out, captured = runner.run(producer=producer, factors=factors, divide=divide, record_input_of=producer)
-        if not _same(out, runner.output):
+                found.refused.append((producer, reason))
+                continue
+            proof = _proof(runner, producer, channels, maps, generator)
+        if proof is None:
             found.refused.append((producer, f"its output also reaches the block's output other than through {', '.join(sorted(maps))}"))
             continue
+        captured = proof
         group = Group(producer, producer not in runner.linears, channels, maps)
         if group.norm:
             offset = _norm_offset(block.get_submodule(producer), captured, generator)
@@ -235,6 +228,42 @@ def find_groups(block: torch.nn.Module, args: tuple, kwargs: dict, *, seed: int 
             group.offset = offset
         found.groups.append(group)
     return found
+
+
+def _read_map(runner: _Runner, producer: str, channels: int, consumers: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str | None]:
+    """Which producer channel feeds each consumer column (-1: none), read from runs that multiply each
+    channel by ``2**d`` for ``DIGIT_BITS`` bits ``d`` of its index at a time; or the reason it cannot be."""
+    import torch
+
+    maps = {n: torch.where(e == 1, 0, -1) for n, e in consumers.items()}
+    digit = 1 if runner.dtype == torch.float16 else DIGIT_BITS  # float16 has the least range for 2**7
+    for shift in range(0, math.ceil(math.log2(channels)), digit):
+        factors = 2.0 ** ((torch.arange(channels) >> shift) & ((1 << digit) - 1)).float()
+        seen, _, _ = runner.run(producer=producer, factors=factors, reset=True)
+        exponents, reason = _columns(runner, seen, producer)
+        if reason is not None:
+            return maps, f"its channels mix before they reach {', '.join(consumers)}"
+        for n in maps:
+            e = exponents.get(n, torch.zeros_like(maps[n])).clamp(min=0)
+            maps[n] = torch.where(maps[n] >= 0, maps[n] + (e << shift), maps[n])
+    return maps, None
+
+
+def _proof(runner: _Runner, producer: str, channels: int, maps: dict[str, torch.Tensor], generator: torch.Generator) -> tuple | None:
+    """Two runs with the producer's channels multiplied by random powers of two (1/4 to 4) and each
+    consumer column divided by its channel's: the block's output must be the baseline's both times (a
+    wrong map passes with a chance of at most 1/5 per moved column and run).
+    Returns the producer's call ``(args, kwargs)`` of the last run, or ``None`` where the output changed."""
+    import torch
+
+    captured = None
+    for _ in range(2):
+        factors = 2.0 ** torch.randint(-2, 3, (channels,), generator=generator).float()
+        divide = {n: torch.where(m >= 0, factors[m.clamp(min=0)], 1.0) for n, m in maps.items()}
+        _, out, captured = runner.run(producer=producer, factors=factors, divide=divide, record_input_of=producer)
+        if not _same(out, runner.output):
+            return None
+    return captured
 
 
 def _channels(m: torch.nn.Module) -> int | None:

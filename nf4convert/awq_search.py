@@ -17,6 +17,7 @@ a group is never made worse on the calibration text.
 
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Any
 
 from .awq_probe import Found, Group, find_groups, linear_modules
@@ -148,7 +149,7 @@ class Searcher:
         self._args: dict[str, tuple[tuple, dict]] = {}
         self._capturing: str | None = None
         self._inputs: dict[str, Inputs] = {}
-        self._shared: dict[tuple, Inputs] = {}
+        self._shared: dict[int, tuple[Any, Inputs]] = {}  # id of an input tensor -> (a weak reference to it, its statistics)
         self._hooks = []
         for name in block_names:
             block = model.get_submodule(name)
@@ -174,12 +175,14 @@ class Searcher:
         def hook(_m: Any, args: tuple) -> None:
             if self._capturing != block:
                 return
-            x = args[0].detach()
-            key = (x.data_ptr(), tuple(x.shape))
-            entry = self._shared.get(key)
-            if entry is None:  # q, k and v read the same tensor: once
-                entry = self._shared[key] = Inputs()
-                entry.add(x.reshape(-1, x.shape[-1]).float())
+            x = args[0]
+            seen = self._shared.get(id(x))
+            if seen is not None and seen[0]() is x:  # q, k and v read the same tensor: once
+                entry = seen[1]
+            else:  # (a weak reference: a freed tensor's id or address may come back for another input)
+                entry = Inputs()
+                entry.add(x.detach().reshape(-1, x.shape[-1]).float())
+                self._shared[id(x)] = (weakref.ref(x), entry)
             mine = self._inputs.get(name)
             self._inputs[name] = entry if mine is None or mine is entry else mine.merged(entry)
 
