@@ -206,7 +206,7 @@ class Searcher:
         from accelerate.utils import align_module_device
         from transformers.pytorch_utils import Conv1D
 
-        from .quantize import resolve_kernel
+        from .kernels import resolve_kernel
 
         with self.pause():
             found = find_groups(block, args, kwargs)

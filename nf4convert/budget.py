@@ -39,7 +39,8 @@ from .awq import scaled_importance, scalings_of
 from .importance import load_importance
 from .plan import Plan, PlannedTensor, make_plan
 from .quantize import NF4Weight, dequantize
-from .task import SourceShard, on_device, pieces, quantize_piece, read_ahead
+from .pieces import SourceShard, as_tensor, on_device, pieces, read_ahead
+from .task import quantize_piece
 
 #: Sibling projections that read the same input and that loaders (vLLM's packed modules, fused QKV
 #: kernels) fuse into one matrix: all kept or none.
@@ -139,7 +140,7 @@ def relative_errors(plan: Plan, *, smaller: int | None = None, kernel: str = "na
             items = [(t, start, stop) for t in tensors for start, stop in pieces(t, t.blocksize)]
             weights = read_ahead(items, sources, pool, plan.source.fp8_block, scalings)
             for t, start, stop in items:
-                piece, vector = on_device(next(weights), t, "cpu").reshape(-1), importance.get(t.name)
+                piece, vector = on_device(as_tensor(next(weights), t), t, "cpu").reshape(-1), importance.get(t.name)
                 sums = noise.setdefault(t.name, [0.0] * len(blocksizes(t)))
                 for at in range(0, piece.numel(), MEASURE_CHUNK):
                     chunk = piece[at : at + MEASURE_CHUNK]

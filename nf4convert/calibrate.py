@@ -65,7 +65,7 @@ def measure_importance(
     """
     from .importance import check_replaceable
     from .layout import check_blocksize
-    from .quantize import check_device
+    from .kernels import check_device
     from .resolve import resolve_folder
     from .source import open_source
 

@@ -162,7 +162,7 @@ def convert(
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         if device != "cpu":  # a GPU this machine lacks is refused before any work (the CPU's kernel: in _convert)
-            from .quantize import resolve_kernel
+            from .kernels import resolve_kernel
 
             resolve_kernel(kernel, device)
         streamed = None
@@ -270,11 +270,11 @@ def _convert(
     from .write import check_output
 
     check_output(Path(output), source=src.path, force=run["force"])  # a dry run makes the same checks (the names, once planned)
-    hashes = None if dry_run else source_hasher(src)  # begun before torch loads (next lines), on the idle core
+    hashes = None if dry_run else source_hasher(src)  # begun before planning, on the idle core
     try:
-        from .quantize import resolve_kernel
+        from .kernels import resolve_kernel
 
-        resolve_kernel(run["kernel"], run["device"])  # imports torch; a kernel this machine lacks is refused before any writing
+        resolve_kernel(run["kernel"], run["device"])  # a kernel this machine lacks is refused before any writing
     except NF4ConvertError:
         if hashes is not None:
             hashes.cancel()
@@ -294,7 +294,7 @@ def _convert(
         click.echo("Nothing written (--dry-run).")
         return None
     from .convert import convert as run_convert
-    from .quantize import describe_kernel
+    from .kernels import describe_kernel
 
     chosen = describe_kernel(run["kernel"], run["device"])
     if verbose:

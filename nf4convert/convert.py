@@ -25,7 +25,7 @@ from .files import FileHasher, file_record, file_state
 from .awq import SCALES_FILE, scaling_manifest, write_scales
 from .importance import importance_record
 from .plan import Options, Plan, PlannedTensor, make_plan
-from .quantize import resolve_kernel
+from .kernels import resolve_kernel
 from .resolve import resolve_source, source_hasher
 from .source import Source
 from .task import Progress, ShardTask, seal_shard, write_shard

@@ -90,7 +90,8 @@ def decode_rows(data: torch.Tensor, scale_inv: torch.Tensor, first_row: int, blo
     rows, cols = data.shape
     out = torch.empty(rows * cols, dtype=torch.float32) if out is None else out[: rows * cols]
     if data.device.type == "cpu" and data.is_contiguous() and native.library() is not None:
-        return native.decode_fp8(data, scale_inv, first_row, block, out)
+        native.decode_fp8(data.numpy(), scale_inv.float().contiguous().numpy(), first_row, block, out.numpy())
+        return out.view(rows, cols)
     out = out.view(rows, cols).copy_(data.view(torch.float8_e4m3fn))
     row_scales = scale_inv.repeat_interleave(block[0], dim=0)[first_row : first_row + rows]
     for j in range(scale_inv.shape[1]):

@@ -3,8 +3,9 @@
 The shared library is built once per source, compiler and platform into a cache folder
 (``$NF4CONVERT_CACHE``, else ``$XDG_CACHE_HOME/nf4convert``, else ``~/.cache/nf4convert``)
 and reused by later processes. ctypes releases the GIL during the call, so Python threads
-quantize disjoint block ranges in parallel. Where no C compiler works, :func:`library`
-returns ``None`` and the caller uses the eager torch kernel. ``NF4CONVERT_SIMD=0`` in the
+quantize disjoint block ranges in parallel. It works on numpy arrays and never imports torch
+(the default conversion runs without it). Where no C compiler works, :func:`library` returns
+``None`` and the caller uses the eager torch kernel. ``NF4CONVERT_SIMD=0`` in the
 environment selects the portable C path over AVX2 (same bytes; for debugging and the tests).
 """
 
@@ -22,14 +23,14 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
 
-import torch
+import numpy as np
 
-from .constants import ABSMAX_FLOOR, SEARCH_GRID, SEARCH_MIN_SCALE
+from .constants import ABSMAX_FLOOR, DTYPE_SIZES, SEARCH_GRID, SEARCH_MIN_SCALE
 from .files import cache_dir
 
 SOURCE = Path(__file__).with_name("kernel.c")
 FLAGS = ("-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math")
-_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
 #: Elements per call: enough to amortize the call, few enough to share a tensor between threads.
 _ELEMENTS_PER_CALL = 1 << 20
 
@@ -120,123 +121,117 @@ def variant() -> str:
     return "avx2" if _simd() and lib is not None and lib.nf4_simd() else "portable"
 
 
+def threads() -> int:
+    """Threads the kernel runs on: torch's intra-op thread count where torch is loaded (so that
+    ``torch.set_num_threads`` governs both), else the CPUs this process may run on."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.get_num_threads()
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 @cache
 def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="nf4-quantize")
 
 
-def quantize_blocks(blocks: torch.Tensor, thresholds: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor) -> None:
-    """Quantize full blocks (a contiguous CPU ``[rows, bs]`` tensor, bs a multiple of 32) into
-    ``packed`` (uint8 ``[rows * bs // 2]``) and ``absmax`` (float32 ``[rows]``), on
-    ``torch.get_num_threads()`` threads."""
-    lib = library()
-    assert lib is not None and blocks.is_contiguous() and blocks.shape[1] % 32 == 0
-    rows, bs = blocks.shape
-    per_call = max(1, _ELEMENTS_PER_CALL // bs)
-    t = thresholds.contiguous()
-    args = (blocks.data_ptr(), _DTYPES[blocks.dtype])
-    out = (t.data_ptr(), ABSMAX_FLOOR, packed.data_ptr(), absmax.data_ptr(), int(_simd()))
-
-    def run(first: int) -> None:
-        lib.nf4_quantize_blocks(*args, first, min(per_call, rows - first), bs, *out)
-
-    starts = range(0, rows, per_call)
-    threads = min(torch.get_num_threads(), len(starts))
-    if threads <= 1:
-        for first in starts:
-            run(first)
-    else:
-        list(_pool(threads).map(run, starts))
+def _ptr(a: np.ndarray | None) -> int | None:
+    """The address of a C-contiguous array's first element (``None`` for ``None``)."""
+    if a is None:
+        return None
+    assert a.flags.c_contiguous
+    return a.ctypes.data
 
 
 def _split(rows: int, cols: int, run) -> None:
     """Call ``run(first, count)`` over ranges of rows (or blocks) of ``cols`` elements, about
-    :data:`_ELEMENTS_PER_CALL` elements a call, on ``torch.get_num_threads()`` threads."""
+    :data:`_ELEMENTS_PER_CALL` elements a call, on :func:`threads` threads."""
     per_call = max(1, _ELEMENTS_PER_CALL // max(1, cols))
     starts = range(0, rows, per_call)
-    threads = min(torch.get_num_threads(), len(starts))
     jobs = [(first, min(per_call, rows - first)) for first in starts]
-    if threads <= 1:
+    count = min(threads(), len(jobs))
+    if count <= 1:
         for job in jobs:
             run(*job)
     else:
-        list(_pool(threads).map(lambda job: run(*job), jobs))
+        list(_pool(count).map(lambda job: run(*job), jobs))
 
 
-def decode_fp8(data: torch.Tensor, scale: torch.Tensor, first_row: int, block: tuple[int, int], out: torch.Tensor) -> torch.Tensor:
-    """float32 decoding of FP8 rows (``data`` uint8 ``[rows, cols]``, contiguous; see ``nf4_decode_fp8``)
-    into ``out`` (float32, contiguous, as many elements); returns ``out`` shaped ``[rows, cols]``."""
+def quantize_blocks(values: np.ndarray, dtype: str, bs: int, thresholds: np.ndarray, packed: np.ndarray, absmax: np.ndarray) -> None:
+    """Quantize full blocks (``values``: the raw, C-contiguous bytes of ``rows * bs`` elements of
+    ``dtype``, ``"F32"``, ``"F16"`` or ``"BF16"``; ``bs`` a multiple of 32) into ``packed`` (uint8
+    ``[rows * bs // 2]``) and ``absmax`` (float32 ``[rows]``), on :func:`threads` threads."""
+    lib = library()
+    assert lib is not None and bs % 32 == 0
+    src, size = _ptr(values), DTYPE_SIZES[dtype]
+    out = (_ptr(thresholds), ABSMAX_FLOOR, _ptr(packed), _ptr(absmax), int(_simd()))
+    _split(values.nbytes // size // bs, bs, lambda first, count: lib.nf4_quantize_blocks(src, _DTYPES[dtype], first, count, bs, *out))
+
+
+def decode_fp8(data: np.ndarray, scale: np.ndarray, first_row: int, block: tuple[int, int], out: np.ndarray) -> np.ndarray:
+    """float32 decoding of FP8 rows (``data`` uint8 ``[rows, cols]``, C-contiguous; see ``nf4_decode_fp8``)
+    into ``out`` (float32, C-contiguous, as many elements); returns ``out`` shaped ``[rows, cols]``."""
     lib = library()
     rows, cols = data.shape
-    out = out.view(rows, cols)
-    s = scale.contiguous()
+    out = out.reshape(rows, cols)
+    q, s, o = _ptr(data), _ptr(scale), _ptr(out)
 
     def run(first: int, count: int) -> None:
-        lib.nf4_decode_fp8(
-            data.data_ptr() + first * cols, count, cols, s.data_ptr(), s.shape[1],
-            first_row + first, block[0], block[1], out.data_ptr() + 4 * first * cols, int(_simd()),
-        )  # fmt: skip
+        lib.nf4_decode_fp8(q + first * cols, count, cols, s, scale.shape[1], first_row + first, block[0], block[1], o + 4 * first * cols, int(_simd()))
 
     _split(rows, cols, run)
     return out
 
 
 def search_blocks(
-    flat: torch.Tensor, bs: int, thresholds: torch.Tensor, code: torch.Tensor, absmax: torch.Tensor, packed: torch.Tensor,
-    importance: torch.Tensor | None = None, offset: int = 0, grid: tuple[float, ...] = SEARCH_GRID,
+    values: np.ndarray, dtype: str, bs: int, thresholds: np.ndarray, code: np.ndarray, absmax: np.ndarray, packed: np.ndarray,
+    importance: np.ndarray | None = None, offset: int = 0, grid: tuple[float, ...] = SEARCH_GRID,
 ) -> None:
-    """``--scales search`` of every block of ``flat`` (contiguous CPU) into ``absmax`` and ``packed``;
-    a partial last block must already hold its absmax encoding, which it keeps where the search does not
-    apply. Each element's error is weighted by ``importance`` of its column (``offset`` is ``flat``'s
-    first element's place in its matrix); ``grid``: the candidates' factors (the spec's is
-    :data:`~nf4convert.constants.SEARCH_GRID`; others are for measuring); see ``nf4_search_blocks``."""
+    """``--scales search`` of every block of ``values`` (raw bytes of ``dtype``, C-contiguous) into
+    ``absmax`` and ``packed``; a partial last block must already hold its absmax encoding, which it
+    keeps where the search does not apply. Each element's error is weighted by ``importance`` of its
+    column (float32; ``offset`` is the first element's place in its matrix); ``grid``: the candidates'
+    factors (the spec's is :data:`~nf4convert.constants.SEARCH_GRID`; others are for measuring); see
+    ``nf4_search_blocks``."""
     lib = library()
-    t, c = thresholds.contiguous(), code.contiguous()
-    imp = importance.contiguous() if importance is not None else None
-    cols = imp.numel() if imp is not None else 1
+    cols = importance.size if importance is not None else 1
     if not 0 < len(grid) <= 16:
         raise ValueError("the search takes 1 to 16 grid factors")
     factors = (ctypes.c_float * len(grid))(*grid)
-    n = flat.numel()
+    n = values.nbytes // DTYPE_SIZES[dtype]
+    src, t, c, imp, a, p = _ptr(values), _ptr(thresholds), _ptr(code), _ptr(importance), _ptr(absmax), _ptr(packed)
 
     def run(first: int, count: int) -> None:
         lib.nf4_search_blocks(
-            flat.data_ptr(), _DTYPES[flat.dtype], n, first, count, bs, t.data_ptr(), c.data_ptr(), factors, len(grid),
-            ABSMAX_FLOOR, SEARCH_MIN_SCALE, imp.data_ptr() if imp is not None else None, cols, offset,
-            absmax.data_ptr(), packed.data_ptr(), int(_simd()),
+            src, _DTYPES[dtype], n, first, count, bs, t, c, factors, len(grid), ABSMAX_FLOOR, SEARCH_MIN_SCALE, imp, cols, offset, a, p, int(_simd()),
         )  # fmt: skip
 
-    _split(absmax.numel(), bs, run)
+    _split(absmax.size, bs, run)
 
 
-def encode_blocks(flat: torch.Tensor, bs: int, thresholds: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """Packed codes of ``flat`` for the given per-block scales; see ``nf4_encode_blocks``."""
+def encode_blocks(values: np.ndarray, dtype: str, bs: int, thresholds: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Packed codes (uint8 ``[(n + 1) // 2]``) of ``values`` (raw bytes of ``dtype``) for the given
+    float32 per-block scales; see ``nf4_encode_blocks``."""
     lib = library()
-    t, s = thresholds.contiguous(), scales.contiguous()
-    n = flat.numel()
-    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
-
-    def run(first: int, count: int) -> None:
-        lib.nf4_encode_blocks(
-            flat.data_ptr(), _DTYPES[flat.dtype], n, first, count, bs, t.data_ptr(), s.data_ptr(), SEARCH_MIN_SCALE, packed.data_ptr(), int(_simd())
-        )  # fmt: skip
-
-    _split(s.numel(), bs, run)
+    n = values.nbytes // DTYPE_SIZES[dtype]
+    packed = np.empty((n + 1) // 2, dtype=np.uint8)
+    src, t, s, p = _ptr(values), _ptr(thresholds), _ptr(scales), _ptr(packed)
+    _split(scales.size, bs, lambda first, count: lib.nf4_encode_blocks(src, _DTYPES[dtype], n, first, count, bs, t, s, SEARCH_MIN_SCALE, p, int(_simd())))
     return packed
 
 
-def exponent_sums(values: torch.Tensor) -> list[int]:
+def exponent_sums(values: np.ndarray) -> list[int]:
     """Significands of non-negative finite float32 values summed by biased exponent (256 sums)."""
-    v = values.contiguous()
-    sums = torch.zeros(256, dtype=torch.int64)
-    library().nf4_exponent_sums(v.data_ptr(), v.numel(), sums.data_ptr())
+    v = np.ascontiguousarray(values, dtype=np.float32)
+    sums = np.zeros(256, dtype=np.int64)
+    library().nf4_exponent_sums(_ptr(v), v.size, _ptr(sums))
     return sums.tolist()
 
 
-def quantize_nested(absmax: torch.Tensor, offset: float, thresholds: torch.Tensor, nested_blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_nested(absmax: np.ndarray, offset: float, thresholds: np.ndarray, nested_blocksize: int) -> tuple[np.ndarray, np.ndarray]:
     """8-bit codes of ``absmax - offset`` per block of ``nested_blocksize``, and each block's scale."""
-    a, t = absmax.contiguous(), thresholds.contiguous()
-    codes = torch.empty(a.numel(), dtype=torch.uint8)
-    nested = torch.empty(-(-a.numel() // nested_blocksize), dtype=torch.float32)
-    library().nf4_quantize_nested(a.data_ptr(), a.numel(), nested_blocksize, offset, t.data_ptr(), ABSMAX_FLOOR, codes.data_ptr(), nested.data_ptr())
+    a = np.ascontiguousarray(absmax, dtype=np.float32)
+    codes = np.empty(a.size, dtype=np.uint8)
+    nested = np.empty(-(-a.size // nested_blocksize), dtype=np.float32)
+    library().nf4_quantize_nested(_ptr(a), a.size, nested_blocksize, offset, _ptr(thresholds), ABSMAX_FLOOR, _ptr(codes), _ptr(nested))
     return codes, nested

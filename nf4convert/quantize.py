@@ -11,36 +11,34 @@ on any device). ``"auto"`` picks native on the CPU when a C compiler is availabl
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 import torch
 
-from .constants import ABSMAX_FLOOR, CODE_TABLES, DYNAMIC_MAP, KERNELS, NESTED_BLOCKSIZE, NF4_CODE, SCALE_METHODS
-from .errors import DeviceError, QuantizationError
+from . import arrays
+from .constants import ABSMAX_FLOOR, CODE_TABLES, NESTED_BLOCKSIZE, NF4_CODE, SCALE_METHODS
+from .errors import QuantizationError
+from .kernels import resolve_kernel
 from .layout import check_blocksize
 
-log = logging.getLogger("nf4convert")
-
-_NF4 = torch.tensor(NF4_CODE, dtype=torch.float32)
+_NF4 = torch.from_numpy(arrays.NF4_TABLE)
 _CODES = {quant_type: torch.tensor(code, dtype=torch.float32) for quant_type, code in CODE_TABLES.items()}
 #: Each packed byte's two values, first the high nibble's: ``byte -> (code[byte >> 4], code[byte & 15])``.
 _PAIRS = {quant_type: torch.stack((code.repeat_interleave(16), code.repeat(16)), dim=1) for quant_type, code in _CODES.items()}
-_DYNAMIC = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
+_DYNAMIC = torch.from_numpy(arrays.DYNAMIC_TABLE)
+#: Decision thresholds (:func:`nf4convert.arrays.thresholds`), shared with the native kernel's.
+NF4_THRESHOLDS = torch.from_numpy(arrays.NF4_THRESHOLDS)
+_DYNAMIC_THRESHOLDS = torch.from_numpy(arrays.DYNAMIC_THRESHOLDS)
+_TORCH_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def thresholds(code: torch.Tensor) -> torch.Tensor:
-    """Decision thresholds of a sorted code table: the float32 midpoints ``(c[i] + c[i+1]) / 2``."""
-    return (code[:-1] + code[1:]) / 2
-
-
-NF4_THRESHOLDS = thresholds(_NF4)
-_NF4_THRESHOLD_LIST = NF4_THRESHOLDS.tolist()
-_DYNAMIC_THRESHOLDS = thresholds(_DYNAMIC)
+def raw(t: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A CPU float tensor's elements as the native kernel takes them: its raw bytes (flat, contiguous;
+    no copy where it already is) and its dtype's name."""
+    return t.detach().reshape(-1).contiguous().view(torch.uint8).numpy(), _TORCH_NAMES[t.dtype]
 
 
 @dataclass(frozen=True)
@@ -91,79 +89,6 @@ def _pack(codes: torch.Tensor) -> torch.Tensor:
     return (pairs[:, 0] << 4) | pairs[:, 1]
 
 
-def check_device(device: str | torch.device) -> torch.device:
-    """The torch device ``device`` names, if this machine has it: the CPU, or a CUDA GPU that torch sees.
-
-    Raises:
-        DeviceError: not a device name, a kind of device nf4convert does not run on, or one this
-            machine (or this build of torch) lacks.
-    """
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"--device {device!r}: not a device (cpu, cuda, cuda:1, ...)") from None
-    if parsed.type not in ("cpu", "cuda"):
-        raise DeviceError(f"--device {device}: nf4convert runs on the CPU or a CUDA GPU, not {parsed.type}")
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"--device {device}: no CUDA GPU here (torch {torch.__version__} sees none)")
-    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
-    return parsed
-
-
-def resolve_kernel(kernel: str = "auto", device: str | torch.device = "cpu") -> str:
-    """Name the kernel that ``kernel`` means for ``device`` on this machine: ``"native"`` or ``"eager"``.
-
-    ``"auto"`` means native on the CPU where it builds (the first call in a process may compile
-    it, well under a second; later processes reuse the cached library), else eager.
-
-    Raises:
-        QuantizationError: ``kernel`` is not one of :data:`KERNELS`, or native is asked for
-            where it cannot run.
-        DeviceError: see :func:`check_device`.
-    """
-    from . import native
-
-    check_device(device)
-    if kernel not in KERNELS:
-        raise QuantizationError(f"unknown kernel {kernel!r}; choose one of {', '.join(KERNELS)}")
-    on_cpu = torch.device(device).type == "cpu"
-    if kernel == "eager" or (kernel == "auto" and not on_cpu):
-        return "eager"
-    if not on_cpu:
-        raise QuantizationError(f"the native kernel runs on the CPU only, not {device}; use --kernel eager or auto")
-    if native.library() is not None:
-        return "native"
-    if kernel == "native":
-        raise QuantizationError(f"the native kernel is unavailable ({native.unavailable_reason()}); use --kernel eager or auto")
-    _warn_fallback(native.unavailable_reason())
-    return "eager"
-
-
-@cache
-def _warn_fallback(reason: str) -> None:
-    log.warning("native NF4 kernel unavailable (%s); using the eager kernel", reason)
-
-
-def describe_kernel(kernel: str = "auto", device: str | torch.device = "cpu") -> str:
-    """What ``--verbose`` reports: the kernel, and for native, its variant and threads."""
-    from . import native
-
-    chosen = resolve_kernel(kernel, device)
-    return f"native ({native.variant()}, {torch.get_num_threads()} threads)" if chosen == "native" else f"eager ({torch.device(device).type})"
-
-
-def _quantize_full_blocks(blocks: torch.Tensor, kernel: str, packed: torch.Tensor, absmax: torch.Tensor) -> None:
-    """Quantize full blocks into ``packed`` (uint8 ``[rows * bs // 2]``) and ``absmax`` (float32 ``[rows]``)."""
-    if kernel == "native":
-        from . import native
-
-        native.quantize_blocks(blocks, NF4_THRESHOLDS, packed, absmax)
-        return
-    codes, absmax[:] = _codes_bucketize(blocks)
-    packed[:] = _pack(codes)
-
-
 def quantize_nf4(
     weight: torch.Tensor, *, blocksize: int = 64, kernel: str = "auto", name: str = "tensor", first: int = 0, scales: str = "absmax",
     importance: torch.Tensor | None = None,
@@ -212,11 +137,16 @@ def quantize_nf4(
     n = flat.numel()
     if n == 0:
         raise QuantizationError(f"{name}: cannot quantize an empty tensor")
+    if kernel == "native":
+        values, dtype = raw(flat)
+        imp = importance.detach().float().contiguous().numpy() if importance is not None else None
+        packed, absmax = arrays.quantize(values, dtype, blocksize, name=name, first=first, search=scales == "search", importance=imp)
+        return torch.from_numpy(packed).unsqueeze(1), torch.from_numpy(absmax)
     full = n - n % blocksize
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=weight.device)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=weight.device)
-    if scales == "absmax":
-        _quantize_full_blocks(flat[:full].view(-1, blocksize), kernel, packed[: full // 2], absmax[: full // blocksize])
+    codes, absmax[: full // blocksize] = _codes_bucketize(flat[:full].view(-1, blocksize))
+    packed[: full // 2] = _pack(codes)
     if full < n:
         tail = flat[full:].float()
         absmax[-1] = tail.abs().max().clamp(min=ABSMAX_FLOOR)
@@ -224,15 +154,7 @@ def quantize_nf4(
         if codes.numel() % 2:
             codes = torch.cat([codes, codes.new_full((1,), NF4_CODE.index(0.0))])
         packed[full // 2 :] = _pack(codes.to(torch.uint8))
-    if scales == "search":
-        from . import native
-
-        native.search_blocks(flat.contiguous(), blocksize, NF4_THRESHOLDS, _NF4, absmax, packed, importance, first)
-    if not torch.isfinite(absmax).all():
-        block = int((~torch.isfinite(absmax)).nonzero()[0])
-        raise QuantizationError(
-            f"{name}: contains NaN or Inf (first in elements {first + block * blocksize}..{first + min(n, (block + 1) * blocksize) - 1})"
-        )
+    arrays.check_finite(absmax.cpu().numpy(), name=name, first=first, n=n, blocksize=blocksize)
     return packed.unsqueeze(1), absmax
 
 
@@ -245,7 +167,8 @@ def encode_nf4(weight: torch.Tensor, scales: torch.Tensor, *, blocksize: int = 6
     """
     from . import native
 
-    return native.encode_blocks(weight.reshape(-1).contiguous(), blocksize, NF4_THRESHOLDS, scales.float()).unsqueeze(1)
+    values, dtype = raw(weight)
+    return torch.from_numpy(native.encode_blocks(values, dtype, blocksize, arrays.NF4_THRESHOLDS, scales.float().contiguous().numpy())).unsqueeze(1)
 
 
 def exponent_sums(values: torch.Tensor) -> list[int]:
@@ -266,13 +189,8 @@ def exact_mean(values: torch.Tensor, kernel: str = "eager") -> float:
     Computed in integer arithmetic, so it does not depend on thread count, order, device or kernel.
     """
     if kernel == "native":
-        from . import native
-
-        sums = native.exponent_sums(values)
-    else:
-        sums = exponent_sums(values)
-    total = sum(s << max(e, 1) for e, s in enumerate(sums) if s)
-    return float(np.float32(total / (values.numel() << 150)))
+        return arrays.exact_mean(values.detach().cpu().numpy())
+    return arrays.mean_of_sums(exponent_sums(values), values.numel())
 
 
 def double_quantize(absmax: torch.Tensor, kernel: str = "eager", offset: float | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -283,11 +201,10 @@ def double_quantize(absmax: torch.Tensor, kernel: str = "eager", offset: float |
     Returns:
         ``(quantized, nested_absmax, offset)``: uint8 ``[n]``, float32 ``[ceil(n / 256)]``, and the offset.
     """
-    offset = exact_mean(absmax, kernel) if offset is None else offset
     if kernel == "native":
-        from . import native
-
-        return (*native.quantize_nested(absmax, offset, _DYNAMIC_THRESHOLDS, NESTED_BLOCKSIZE), offset)
+        quantized, nested, offset = arrays.double_quantize(absmax.detach().cpu().numpy(), offset)
+        return torch.from_numpy(quantized), torch.from_numpy(nested), offset
+    offset = exact_mean(absmax, kernel) if offset is None else offset
     v = absmax - torch.tensor(offset, dtype=torch.float32, device=absmax.device)
     n = v.numel()
     full = n - n % NESTED_BLOCKSIZE

@@ -6,59 +6,52 @@ size, sha256, counts, the source shards it hashed), never tensors. Running it tw
 leaves the same bytes. :mod:`nf4convert.convert` runs the tasks one after the other in this
 process, :mod:`nf4convert.cluster` on Dask workers: the same function either way.
 
-Inside a task, weights are read in pieces of whole blocks (at most :data:`PIECE_BYTES` each) with
-``pread`` into two reused buffers, each on a reader thread while the one before is quantized in the
-calling thread; a writer thread writes each piece's codes at its planned offset (and copies kept
-tensors from source to output inside the kernel, ``copy_file_range``, where the file systems allow), then a weight's absmax once all its pieces are done (double quantization needs
+Inside a task, weights are read in pieces (:mod:`nf4convert.pieces`) on a reader thread and quantized
+in the calling thread: as numpy arrays by :func:`nf4convert.arrays.quantize` in the default case (the
+native kernel, absmax scales), so that no torch is imported, else as tensors by
+:func:`nf4convert.quantize.quantize_nf4`. A writer thread writes each piece's codes at its planned
+offset (and copies kept tensors from source to output inside the kernel, ``copy_file_range``, where
+the file systems allow), then a weight's absmax once all its pieces are done (double quantization needs
 them all: 4 bytes per block, 1/16 of a bf16 weight at blocksize 64). Source shards are hashed by
-another thread meanwhile. Nothing is memory-mapped, so a source file truncated under the converter is
-a one-line error, not SIGBUS; at most a few pieces are in flight, so peak memory grows neither with the
+another thread meanwhile. At most a few pieces are in flight, so peak memory grows neither with the
 model's size nor with the largest tensor's.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 
-from .constants import DTYPE_SIZES, DYNAMIC_MAP, METADATA, NESTED_BLOCKSIZE, NF4_CODE
+from . import arrays
+from .awq import scaled_importance, scalings_of
+from .constants import DTYPE_SIZES, METADATA, NESTED_BLOCKSIZE
 from .errors import SourceError
 from .files import FileHasher, file_record, file_state
-from .fp8 import decode_rows
-from .mxfp4 import decode as decode_mxfp4
-from .awq import apply as apply_scaling
-from .awq import scaled_importance, scalings_of
 from .importance import load_importance
 from .layout import encode_quant_state
+from .pieces import Piece, SourceShard, as_tensor, on_device, piece_dtype, pieces, read_ahead
 from .plan import Options, PlannedTensor
-from .quantize import dequantize_absmax, double_quantize, encode_nf4, exact_mean, quantize_nf4
 from .source import ShardFetcher
-from .tensorfile import ShardReader, torch_dtypes
+from .tensorfile import torch_dtypes
 from .write import ShardWriter, fsync_folder, write_shard_record
+
+if TYPE_CHECKING:
+    import torch
 
 Progress = Callable[[int], None]
 #: Pieces quantized ahead of the writer thread: bounds memory to a few pieces.
 _MAX_PENDING = 2
-#: The most source bytes of one weight read and quantized at a time: memory stays bounded whatever the
-#: size of a single tensor, and the bytes written do not depend on it (blocks are independent).
-PIECE_BYTES = 64 << 20
-
 #: The offset of a part that is a kept tensor copied whole from its source (:meth:`ShardWriter.copy`).
 COPY = -1
-_NF4_TABLE = torch.tensor(NF4_CODE, dtype=torch.float32)
-_DYNAMIC_TABLE = torch.tensor(DYNAMIC_MAP, dtype=torch.float32)
-
-
 @dataclass(frozen=True)
 class ShardTask:
     """Everything one output shard's conversion needs, and nothing more (it is sent to other processes).
@@ -114,33 +107,13 @@ def _decoded(t: PlannedTensor) -> bool:
     return t.scale is not None or t.source.packed is not None or t.source.split is not None or t.cast is not None or t.scaled
 
 
-def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple[int, int]]:
-    """The element ranges ``[start, stop)`` in which weight ``t`` is read and quantized: whole blocks,
-    at most :data:`PIECE_BYTES` of source each (a transposed ``Conv1D`` weight in one piece, transposed
-    fused experts in whole experts). An FP8
-    weight goes in whole rows, at most :data:`PIECE_BYTES` once decoded to float32. With ``nested``,
-    whole nested blocks (:data:`~nf4convert.constants.NESTED_BLOCKSIZE` blocks), however small
-    :data:`PIECE_BYTES` is. MXFP4 experts go in whole experts, decoded to float32."""
-    info = t.source.info
-    if (t.transpose and len(info.shape) == 2) or t.source.split is not None:
-        return [(0, info.numel)]
-    if t.scale is not None:
-        unit, size = math.lcm(info.shape[1], blocksize), DTYPE_SIZES["F32"]
-    elif t.source.packed is not None:
-        unit, size = info.shape[1] * info.shape[2], DTYPE_SIZES["F32"]
-    else:
-        unit, size = blocksize, DTYPE_SIZES[info.dtype]
-    if t.transpose:
-        unit = math.lcm(unit, info.shape[1] * info.shape[2])
-    if nested:
-        unit = math.lcm(unit, NESTED_BLOCKSIZE * blocksize)
-    step = max(unit, PIECE_BYTES // size // unit * unit)
-    return [(start, min(info.numel, start + step)) for start in range(0, info.numel, step)]
-
-
 def quantize_piece(weight: torch.Tensor, t: PlannedTensor, start: int, importance: torch.Tensor | None, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`quantize_nf4` of the piece of ``t`` that begins at element ``start``; with importance
-    rows per expert (fused experts), each expert's run of the piece weighed by its own row."""
+    """:func:`~nf4convert.quantize.quantize_nf4` of the piece of ``t`` that begins at element ``start``;
+    with importance rows per expert (fused experts), each expert's run of the piece weighed by its own row."""
+    import torch
+
+    from .quantize import quantize_nf4
+
     if importance is None or importance.dim() == 1:
         return quantize_nf4(weight, name=t.name, first=start, importance=importance, **options)
     flat, per_expert = weight.reshape(-1), t.source.info.numel // importance.shape[0]
@@ -150,27 +123,25 @@ def quantize_piece(weight: torch.Tensor, t: PlannedTensor, start: int, importanc
     return torch.cat([p for p, _ in parts]), torch.cat([s for _, s in parts])
 
 
-def on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Tensor:
-    """A piece as the quantizer takes it: transposed for a ``Conv1D`` weight (each expert's slice for
-    fused experts), on ``device``."""
-    if t.transpose:
-        weight = weight.transpose(-1, -2)
-    if weight.device.type != device or t.transpose:
-        weight = weight.to(device).contiguous()
-    return weight
-
-
 def _scales(
-    absmax: torch.Tensor, t: PlannedTensor, *, options: Options, kernel: str, nested: tuple[torch.Tensor, torch.Tensor, float] | None = None
+    absmax: np.ndarray, t: PlannedTensor, *, options: Options, kernel: str, nested: tuple[Any, Any, float] | None = None
 ) -> list[tuple[str, Any, int]]:
     """The tensors that follow weight ``t``'s codes, once all its scales are known: absmax (8-bit with
     double quantization: ``nested`` where the pieces already did it, else over the whole tensor), the
     code tables, the quant-state blob."""
-    parts: list[tuple[str, Any, int]] = [(f"{t.name}.quant_map", _NF4_TABLE, 0)]
+    parts: list[tuple[str, Any, int]] = [(f"{t.name}.quant_map", arrays.NF4_TABLE, 0)]
     offset = None
     if options.double_quant:
-        quantized, nested_absmax, offset = nested or double_quantize(absmax, kernel)
-        parts += [(f"{t.name}.absmax", quantized, 0), (f"{t.name}.nested_absmax", nested_absmax, 0), (f"{t.name}.nested_quant_map", _DYNAMIC_TABLE, 0)]
+        if nested is None and kernel == "native":
+            nested = arrays.double_quantize(absmax)
+        elif nested is None:
+            import torch
+
+            from .quantize import double_quantize
+
+            nested = double_quantize(torch.from_numpy(absmax), kernel)
+        quantized, nested_absmax, offset = nested
+        parts += [(f"{t.name}.absmax", quantized, 0), (f"{t.name}.nested_absmax", nested_absmax, 0), (f"{t.name}.nested_quant_map", arrays.DYNAMIC_TABLE, 0)]
     else:
         parts.append((f"{t.name}.absmax", absmax, 0))
     parts.append((t.outputs[-1][0], memoryview(encode_quant_state(t.quant_state(options, offset))), 0))
@@ -183,91 +154,47 @@ def _nested_in_pieces(t: PlannedTensor, options: Options) -> bool:
     return t.quantize and options.scales == "search" and options.double_quant
 
 
-class SourceShard:
-    """A source shard read with ``pread`` (see :class:`ShardReader`), and its size and
-    modification time when opened."""
-
-    def __init__(self, path: Path) -> None:
-        self.reader = ShardReader(path)
-        self.state = file_state(path)
-
-    def check_unchanged(self) -> None:
-        """Refuse to go on if the file changed since it was opened."""
-        if file_state(self.reader.path) != self.state:
-            raise SourceError(f"{self.reader.path}: changed while being converted")
+def _raw_path(t: PlannedTensor, task: ShardTask) -> bool:
+    """Whether weight ``t``'s pieces are quantized as numpy arrays by :func:`nf4convert.arrays.quantize`
+    (no torch): the native kernel, absmax scales, not transposed. Pieces torch decoded or transformed
+    go through :func:`_quantize_tensor` whatever this says."""
+    return task.kernel == "native" and task.options.scales == "absmax" and not t.transpose
 
 
-def read_ahead(
-    items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, SourceShard], pool: ThreadPoolExecutor, fp8_block: tuple[int, int] | None,
-    scalings: dict[str, tuple[Any, dict[str, torch.Tensor]]] | None = None,
-) -> Iterator[torch.Tensor]:
-    """The pieces ``(tensor, start, stop)`` in order, each read on ``pool`` while the one before is
-    quantized: two reused buffers of the largest piece's size, whatever the model's size. A piece is a
-    flat tensor (FP8 decoded to float32 with ``fp8_block`` scales), or the shaped weight where it is
-    quantized transposed. An MXFP4 piece (whole experts) is read into buffers of its own and decoded
-    (:func:`nf4convert.mxfp4.decode`). A tensor in ``scalings`` (:func:`nf4convert.awq.scalings_of`)
-    comes transformed, in float32."""
-    size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items if t.source.packed is None and t.source.split is None), default=0)
-    buffers = [torch.empty(size, dtype=torch.uint8) for _ in range(2 if len(items) > 1 else len(items))]
-    decoded_size = max((stop - start for t, start, stop in items if t.scale is not None), default=0)
-    decoded = [torch.empty(decoded_size, dtype=torch.float32) for _ in buffers] if decoded_size else []
+class _NestedPieces:
+    """Double quantization piece by piece (searched scales, spec section 2.6): the offset (the mean of
+    the weight's first nested block), the 8-bit scales so far, and each piece's codes for the scales a
+    loader will use, encoded while the piece is here."""
 
-    scales: dict[str, torch.Tensor] = {}  # the FP8 scales of the weight being read (small: one per block)
-    scalings = scalings or {}
+    def __init__(self) -> None:
+        self.offset: float | None = None
+        self.quantized: list[torch.Tensor] = []
+        self.nested: list[torch.Tensor] = []
 
-    def read_raw(i: int) -> torch.Tensor:
-        t, start, stop = items[i]
-        if t.source.packed is not None:
-            return _read_mxfp4(t, start, stop, sources)
-        if t.source.split is not None:
-            return _read_split(t, sources)
-        info, k = t.source.info, DTYPE_SIZES[t.source.info.dtype]
-        data = buffers[i % 2][: (stop - start) * k]
-        sources[t.source.shard].reader.read_into(info, memoryview(data.numpy()), start * k)
-        if t.scale is not None:
-            if t.name not in scales:
-                scales.clear()
-                scales[t.name] = torch.empty(t.scale.info.shape, dtype=torch.float32)
-                sources[t.scale.shard].reader.read_into(t.scale.info, memoryview(scales[t.name].numpy()).cast("B"))
-            cols = info.shape[1]
-            return decode_rows(data.view(-1, cols), scales[t.name], start // cols, fp8_block, decoded[i % 2]).reshape(-1)
-        data = data.view(torch_dtypes()[info.dtype])
-        return data.view(-1, *info.shape[1:]) if t.transpose else data
+    def encode(self, weight: torch.Tensor, scales: torch.Tensor, kernel: str, blocksize: int) -> torch.Tensor:
+        from .quantize import dequantize_absmax, double_quantize, encode_nf4, exact_mean
 
-    def read(i: int) -> torch.Tensor:
-        t, start, _ = items[i]
-        piece = read_raw(i)
-        return apply_scaling(piece, t.source.info.shape, start, *scalings[t.name]) if t.name in scalings else piece
+        self.offset = exact_mean(scales[:NESTED_BLOCKSIZE], kernel) if self.offset is None else self.offset
+        q, n, _ = double_quantize(scales, kernel, self.offset)
+        self.quantized.append(q), self.nested.append(n)
+        return encode_nf4(weight, dequantize_absmax(q, n, self.offset), blocksize=blocksize)
 
-    coming = pool.submit(read, 0) if items else None
-    for i in range(len(items)):
-        piece = coming.result()
-        coming = pool.submit(read, i + 1) if i + 1 < len(items) else None
-        yield piece
+    def result(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        import torch
+
+        return torch.cat(self.quantized), torch.cat(self.nested), self.offset
 
 
-def _read_mxfp4(t: PlannedTensor, start: int, stop: int, sources: dict[Path, SourceShard]) -> torch.Tensor:
-    """Elements ``[start, stop)`` (whole experts) of an MXFP4 tensor, decoded to float32, flat."""
-    blocks, scales = t.source.packed
-    per_expert = t.source.info.shape[1] * t.source.info.shape[2]
-    first, count = start // per_expert, (stop - start) // per_expert
-    parts = []
-    for part in (blocks, scales):
-        size = part.info.nbytes // part.info.shape[0]
-        data = torch.empty(count * size, dtype=torch.uint8)
-        sources[part.shard].reader.read_into(part.info, memoryview(data.numpy()), first * size)
-        parts.append(data.view(count, *part.info.shape[1:]))
-    return decode_mxfp4(*parts, name=t.name, first=first).reshape(-1)
-
-
-def _read_split(t: PlannedTensor, sources: dict[Path, SourceShard]) -> torch.Tensor:
-    """One expert's weight cut from fused experts (:class:`~nf4convert.source.Split`): the expert's matrix
-    read whole, the weight taken from it, flat."""
-    split, info = t.source.split, t.source.split.fused.info
-    per_expert, size = info.shape[1] * info.shape[2], DTYPE_SIZES[info.dtype]
-    data = torch.empty(per_expert * size, dtype=torch.uint8)
-    sources[split.fused.shard].reader.read_into(info, memoryview(data.numpy()), split.expert * per_expert * size)
-    return split.take(data.view(torch_dtypes()[info.dtype]).view(info.shape[1:])).reshape(-1)
+def _quantize_tensor(
+    piece: Piece, t: PlannedTensor, start: int, *, task: ShardTask, importance: torch.Tensor | None, nested: _NestedPieces | None
+) -> tuple[torch.Tensor, np.ndarray]:
+    """Quantize a piece with torch (the eager kernel, a GPU, searched scales, a transposed weight, a
+    piece torch decoded): its codes and its float32 block scales."""
+    weight = on_device(as_tensor(piece, t), t, task.device)
+    packed, scales = quantize_piece(weight, t, start, importance, blocksize=t.blocksize, kernel=task.kernel, scales=task.options.scales)
+    if nested is not None:
+        packed = nested.encode(weight, scales, task.kernel, t.blocksize)
+    return packed, scales.cpu().numpy()
 
 
 def _store(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int, progress: Progress | None) -> None:
@@ -325,7 +252,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
     writer = written.writer
     pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write")]
     reader, io = pools
-    options, device = task.options, task.device
+    options = task.options
     scalings = scalings_of(task.scaling, [t.name for t in task.tensors if t.scaled])
     importance = load_importance(task.importance, [t.name for t in task.tensors if t.quantize]) if task.importance else {}
     importance = {name: scaled_importance(v, *scalings.get(name, (None, None))) for name, v in importance.items()}
@@ -354,25 +281,22 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
                 size = DTYPE_SIZES[t.dtype]
                 for start, stop in pieces(t, t.blocksize):
                     done = (stop - start) * (DTYPE_SIZES[t.source.info.dtype] if t.scale is None and t.source.packed is None else 1)  # source bytes
-                    submit([(t.name, next(weights).to(torch_dtypes()[t.dtype]), start * size)], done)
+                    submit([(t.name, as_tensor(next(weights), t).to(torch_dtypes()[t.dtype]), start * size)], done)
                 continue
             bs = t.blocksize
-            absmax = torch.empty(-(-info.numel // bs), dtype=torch.float32, device=device)
-            in_pieces = _nested_in_pieces(t, options)
-            offset, quantized, nested = None, [], []
-            for start, stop in pieces(t, bs, in_pieces):
-                weight = on_device(next(weights), t, device)
-                packed, scales = quantize_piece(weight, t, start, importance.get(t.name), blocksize=bs, kernel=task.kernel, scales=options.scales)
-                absmax[start // bs : start // bs + scales.numel()] = scales
-                if in_pieces:  # the codes for the scales a loader will use, while the piece is here
-                    offset = exact_mean(scales[:NESTED_BLOCKSIZE], task.kernel) if offset is None else offset
-                    q, n, _ = double_quantize(scales, task.kernel, offset)
-                    quantized.append(q), nested.append(n)
-                    packed = encode_nf4(weight, dequantize_absmax(q, n, offset), blocksize=bs)
+            absmax = np.empty(-(-info.numel // bs), dtype=np.float32)
+            nested = _NestedPieces() if _nested_in_pieces(t, options) else None
+            raw = _raw_path(t, task)
+            for start, stop in pieces(t, bs, nested is not None):
+                piece = next(weights)
+                if raw and isinstance(piece, np.ndarray):
+                    packed, scales = arrays.quantize(piece, piece_dtype(t), bs, name=t.name, first=start)
+                else:
+                    packed, scales = _quantize_tensor(piece, t, start, task=task, importance=importance.get(t.name), nested=nested)
+                absmax[start // bs : start // bs + scales.size] = scales
                 submit([(t.name, packed, start // 2)], (stop - start) * DTYPE_SIZES[info.dtype])
                 del packed
-            done = (torch.cat(quantized), torch.cat(nested), offset) if in_pieces else None
-            submit(_scales(absmax, t, options=options, kernel=task.kernel, nested=done), 0)
+            submit(_scales(absmax, t, options=options, kernel=task.kernel, nested=nested.result() if nested else None), 0)
         for job in pending:
             job.result()
         written.states = {local[path]: src.state for path, src in sources.items()}

@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .constants import DTYPE_SIZES
 from .errors import FormatError, OutputError
 from .files import files_under, recorded_files, sha256_file
@@ -276,8 +278,10 @@ def _atomic_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def as_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's bytes in memory order (CPU, contiguous), without a copy when possible."""
+def as_bytes(t: torch.Tensor | np.ndarray) -> memoryview:
+    """A tensor's or array's bytes in memory order (CPU, contiguous), without a copy when possible."""
+    if isinstance(t, np.ndarray):
+        return memoryview(np.ascontiguousarray(t).reshape(-1)).cast("B")
     import torch
 
     t = t.detach().cpu().contiguous()
@@ -356,7 +360,7 @@ class ShardWriter:
         self.written[name] = info.nbytes
         self.pending.discard(name)
 
-    def write(self, name: str, data: memoryview | torch.Tensor | Iterator[memoryview], offset: int = 0) -> None:
+    def write(self, name: str, data: memoryview | torch.Tensor | np.ndarray | Iterator[memoryview], offset: int = 0) -> None:
         """Write a tensor's bytes, or part of them from ``offset`` bytes in, at their planned place: all at
         once or as successive chunks. The tensor is complete once each of its bytes is written."""
         if name not in self.pending:

@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 
 from nf4convert import native
 from nf4convert.constants import SEARCH_GRID
-from nf4convert.quantize import _NF4, NF4_THRESHOLDS, dequantize, NF4Weight, quantize_nf4
+from nf4convert.arrays import NF4_TABLE, NF4_THRESHOLDS
+from nf4convert.quantize import NF4Weight, dequantize, quantize_nf4, raw
 
 GRIDS = ["1.0", "1.0,0.9", "1.05,1.0,0.9", "1.07,1.0,0.9", "1.05,1.0,0.88", "1.05,1.0,0.95,0.9", "1.06,1.0,0.94,0.88",
          "1.2,1.15,1.1,1.05,1.0,0.95,0.9,0.85,0.8"]
@@ -46,7 +47,7 @@ def grid_errors(weights: dict[str, torch.Tensor], importance: dict[str, torch.Te
         base += error(w, packed.flatten(), absmax, v)
         for i, grid in enumerate(grids):
             scales, codes = absmax.clone(), packed.flatten().clone()
-            native.search_blocks(w.reshape(-1).contiguous(), 64, NF4_THRESHOLDS, _NF4, scales, codes, v, 0, grid)
+            native.search_blocks(*raw(w), 64, NF4_THRESHOLDS, NF4_TABLE, scales.numpy(), codes.numpy(), v.numpy() if v is not None else None, 0, grid)
             totals[i] += error(w, codes, scales, v)
     return [t / base - 1 for t in totals]
 

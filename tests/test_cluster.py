@@ -72,7 +72,7 @@ def test_a_worker_killed_inside_a_task_is_replaced_and_the_output_is_unchanged(c
     out = tmp_path / "out"
     partial = out.with_name(out.name + ".nf4convert-partial")
     with Client(cluster) as client:
-        client.run(lambda: setattr(__import__("nf4convert.task").task, "PIECE_BYTES", 4096))  # slow tasks: 1024 pieces a weight
+        client.run(lambda: setattr(__import__("nf4convert.pieces").pieces, "PIECE_BYTES", 4096))  # slow tasks: 1024 pieces a weight
         result: dict[str, object] = {}
 
         def drive() -> None:

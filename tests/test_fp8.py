@@ -105,7 +105,7 @@ def test_a_kept_fp8_weight_is_its_bfloat16_decoding(fp8_dir, tmp_path):
 
 def test_fp8_in_pieces_gives_the_same_bytes(fp8_dir, tmp_path, monkeypatch):
     whole = convert(fp8_dir, tmp_path / "whole", options=Options(skip=("*.down_proj",)))
-    monkeypatch.setattr(importlib.import_module("nf4convert.task"), "PIECE_BYTES", 4096)
+    monkeypatch.setattr(importlib.import_module("nf4convert.pieces"), "PIECE_BYTES", 4096)
     cut = convert(fp8_dir, tmp_path / "cut", options=Options(skip=("*.down_proj",)))
     for f in sorted(p.name for p in whole.iterdir()):
         assert (whole / f).read_bytes() == (cut / f).read_bytes(), f

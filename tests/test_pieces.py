@@ -14,12 +14,12 @@ from safetensors.torch import save_file
 
 from nf4convert.constants import DTYPE_SIZES
 from nf4convert.convert import convert
-from nf4convert.task import pieces
+from nf4convert.pieces import pieces
 from nf4convert.errors import QuantizationError
 from nf4convert.plan import Options, make_plan
 from nf4convert.source import open_source
 
-conversion = importlib.import_module("nf4convert.task")
+conversion = importlib.import_module("nf4convert.pieces")
 
 
 @pytest.fixture
@@ -82,7 +82,7 @@ def test_a_source_truncated_inside_a_weight_is_an_error_naming_it(tmp_path):
 import importlib, os
 from nf4convert.errors import SourceError
 from nf4convert.convert import convert
-c = importlib.import_module("nf4convert.task")
+c = importlib.import_module("nf4convert.pieces")
 c.PIECE_BYTES = 65536
 def truncate(_):
     os.truncate(r"{src}", os.path.getsize(r"{src}") // 2)
@@ -106,7 +106,7 @@ def test_a_conversion_killed_inside_a_weight_resumes_to_the_same_bytes(tmp_path)
 import importlib, json, os, signal, sys, time
 from nf4convert.convert import convert
 from nf4convert.plan import Options
-c = importlib.import_module("nf4convert.task")
+c = importlib.import_module("nf4convert.pieces")
 c.PIECE_BYTES = 1 << 18
 journal, kill, done = sys.argv[2] + ".nf4convert-partial/nf4convert-progress.json", sys.argv[3] == "kill", 0
 def journaled():
