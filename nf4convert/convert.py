@@ -97,7 +97,8 @@ def run_serially(tasks: list[ShardTask], finished: Finished, progress: Progress 
     """Run the tasks in this process, in order: this thread writes each shard (:func:`write_shard`)
     while a background thread seals the one before (:func:`seal_shard`: sync, hash, rename, release its
     source shards) and then, with a fetcher (``--stream``), fetches the next task's source shards: two
-    source shards on disk at a time, the one being converted and the next."""
+    source shards on disk at a time, the one being converted and the next. The last shard is sealed in
+    this thread, while the background one may still seal the one before (both cores hash)."""
     with ThreadPoolExecutor(1, thread_name_prefix="nf4-seal") as background:
         sealed = fetched = None
         try:
@@ -107,10 +108,14 @@ def run_serially(tasks: list[ShardTask], finished: Finished, progress: Progress 
                 following = tasks[i + 1] if i + 1 < len(tasks) else None  # fetched once the shard before this one is sealed
                 fetched = background.submit(_fetch_all, following) if following and following.fetcher else None
                 written = write_shard(task, progress)
+                record = seal_shard(written) if following is None else None  # the last: here, beside the one before's seal
                 if sealed is not None:
                     done, sealed = sealed, None
                     finished(done.result())
-                sealed = background.submit(seal_shard, written)
+                if record is not None:
+                    finished(record)
+                else:
+                    sealed = background.submit(seal_shard, written)
         except BaseException:
             if sealed is not None and sealed.exception() is None:  # journal the shard sealed before the failure
                 finished(sealed.result())
