@@ -122,11 +122,11 @@ def variant() -> str:
 
 
 def threads() -> int:
-    """Threads the kernel runs on: torch's intra-op thread count where torch is loaded (so that
-    ``torch.set_num_threads`` governs both), else the CPUs this process may run on."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        return torch.get_num_threads()
+    """Threads the kernel runs on: ``$NF4CONVERT_THREADS`` where set (a positive integer), else the CPUs
+    this process may run on. (Not torch's thread count: the default conversion runs without torch.)"""
+    value = os.environ.get("NF4CONVERT_THREADS", "")
+    if value.isdigit() and int(value) > 0:
+        return int(value)
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -82,6 +82,23 @@ def test_nf4_of_fp8_is_bitsandbytes_of_the_float32_decoding(fp8_dir, tmp_path):
         assert blob["dtype"] == "bfloat16" and blob["shape"] == list(src[key].shape)
 
 
+def test_searched_scales_of_fp8_from_the_command_line_are_those_of_the_float32_decoding(fp8_dir, tmp_path):
+    """In a fresh process, where the reader thread decodes FP8 natively while the converting thread
+    imports torch for the search (a race once: the kernel's thread count was read from a half-imported torch)."""
+    import subprocess
+    import sys
+
+    from nf4convert.quantize import quantize_nf4
+
+    out = tmp_path / "nf4"
+    p = subprocess.run([sys.executable, "-m", "nf4convert", "convert", str(fp8_dir), str(out), "--scales", "search", "--no-double-quant", "-q"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    src, ours = load_all(fp8_dir), load_all(out)
+    for key in (k for k in src if k.endswith("proj.weight")):
+        packed, absmax = quantize_nf4(decoded(src[key], src[key + "_scale_inv"]), scales="search")
+        assert torch.equal(ours[key], packed) and torch.equal(ours[f"{key}.absmax"], absmax), key
+
+
 def test_the_output_has_no_fp8_scales_or_config_and_loads_in_transformers(fp8_dir, tmp_path):
     out = convert(fp8_dir, tmp_path / "nf4")
     assert not any(k.endswith("_scale_inv") for k in load_all(out))

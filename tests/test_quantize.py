@@ -131,18 +131,13 @@ def test_exact_mean_is_the_rounded_exact_rational_mean(kernel):
     assert exact_mean(values, kernel) == float(np.float32(float(exact)))
 
 
-def test_exact_mean_does_not_depend_on_threads():
+def test_exact_mean_does_not_depend_on_threads(monkeypatch):
     torch.manual_seed(0)
     values = torch.rand(3_000_000).float()
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = exact_mean(values), values.mean().item()
-        torch.set_num_threads(max(2, threads))
-        many = exact_mean(values), values.mean().item()
-    finally:
-        torch.set_num_threads(threads)
-    assert one[0] == many[0]
+    monkeypatch.setenv("NF4CONVERT_THREADS", "1")
+    one = exact_mean(values)
+    monkeypatch.setenv("NF4CONVERT_THREADS", "4")
+    assert exact_mean(values) == one
 
 
 def reference_double_quant(absmax: torch.Tensor) -> tuple[list[int], list[float], float]:
@@ -225,17 +220,18 @@ def test_dequantizing_a_chunk_of_blocks_at_a_time_gives_the_specs_values(blocksi
     assert torch.equal(ours, reference_dequantize(packed, absmax, tuple(w.shape), w.dtype, blocksize))
 
 
-def test_quantization_does_not_depend_on_threads():
+def test_quantization_does_not_depend_on_threads(monkeypatch):
+    """The native kernel runs on ``$NF4CONVERT_THREADS`` threads (default: the CPUs here)."""
+    from nf4convert.native import threads
+
     torch.manual_seed(6)
     w = torch.randn(1024, 2048).to(torch.bfloat16)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        a = quantize_weight(w)
-        torch.set_num_threads(max(2, threads))
-        b = quantize_weight(w)
-    finally:
-        torch.set_num_threads(threads)
+    monkeypatch.setenv("NF4CONVERT_THREADS", "1")
+    assert threads() == 1
+    a = quantize_weight(w)
+    monkeypatch.setenv("NF4CONVERT_THREADS", "4")
+    assert threads() == 4
+    b = quantize_weight(w)
     assert torch.equal(a.packed, b.packed) and torch.equal(a.absmax, b.absmax) and a.offset == b.offset
     assert torch.equal(a.nested_absmax, b.nested_absmax)
 

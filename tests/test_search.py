@@ -79,7 +79,6 @@ def test_same_bytes_on_every_path_and_thread_count(tmp_path):
     code = """
 import sys, torch
 from nf4convert.quantize import encode_nf4, quantize_nf4
-torch.set_num_threads(int(sys.argv[2]))
 torch.manual_seed(0)
 out = []
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
@@ -92,7 +91,7 @@ torch.save(torch.cat(out), sys.argv[1])
     results = []
     for simd, threads in [("1", "2"), ("1", "1"), ("0", "2")]:
         path = tmp_path / f"{simd}-{threads}.pt"
-        subprocess.run([sys.executable, "-c", code, str(path), threads], env={**os.environ, "NF4CONVERT_SIMD": simd}, check=True)
+        subprocess.run([sys.executable, "-c", code, str(path), threads], env={**os.environ, "NF4CONVERT_SIMD": simd, "NF4CONVERT_THREADS": threads}, check=True)
         results.append(torch.load(path))
     assert all(torch.equal(results[0], r) for r in results[1:])
 
