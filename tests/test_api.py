@@ -62,3 +62,18 @@ def test_source_hashing_stops_when_cancelled(tmp_path):
     stop.set()
     with pytest.raises(InterruptedError):
         sha256_file(tmp_path / "f", stop=stop)
+
+
+def test_a_file_hashed_in_chunks_read_ahead_is_its_sha256(tmp_path, monkeypatch):
+    """sha256_file reads the next chunk on a helper thread while it hashes one: every chunk in order,
+    the last one short, an empty file too."""
+    import hashlib
+    import os
+
+    from nf4convert import files
+
+    monkeypatch.setattr(files, "_HASH_CHUNK", 1000)
+    for size in (0, 1, 999, 1000, 1001, 4567):
+        data = os.urandom(size)
+        (tmp_path / "f").write_bytes(data)
+        assert files.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest(), size
