@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 HIDDEN, INTERMEDIATE, VOCAB = 4096, 11008, 32000
@@ -310,12 +311,19 @@ def efficient_copy(source: Path, out_bytes: int, target: Path, *, kernel_copy: b
     return time.perf_counter() - start
 
 
+def settle_bytes(source: Path, out_bytes: int, *, cold: bool) -> int:
+    """What a run allocates afresh, to :func:`settle_memory` before it: the output, the source's page
+    cache when cold, and 1 GiB of buffers."""
+    return out_bytes + (sum(p.stat().st_size for p in source.glob("*.safetensors")) if cold else 0) + (1 << 30)
+
+
 def copy_floor(source: Path, out_bytes: int, target: Path, *, cold: bool) -> float:
     """The faster of the two efficient copies (:func:`efficient_copy`), each from a dropped page cache
     (``cold``) or with the source read once before (warm): the floor a conversion is divided by."""
     times = []
     for kernel_copy in (False, True):
         drop_page_cache(source) if cold else warm(source)
+        settle_memory(settle_bytes(source, out_bytes, cold=cold))
         times.append(efficient_copy(source, out_bytes, target, kernel_copy=kernel_copy))
         target.unlink()
     return min(times)
@@ -338,6 +346,14 @@ def drop_page_cache(*folders: Path) -> str:
                 finally:
                     os.close(fd)
         return "posix_fadvise"
+
+
+def settle_memory(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh memory, then free it. On a virtual machine that hands free memory back
+    to its host (this one: after the page cache is dropped, a first touch of 3 GiB took 1.30 s, the next
+    ones 0.37-0.52 s), whichever run comes first after memory was freed pays for the host backing it
+    again; run before each conversion and each copy, it gives both the same start."""
+    np.ones(nbytes, dtype=np.uint8)
 
 
 def warm(source: Path) -> None:
@@ -364,7 +380,7 @@ def measure(src: Path, work: Path, workers: int | None = None, repeats: int = 3)
     warm; then ``repeats`` rounds of a cold conversion (page cache dropped before), a cold copy floor, a
     warm conversion (the source read once before) and a warm copy floor (medians of each); one ``--scales
     search`` conversion, warm; with ``workers``, one on a local Dask cluster of that many worker
-    processes. CPU seconds by thread role are the median warm run's; the source's hashes are those of
+    processes. Before each conversion and each copy, :func:`settle_memory`. CPU seconds by thread role are the median warm run's; the source's hashes are those of
     the hash cache after the first conversion (``sha256_from``), as for any repeated conversion."""
     from nf4convert.files import cache_dir
 
@@ -393,6 +409,7 @@ def measure(src: Path, work: Path, workers: int | None = None, repeats: int = 3)
             shutil.rmtree(out, ignore_errors=True)
             how = drop_page_cache(src, work) if state == "cold" else warm(src)
             method = how or method
+            settle_memory(settle_bytes(src, out_bytes, cold=state == "cold"))
             print(f"nf4convert convert {src.name} ({state}, run {i + 1} of {repeats}) ...", file=sys.stderr)
             runs[state].append(run_measured(cmd, work))
             shutil.rmtree(out)
