@@ -52,6 +52,8 @@ Progress = Callable[[int], None]
 _MAX_PENDING = 2
 #: The offset of a part that is a kept tensor copied whole from its source (:meth:`ShardWriter.copy`).
 COPY = -1
+
+
 @dataclass(frozen=True)
 class ShardTask:
     """Everything one output shard's conversion needs, and nothing more (it is sent to other processes).
