@@ -8,6 +8,8 @@ independent torch implementation of the same rules.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from . import native
@@ -50,12 +52,13 @@ def check_finite(absmax: np.ndarray, *, name: str, first: int, n: int, blocksize
 
 
 def quantize(
-    values: np.ndarray, dtype: str, blocksize: int, *, name: str = "tensor", first: int = 0, search: bool = False, importance: np.ndarray | None = None
+    values: np.ndarray, dtype: str, blocksize: int, *, name: str = "tensor", first: int = 0, search: bool = False, importance: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Packed NF4 codes (uint8 ``[(n + 1) // 2]``) and float32 absmax (``[ceil(n / blocksize)]``) of
     ``values``, the raw bytes (C-contiguous) of ``n`` elements of ``dtype``, in the native kernel;
     the bytes of :func:`nf4convert.quantize.quantize_nf4` (its arguments mean the same; ``search``:
-    ``scales="search"``). The caller has checked ``blocksize`` and that the kernel is available.
+    ``scales="search"``; ``importance``: any array of one weight per column, a CPU tensor too). The
+    caller has checked ``blocksize`` and that the kernel is available.
 
     Raises:
         QuantizationError: NaN or Inf in the values.
@@ -76,9 +79,16 @@ def quantize(
             codes = np.append(codes, np.uint8(_ZERO_CODE))
         packed[full // 2 :] = (codes[0::2] << 4) | codes[1::2]
     if search:
-        native.search_blocks(raw, dtype, blocksize, NF4_THRESHOLDS, NF4_TABLE, absmax, packed, importance, first)
+        weights = np.ascontiguousarray(importance, dtype=np.float32) if importance is not None else None
+        native.search_blocks(raw, dtype, blocksize, NF4_THRESHOLDS, NF4_TABLE, absmax, packed, weights, first)
     check_finite(absmax, name=name, first=first, n=n, blocksize=blocksize)
     return packed, absmax
+
+
+def dequantize_absmax(quantized: np.ndarray, nested: np.ndarray, offset: float) -> np.ndarray:
+    """float32 block scales from their double-quantized form (spec section 3), the numpy form of
+    :func:`nf4convert.quantize.dequantize_absmax`: ``DYNAMIC[q[i]] * nested[i // 256] + offset``."""
+    return DYNAMIC_TABLE[quantized] * np.repeat(nested, NESTED_BLOCKSIZE)[: quantized.size] + np.float32(offset)
 
 
 def mean_of_sums(sums: list[int], count: int) -> float:

@@ -139,7 +139,7 @@ def quantize_nf4(
         raise QuantizationError(f"{name}: cannot quantize an empty tensor")
     if kernel == "native":
         values, dtype = raw(flat)
-        imp = importance.detach().float().contiguous().numpy() if importance is not None else None
+        imp = importance.detach() if importance is not None else None
         packed, absmax = arrays.quantize(values, dtype, blocksize, name=name, first=first, search=scales == "search", importance=imp)
         return torch.from_numpy(packed).unsqueeze(1), torch.from_numpy(absmax)
     full = n - n % blocksize

@@ -7,8 +7,8 @@ leaves the same bytes. :mod:`nf4convert.convert` runs the tasks one after the ot
 process, :mod:`nf4convert.cluster` on Dask workers: the same function either way.
 
 Inside a task, weights are read in pieces (:mod:`nf4convert.pieces`) on a reader thread and quantized
-in the calling thread: as numpy arrays by :func:`nf4convert.arrays.quantize` in the default case (the
-native kernel, absmax scales), so that no torch is imported, else as tensors by
+in the calling thread: as numpy arrays by :func:`nf4convert.arrays.quantize` in the native kernel
+(absmax or searched scales), so that no torch is imported, else as tensors by
 :func:`nf4convert.quantize.quantize_nf4`. A writer thread writes each piece's codes at its planned
 offset (and copies kept tensors from source to output inside the kernel, ``copy_file_range``, where
 the file systems allow), then a weight's absmax once all its pieces are done (double quantization needs
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import arrays
+from . import arrays, native
 from .awq import scaled_importance, scalings_of
 from .constants import DTYPE_SIZES, METADATA, NESTED_BLOCKSIZE
 from .errors import SourceError
@@ -156,47 +156,45 @@ def _nested_in_pieces(t: PlannedTensor, options: Options) -> bool:
     return t.quantize and options.scales == "search" and options.double_quant
 
 
-def _raw_path(t: PlannedTensor, task: ShardTask) -> bool:
+def _raw_path(t: PlannedTensor, task: ShardTask, importance: torch.Tensor | None) -> bool:
     """Whether weight ``t``'s pieces are quantized as numpy arrays by :func:`nf4convert.arrays.quantize`
-    (no torch): the native kernel, absmax scales, not transposed. Pieces torch decoded or transformed
-    go through :func:`_quantize_tensor` whatever this says."""
-    return task.kernel == "native" and task.options.scales == "absmax" and not t.transpose
+    (no torch): the native kernel, not transposed, without importance rows per expert. Pieces torch
+    decoded or transformed go through :func:`_quantize_tensor` whatever this says."""
+    return task.kernel == "native" and not t.transpose and (importance is None or importance.dim() == 1)
 
 
 class _NestedPieces:
-    """Double quantization piece by piece (searched scales, spec section 2.6): the offset (the mean of
-    the weight's first nested block), the 8-bit scales so far, and each piece's codes for the scales a
-    loader will use, encoded while the piece is here."""
+    """Double quantization piece by piece (searched scales, spec section 2.6; the native kernel): the
+    offset (the mean of the weight's first nested block), the 8-bit scales so far, and each piece's codes
+    for the scales a loader will use, encoded while the piece is here."""
 
     def __init__(self) -> None:
         self.offset: float | None = None
-        self.quantized: list[torch.Tensor] = []
-        self.nested: list[torch.Tensor] = []
+        self.quantized: list[np.ndarray] = []
+        self.nested: list[np.ndarray] = []
 
-    def encode(self, weight: torch.Tensor, scales: torch.Tensor, kernel: str, blocksize: int) -> torch.Tensor:
-        from .quantize import dequantize_absmax, double_quantize, encode_nf4, exact_mean
-
-        self.offset = exact_mean(scales[:NESTED_BLOCKSIZE], kernel) if self.offset is None else self.offset
-        q, n, _ = double_quantize(scales, kernel, self.offset)
+    def encode(self, values: np.ndarray, dtype: str, scales: np.ndarray, blocksize: int) -> np.ndarray:
+        """The codes of a piece (raw bytes of ``dtype``) for its searched ``scales`` once double-quantized."""
+        self.offset = arrays.exact_mean(scales[:NESTED_BLOCKSIZE]) if self.offset is None else self.offset
+        q, n, _ = arrays.double_quantize(scales, self.offset)
         self.quantized.append(q), self.nested.append(n)
-        return encode_nf4(weight, dequantize_absmax(q, n, self.offset), blocksize=blocksize)
+        return native.encode_blocks(values, dtype, blocksize, arrays.NF4_THRESHOLDS, arrays.dequantize_absmax(q, n, self.offset))
 
-    def result(self) -> tuple[torch.Tensor, torch.Tensor, float]:
-        import torch
-
-        return torch.cat(self.quantized), torch.cat(self.nested), self.offset
+    def result(self) -> tuple[np.ndarray, np.ndarray, float]:
+        return np.concatenate(self.quantized), np.concatenate(self.nested), self.offset
 
 
 def _quantize_tensor(
-    piece: Piece, t: PlannedTensor, start: int, *, task: ShardTask, importance: torch.Tensor | None, nested: _NestedPieces | None
-) -> tuple[torch.Tensor, np.ndarray]:
-    """Quantize a piece with torch (the eager kernel, a GPU, searched scales, a transposed weight, a
-    piece torch decoded): its codes and its float32 block scales."""
+    piece: Piece, t: PlannedTensor, start: int, *, task: ShardTask, importance: torch.Tensor | None
+) -> tuple[torch.Tensor, np.ndarray, tuple[np.ndarray, str] | None]:
+    """Quantize a piece with torch (the eager kernel, a GPU, a transposed weight, a piece torch decoded,
+    importance rows per expert): its codes, its float32 block scales, and for searched scales its
+    values as the native kernel takes them (for :meth:`_NestedPieces.encode`)."""
+    from .quantize import raw
+
     weight = on_device(as_tensor(piece, t), t, task.device)
     packed, scales = quantize_piece(weight, t, start, importance, blocksize=t.blocksize, kernel=task.kernel, scales=task.options.scales)
-    if nested is not None:
-        packed = nested.encode(weight, scales, task.kernel, t.blocksize)
-    return packed, scales.cpu().numpy()
+    return packed, scales.cpu().numpy(), raw(weight) if task.options.scales == "search" else None
 
 
 def _store(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int, progress: Progress | None) -> None:
@@ -288,13 +286,17 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             bs = t.blocksize
             absmax = np.empty(-(-info.numel // bs), dtype=np.float32)
             nested = _NestedPieces() if _nested_in_pieces(t, options) else None
-            raw = _raw_path(t, task)
+            vector = importance.get(t.name)
+            raw = _raw_path(t, task, vector)
             for start, stop in pieces(t, bs, nested is not None):
                 piece = next(weights)
                 if raw and isinstance(piece, np.ndarray):
-                    packed, scales = arrays.quantize(piece, piece_dtype(t), bs, name=t.name, first=start)
+                    values = (piece, piece_dtype(t))
+                    packed, scales = arrays.quantize(*values, bs, name=t.name, first=start, search=options.scales == "search", importance=vector)
                 else:
-                    packed, scales = _quantize_tensor(piece, t, start, task=task, importance=importance.get(t.name), nested=nested)
+                    packed, scales, values = _quantize_tensor(piece, t, start, task=task, importance=vector)
+                if nested is not None:
+                    packed = nested.encode(*values, scales, bs)
                 absmax[start // bs : start // bs + scales.size] = scales
                 submit([(t.name, packed, start // 2)], (stop - start) * DTYPE_SIZES[info.dtype])
                 del packed

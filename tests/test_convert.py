@@ -245,7 +245,7 @@ def test_cli_convert_then_inspect(llama_dir, tmp_path, cli):
 
 def test_the_default_conversion_never_imports_torch_and_keeps_openmp_from_spinning(llama_dir, tmp_path):
     """What the warm conversion's speed rests on (docs/performance.md): the default conversion (the
-    native kernel, absmax scales) reads, quantizes and writes numpy arrays and never imports torch
+    native kernel, absmax or searched scales) reads, quantizes and writes numpy arrays and never imports torch
     (about a second of start-up); the source hasher starts before planning; where torch is loaded
     (other options), its OpenMP threads sleep after their parallel regions instead of spinning
     against the kernel's threads. The output is the one torch's path writes."""
@@ -269,12 +269,15 @@ except SystemExit as e:
 print("torch" in sys.modules)
 """
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    p = subprocess.run([sys.executable, "-c", code, "convert", str(llama_dir), str(tmp_path / "out"), "-q"], env=env, capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.split() == ["False", "PASSIVE", "False"]
+    for name, extra in (("out", []), ("search", ["--scales", "search"])):
+        p = subprocess.run([sys.executable, "-c", code, "convert", str(llama_dir), str(tmp_path / name), "-q", *extra], env=env, capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        assert p.stdout.split() == ["False", "PASSIVE", "False"], name
     convert(llama_dir, tmp_path / "eager", kernel="eager")
+    convert(llama_dir, tmp_path / "search-here", options=Options(scales="search"))  # in a process that has torch
     for shard in (tmp_path / "out").glob("*.safetensors"):
         assert shard.read_bytes() == (tmp_path / "eager" / shard.name).read_bytes()
+        assert (tmp_path / "search" / shard.name).read_bytes() == (tmp_path / "search-here" / shard.name).read_bytes()
 
 
 def test_dry_run_says_what_decided_and_which_loaders_read_the_output(llama_dir, cli):
