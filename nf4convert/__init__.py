@@ -5,8 +5,8 @@
     model = nf4convert.load_model("./Llama-3-8B-nf4", device="cuda")
 
 The public names load on first use: importing the package (or starting the CLI) does not import
-torch, so `nf4convert inspect` and `--help` answer at once and planning without transformers needs no
-torch. Importing needs neither bitsandbytes nor transformers at all: the loader imports them when called.
+torch, so `nf4convert inspect` and `--help` answer at once, planning without transformers needs no
+torch, and neither does a conversion in the native kernel (nf4convert.arrays). Importing needs neither bitsandbytes nor transformers at all: the loader imports them when called.
 """
 
 from __future__ import annotations
