@@ -65,7 +65,6 @@ def pieces(t: PlannedTensor, blocksize: int, nested: bool = False) -> list[tuple
     return [(start, min(info.numel, start + step)) for start in range(0, info.numel, step)]
 
 
-
 def on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Tensor:
     """A piece as the quantizer takes it: transposed for a ``Conv1D`` weight (each expert's slice for
     fused experts), on ``device``."""
@@ -74,7 +73,6 @@ def on_device(weight: torch.Tensor, t: PlannedTensor, device: str) -> torch.Tens
     if weight.device.type != device or t.transpose:
         weight = weight.to(device).contiguous()
     return weight
-
 
 
 class SourceShard:
