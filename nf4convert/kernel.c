@@ -13,6 +13,10 @@
  *
  * Two paths give the same bytes: AVX2 (x86-64, chosen at run time when the CPU has AVX2 and F16C)
  * and portable C. nf4_quantize_blocks(..., simd=0) forces the portable one, for the tests.
+ *
+ * The functions that read a source (nf4_quantize_blocks, nf4_decode_fp8, nf4_search_blocks,
+ * nf4_encode_blocks) may read a memory-mapped file: they return 0, or -1 where the file shrank
+ * under the mapping (SIGBUS, caught by nf4_guard's handler), with their output unfinished.
  */
 #include <stdint.h>
 #include <string.h>
@@ -178,8 +182,8 @@ int nf4_simd(void) { return 0; }
  * (dtype NF4_F32/F16/BF16) into `packed` (bs / 2 bytes a block) and `absmax` (one float a block);
  * `thresholds` holds the 15 float32 thresholds in increasing order. Uses AVX2 when `simd` is
  * non-zero and the CPU has it. */
-void nf4_quantize_blocks(const void *src, int dtype, int64_t first, int64_t count, int64_t bs,
-                         const float *thresholds, float floor, uint8_t *packed, float *absmax, int simd) {
+static void quantize_blocks(const void *src, int dtype, int64_t first, int64_t count, int64_t bs,
+                            const float *thresholds, float floor, uint8_t *packed, float *absmax, int simd) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     if (simd && nf4_simd()) {
         blocks_avx2(src, dtype, first, count, bs, thresholds, floor, packed, absmax);
@@ -317,8 +321,8 @@ NF4_AVX2 static void decode_fp8_avx2(const uint8_t *q, int64_t rows, int64_t col
 /* Rows [0, rows) of an FP8 weight of `cols` columns, the first being row `first_row` of the
  * weight, decoded to float32: out[r][c] = value(q[r][c]) * scale[(first_row + r) / br][c / bc],
  * one IEEE single multiply. */
-void nf4_decode_fp8(const uint8_t *q, int64_t rows, int64_t cols, const float *scale, int64_t scale_cols,
-                    int64_t first_row, int64_t br, int64_t bc, float *out, int simd) {
+static void decode_fp8(const uint8_t *q, int64_t rows, int64_t cols, const float *scale, int64_t scale_cols,
+                       int64_t first_row, int64_t br, int64_t bc, float *out, int simd) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
     if (simd && nf4_simd()) {
         decode_fp8_avx2(q, rows, cols, scale, scale_cols, first_row, br, bc, out);
@@ -511,9 +515,9 @@ enum { SEARCH_BATCH = 8, SEARCH_GRID_MAX = 16 };
  *
  * Blocks go in batches, each step over all blocks of a batch, so that no block waits on another's
  * divisions; the per-block arithmetic is loops over the batch, which the compiler vectorizes. */
-void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
-                       const float *t, const float *c, const float *grid, int ngrid, float floor, float min_scale,
-                       const float *importance, int64_t cols, int64_t offset, float *absmax, uint8_t *packed, int simd) {
+static void search_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
+                          const float *t, const float *c, const float *grid, int ngrid, float floor, float min_scale,
+                          const float *importance, int64_t cols, int64_t offset, float *absmax, uint8_t *packed, int simd) {
     levels_storage storage;
     search_path path = search_path_for(simd, importance != NULL, t, c, &storage);
     const int batch = bs * SEARCH_BATCH <= 4096 ? SEARCH_BATCH : (int)(4096 / bs);
@@ -564,7 +568,7 @@ void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int
                 absmax[b] = r;
                 path.encode(path.levels, x + i * bs, len, 1.0f / r, packed + base / 2);
             } else if (len == bs) {
-                nf4_quantize_blocks(src, dtype, b, 1, bs, t, floor, packed, absmax, simd);
+                quantize_blocks(src, dtype, b, 1, bs, t, floor, packed, absmax, simd);
             }
         }
     }
@@ -572,8 +576,8 @@ void nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int
 
 /* Codes of blocks [first, first + count) for given scales (with double quantization, the scales a
  * loader will use): x * (1/s), or code 7 (zero) everywhere where s < min_scale. */
-void nf4_encode_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
-                       const float *t, const float *scales, float min_scale, uint8_t *packed, int simd) {
+static void encode_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
+                          const float *t, const float *scales, float min_scale, uint8_t *packed, int simd) {
     levels_storage storage;
     search_path path = search_path_for(simd, 0, t, NULL, &storage);
     float x[4096];
@@ -587,4 +591,89 @@ void nf4_encode_blocks(const void *src, int dtype, int64_t n, int64_t first, int
             memset(packed + base / 2, 0x77, (size_t)(len + 1) / 2);
         }
     }
+}
+
+/* Reading mapped files: a file truncated under a mapping raises SIGBUS on the next access to the
+ * lost pages. nf4_guard installs a handler (once; again if something replaced it) that, in a thread
+ * inside one of the functions below, jumps back to the function's entry, which returns -1. In any
+ * other thread, or outside them, the fault goes to the handler installed before (by default: the
+ * end of the process, as without this). */
+#if defined(__unix__) || defined(__APPLE__)
+#include <setjmp.h>
+#include <signal.h>
+
+static __thread sigjmp_buf *fault_exit; /* where the calling thread's guarded call resumes; NULL outside one */
+static struct sigaction before;          /* the SIGBUS action before nf4_guard's */
+
+static void on_fault(int sig, siginfo_t *info, void *context) {
+    if (fault_exit) siglongjmp(*fault_exit, 1);
+    if (before.sa_flags & SA_SIGINFO) {
+        before.sa_sigaction(sig, info, context);
+    } else if (before.sa_handler != SIG_DFL && before.sa_handler != SIG_IGN) {
+        before.sa_handler(sig);
+    } else {
+        sigaction(sig, &before, NULL); /* returning repeats the access, which then ends the process */
+    }
+}
+
+/* Install the handler unless it is in place: 0, or -1 where it cannot (not thread-safe: one caller
+ * at a time). */
+int nf4_guard(void) {
+    struct sigaction now, mine;
+    if (sigaction(SIGBUS, NULL, &now)) return -1;
+    if ((now.sa_flags & SA_SIGINFO) && now.sa_sigaction == on_fault) return 0;
+    memset(&mine, 0, sizeof mine);
+    mine.sa_sigaction = on_fault;
+    mine.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&mine.sa_mask);
+    before = now;
+    return sigaction(SIGBUS, &mine, NULL) ? -1 : 0;
+}
+
+/* Run `call` with SIGBUS caught: return 0, or -1 after a fault (the signal mask restored). */
+#define GUARDED(call)                          \
+    do {                                       \
+        sigjmp_buf env;                        \
+        sigjmp_buf *outer = fault_exit;        \
+        if (sigsetjmp(env, 1)) {               \
+            fault_exit = outer;                \
+            return -1;                         \
+        }                                      \
+        fault_exit = &env;                     \
+        call;                                  \
+        fault_exit = outer;                    \
+        return 0;                              \
+    } while (0)
+#else
+int nf4_guard(void) { return -1; } /* no SIGBUS here: callers read through buffers */
+#define GUARDED(call) \
+    do {              \
+        call;         \
+        return 0;     \
+    } while (0)
+#endif
+
+/* quantize_blocks, guarded. */
+int nf4_quantize_blocks(const void *src, int dtype, int64_t first, int64_t count, int64_t bs,
+                        const float *thresholds, float floor, uint8_t *packed, float *absmax, int simd) {
+    GUARDED(quantize_blocks(src, dtype, first, count, bs, thresholds, floor, packed, absmax, simd));
+}
+
+/* decode_fp8, guarded. */
+int nf4_decode_fp8(const uint8_t *q, int64_t rows, int64_t cols, const float *scale, int64_t scale_cols,
+                   int64_t first_row, int64_t br, int64_t bc, float *out, int simd) {
+    GUARDED(decode_fp8(q, rows, cols, scale, scale_cols, first_row, br, bc, out, simd));
+}
+
+/* search_blocks, guarded. */
+int nf4_search_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
+                      const float *t, const float *c, const float *grid, int ngrid, float floor, float min_scale,
+                      const float *importance, int64_t cols, int64_t offset, float *absmax, uint8_t *packed, int simd) {
+    GUARDED(search_blocks(src, dtype, n, first, count, bs, t, c, grid, ngrid, floor, min_scale, importance, cols, offset, absmax, packed, simd));
+}
+
+/* encode_blocks, guarded. */
+int nf4_encode_blocks(const void *src, int dtype, int64_t n, int64_t first, int64_t count, int64_t bs,
+                      const float *t, const float *scales, float min_scale, uint8_t *packed, int simd) {
+    GUARDED(encode_blocks(src, dtype, n, first, count, bs, t, scales, min_scale, packed, simd));
 }

@@ -7,6 +7,10 @@ quantize disjoint block ranges in parallel. It works on numpy arrays and never i
 (the default conversion runs without it). Where no C compiler works, :func:`library` returns
 ``None`` and the caller uses the eager torch kernel. ``NF4CONVERT_SIMD=0`` in the
 environment selects the portable C path over AVX2 (same bytes; for debugging and the tests).
+
+The functions that read a source may read a memory-mapped file once :func:`guard` says the
+kernel's SIGBUS handler is in place: a file truncated under the mapping is then a
+:class:`~nf4convert.errors.SourceError`, not the end of the process.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -26,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from .constants import ABSMAX_FLOOR, DTYPE_SIZES, SEARCH_GRID, SEARCH_MIN_SCALE
+from .errors import SourceError
 from .files import cache_dir
 
 SOURCE = Path(__file__).with_name("kernel.c")
@@ -75,26 +81,27 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"{e.cmd[0]} failed: {first[0] if first else f'exit {e.returncode}'}"
     except (OSError, subprocess.SubprocessError) as e:
         return None, str(e)
-    lib.nf4_quantize_blocks.restype = None
+    lib.nf4_quantize_blocks.restype = ctypes.c_int
     lib.nf4_quantize_blocks.argtypes = [
         ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
         ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
     lib.nf4_simd.restype = ctypes.c_int
+    lib.nf4_guard.restype = ctypes.c_int
     lib.nf4_exponent_sums.restype = None
     lib.nf4_exponent_sums.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     lib.nf4_quantize_nested.restype = None
     lib.nf4_quantize_nested.argtypes = [
         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p,
     ]  # fmt: skip
-    lib.nf4_decode_fp8.restype = None
+    lib.nf4_decode_fp8.restype = ctypes.c_int
     lib.nf4_decode_fp8.argtypes = [ctypes.c_void_p, *[ctypes.c_int64] * 2, ctypes.c_void_p, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_int]
-    lib.nf4_search_blocks.restype = None
+    lib.nf4_search_blocks.restype = ctypes.c_int
     lib.nf4_search_blocks.argtypes = [
         ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
         ctypes.c_float, ctypes.c_float, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
-    lib.nf4_encode_blocks.restype = None
+    lib.nf4_encode_blocks.restype = ctypes.c_int
     lib.nf4_encode_blocks.argtypes = [
         ctypes.c_void_p, ctypes.c_int, *[ctypes.c_int64] * 4, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float, ctypes.c_void_p, ctypes.c_int,
     ]  # fmt: skip
@@ -109,6 +116,27 @@ def library() -> ctypes.CDLL | None:
 def unavailable_reason() -> str:
     """Why :func:`library` is ``None`` (empty when it is not)."""
     return _load()[1]
+
+
+_guard_lock = threading.Lock()
+
+
+def guard() -> bool:
+    """Whether the kernel may read memory-mapped source files: its SIGBUS handler is in place
+    (installed here, again where something replaced it), so that a file truncated under a mapping
+    makes the reading call raise :class:`~nf4convert.errors.SourceError`. ``False`` without the
+    kernel or where there is no SIGBUS (read through buffers then)."""
+    lib = library()
+    if lib is None:
+        return False
+    with _guard_lock:
+        return lib.nf4_guard() == 0
+
+
+def _check(rc: int) -> None:
+    """Raise for a kernel call that met a truncated mapped file (``rc`` -1)."""
+    if rc:
+        raise SourceError("a source file shrank while it was being read")
 
 
 def _simd() -> bool:
@@ -165,7 +193,7 @@ def quantize_blocks(values: np.ndarray, dtype: str, bs: int, thresholds: np.ndar
     assert lib is not None and bs % 32 == 0
     src, size = _ptr(values), DTYPE_SIZES[dtype]
     out = (_ptr(thresholds), ABSMAX_FLOOR, _ptr(packed), _ptr(absmax), int(_simd()))
-    _split(values.nbytes // size // bs, bs, lambda first, count: lib.nf4_quantize_blocks(src, _DTYPES[dtype], first, count, bs, *out))
+    _split(values.nbytes // size // bs, bs, lambda first, count: _check(lib.nf4_quantize_blocks(src, _DTYPES[dtype], first, count, bs, *out)))
 
 
 def decode_fp8(data: np.ndarray, scale: np.ndarray, first_row: int, block: tuple[int, int], out: np.ndarray) -> np.ndarray:
@@ -177,7 +205,7 @@ def decode_fp8(data: np.ndarray, scale: np.ndarray, first_row: int, block: tuple
     q, s, o = _ptr(data), _ptr(scale), _ptr(out)
 
     def run(first: int, count: int) -> None:
-        lib.nf4_decode_fp8(q + first * cols, count, cols, s, scale.shape[1], first_row + first, block[0], block[1], o + 4 * first * cols, int(_simd()))
+        _check(lib.nf4_decode_fp8(q + first * cols, count, cols, s, scale.shape[1], first_row + first, block[0], block[1], o + 4 * first * cols, int(_simd())))
 
     _split(rows, cols, run)
     return out
@@ -202,9 +230,9 @@ def search_blocks(
     src, t, c, imp, a, p = _ptr(values), _ptr(thresholds), _ptr(code), _ptr(importance), _ptr(absmax), _ptr(packed)
 
     def run(first: int, count: int) -> None:
-        lib.nf4_search_blocks(
+        _check(lib.nf4_search_blocks(
             src, _DTYPES[dtype], n, first, count, bs, t, c, factors, len(grid), ABSMAX_FLOOR, SEARCH_MIN_SCALE, imp, cols, offset, a, p, int(_simd()),
-        )  # fmt: skip
+        ))  # fmt: skip
 
     _split(absmax.size, bs, run)
 
@@ -216,7 +244,7 @@ def encode_blocks(values: np.ndarray, dtype: str, bs: int, thresholds: np.ndarra
     n = values.nbytes // DTYPE_SIZES[dtype]
     packed = np.empty((n + 1) // 2, dtype=np.uint8)
     src, t, s, p = _ptr(values), _ptr(thresholds), _ptr(scales), _ptr(packed)
-    _split(scales.size, bs, lambda first, count: lib.nf4_encode_blocks(src, _DTYPES[dtype], n, first, count, bs, t, s, SEARCH_MIN_SCALE, p, int(_simd())))
+    _split(scales.size, bs, lambda first, count: _check(lib.nf4_encode_blocks(src, _DTYPES[dtype], n, first, count, bs, t, s, SEARCH_MIN_SCALE, p, int(_simd()))))
     return packed
 
 

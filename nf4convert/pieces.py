@@ -1,17 +1,22 @@
 """Reading a weight in pieces: the source side of one shard's conversion.
 
-Weights are read in pieces of whole blocks (at most :data:`PIECE_BYTES` each) with ``pread`` into two
-reused numpy buffers, each on a reader thread while the one before is quantized. A piece stays raw
-source bytes (or float32, for FP8 decoded by the native kernel), so that the default conversion never
-imports torch; what only torch decodes or transforms (MXFP4, experts cut from fused ones, activation-aware
-scaling) comes as a tensor. Nothing is memory-mapped, so a source file truncated under the converter is
-a one-line error, not SIGBUS.
+Weights are read in pieces of whole blocks (at most :data:`PIECE_BYTES` each), each on a reader thread
+while the one before is quantized. A piece stays raw source bytes (or float32, for FP8 decoded by the
+native kernel), so that the default conversion never imports torch; what only torch decodes or
+transforms (MXFP4, experts cut from fused ones, activation-aware scaling) comes as a tensor.
+
+A piece that only the native kernel reads (whole blocks quantized as raw bytes, FP8 bytes it decodes) is
+memory-mapped where the page cache holds all of it (:meth:`~nf4convert.tensorfile.ShardReader.map_cached`):
+no copy through a buffer. The kernel's SIGBUS guard (:func:`nf4convert.native.guard`) turns a source
+truncated under the mapping into a one-line error. Every other piece, and every piece still on the
+disk, is read with ``pread`` into two reused numpy buffers: torch and numpy never touch a mapping.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -89,6 +94,16 @@ class SourceShard:
             raise SourceError(f"{self.reader.path}: changed while being converted")
 
 
+@contextmanager
+def mapped_read(t: PlannedTensor, sources: dict[Path, SourceShard]) -> Iterator[None]:
+    """Name the file and the tensor in the kernel's error for a mapped piece of ``t`` whose file
+    shrank under the mapping (:func:`nf4convert.native.guard`)."""
+    try:
+        yield
+    except SourceError:
+        raise SourceError(f"{sources[t.source.shard].reader.path}: ends inside tensor {t.name!r}; it changed while being converted") from None
+
+
 def piece_dtype(t: PlannedTensor) -> str:
     """The element type of weight ``t``'s pieces as :func:`read_ahead` reads them into numpy arrays:
     float32 for FP8 (decoded), else the source's dtype (raw bytes)."""
@@ -108,7 +123,7 @@ def as_tensor(piece: Piece, t: PlannedTensor) -> torch.Tensor:
 
 def read_ahead(
     items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, SourceShard], pool: ThreadPoolExecutor, fp8_block: tuple[int, int] | None,
-    scalings: dict[str, tuple[Any, dict[str, torch.Tensor]]] | None = None,
+    scalings: dict[str, tuple[Any, dict[str, torch.Tensor]]] | None = None, raw: frozenset[str] = frozenset(),
 ) -> Iterator[Piece]:
     """The pieces ``(tensor, start, stop)`` in order, each read on ``pool`` while the one before is
     quantized: two reused buffers of the largest piece's size, whatever the model's size. A piece is a
@@ -116,7 +131,9 @@ def read_ahead(
     native kernel where it is built, else a tensor decoded by torch). An MXFP4 piece (whole experts) is
     read into buffers of its own and decoded (:func:`nf4convert.mxfp4.decode`), an expert cut from fused
     experts taken by torch. A tensor in ``scalings`` (:func:`nf4convert.awq.scalings_of`) comes
-    transformed, a float32 tensor. Use :func:`as_tensor` for a tensor in every case."""
+    transformed, a float32 tensor. Use :func:`as_tensor` for a tensor in every case. A piece of whole
+    blocks of a weight named in ``raw`` (one the caller hands only to the native kernel) may be a
+    read-only mapping of the source (see the module's docstring)."""
     size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items if t.source.packed is None and t.source.split is None), default=0)
     buffers = [np.empty(size, dtype=np.uint8) for _ in range(2 if len(items) > 1 else len(items))]
     decoded_size = max((stop - start for t, start, stop in items if t.scale is not None), default=0)
@@ -124,6 +141,19 @@ def read_ahead(
 
     scales: dict[str, np.ndarray] = {}  # the FP8 scales of the weight being read (small: one per block)
     scalings = scalings or {}
+    mapping = native.guard()
+
+    def source_bytes(i: int) -> np.ndarray:
+        t, start, stop = items[i]
+        info, k = t.source.info, DTYPE_SIZES[t.source.info.dtype]
+        reader = sources[t.source.shard].reader
+        kernel_only = t.scale is not None or (t.name in raw and t.name not in scalings and (stop - start) % t.blocksize == 0)
+        view = reader.map_cached(info, start * k, (stop - start) * k) if mapping and kernel_only else None
+        if view is not None:
+            return np.frombuffer(view, dtype=np.uint8)
+        data = buffers[i % 2][: (stop - start) * k]
+        reader.read_into(info, memoryview(data), start * k)
+        return data
 
     def read_raw(i: int) -> Piece:
         t, start, stop = items[i]
@@ -131,9 +161,8 @@ def read_ahead(
             return _read_mxfp4(t, start, stop, sources)
         if t.source.split is not None:
             return _read_split(t, sources)
-        info, k = t.source.info, DTYPE_SIZES[t.source.info.dtype]
-        data = buffers[i % 2][: (stop - start) * k]
-        sources[t.source.shard].reader.read_into(info, memoryview(data), start * k)
+        info = t.source.info
+        data = source_bytes(i)
         if t.scale is None:
             return data
         if t.name not in scales:
@@ -143,7 +172,8 @@ def read_ahead(
         cols = info.shape[1]
         rows, out = data.reshape(-1, cols), decoded[i % 2][: stop - start]
         if native.library() is not None:
-            return native.decode_fp8(rows, scales[t.name], start // cols, fp8_block, out).reshape(-1)
+            with mapped_read(t, sources):
+                return native.decode_fp8(rows, scales[t.name], start // cols, fp8_block, out).reshape(-1)
         import torch
 
         return decode_rows(torch.from_numpy(rows), torch.from_numpy(scales[t.name]), start // cols, fp8_block, torch.from_numpy(out)).reshape(-1)

@@ -38,7 +38,7 @@ from .errors import SourceError
 from .files import FileHasher, file_record, file_state
 from .importance import load_importance
 from .layout import encode_quant_state
-from .pieces import Piece, SourceShard, as_tensor, on_device, piece_dtype, pieces, read_ahead
+from .pieces import Piece, SourceShard, as_tensor, mapped_read, on_device, piece_dtype, pieces, read_ahead
 from .plan import Options, PlannedTensor
 from .source import ShardFetcher
 from .tensorfile import torch_dtypes
@@ -262,7 +262,8 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             for t in task.tensors if t.quantize or _decoded(t)
             for start, stop in pieces(t, t.blocksize, _nested_in_pieces(t, options))
         ]  # fmt: skip
-        weights = read_ahead(items, sources, reader, task.fp8_block, scalings)
+        raw = frozenset(t.name for t in task.tensors if t.quantize and _raw_path(t, task, importance.get(t.name)))
+        weights = read_ahead(items, sources, reader, task.fp8_block, scalings, raw)
         pending: deque[Future] = deque()
 
         def submit(parts: list[tuple[str, Any, int]], done: int) -> None:
@@ -287,16 +288,16 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             absmax = np.empty(-(-info.numel // bs), dtype=np.float32)
             nested = _NestedPieces() if _nested_in_pieces(t, options) else None
             vector = importance.get(t.name)
-            raw = _raw_path(t, task, vector)
             for start, stop in pieces(t, bs, nested is not None):
                 piece = next(weights)
-                if raw and isinstance(piece, np.ndarray):
-                    values = (piece, piece_dtype(t))
-                    packed, scales = arrays.quantize(*values, bs, name=t.name, first=start, search=options.scales == "search", importance=vector)
-                else:
-                    packed, scales, values = _quantize_tensor(piece, t, start, task=task, importance=vector)
-                if nested is not None:
-                    packed = nested.encode(*values, scales, bs)
+                with mapped_read(t, sources):
+                    if t.name in raw and isinstance(piece, np.ndarray):
+                        values = (piece, piece_dtype(t))
+                        packed, scales = arrays.quantize(*values, bs, name=t.name, first=start, search=options.scales == "search", importance=vector)
+                    else:
+                        packed, scales, values = _quantize_tensor(piece, t, start, task=task, importance=vector)
+                    if nested is not None:
+                        packed = nested.encode(*values, scales, bs)
                 absmax[start // bs : start // bs + scales.size] = scales
                 submit([(t.name, packed, start // 2)], (stop - start) * DTYPE_SIZES[info.dtype])
                 del packed

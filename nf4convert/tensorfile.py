@@ -28,6 +28,38 @@ from .errors import FormatError, SourceError
 if TYPE_CHECKING:
     import torch
 
+#: ``madvise`` advice that reads a mapped range in and fails (EFAULT) where the file ends before it
+#: (Linux 5.14; Python 3.11's mmap module lacks the name).
+MADV_POPULATE_READ = 22
+
+@cache
+def _mincore() -> Any:
+    """libc's ``mincore``, or ``None`` where there is none."""
+    import ctypes
+
+    mincore = getattr(ctypes.CDLL(None, use_errno=True), "mincore", None)
+    if mincore is not None:
+        mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        mincore.restype = ctypes.c_int
+    return mincore
+
+
+def _resident(mapped: mmap.mmap) -> bool:
+    """Whether every page of a mapping is in the page cache (``False`` where that cannot be told)."""
+    mincore = _mincore()
+    if mincore is None:
+        return False
+    view = memoryview(mapped)
+    try:
+        import numpy as np
+
+        pages = np.zeros(-(-len(mapped) // mmap.PAGESIZE), dtype=np.uint8)
+        address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+        return mincore(address, len(mapped), pages.ctypes.data) == 0 and bool((pages & 1).all())
+    finally:
+        view.release()
+
+
 #: safetensors dtype -> the name of the torch dtype.
 _TORCH_DTYPE_NAMES = {
     "BOOL": "bool", "U8": "uint8", "I8": "int8", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
@@ -253,9 +285,10 @@ class SafetensorsFile:
 
 
 class ShardReader:
-    """A safetensors file read with ``pread``, never mapped: a file that shrinks while it is being
-    read gives a :class:`~nf4convert.errors.SourceError` on a short read, where a mapping would
-    kill the process with SIGBUS. Safe to use from several threads (reads carry their offset)."""
+    """A safetensors file read with ``pread``: a file that shrinks while it is being read gives a
+    :class:`~nf4convert.errors.SourceError` on a short read, where a mapping would kill the process
+    with SIGBUS. :meth:`map_cached` maps a range instead, for a reader that survives SIGBUS (the native
+    kernel). Safe to use from several threads (reads carry their offset)."""
 
     #: Bytes per chunk of :meth:`chunks`.
     CHUNK = 16 << 20
@@ -276,6 +309,33 @@ class ShardReader:
             if n == 0:
                 raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted")
             done += n
+
+    def map_cached(self, info: TensorInfo, offset: int, nbytes: int) -> memoryview | None:
+        """``nbytes`` bytes of the tensor, from ``offset`` within it, memory-mapped read-only (no copy),
+        where all of them are in the page cache (``mincore``), else ``None``: from the disk, a read
+        into a buffer (:meth:`read_into`) is as fast and its copy overlaps the wait. The mapping
+        lives as long as the view. Only for a reader that survives SIGBUS
+        (:func:`nf4convert.native.guard`): the file may still shrink after this returns.
+
+        Raises:
+            SourceError: the file ends before them.
+        """
+        begin = info.start + offset
+        if begin + nbytes > os.fstat(self._fd).st_size:
+            raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted")
+        aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
+        mapped = mmap.mmap(self._fd, begin + nbytes - aligned, prot=mmap.PROT_READ, offset=aligned)
+        if not _resident(mapped):
+            mapped.close()
+            return None
+        try:
+            mapped.madvise(MADV_POPULATE_READ)  # page tables filled here, on the reader's thread
+        except OSError as e:
+            if e.errno == errno.EFAULT:
+                raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted") from None
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel without it; the accesses fill them
+                raise
+        return memoryview(mapped)[begin - aligned : begin - aligned + nbytes]
 
     def chunks(self, info: TensorInfo) -> Iterator[memoryview]:
         """The tensor's bytes in order, :attr:`CHUNK` at a time, through one reused buffer: each chunk

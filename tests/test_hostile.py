@@ -220,7 +220,8 @@ def test_a_source_that_changes_during_conversion_is_refused(tmp_path):
 
 
 def test_a_source_truncated_during_conversion_is_an_error_not_a_crash(tmp_path):
-    """Weights are read with pread, not mapped: a shrinking file gives a short read, not SIGBUS."""
+    """A shrinking source is a SourceError, not SIGBUS: a piece read with pread gives a short read, a mapped
+    one the native kernel's guard."""
     src = tmp_path / "src.safetensors"
     save_file({f"l{i}.weight": torch.randn(512, 512) for i in range(6)}, src)
     code = f"""

@@ -1,10 +1,13 @@
 """Large weights are read, quantized and written in pieces of whole blocks: the bytes are those of the
-whole weight, and resume, determinism and the truncated-source error hold for pieces too."""
+whole weight, and resume, determinism and the truncated-source error hold for pieces too, read through
+a buffer or mapped."""
 
 from __future__ import annotations
 
 import importlib
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -129,3 +132,78 @@ convert(sys.argv[1], sys.argv[2], options=Options(max_shard_size=1_000_000), pro
     assert len(json.loads((tmp_path / "out.nf4convert-partial" / "nf4convert-progress.json").read_text())["shards"]) >= 2
     assert run(tmp_path / "out").returncode == 0
     assert files(tmp_path / "out") == files(tmp_path / "reference")
+
+
+SHRINK = """
+import os, sys
+import numpy as np
+from nf4convert import arrays, native
+from nf4convert.errors import SourceError
+from nf4convert.tensorfile import ShardReader, read_header
+
+src = sys.argv[1]
+info, data = read_header(src)[0]["w"], open(src, "rb").read()
+assert native.guard()
+
+
+def shrunk():
+    with open(src, "wb") as f:
+        f.write(data)
+    view = np.frombuffer(ShardReader(src).map_cached(info, 0, info.nbytes), dtype=np.uint8)
+    os.truncate(src, info.start + 4096)  # the rest of the mapping is gone: an access there is SIGBUS
+    return view
+
+
+blocks = info.nbytes // 2 // 64
+calls = {
+    "quantize": lambda v: arrays.quantize(v, "BF16", 64),
+    "search": lambda v: arrays.quantize(v, "BF16", 64, search=True),
+    "encode": lambda v: native.encode_blocks(v, "BF16", 64, arrays.NF4_THRESHOLDS, np.ones(blocks, np.float32)),
+    "decode FP8": lambda v: native.decode_fp8(v.reshape(-1, 1024), np.ones((64, 8), np.float32), 0, (128, 128), np.empty(v.size, np.float32)),
+}
+for name, call in calls.items():
+    try:
+        call(shrunk())
+    except SourceError as e:
+        print(name, "SourceError:", e, flush=True)
+print("outside the kernel", flush=True)
+print(int(shrunk().sum()))  # not the kernel: SIGBUS ends the process, as without the guard
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SIGBUS on a truncated mapping, as Linux gives it")
+@pytest.mark.parametrize("faulthandler", [False, True])
+def test_the_kernel_survives_a_mapped_source_that_shrinks(tmp_path, faulthandler):
+    """Each kernel function that reads a mapped source returns a SourceError when the file is truncated
+    under the mapping, on two threads; a SIGBUS anywhere else still ends the process, through the handler
+    installed before the kernel's (Python's faulthandler, which prints its traceback, or the default)."""
+    from nf4convert import native
+
+    if native.library() is None:
+        pytest.skip(native.unavailable_reason())
+    save_file({"w": torch.randn(2048, 1024).to(torch.bfloat16)}, tmp_path / "src.safetensors")  # 2 kernel calls a function
+    flags = ["-X", "faulthandler"] if faulthandler else []
+    env = {**os.environ, "NF4CONVERT_THREADS": "2"}
+    p = subprocess.run([sys.executable, *flags, "-c", SHRINK, str(tmp_path / "src.safetensors")], capture_output=True, text=True, timeout=120, env=env)
+    lines = p.stdout.splitlines()
+    assert lines == [f"{name} SourceError: a source file shrank while it was being read" for name in ("quantize", "search", "encode", "decode FP8")] + [
+        "outside the kernel"
+    ], p.stderr
+    assert p.returncode == -signal.SIGBUS
+    assert ("Bus error" in p.stderr) == faulthandler
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_a_default_conversion_reads_its_weights_mapped_and_gives_the_eager_bytes(source, tmp_path):
+    """The native kernel reads whole-block pieces straight from a mapping of the source (no copy through
+    a buffer); the partial last block of odd.weight goes through a buffer. Same bytes as the eager
+    kernel, which reads every piece with pread."""
+    seen = []
+
+    def progress(_: int) -> None:
+        with open("/proc/self/maps") as maps:
+            seen.append(str(source) in maps.read())
+
+    mapped = convert(source, tmp_path / "mapped", progress=progress)
+    assert any(seen)
+    assert files(mapped) == files(convert(source, tmp_path / "eager", kernel="eager"))
