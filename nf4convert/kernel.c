@@ -11,8 +11,9 @@
  * Clamping v to [-1, 1] cannot change a code (every threshold lies inside), so it is left out.
  * The thresholds and the floor come from the caller (nf4convert/constants.py), not from here.
  *
- * Two paths give the same bytes: AVX2 (x86-64, chosen at run time when the CPU has AVX2 and F16C)
- * and portable C. nf4_quantize_blocks(..., simd=0) forces the portable one, for the tests.
+ * Three paths give the same bytes: AVX-512 (F and BW, for nf4_quantize_blocks), AVX2 (with F16C) and
+ * portable C, chosen at run time by what the CPU has. The `simd` argument caps the path: 0 portable,
+ * 1 AVX2, 2 AVX-512 (for the tests, which compare them).
  *
  * The functions that read a source (nf4_quantize_blocks, nf4_decode_fp8, nf4_search_blocks,
  * nf4_encode_blocks) may read a memory-mapped file: they return 0, or -1 where the file shrank
@@ -160,32 +161,110 @@ NF4_AVX2 static void blocks_avx2(const void *src, int dtype, int64_t first, int6
                                  const float *t, float floor, uint8_t *packed, float *absmax) {
     levels_avx2 L;
     levels_for_avx2(t, NULL, &L);
-    for (int64_t b = first; b < first + count; b++) {
-        int64_t base = b * bs;
-        absmax[b] = bits_to_float(absmax_bits_avx2(src, dtype, base, bs));
-        const __m256 inv = _mm256_set1_ps(scale(absmax[b], floor));
-        for (int64_t i = 0; i < bs; i += 32) {
-            __m256i c[4];
-            for (int k = 0; k < 4; k++)
-                c[k] = codes8_avx2(&L, _mm256_mul_ps(load8_avx2(src, dtype, base + i + 8 * k), inv));
-            pack32_avx2(c, packed + (base + i) / 2);
+    const __m256 ones = _mm256_set1_ps(1.0f), floors = _mm256_set1_ps(floor);
+    for (int64_t b0 = first; b0 < first + count; b0 += 8) { /* 8 blocks: their absmax, then 8 reciprocals at once */
+        int nb = first + count - b0 < 8 ? (int)(first + count - b0) : 8;
+        float a[8] = {0}, inv[8];
+        for (int j = 0; j < nb; j++) a[j] = absmax[b0 + j] = bits_to_float(absmax_bits_avx2(src, dtype, (b0 + j) * bs, bs));
+        /* scale(): max_ps gives the floor where absmax is NaN or below it, as the scalar comparison does */
+        _mm256_storeu_ps(inv, _mm256_div_ps(ones, _mm256_max_ps(_mm256_loadu_ps(a), floors)));
+        for (int j = 0; j < nb; j++) {
+            int64_t base = (b0 + j) * bs;
+            const __m256 scale8 = _mm256_set1_ps(inv[j]);
+            for (int64_t i = 0; i < bs; i += 32) {
+                __m256i c[4];
+                for (int k = 0; k < 4; k++)
+                    c[k] = codes8_avx2(&L, _mm256_mul_ps(load8_avx2(src, dtype, base + i + 8 * k), scale8));
+                pack32_avx2(c, packed + (base + i) / 2);
+            }
         }
     }
 }
 
-int nf4_simd(void) { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"); }
+#define NF4_AVX512 __attribute__((target("avx512f,avx512bw,avx2,f16c")))
+
+/* 16 elements as float32 (exact). */
+NF4_AVX512 static __m512 load16_avx512(const void *src, int dtype, int64_t i) {
+    if (dtype == NF4_F32) return _mm512_loadu_ps((const float *)src + i);
+    __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)src + i));
+    if (dtype == NF4_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* absmax_bits_avx2, 512 bits at a time. */
+NF4_AVX512 static uint32_t absmax_bits_avx512(const void *src, int dtype, int64_t base, int64_t bs) {
+    if (dtype == NF4_F32) {
+        const __m512i mask = _mm512_set1_epi32(0x7FFFFFFF);
+        __m512i m = _mm512_setzero_si512();
+        for (int64_t i = 0; i < bs; i += 16)
+            m = _mm512_max_epu32(m, _mm512_and_si512(_mm512_loadu_si512((const uint32_t *)src + base + i), mask));
+        return (uint32_t)_mm512_reduce_max_epu32(m);
+    }
+    const __m512i mask = _mm512_set1_epi16(0x7FFF);
+    __m512i m = _mm512_setzero_si512();
+    for (int64_t i = 0; i < bs; i += 32) m = _mm512_max_epu16(m, _mm512_and_si512(_mm512_loadu_si512((const uint16_t *)src + base + i), mask));
+    /* the largest uint16 lane: widen both halves to uint32 lanes */
+    __m512i wide = _mm512_max_epu32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(m)), _mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(m, 1)));
+    uint16_t r = (uint16_t)_mm512_reduce_max_epu32(wide);
+    return dtype == NF4_BF16 ? (uint32_t)r << 16 : half_to_single_bits(r);
+}
+
+/* The same codes as blocks_avx2, 16 at a time: a binary search over the 15 thresholds, each step one
+ * 16-entry table lookup (t[k + 3], t[k + 1], t[k] for the code so far, k) and one comparison: the
+ * count of thresholds below v, as in blocks_portable. */
+NF4_AVX512 static void blocks_avx512(const void *src, int dtype, int64_t first, int64_t count, int64_t bs,
+                                     const float *t, float floor, uint8_t *packed, float *absmax) {
+    float padded[19]; /* the thresholds, then +Inf (never looked up: every index stays below 15) */
+    for (int k = 0; k < 19; k++) padded[k] = k < 15 ? t[k] : __builtin_inff();
+    const __m512 t7 = _mm512_set1_ps(t[7]), from0 = _mm512_loadu_ps(padded), from1 = _mm512_loadu_ps(padded + 1), from3 = _mm512_loadu_ps(padded + 3);
+    const __m512i eight = _mm512_set1_epi32(8), four = _mm512_set1_epi32(4), two = _mm512_set1_epi32(2), one = _mm512_set1_epi32(1);
+    const __m512 ones = _mm512_set1_ps(1.0f), floors = _mm512_set1_ps(floor);
+    for (int64_t b0 = first; b0 < first + count; b0 += 16) { /* 16 blocks: their absmax, then 16 reciprocals at once */
+        int nb = first + count - b0 < 16 ? (int)(first + count - b0) : 16;
+        float inv[16];
+        for (int j = 0; j < nb; j++) absmax[b0 + j] = bits_to_float(absmax_bits_avx512(src, dtype, (b0 + j) * bs, bs));
+        /* scale(): max_ps gives the floor where absmax is NaN or below it, as the scalar comparison does */
+        __mmask16 live = (__mmask16)((1u << nb) - 1);
+        _mm512_storeu_ps(inv, _mm512_div_ps(ones, _mm512_max_ps(_mm512_maskz_loadu_ps(live, absmax + b0), floors)));
+        for (int j = 0; j < nb; j++) {
+            int64_t base = (b0 + j) * bs;
+            const __m512 scale16 = _mm512_set1_ps(inv[j]);
+            for (int64_t i = 0; i < bs; i += 16) {
+                __m512 v = _mm512_mul_ps(load16_avx512(src, dtype, base + i), scale16);
+                __m512i k = _mm512_maskz_mov_epi32(_mm512_cmp_ps_mask(v, t7, _CMP_GT_OQ), eight);
+                k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(v, _mm512_permutexvar_ps(k, from3), _CMP_GT_OQ), k, four);
+                k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(v, _mm512_permutexvar_ps(k, from1), _CMP_GT_OQ), k, two);
+                k = _mm512_mask_add_epi32(k, _mm512_cmp_ps_mask(v, _mm512_permutexvar_ps(k, from0), _CMP_GT_OQ), k, one);
+                /* 64-bit lane m holds codes 2m (low half) and 2m + 1: its low byte becomes (2m << 4 | 2m + 1) */
+                __m512i pairs = _mm512_or_si512(_mm512_slli_epi64(k, 4), _mm512_srli_epi64(k, 32));
+                _mm_storel_epi64((__m128i *)(packed + (base + i) / 2), _mm512_cvtepi64_epi8(pairs));
+            }
+        }
+    }
+}
+
+/* The best path this CPU runs: 2 AVX-512 (F and BW), 1 AVX2 (with F16C), 0 portable C. */
+int nf4_simd(void) {
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("f16c")) return 0;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") ? 2 : 1;
+}
 #else
 int nf4_simd(void) { return 0; }
 #endif
 
 /* Quantize blocks [first, first + count) of `bs` elements (bs a multiple of 32) of `src`
  * (dtype NF4_F32/F16/BF16) into `packed` (bs / 2 bytes a block) and `absmax` (one float a block);
- * `thresholds` holds the 15 float32 thresholds in increasing order. Uses AVX2 when `simd` is
- * non-zero and the CPU has it. */
+ * `thresholds` holds the 15 float32 thresholds in increasing order. Uses the best SIMD path the CPU
+ * has, up to level `simd` (see the top). */
 static void quantize_blocks(const void *src, int dtype, int64_t first, int64_t count, int64_t bs,
                             const float *thresholds, float floor, uint8_t *packed, float *absmax, int simd) {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (simd && nf4_simd()) {
+    int level = simd < nf4_simd() ? simd : nf4_simd();
+    if (level >= 2) {
+        blocks_avx512(src, dtype, first, count, bs, thresholds, floor, packed, absmax);
+        return;
+    }
+    if (level == 1) {
         blocks_avx2(src, dtype, first, count, bs, thresholds, floor, packed, absmax);
         return;
     }

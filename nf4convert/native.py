@@ -6,7 +6,8 @@ and reused by later processes. ctypes releases the GIL during the call, so Pytho
 quantize disjoint block ranges in parallel. It works on numpy arrays and never imports torch
 (the default conversion runs without it). Where no C compiler works, :func:`library` returns
 ``None`` and the caller uses the eager torch kernel. ``NF4CONVERT_SIMD=0`` in the
-environment selects the portable C path over AVX2 (same bytes; for debugging and the tests).
+environment selects the portable C path, ``NF4CONVERT_SIMD=avx2`` caps it at AVX2 where the CPU has
+AVX-512 (same bytes; for debugging and the tests).
 
 The functions that read a source may read a memory-mapped file once :func:`guard` says the
 kernel's SIGBUS handler is in place: a file truncated under the mapping is then a
@@ -139,14 +140,20 @@ def _check(rc: int) -> None:
         raise SourceError("a source file shrank while it was being read")
 
 
-def _simd() -> bool:
-    return os.environ.get("NF4CONVERT_SIMD") != "0"
+#: The kernel's SIMD paths by level (``nf4_simd``): the best one the CPU has is used.
+_LEVELS = ("portable", "avx2", "avx512")
+
+
+def _simd() -> int:
+    """The highest SIMD level the kernel may use: ``$NF4CONVERT_SIMD`` ``0`` (portable), ``avx2``, else all."""
+    value = os.environ.get("NF4CONVERT_SIMD")
+    return 0 if value == "0" else 1 if value == "avx2" else 2
 
 
 def variant() -> str:
-    """What the native kernel runs as here: ``"avx2"`` or ``"portable"``."""
+    """What the native kernel's quantizer runs as here: ``"avx512"``, ``"avx2"`` or ``"portable"``."""
     lib = library()
-    return "avx2" if _simd() and lib is not None and lib.nf4_simd() else "portable"
+    return _LEVELS[min(_simd(), lib.nf4_simd())] if lib is not None else "portable"
 
 
 def threads() -> int:
@@ -192,7 +199,7 @@ def quantize_blocks(values: np.ndarray, dtype: str, bs: int, thresholds: np.ndar
     lib = library()
     assert lib is not None and bs % 32 == 0
     src, size = _ptr(values), DTYPE_SIZES[dtype]
-    out = (_ptr(thresholds), ABSMAX_FLOOR, _ptr(packed), _ptr(absmax), int(_simd()))
+    out = (_ptr(thresholds), ABSMAX_FLOOR, _ptr(packed), _ptr(absmax), _simd())
     _split(values.nbytes // size // bs, bs, lambda first, count: _check(lib.nf4_quantize_blocks(src, _DTYPES[dtype], first, count, bs, *out)))
 
 
@@ -205,7 +212,7 @@ def decode_fp8(data: np.ndarray, scale: np.ndarray, first_row: int, block: tuple
     q, s, o = _ptr(data), _ptr(scale), _ptr(out)
 
     def run(first: int, count: int) -> None:
-        _check(lib.nf4_decode_fp8(q + first * cols, count, cols, s, scale.shape[1], first_row + first, block[0], block[1], o + 4 * first * cols, int(_simd())))
+        _check(lib.nf4_decode_fp8(q + first * cols, count, cols, s, scale.shape[1], first_row + first, block[0], block[1], o + 4 * first * cols, _simd()))
 
     _split(rows, cols, run)
     return out
@@ -231,7 +238,7 @@ def search_blocks(
 
     def run(first: int, count: int) -> None:
         _check(lib.nf4_search_blocks(
-            src, _DTYPES[dtype], n, first, count, bs, t, c, factors, len(grid), ABSMAX_FLOOR, SEARCH_MIN_SCALE, imp, cols, offset, a, p, int(_simd()),
+            src, _DTYPES[dtype], n, first, count, bs, t, c, factors, len(grid), ABSMAX_FLOOR, SEARCH_MIN_SCALE, imp, cols, offset, a, p, _simd(),
         ))  # fmt: skip
 
     _split(absmax.size, bs, run)
@@ -244,7 +251,7 @@ def encode_blocks(values: np.ndarray, dtype: str, bs: int, thresholds: np.ndarra
     n = values.nbytes // DTYPE_SIZES[dtype]
     packed = np.empty((n + 1) // 2, dtype=np.uint8)
     src, t, s, p = _ptr(values), _ptr(thresholds), _ptr(scales), _ptr(packed)
-    _split(scales.size, bs, lambda first, count: _check(lib.nf4_encode_blocks(src, _DTYPES[dtype], n, first, count, bs, t, s, SEARCH_MIN_SCALE, p, int(_simd()))))
+    _split(scales.size, bs, lambda first, count: _check(lib.nf4_encode_blocks(src, _DTYPES[dtype], n, first, count, bs, t, s, SEARCH_MIN_SCALE, p, _simd())))
     return packed
 
 

@@ -18,7 +18,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-#: x86 CPU flags that change which code runs: ours (avx2, f16c) and bitsandbytes' (avx512*).
+#: x86 CPU flags that change which code runs: ours (avx2, f16c, avx512f, avx512bw) and bitsandbytes' (avx512*).
 _FLAGS = ("avx2", "f16c", "avx512f", "avx512bw", "avx512_bf16")
 
 
@@ -51,7 +51,7 @@ def cpu_line() -> str:
         peer = "not installed"
     return (
         f"cpu: {model} ({platform.machine()}); {features}; torch capability {torch.backends.cpu.get_cpu_capability()} (ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', 'unset')}); "
-        f"nf4convert native kernel: {native.variant() if native.library() else 'unavailable'} (portable and eager also tested); "
+        f"nf4convert native kernel: {native.variant() if native.library() else 'unavailable'} (capped at avx2, portable and eager also tested); "
         f"bitsandbytes AVX512-BF16 path: {peer}"
     )
 

@@ -31,18 +31,21 @@ from .reference import reference_dequantize
 F = pytest.importorskip("bitsandbytes.functional")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-#: Every path that computes codes: native AVX2 (where the CPU has it), native portable C, and torch.
-KERNELS = ["native", "portable", "eager"]
+#: Every path that computes codes: native with the best SIMD the CPU has (AVX-512 where it has it),
+#: native capped at AVX2, native portable C, and torch.
+KERNELS = ["native", "avx2", "portable", "eager"]
 
 
 @pytest.fixture(params=KERNELS)
 def kernel(request, monkeypatch) -> str:
-    """The kernel argument for one quantizer path; "portable" is the native kernel without SIMD."""
+    """The kernel argument for one quantizer path; "avx2" and "portable" are the native kernel capped at
+    AVX2 and without SIMD."""
     from nf4convert import native
 
-    if request.param == "portable":
-        monkeypatch.setenv("NF4CONVERT_SIMD", "0")
-        assert native.variant() == "portable"
+    if request.param in ("avx2", "portable"):
+        monkeypatch.setenv("NF4CONVERT_SIMD", "avx2" if request.param == "avx2" else "0")
+        if native.variant() != request.param:
+            pytest.skip(f"no {request.param} path on this CPU")
         return "native"
     return request.param
 
@@ -104,6 +107,10 @@ def test_adversarial_blocks(kernel, dtype):
     w = torch.stack(blocks).to(dtype)
     assert_same_as_bnb(w, 64, kernel)
     assert_same_as_bnb(torch.cat([w.reshape(-1), torch.zeros(7, dtype=dtype)]), 64, kernel)  # all-zero partial block
+    # the SIMD paths take the reciprocals of 8 (AVX2) or 16 (AVX-512) blocks at once: each block in each place of a batch
+    many = torch.cat([torch.randn(30, 64) * 0.02, torch.stack(blocks)]).to(dtype)
+    for shift in range(0, 37, 3):
+        assert_same_as_bnb(many.roll(shift, 0), 64, kernel)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
