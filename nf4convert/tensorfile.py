@@ -324,7 +324,10 @@ class ShardReader:
         if begin + nbytes > os.fstat(self._fd).st_size:
             raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted")
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
-        mapped = mmap.mmap(self._fd, begin + nbytes - aligned, prot=mmap.PROT_READ, offset=aligned)
+        try:
+            mapped = mmap.mmap(self._fd, begin + nbytes - aligned, prot=mmap.PROT_READ, offset=aligned)
+        except OSError:  # a file system that cannot map, or no address space left: read it instead
+            return None
         if not _resident(mapped):
             mapped.close()
             return None
@@ -332,9 +335,11 @@ class ShardReader:
             mapped.madvise(MADV_POPULATE_READ)  # page tables filled here, on the reader's thread
         except OSError as e:
             if e.errno == errno.EFAULT:
+                mapped.close()
                 raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted") from None
-            if e.errno != errno.EINVAL:  # EINVAL: a kernel without it; the accesses fill them
-                raise
+            if e.errno != errno.EINVAL:  # EINVAL: a kernel without it, and the accesses fill them; else read it instead
+                mapped.close()
+                return None
         return memoryview(mapped)[begin - aligned : begin - aligned + nbytes]
 
     def chunks(self, info: TensorInfo) -> Iterator[memoryview]:

@@ -207,3 +207,37 @@ def test_a_default_conversion_reads_its_weights_mapped_and_gives_the_eager_bytes
     mapped = convert(source, tmp_path / "mapped", progress=progress)
     assert any(seen)
     assert files(mapped) == files(convert(source, tmp_path / "eager", kernel="eager"))
+
+
+def file_system(path) -> str:
+    """The type of the file system ``path`` is on (Linux: the longest mount point above it)."""
+    mounts = [line.split()[1:3] for line in open("/proc/mounts")]
+    return max(((point, kind) for point, kind in mounts if str(path).startswith(point.rstrip("/") + "/")), key=lambda m: len(m[0]))[1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="posix_fadvise and /proc/mounts")
+def test_a_mapped_piece_is_only_one_the_page_cache_holds_and_inside_the_file(tmp_path):
+    """map_cached maps a range only where every page is cached (a piece on disk is read through a buffer:
+    as fast, and its copy overlaps the wait), and refuses a range the file no longer holds."""
+    from nf4convert.errors import SourceError
+    from nf4convert.tensorfile import ShardReader, read_header
+
+    src = tmp_path / "src.safetensors"
+    save_file({"w": torch.randn(1024, 1024)}, src)
+    info = read_header(src)[0]["w"]
+    reader = ShardReader(src)
+    try:
+        view = reader.map_cached(info, 4096, 1 << 20)
+        assert view is not None and bytes(view[:8]) == src.read_bytes()[info.start + 4096 : info.start + 4104]
+        view.release()
+        fd = os.open(src, os.O_RDONLY)
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the page cache
+        os.close(fd)
+        if file_system(src) != "tmpfs":  # whose pages never leave memory
+            assert reader.map_cached(info, 4096, 1 << 20) is None
+        os.truncate(src, info.start + 100)
+        with pytest.raises(SourceError, match=r"src\.safetensors: ends inside tensor 'w'"):
+            reader.map_cached(info, 0, info.nbytes)
+    finally:
+        reader.close()
