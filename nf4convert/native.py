@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import cache
 from pathlib import Path
 
@@ -180,7 +180,9 @@ def _ptr(a: np.ndarray | None) -> int | None:
 
 def _split(rows: int, cols: int, run) -> None:
     """Call ``run(first, count)`` over ranges of rows (or blocks) of ``cols`` elements, about
-    :data:`_ELEMENTS_PER_CALL` elements a call, on :func:`threads` threads."""
+    :data:`_ELEMENTS_PER_CALL` elements a call, on :func:`threads` threads. Returns, or raises the first
+    call's error, only once every call has ended: the caller may then free what they read and wrote
+    (a mapping unmapped under a running call would crash it)."""
     per_call = max(1, _ELEMENTS_PER_CALL // max(1, cols))
     starts = range(0, rows, per_call)
     jobs = [(first, min(per_call, rows - first)) for first in starts]
@@ -189,7 +191,10 @@ def _split(rows: int, cols: int, run) -> None:
         for job in jobs:
             run(*job)
     else:
-        list(_pool(count).map(lambda job: run(*job), jobs))
+        calls = [_pool(count).submit(run, *job) for job in jobs]
+        wait(calls)
+        for call in calls:
+            call.result()
 
 
 def quantize_blocks(values: np.ndarray, dtype: str, bs: int, thresholds: np.ndarray, packed: np.ndarray, absmax: np.ndarray) -> None:
