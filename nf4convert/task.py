@@ -20,6 +20,7 @@ model's size nor with the largest tensor's.
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections import deque
@@ -250,8 +251,8 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
     temporary = task.folder / f".{task.name}.{uuid.uuid4().hex[:12]}.tmp"  # a retry beside a stray worker never shares it
     written = WrittenShard(task, ShardWriter(temporary, [e for t in task.tensors for e in t.outputs], METADATA), hasher, {}, began)
     writer = written.writer
-    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write")]
-    reader, io = pools
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write", "copy")]
+    reader, io, copier = pools
     options = task.options
     scalings = scalings_of(task.scaling, [t.name for t in task.tensors if t.scaled])
     importance = load_importance(task.importance, [t.name for t in task.tensors if t.quantize]) if task.importance else {}
@@ -265,18 +266,27 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
         raw = frozenset(t.name for t in task.tensors if t.quantize and _raw_path(t, task, importance.get(t.name)))
         weights = read_ahead(items, sources, reader, task.fp8_block, scalings, raw)
         pending: deque[Future] = deque()
+        copies: list[Future] = []  # kept tensors, copied beside the writes: they hold no memory, and a large one would hold up the codes
+        lock = threading.Lock()
+
+        def report(done: int) -> None:  # from the writer and the copier, one at a time
+            with lock:
+                progress(done)
 
         def submit(parts: list[tuple[str, Any, int]], done: int) -> None:
-            pending.append(io.submit(_store, writer, parts, done, progress))
+            pending.append(io.submit(_store, writer, parts, done, report if progress else None))
             while len(pending) > _MAX_PENDING:
                 pending.popleft().result()
+            for job in copies:
+                if job.done():
+                    job.result()  # a failed copy stops the shard now
 
         for t in task.tensors:
             info = t.source.info
             src = sources[t.source.shard]
             src.check_unchanged()
             if not t.quantize and not _decoded(t):  # copied as it is, inside the kernel where it can
-                submit([(t.name, (src.reader, info), COPY)], info.nbytes)
+                copies.append(copier.submit(_store, writer, [(t.name, (src.reader, info), COPY)], info.nbytes, report if progress else None))
                 continue
             if not t.quantize:  # a kept FP8 or MXFP4 weight: its bfloat16 decoding; a kept cut expert weight: its values
                 size = DTYPE_SIZES[t.dtype]
@@ -302,7 +312,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
                 submit([(t.name, packed, start // 2)], (stop - start) * DTYPE_SIZES[info.dtype])
                 del packed
             submit(_scales(absmax, t, options=options, kernel=task.kernel, nested=nested.result() if nested else None), 0)
-        for job in pending:
+        for job in [*pending, *copies]:
             job.result()
         written.states = {local[path]: src.state for path, src in sources.items()}
         return written
