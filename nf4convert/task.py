@@ -10,9 +10,10 @@ Inside a task, weights are read in pieces (:mod:`nf4convert.pieces`) on a reader
 in the calling thread: as numpy arrays by :func:`nf4convert.arrays.quantize` in the native kernel
 (absmax or searched scales), so that no torch is imported, else as tensors by
 :func:`nf4convert.quantize.quantize_nf4`. A writer thread writes each piece's codes at its planned
-offset (and copies kept tensors from source to output inside the kernel, ``copy_file_range``, where
-the file systems allow), then a weight's absmax once all its pieces are done (double quantization needs
-them all: 4 bytes per block, 1/16 of a bf16 weight at blocksize 64). Source shards are hashed by
+offset, then a weight's absmax once all its pieces are done (double quantization needs them all: 4
+bytes per block, 1/16 of a bf16 weight at blocksize 64). A copier thread copies kept tensors from
+source to output beside it (inside the kernel, ``copy_file_range``, where the file systems allow), so
+that a large one does not hold up the codes. Source shards are hashed by
 another thread meanwhile. At most a few pieces are in flight, so peak memory grows neither with the
 model's size nor with the largest tensor's.
 """
@@ -266,7 +267,7 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
         raw = frozenset(t.name for t in task.tensors if t.quantize and _raw_path(t, task, importance.get(t.name)))
         weights = read_ahead(items, sources, reader, task.fp8_block, scalings, raw)
         pending: deque[Future] = deque()
-        copies: list[Future] = []  # kept tensors, copied beside the writes: they hold no memory, and a large one would hold up the codes
+        copies: deque[Future] = deque()  # kept tensors, copied beside the writes: they hold no memory, and a large one would hold up the codes
         lock = threading.Lock()
 
         def report(done: int) -> None:  # from the writer and the copier, one at a time
@@ -277,9 +278,8 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
             pending.append(io.submit(_store, writer, parts, done, report if progress else None))
             while len(pending) > _MAX_PENDING:
                 pending.popleft().result()
-            for job in copies:
-                if job.done():
-                    job.result()  # a failed copy stops the shard now
+            while copies and copies[0].done():  # done in order (one copier); a failed copy stops the shard now
+                copies.popleft().result()
 
         for t in task.tensors:
             info = t.source.info

@@ -181,7 +181,7 @@ CHILD = """
 import atexit, json, os, resource, runpy, sys, threading, time
 report_path, target, sys.argv = sys.argv[1], sys.argv[2], sys.argv[2:]
 TICK, MAIN = os.sysconf("SC_CLK_TCK"), threading.get_native_id()
-ROLES = {"nf4-read": "read (and FP8/MXFP4 decode)", "nf4-quantize": "quantize (kernel threads)", "nf4-write": "write", "nf4-flush": "start writeback",
+ROLES = {"nf4-read": "read (and FP8/MXFP4 decode)", "nf4-quantize": "quantize (kernel threads)", "nf4-write": "write", "nf4-copy": "copy kept tensors", "nf4-flush": "start writeback",
          "nf4-hash-source": "hash the source", "nf4-hash-read": "read for a hash", "nf4-seal": "seal (fsync, hash the output)"}
 seen, began = {}, []  # native id -> [role, CPU s]; the main thread's CPU when the first task thread appeared
 
