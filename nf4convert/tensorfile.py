@@ -22,6 +22,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from .constants import DTYPE_SIZES, MAX_HEADER_BYTES
 from .errors import FormatError, SourceError
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 #: ``madvise`` advice that reads a mapped range in and fails (EFAULT) where the file ends before it
 #: (Linux 5.14; Python 3.11's mmap module lacks the name).
 MADV_POPULATE_READ = 22
+
 
 @cache
 def _mincore() -> Any:
@@ -51,8 +54,6 @@ def _resident(mapped: mmap.mmap) -> bool:
         return False
     view = memoryview(mapped)
     try:
-        import numpy as np
-
         pages = np.zeros(-(-len(mapped) // mmap.PAGESIZE), dtype=np.uint8)
         address = np.frombuffer(view, dtype=np.uint8).ctypes.data
         return mincore(address, len(mapped), pages.ctypes.data) == 0 and bool((pages & 1).all())
