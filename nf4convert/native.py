@@ -260,18 +260,46 @@ def encode_blocks(values: np.ndarray, dtype: str, bs: int, thresholds: np.ndarra
     return packed
 
 
+#: Scales (one per block) a thread takes at the least in the double quantization's calls.
+_SCALES_PER_THREAD = 1 << 16
+
+
+def _in_parts(n: int, unit: int, run) -> None:
+    """``run(i, start, stop)`` over parts ``i`` of ``[0, n)`` cut at multiples of ``unit``, one a thread
+    (at most :func:`threads`, each of at least :data:`_SCALES_PER_THREAD` elements); returns, or raises
+    the first error, once all have ended."""
+    units = -(-n // unit)
+    count = max(1, min(threads(), units, n // _SCALES_PER_THREAD))
+    bounds = [min(n, units * i // count * unit) for i in range(count + 1)]
+    if count == 1:
+        run(0, 0, n)
+        return
+    calls = [_pool(count).submit(run, i, bounds[i], bounds[i + 1]) for i in range(count)]
+    wait(calls)
+    for call in calls:
+        call.result()
+
+
 def exponent_sums(values: np.ndarray) -> list[int]:
-    """Significands of non-negative finite float32 values summed by biased exponent (256 sums)."""
+    """Significands of non-negative finite float32 values summed by biased exponent (256 sums; integers,
+    so the parts summed on several threads add up to the same)."""
     v = np.ascontiguousarray(values, dtype=np.float32)
-    sums = np.zeros(256, dtype=np.int64)
-    library().nf4_exponent_sums(_ptr(v), v.size, _ptr(sums))
-    return sums.tolist()
+    parts = np.zeros((threads(), 256), dtype=np.int64)
+    lib = library()
+    _in_parts(v.size, 1, lambda i, start, stop: lib.nf4_exponent_sums(_ptr(v) + 4 * start, stop - start, _ptr(parts) + 8 * 256 * i))
+    return parts.sum(axis=0).tolist()
 
 
 def quantize_nested(absmax: np.ndarray, offset: float, thresholds: np.ndarray, nested_blocksize: int) -> tuple[np.ndarray, np.ndarray]:
-    """8-bit codes of ``absmax - offset`` per block of ``nested_blocksize``, and each block's scale."""
+    """8-bit codes of ``absmax - offset`` per block of ``nested_blocksize``, and each block's scale
+    (blocks are independent: several threads take whole blocks)."""
     a = np.ascontiguousarray(absmax, dtype=np.float32)
     codes = np.empty(a.size, dtype=np.uint8)
     nested = np.empty(-(-a.size // nested_blocksize), dtype=np.float32)
-    library().nf4_quantize_nested(_ptr(a), a.size, nested_blocksize, offset, _ptr(thresholds), ABSMAX_FLOOR, _ptr(codes), _ptr(nested))
+    lib, t = library(), _ptr(thresholds)
+
+    def run(_: int, start: int, stop: int) -> None:
+        lib.nf4_quantize_nested(_ptr(a) + 4 * start, stop - start, nested_blocksize, offset, t, ABSMAX_FLOOR, _ptr(codes) + start, _ptr(nested) + 4 * (start // nested_blocksize))
+
+    _in_parts(a.size, nested_blocksize, run)
     return codes, nested

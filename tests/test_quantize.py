@@ -170,6 +170,20 @@ def reference_double_quant(absmax: torch.Tensor) -> tuple[list[int], list[float]
     return codes, nested, float(offset)
 
 
+@pytest.mark.parametrize("threads", ["1", "2", "3"])
+def test_double_quant_of_many_scales_in_parts_on_threads_is_the_eager_one(threads, monkeypatch):
+    """The native kernel's exact mean and 8-bit scales of over 2**16 scales a thread are computed in
+    parts, one a thread (whole nested blocks; integer sums): the same as torch's, however many threads."""
+    torch.manual_seed(5)
+    absmax = (torch.rand(3 * 65536 + 1000) * 0.1).float()  # a partial last nested block
+    absmax[::997] = 0.0
+    monkeypatch.setenv("NF4CONVERT_THREADS", threads)
+    native = double_quantize(absmax, "native")
+    eager = double_quantize(absmax, "eager")
+    assert native[2] == eager[2]
+    assert torch.equal(torch.as_tensor(native[0]), torch.as_tensor(eager[0])) and torch.equal(torch.as_tensor(native[1]), torch.as_tensor(eager[1]))
+
+
 @pytest.mark.parametrize("n", [700, 256, 3])  # a partial last nested block; one full block; only a partial one
 def test_double_quant_matches_the_spec_reference_exactly(kernel, n):
     torch.manual_seed(3)
