@@ -15,6 +15,7 @@ import json
 import math
 import mmap
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -333,7 +334,8 @@ class ShardReader:
             mapped.close()
             return None
         try:
-            mapped.madvise(MADV_POPULATE_READ)  # page tables filled here, on the reader's thread
+            if sys.platform.startswith("linux"):  # the number means something else, or nothing, elsewhere
+                mapped.madvise(MADV_POPULATE_READ)  # page tables filled here, on the reader's thread
         except OSError as e:
             if e.errno == errno.EFAULT:
                 mapped.close()
