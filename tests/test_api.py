@@ -50,23 +50,25 @@ print(all(callable(f) and not isinstance(f, type(sys)) for f in (nf4convert.conv
     assert p.stdout.split() == ["False", "False", "True", "True"]
 
 
-def test_source_hashing_stops_when_cancelled(tmp_path):
+def test_source_hashing_stops_when_cancelled(tmp_path, monkeypatch):
+    """A file of several chunks stops between them (one smaller than a chunk is hashed at once)."""
     import threading
 
     import pytest
 
-    from nf4convert.files import sha256_file
+    from nf4convert import files
 
+    monkeypatch.setattr(files, "_HASH_CHUNK", 10)
     (tmp_path / "f").write_bytes(b"x" * 100)
     stop = threading.Event()
     stop.set()
     with pytest.raises(InterruptedError):
-        sha256_file(tmp_path / "f", stop=stop)
+        files.sha256_file(tmp_path / "f", stop=stop)
 
 
 def test_a_file_hashed_in_chunks_read_ahead_is_its_sha256(tmp_path, monkeypatch):
     """sha256_file reads the next chunk on a helper thread while it hashes one: every chunk in order,
-    the last one short, an empty file too."""
+    the last one short; a file smaller than a chunk, an empty one too, at once."""
     import hashlib
     import os
 
