@@ -327,14 +327,16 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
 
 
 def seal_shard(written: WrittenShard) -> dict[str, Any]:
-    """Sync and hash a written shard, collect the sources' hashes (refusing a source that changed
+    """Sync and hash a written shard (at once: the hash reads the page cache), collect the sources' hashes (refusing a source that changed
     meanwhile), store the record beside the shard, rename the shard into place and release the
     sources no later task reads; returns the record
     (see :func:`run_task`)."""
     task = written.task
     try:
-        written.writer.finish()
-        record = file_record(written.writer.path, task.name)
+        with ThreadPoolExecutor(1, thread_name_prefix="nf4-sync") as pool:  # the disk syncs while a core hashes
+            synced = pool.submit(written.writer.finish)
+            record = file_record(written.writer.path, task.name)
+            synced.result()
         hashed = written.hasher.result() if written.hasher else []
         for path, state in written.states.items():
             hashed_state = written.hasher.states.get(path, state) if written.hasher else state
