@@ -9,12 +9,13 @@ A piece that only the native kernel reads (whole blocks quantized as raw bytes, 
 memory-mapped where the page cache holds all of it (:meth:`~nf4convert.tensorfile.ShardReader.map_cached`):
 no copy through a buffer. The kernel's SIGBUS guard (:func:`nf4convert.native.guard`) turns a source
 truncated under the mapping into a one-line error. Every other piece, and every piece still on the
-disk, is read with ``pread`` into two reused numpy buffers: torch and numpy never touch a mapping.
+disk, is read with ``pread`` into reused numpy buffers: torch and numpy never touch a mapping.
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -40,6 +41,10 @@ if TYPE_CHECKING:
 #: size of a single tensor, and the bytes written do not depend on it (blocks are independent).
 PIECE_BYTES = 64 << 20
 
+
+#: Pieces read ahead of the one being quantized: the reader goes on to the next piece as soon as it has
+#: read one, so the disk never waits on a piece whose quantization takes longer than its read.
+READ_AHEAD = 2
 
 #: A piece of a weight as read: raw source bytes or float32 values (numpy; see :func:`piece_dtype`), or
 #: a tensor where torch decoded or transformed it.
@@ -125,8 +130,10 @@ def read_ahead(
     items: list[tuple[PlannedTensor, int, int]], sources: dict[Path, SourceShard], pool: ThreadPoolExecutor, fp8_block: tuple[int, int] | None,
     scalings: dict[str, tuple[Any, dict[str, torch.Tensor]]] | None = None, raw: frozenset[str] = frozenset(),
 ) -> Iterator[Piece]:
-    """The pieces ``(tensor, start, stop)`` in order, each read on ``pool`` while the one before is
-    quantized: two reused buffers of the largest piece's size, whatever the model's size. A piece is a
+    """The pieces ``(tensor, start, stop)`` in order, read on ``pool`` (one thread) up to
+    :data:`READ_AHEAD` ahead of the one being quantized: ``READ_AHEAD + 1`` reused buffers of the
+    largest piece's size, whatever the model's size. A piece's buffer is reused once the next piece
+    is taken. A piece is a
     flat numpy array (:func:`piece_dtype`; FP8 decoded to float32 with ``fp8_block`` scales, by the
     native kernel where it is built, else a tensor decoded by torch). An MXFP4 piece (whole experts) is
     read into buffers of its own and decoded (:func:`nf4convert.mxfp4.decode`), an expert cut from fused
@@ -135,7 +142,7 @@ def read_ahead(
     blocks of a weight named in ``raw`` (one the caller hands only to the native kernel) may be a
     read-only mapping of the source (see the module's docstring)."""
     size = max(((stop - start) * DTYPE_SIZES[t.source.info.dtype] for t, start, stop in items if t.source.packed is None and t.source.split is None), default=0)
-    buffers = [np.empty(size, dtype=np.uint8) for _ in range(2 if len(items) > 1 else len(items))]
+    buffers = [np.empty(size, dtype=np.uint8) for _ in range(min(READ_AHEAD + 1, len(items)))]
     decoded_size = max((stop - start for t, start, stop in items if t.scale is not None), default=0)
     decoded = [np.empty(decoded_size, dtype=np.float32) for _ in buffers] if decoded_size else []
 
@@ -151,7 +158,7 @@ def read_ahead(
         view = reader.map_cached(info, start * k, (stop - start) * k) if mapping and kernel_only else None
         if view is not None:
             return np.frombuffer(view, dtype=np.uint8)
-        data = buffers[i % 2][: (stop - start) * k]
+        data = buffers[i % len(buffers)][: (stop - start) * k]
         reader.read_into(info, memoryview(data), start * k)
         return data
 
@@ -170,7 +177,7 @@ def read_ahead(
             scales[t.name] = np.empty(t.scale.info.shape, dtype=np.float32)
             sources[t.scale.shard].reader.read_into(t.scale.info, memoryview(scales[t.name]).cast("B"))
         cols = info.shape[1]
-        rows, out = data.reshape(-1, cols), decoded[i % 2][: stop - start]
+        rows, out = data.reshape(-1, cols), decoded[i % len(decoded)][: stop - start]
         if native.library() is not None:
             with mapped_read(t, sources):
                 return native.decode_fp8(rows, scales[t.name], start // cols, fp8_block, out).reshape(-1)
@@ -183,10 +190,11 @@ def read_ahead(
         piece = read_raw(i)
         return apply_scaling(as_tensor(piece, t), t.source.info.shape, start, *scalings[t.name]) if t.name in scalings else piece
 
-    coming = pool.submit(read, 0) if items else None
+    coming = deque(pool.submit(read, i) for i in range(min(READ_AHEAD, len(items))))
     for i in range(len(items)):
-        piece = coming.result()
-        coming = pool.submit(read, i + 1) if i + 1 < len(items) else None
+        piece = coming.popleft().result()
+        if i + READ_AHEAD < len(items):  # into the buffer of piece i - 1, which the caller is done with
+            coming.append(pool.submit(read, i + READ_AHEAD))
         yield piece
 
 
