@@ -8,6 +8,7 @@ import os
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -91,31 +92,75 @@ def human(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def sha256_file(path: Path, *, stop: threading.Event | None = None) -> str:
+def sha256_file(path: Path, *, stop: threading.Event | None = None, ready: Callable[[int], None] | None = None) -> str:
     """Hex sha256 of a file, read in chunks into two reused buffers: a helper thread reads the next chunk
     while this one hashes (the copy out of the page cache then costs no time on a machine with a second
-    core: the last shard's hash is what a conversion waits for at its end).
+    core: the last shard's hash is what a conversion waits for at its end). ``ready(end)``, where
+    given, returns once the file's first ``end`` bytes are written (:meth:`WrittenPrefix.wait`): the
+    file may be hashed while its end is still being written.
 
     Raises:
-        InterruptedError: ``stop`` was set before the end.
+        InterruptedError: ``stop`` was set before the end, or ``ready`` gave up.
     """
     h = hashlib.sha256()
     with open(path, "rb", buffering=0) as f:
         size = os.fstat(f.fileno()).st_size
+
+        def fill(buffer: bytearray, at: int) -> int:
+            if ready is not None:
+                ready(min(size, at + len(buffer)))
+            return f.readinto(buffer)
+
         if size < _HASH_CHUNK:  # a config, an index: no helper, no buffers to zero (16 ms for two of 16 MB)
+            if ready is not None:
+                ready(size)
             h.update(f.read())
             return h.hexdigest()
         buffers = (bytearray(_HASH_CHUNK), bytearray(_HASH_CHUNK))
         views = [memoryview(b) for b in buffers]
         with ThreadPoolExecutor(1, thread_name_prefix="nf4-hash-read") as pool:
-            coming, i = pool.submit(f.readinto, buffers[0]), 0
+            coming, i, at = pool.submit(fill, buffers[0], 0), 0, 0
             while n := coming.result():
                 if stop is not None and stop.is_set():
                     raise InterruptedError(f"{path}: hashing stopped")
-                coming = pool.submit(f.readinto, buffers[(i + 1) % 2])
+                at += n
+                coming = pool.submit(fill, buffers[(i + 1) % 2], at)
                 h.update(views[i % 2][:n])
                 i += 1
     return h.hexdigest()
+
+
+class WrittenPrefix:
+    """How far from its start a file is written, for a reader that follows the writer (the hash of a
+    shard whose kept tensors are still being copied). Only grows."""
+
+    def __init__(self, end: int) -> None:
+        self._end = end
+        self._failed = False
+        self._changed = threading.Condition()
+
+    def advance(self, end: int) -> None:
+        """The first ``end`` bytes are written."""
+        with self._changed:
+            self._end = max(self._end, end)
+            self._changed.notify_all()
+
+    def fail(self) -> None:
+        """The writer stopped: a waiting reader gives up."""
+        with self._changed:
+            self._failed = True
+            self._changed.notify_all()
+
+    def wait(self, end: int) -> None:
+        """Return once the first ``end`` bytes are written.
+
+        Raises:
+            InterruptedError: the writer stopped before.
+        """
+        with self._changed:
+            self._changed.wait_for(lambda: self._end >= end or self._failed)
+            if self._end < end:
+                raise InterruptedError("the writer stopped")
 
 
 #: A Hugging Face cache blob of an LFS file: ``.../blobs/<sha256>``, named by the hash huggingface_hub
@@ -177,7 +222,9 @@ def cached_sha256(path: Path) -> str | None:
     return target.name if target.parent.name == "blobs" and _CACHE_BLOB.match(target.name) else None
 
 
-def file_record(path: Path, name: str, *, stop: threading.Event | None = None, trust_cache: bool = False) -> dict[str, Any]:
+def file_record(
+    path: Path, name: str, *, stop: threading.Event | None = None, trust_cache: bool = False, ready: Callable[[int], None] | None = None
+) -> dict[str, Any]:
     """``{"name", "size", "sha256"}`` of one file, as the manifest lists it.
 
     Args:
@@ -187,6 +234,7 @@ def file_record(path: Path, name: str, *, stop: threading.Event | None = None, t
             the file. The record does not say the latter: it is the hash reading would give, and the
             manifest stays the same bytes whichever run, process or worker hashed first (spec 8). A
             file it reads is remembered for the next run.
+        stop, ready: as :func:`sha256_file`'s.
     """
     known = cached_sha256(path) if trust_cache else None
     if known is not None:
@@ -195,7 +243,7 @@ def file_record(path: Path, name: str, *, stop: threading.Event | None = None, t
     if known is not None:
         return {"name": name, "size": path.stat().st_size, "sha256": known}
     before = os.stat(path)
-    digest = sha256_file(path, stop=stop)
+    digest = sha256_file(path, stop=stop, ready=ready)
     if trust_cache:
         remember_sha256(path, before, digest)
     return {"name": name, "size": before.st_size, "sha256": digest}

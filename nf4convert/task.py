@@ -11,11 +11,12 @@ in the calling thread: as numpy arrays by :func:`nf4convert.arrays.quantize` in 
 (absmax or searched scales), so that no torch is imported, else as tensors by
 :func:`nf4convert.quantize.quantize_nf4`. A writer thread writes each piece's codes at its planned
 offset, then a weight's absmax once all its pieces are done (double quantization needs them all: 4
-bytes per block, 1/16 of a bf16 weight at blocksize 64). A copier thread copies kept tensors from
-source to output beside it (inside the kernel, ``copy_file_range``, where the file systems allow), so
-that a large one does not hold up the codes. Source shards are hashed by
-another thread meanwhile. At most a few pieces are in flight, so peak memory grows neither with the
-model's size nor with the largest tensor's.
+bytes per block, 1/16 of a bf16 weight at blocksize 64). Source shards are hashed by another thread
+meanwhile. Kept tensors are copied from source to output (inside the kernel, ``copy_file_range``,
+where the file systems allow) once the weights are written, while the shard is hashed behind the
+copy: the hash cannot start before the last weight (the float32 tables come first in the file), so
+the copy and the hash share the end, where a core would otherwise sit idle. At most a few pieces are
+in flight, so peak memory grows neither with the model's size nor with the largest tensor's.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,13 +38,13 @@ from . import arrays, native
 from .awq import scaled_importance, scalings_of
 from .constants import DTYPE_SIZES, METADATA, NESTED_BLOCKSIZE
 from .errors import SourceError
-from .files import FileHasher, file_record, file_state
+from .files import FileHasher, WrittenPrefix, file_record, file_state
 from .importance import load_importance
 from .layout import encode_quant_state
 from .pieces import Piece, SourceShard, as_tensor, mapped_read, on_device, piece_dtype, pieces, read_ahead
 from .plan import Options, PlannedTensor
 from .source import ShardFetcher
-from .tensorfile import torch_dtypes
+from .tensorfile import TensorInfo, torch_dtypes
 from .write import ShardWriter, fsync_folder, write_shard_record
 
 if TYPE_CHECKING:
@@ -52,8 +53,15 @@ if TYPE_CHECKING:
 Progress = Callable[[int], None]
 #: Pieces quantized ahead of the writer thread: bounds memory to a few pieces.
 _MAX_PENDING = 2
-#: The offset of a part that is a kept tensor copied whole from its source (:meth:`ShardWriter.copy`).
-COPY = -1
+#: One progress report at a time, from any task's threads (a writer, a shard's seal beside the next
+#: shard's writer).
+_progress_lock = threading.Lock()
+
+
+def _report(progress: Progress | None, done: int) -> None:
+    if progress and done:
+        with _progress_lock:
+            progress(done)
 
 
 @dataclass(frozen=True)
@@ -200,15 +208,10 @@ def _quantize_tensor(
 
 
 def _store(writer: ShardWriter, parts: list[tuple[str, Any, int]], done: int, progress: Progress | None) -> None:
-    """Writer thread: write ``(key, data, byte offset)`` parts (``(reader, info), COPY``: a kept tensor
-    copied from its source), then report ``done`` source bytes."""
+    """Writer thread: write ``(key, data, byte offset)`` parts, then report ``done`` source bytes."""
     for key, value, offset in parts:
-        if offset == COPY:
-            writer.copy(key, *value)
-        else:
-            writer.write(key, value, offset)
-    if progress and done:
-        progress(done)
+        writer.write(key, value, offset)
+    _report(progress, done)
 
 
 def run_task(task: ShardTask, progress: Progress | None = None) -> dict[str, Any]:
@@ -226,18 +229,26 @@ def run_task(task: ShardTask, progress: Progress | None = None) -> dict[str, Any
 
 @dataclass
 class WrittenShard:
-    """A shard whose bytes are all written under a temporary name, not yet synced, hashed or renamed."""
+    """A shard whose bytes are written under a temporary name, all but its kept tensors (copied by
+    :func:`seal_shard`); not yet synced, hashed or renamed."""
 
     task: ShardTask
     writer: ShardWriter
     hasher: FileHasher | None
-    states: dict[Path, tuple[int, int]]  # each source shard's local copy: its state when opened
+    sources: dict[Path, SourceShard]  # open until the kept tensors are copied
     began: float
+    progress: Progress | None = None
+    kept: list[tuple[str, SourceShard, TensorInfo]] = field(default_factory=list)  # copied from the source as they are
+
+    def close_sources(self) -> None:
+        for src in self.sources.values():
+            src.reader.close()
 
     def discard(self) -> None:
-        """Remove the temporary shard and stop hashing the sources (after an error)."""
+        """Remove the temporary shard, close the sources and stop hashing them (after an error)."""
         self.writer.close()
         self.writer.path.unlink(missing_ok=True)
+        self.close_sources()
         if self.hasher:
             self.hasher.cancel()
 
@@ -250,10 +261,10 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
     hasher = FileHasher([(local[path], name) for path, name in task.hash_sources]) if task.hash_sources else None
     sources = {path: SourceShard(local[path]) for path in task.source_shards}
     temporary = task.folder / f".{task.name}.{uuid.uuid4().hex[:12]}.tmp"  # a retry beside a stray worker never shares it
-    written = WrittenShard(task, ShardWriter(temporary, [e for t in task.tensors for e in t.outputs], METADATA), hasher, {}, began)
+    written = WrittenShard(task, ShardWriter(temporary, [e for t in task.tensors for e in t.outputs], METADATA), hasher, sources, began, progress)
     writer = written.writer
-    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write", "copy")]
-    reader, io, copier = pools
+    pools = [ThreadPoolExecutor(1, thread_name_prefix=f"nf4-{role}") for role in ("read", "write")]
+    reader, io = pools
     options = task.options
     scalings = scalings_of(task.scaling, [t.name for t in task.tensors if t.scaled])
     importance = load_importance(task.importance, [t.name for t in task.tensors if t.quantize]) if task.importance else {}
@@ -267,26 +278,18 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
         raw = frozenset(t.name for t in task.tensors if t.quantize and _raw_path(t, task, importance.get(t.name)))
         weights = read_ahead(items, sources, reader, task.fp8_block, scalings, raw)
         pending: deque[Future] = deque()
-        copies: deque[Future] = deque()  # kept tensors, copied beside the writes: they hold no memory, and a large one would hold up the codes
-        lock = threading.Lock()
-
-        def report(done: int) -> None:  # from the writer and the copier, one at a time
-            with lock:
-                progress(done)
 
         def submit(parts: list[tuple[str, Any, int]], done: int) -> None:
-            pending.append(io.submit(_store, writer, parts, done, report if progress else None))
+            pending.append(io.submit(_store, writer, parts, done, progress))
             while len(pending) > _MAX_PENDING:
                 pending.popleft().result()
-            while copies and copies[0].done():  # done in order (one copier); a failed copy stops the shard now
-                copies.popleft().result()
 
         for t in task.tensors:
             info = t.source.info
             src = sources[t.source.shard]
             src.check_unchanged()
-            if not t.quantize and not _decoded(t):  # copied as it is, inside the kernel where it can
-                copies.append(copier.submit(_store, writer, [(t.name, (src.reader, info), COPY)], info.nbytes, report if progress else None))
+            if not t.quantize and not _decoded(t):  # copied as it is, by seal_shard
+                written.kept.append((t.name, src, info))
                 continue
             if not t.quantize:  # a kept FP8 or MXFP4 weight: its bfloat16 decoding; a kept cut expert weight: its values
                 size = DTYPE_SIZES[t.dtype]
@@ -312,9 +315,8 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
                 submit([(t.name, packed, start // 2)], (stop - start) * DTYPE_SIZES[info.dtype])
                 del packed
             submit(_scales(absmax, t, options=options, kernel=task.kernel, nested=nested.result() if nested else None), 0)
-        for job in [*pending, *copies]:
+        for job in pending:
             job.result()
-        written.states = {local[path]: src.state for path, src in sources.items()}
         return written
     except BaseException:
         written.discard()
@@ -322,23 +324,42 @@ def write_shard(task: ShardTask, progress: Progress | None = None) -> WrittenSha
     finally:
         for pool in pools:
             pool.shutdown(cancel_futures=True)
-        for src in sources.values():
-            src.reader.close()
 
 
 def seal_shard(written: WrittenShard) -> dict[str, Any]:
-    """Sync and hash a written shard (at once: the hash reads the page cache), collect the sources' hashes (refusing a source that changed
+    """Copy a written shard's kept tensors and sync it on a thread while this one hashes it from the
+    page cache (following the copy), collect the sources' hashes (refusing a source that changed
     meanwhile), store the record beside the shard, rename the shard into place and release the
-    sources no later task reads; returns the record
-    (see :func:`run_task`)."""
-    task = written.task
+    sources no later task reads; returns the record (see :func:`run_task`)."""
+    task, writer = written.task, written.writer
+    kept = sorted(written.kept, key=lambda k: writer.offsets[k[0]])
+    prefix = WrittenPrefix(writer.offsets[kept[0][0]] if kept else writer.size)  # all but the kept tensors is written
+
+    def copy_then_sync() -> None:
+        try:
+            for i, (name, src, info) in enumerate(kept):
+                src.check_unchanged()
+                writer.copy(name, src.reader, info, prefix.advance)
+                prefix.advance(writer.offsets[kept[i + 1][0]] if i + 1 < len(kept) else writer.size)
+                _report(written.progress, info.nbytes)
+        except BaseException:
+            prefix.fail()
+            raise
+        writer.finish()
+
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="nf4-sync") as pool:  # the disk syncs while a core hashes
-            synced = pool.submit(written.writer.finish)
-            record = file_record(written.writer.path, task.name)
-            synced.result()
+        with ThreadPoolExecutor(1, thread_name_prefix="nf4-copy") as pool:
+            copied = pool.submit(copy_then_sync)
+            try:
+                record = file_record(writer.path, task.name, ready=prefix.wait)
+            except InterruptedError:  # the copy stopped: its error
+                copied.result()
+                raise
+            copied.result()
+        written.close_sources()
         hashed = written.hasher.result() if written.hasher else []
-        for path, state in written.states.items():
+        for src in written.sources.values():
+            path, state = src.reader.path, src.state
             hashed_state = written.hasher.states.get(path, state) if written.hasher else state
             if file_state(path) != state or hashed_state != state:
                 raise SourceError(f"{path}: changed while being converted")
@@ -346,7 +367,7 @@ def seal_shard(written: WrittenShard) -> dict[str, Any]:
         seconds = round(time.perf_counter() - written.began, 3)
         record = {**record, "sources": hashed, "quantized": quantized, "kept": len(task.tensors) - quantized, "seconds": seconds}
         write_shard_record(task.folder, record)
-        os.replace(written.writer.path, task.folder / task.name)
+        os.replace(writer.path, task.folder / task.name)
         fsync_folder(task.folder)
     except BaseException:
         written.discard()

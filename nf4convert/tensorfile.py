@@ -17,7 +17,7 @@ import mmap
 import os
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -354,10 +354,11 @@ class ShardReader:
             self.read_into(info, part, offset)
             yield part
 
-    def copy_to(self, info: TensorInfo, fd: int, offset: int) -> bool:
+    def copy_to(self, info: TensorInfo, fd: int, offset: int, copied: Callable[[int], None] | None = None) -> bool:
         """Copy the tensor's bytes into file ``fd`` at ``offset`` inside the kernel (``copy_file_range``:
-        no pass through user space, a shared extent where the file system can). ``False``, with nothing
-        written, where the kernel or the file systems cannot.
+        no pass through user space, a shared extent where the file system can), :attr:`CHUNK` at a
+        time, calling ``copied`` with the bytes done after each. ``False``, with nothing written, where
+        the kernel or the file systems cannot.
 
         Raises:
             SourceError: the file ends before the tensor does.
@@ -366,7 +367,7 @@ class ShardReader:
         done = 0
         while done < info.nbytes:
             try:
-                n = copy(self._fd, fd, info.nbytes - done, info.start + done, offset + done) if copy else -1
+                n = copy(self._fd, fd, min(self.CHUNK, info.nbytes - done), info.start + done, offset + done) if copy else -1
             except OSError as e:
                 if done == 0 and e.errno in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF):
                     return False
@@ -376,6 +377,8 @@ class ShardReader:
             if n == 0:
                 raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted")
             done += n
+            if copied is not None:
+                copied(done)
         return True
 
     def close(self) -> None:

@@ -333,7 +333,8 @@ class ShardWriter:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._flusher = ThreadPoolExecutor(1, thread_name_prefix="nf4-flush") if _SYNC_FILE_RANGE is not None else None
         self._pwrite(memoryview(header), 0)
-        os.ftruncate(self.fd, len(header) + sum(self.sizes.values()))
+        self.size = len(header) + sum(self.sizes.values())
+        os.ftruncate(self.fd, self.size)
 
     def _pwrite(self, data: memoryview, offset: int) -> None:
         data = data.cast("B")
@@ -344,19 +345,24 @@ class ShardWriter:
         except OSError as e:
             raise OutputError(f"{self.path.parent}: cannot write the output ({e.strerror})") from None
 
-    def copy(self, name: str, reader: ShardReader, info: TensorInfo) -> None:
+    def copy(self, name: str, reader: ShardReader, info: TensorInfo, copied: Callable[[int], None] | None = None) -> None:
         """Write a kept tensor whole, its bytes copied from the source file inside the kernel where it can
-        (:meth:`ShardReader.copy_to`: no pass through user space), else through a buffer."""
+        (:meth:`ShardReader.copy_to`: no pass through user space), else through a buffer, in order;
+        ``copied`` gets the file offset up to which the tensor is written, as it grows."""
         if name not in self.pending or self.written[name] or info.nbytes != self.sizes[name]:
             raise FormatError(f"{self.path.name}: tensor {name!r} is not planned as {info.nbytes} bytes, or already written")
+        start = self.offsets[name]
         try:
-            copied = reader.copy_to(info, self.fd, self.offsets[name])
+            in_kernel = reader.copy_to(info, self.fd, start, (lambda n: copied(start + n)) if copied else None)
         except OSError as e:
             raise OutputError(f"{self.path.parent}: cannot write the output ({e.strerror})") from None
-        if not copied:
-            self.write(name, reader.chunks(info))
+        if not in_kernel:
+            for chunk in reader.chunks(info):
+                self.write(name, chunk, self.written[name])
+                if copied:
+                    copied(start + self.written[name])
             return
-        self._writeback(self.offsets[name], info.nbytes)
+        self._writeback(start, info.nbytes)
         self.written[name] = info.nbytes
         self.pending.discard(name)
 

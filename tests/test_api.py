@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def test_import_and_convert_without_bitsandbytes_or_transformers(tmp_path):
     code = f"""
@@ -79,3 +81,46 @@ def test_a_file_hashed_in_chunks_read_ahead_is_its_sha256(tmp_path, monkeypatch)
         data = os.urandom(size)
         (tmp_path / "f").write_bytes(data)
         assert files.sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest(), size
+
+
+@pytest.mark.parametrize("size", [700, 4567])  # smaller than a chunk, and several chunks
+def test_a_file_hashed_while_its_end_is_written_is_its_final_sha256(tmp_path, monkeypatch, size):
+    """With ``ready``, sha256_file reads no byte before the writer says it is written: the hash of a file
+    (sized first, its bytes written in order by another thread, slowly) is that of its final bytes."""
+    import hashlib
+    import os
+    import threading
+    import time
+
+    from nf4convert import files
+
+    monkeypatch.setattr(files, "_HASH_CHUNK", 1000)
+    data = os.urandom(size)
+    path = tmp_path / "f"
+    path.write_bytes(bytes(size))  # zeros where the writer has not been yet
+    prefix = files.WrittenPrefix(0)
+
+    def writer() -> None:
+        with open(path, "r+b", buffering=0) as f:
+            for at in range(0, size, 97):
+                time.sleep(0.001)
+                f.seek(at)
+                f.write(data[at : at + 97])
+                prefix.advance(at + 97)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert files.sha256_file(path, ready=prefix.wait) == hashlib.sha256(data).hexdigest()
+    thread.join()
+
+
+def test_a_hash_waiting_on_a_writer_that_stopped_gives_up(tmp_path):
+    import threading
+
+    from nf4convert import files
+
+    (tmp_path / "f").write_bytes(bytes(100))
+    prefix = files.WrittenPrefix(10)
+    threading.Timer(0.05, prefix.fail).start()
+    with pytest.raises(InterruptedError):
+        files.sha256_file(tmp_path / "f", ready=prefix.wait)

@@ -197,8 +197,10 @@ def test_a_source_hash_is_remembered_only_while_the_file_is_provably_unchanged(t
     src.mkdir()
     torch.manual_seed(0)
     save_file({"a.weight": torch.randn(64, 128, dtype=torch.bfloat16)}, shard)
-    convert(src, tmp_path / "0")
-    assert files.remembered_sha256(shard) is None  # written less than a second before
+    with monkeypatch.context() as racy:  # however slow the machine, the file counts as just written
+        racy.setattr(files, "_RACY_NS", 3600 * 10**9)
+        convert(src, tmp_path / "0")
+    assert files.remembered_sha256(shard) is None  # written too recently to be sure of its timestamp
     time.sleep(1.1)
     first = json.loads((convert(src, tmp_path / "1") / MANIFEST_NAME).read_text())["source"]["files"][0]
     assert files.remembered_sha256(shard) == first["sha256"] == sha256_file(shard)
@@ -313,3 +315,19 @@ def test_kept_tensors_copied_through_a_buffer_where_the_kernel_cannot_are_the_sa
     buffered = convert(llama_dir, tmp_path / "buffered")
     for f in sorted(p.name for p in direct.iterdir()):
         assert (direct / f).read_bytes() == (buffered / f).read_bytes(), f
+
+
+def test_kept_tensors_copied_while_the_shard_is_hashed_give_its_true_hash(llama_dir, tmp_path, monkeypatch):
+    """Kept tensors are copied at the seal, a chunk at a time, while the shard is hashed behind the
+    copy: the same bytes as whole copies, and the manifest's hash is the file's."""
+    from nf4convert import files
+    from nf4convert.tensorfile import ShardReader
+
+    whole = convert(llama_dir, tmp_path / "whole")
+    monkeypatch.setattr(ShardReader, "CHUNK", 4096)  # the embedding in about 200 copies
+    monkeypatch.setattr(files, "_HASH_CHUNK", 8192)  # the hash waits on the copy, chunk after chunk
+    chunked = convert(llama_dir, tmp_path / "chunked")
+    for f in sorted(p.name for p in whole.iterdir()):
+        assert (whole / f).read_bytes() == (chunked / f).read_bytes(), f
+    for record in json.loads((chunked / MANIFEST_NAME).read_text())["files"]:
+        assert sha256_file(chunked / record["name"]) == record["sha256"]

@@ -255,3 +255,24 @@ def test_a_short_read_names_the_file_and_tensor(tmp_path):
             list(reader.chunks(info))
     finally:
         reader.close()
+
+
+def test_a_source_changed_before_its_kept_tensors_are_copied_is_refused(tmp_path):
+    """Kept tensors are copied when the shard is sealed, after the weights, while the shard is hashed
+    behind the copy: a source that changed by then is a SourceError, the hash stops, nothing is left."""
+    src = tmp_path / "src.safetensors"
+    save_file({"a.bias": torch.randn(1 << 20), "b.weight": torch.randn(256, 256), "c.weight": torch.randn(256, 256)}, src)
+    weights = 2 * 256 * 256 * 4
+    done = []
+
+    def changed_after_the_weights(n: int) -> None:  # progress: source bytes as they are written
+        done.append(n)
+        if sum(done) == weights:
+            os.utime(src, ns=(1, 1))
+
+    from nf4convert.convert import convert
+    from nf4convert.errors import SourceError
+
+    with pytest.raises(SourceError, match="changed while being converted"):
+        convert(src, tmp_path / "out", progress=changed_after_the_weights)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src.safetensors"]
