@@ -11,8 +11,8 @@
  * Clamping v to [-1, 1] cannot change a code (every threshold lies inside), so it is left out.
  * The thresholds and the floor come from the caller (nf4convert/constants.py), not from here.
  *
- * Three paths give the same bytes: AVX-512 (F and BW, for nf4_quantize_blocks), AVX2 (with F16C) and
- * portable C, chosen at run time by what the CPU has. The `simd` argument caps the path: 0 portable,
+ * Three paths give the same bytes: AVX-512 (F and BW, for nf4_quantize_blocks and nf4_decode_fp8),
+ * AVX2 (with F16C) and portable C, chosen at run time by what the CPU has. The `simd` argument caps the path: 0 portable,
  * 1 AVX2, 2 AVX-512 (for the tests, which compare them).
  *
  * The functions that read a source (nf4_quantize_blocks, nf4_decode_fp8, nf4_search_blocks,
@@ -356,60 +356,84 @@ static inline float fp8_e4m3(uint8_t b) {
     return v;
 }
 
-static void decode_fp8_portable(const uint8_t *q, int64_t rows, int64_t cols, const float *scale,
-                                int64_t scale_cols, int64_t first_row, int64_t br, int64_t bc, float *out) {
-    for (int64_t r = 0; r < rows; r++) {
-        const float *srow = scale + ((first_row + r) / br) * scale_cols;
-        for (int64_t c = 0; c < cols; c++) out[r * cols + c] = fp8_e4m3(q[r * cols + c]) * srow[c / bc];
-    }
+/* One FP8 row `qr` of `cols` codes (its block scales `srow`, one per `bc` columns) into `o`. */
+static void fp8_row_portable(const uint8_t *qr, const float *srow, int64_t cols, int64_t bc, float *o) {
+    for (int64_t c = 0; c < cols; c++) o[c] = fp8_e4m3(qr[c]) * srow[c / bc];
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 /* The same, 8 codes at a time: fp8_e4m3's bit arithmetic on 32-bit lanes. */
-NF4_AVX2 static void decode_fp8_avx2(const uint8_t *q, int64_t rows, int64_t cols, const float *scale,
-                                     int64_t scale_cols, int64_t first_row, int64_t br, int64_t bc, float *out) {
+NF4_AVX2 static void fp8_row_avx2(const uint8_t *qr, const float *srow, int64_t cols, int64_t bc, float *o) {
     const __m256i k80 = _mm256_set1_epi32(0x80), k7f = _mm256_set1_epi32(0x7F), kf = _mm256_set1_epi32(0xF);
     const __m256i k7 = _mm256_set1_epi32(7), k120 = _mm256_set1_epi32(120), knan = _mm256_set1_epi32(0x7FC00000);
     const __m256 ksub = _mm256_set1_ps(0x1p-9f);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *srow = scale + ((first_row + r) / br) * scale_cols;
-        const uint8_t *qr = q + r * cols;
-        float *o = out + r * cols;
-        for (int64_t c0 = 0; c0 < cols; c0 += bc) {
-            int64_t c1 = c0 + bc < cols ? c0 + bc : cols, c = c0;
-            float s = srow[c0 / bc];
-            __m256 vs = _mm256_set1_ps(s);
-            for (; c + 8 <= c1; c += 8) {
-                int64_t eight;
-                memcpy(&eight, qr + c, sizeof eight);
-                __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(eight));
-                __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, k80), 24);
-                __m256i e = _mm256_and_si256(_mm256_srli_epi32(b, 3), kf), m = _mm256_and_si256(b, k7);
-                __m256i normal = _mm256_or_si256(sign, _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(e, k120), 23), _mm256_slli_epi32(m, 20)));
-                __m256i sub = _mm256_or_si256(_mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(m), ksub)), sign);
-                __m256i bits = _mm256_blendv_epi8(normal, sub, _mm256_cmpeq_epi32(e, _mm256_setzero_si256()));
-                bits = _mm256_blendv_epi8(bits, knan, _mm256_cmpeq_epi32(_mm256_and_si256(b, k7f), k7f));
-                _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_castsi256_ps(bits), vs));
-            }
-            for (; c < c1; c++) o[c] = fp8_e4m3(qr[c]) * s;
+    for (int64_t c = 0; c < cols;) {
+        int64_t end = c + bc < cols ? c + bc : cols;
+        float s = srow[c / bc];
+        __m256 vs = _mm256_set1_ps(s);
+        for (; c + 8 <= end; c += 8) {
+            int64_t eight;
+            memcpy(&eight, qr + c, sizeof eight);
+            __m256i b = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(eight));
+            __m256i sign = _mm256_slli_epi32(_mm256_and_si256(b, k80), 24);
+            __m256i e = _mm256_and_si256(_mm256_srli_epi32(b, 3), kf), m = _mm256_and_si256(b, k7);
+            __m256i normal = _mm256_or_si256(sign, _mm256_or_si256(_mm256_slli_epi32(_mm256_add_epi32(e, k120), 23), _mm256_slli_epi32(m, 20)));
+            __m256i sub = _mm256_or_si256(_mm256_castps_si256(_mm256_mul_ps(_mm256_cvtepi32_ps(m), ksub)), sign);
+            __m256i bits = _mm256_blendv_epi8(normal, sub, _mm256_cmpeq_epi32(e, _mm256_setzero_si256()));
+            bits = _mm256_blendv_epi8(bits, knan, _mm256_cmpeq_epi32(_mm256_and_si256(b, k7f), k7f));
+            _mm256_storeu_ps(o + c, _mm256_mul_ps(_mm256_castsi256_ps(bits), vs));
         }
+        for (; c < end; c++) o[c] = fp8_e4m3(qr[c]) * s;
+    }
+}
+
+/* The same, 16 codes at a time, with masks: a normal code's magnitude bits moved into place and
+ * rebiased (<< 20, + 120 << 23), a subnormal one's significand times 2^-9, then the sign; NaN last,
+ * positive, as fp8_e4m3 gives it. */
+NF4_AVX512 static void fp8_row_avx512(const uint8_t *qr, const float *srow, int64_t cols, int64_t bc, float *o) {
+    const __m512i k80 = _mm512_set1_epi32(0x80), k7f = _mm512_set1_epi32(0x7F), k8 = _mm512_set1_epi32(8);
+    const __m512i kbias = _mm512_set1_epi32(120 << 23), knan = _mm512_set1_epi32(0x7FC00000);
+    const __m512 ksub = _mm512_set1_ps(0x1p-9f);
+    for (int64_t c = 0; c < cols;) {
+        int64_t end = c + bc < cols ? c + bc : cols;
+        float s = srow[c / bc];
+        __m512 vs = _mm512_set1_ps(s);
+        for (; c + 16 <= end; c += 16) {
+            __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(qr + c)));
+            __m512i mag = _mm512_and_si512(b, k7f);
+            __m512i bits = _mm512_add_epi32(_mm512_slli_epi32(mag, 20), kbias);
+            bits = _mm512_mask_mov_epi32(bits, _mm512_cmplt_epi32_mask(mag, k8), _mm512_castps_si512(_mm512_mul_ps(_mm512_cvtepi32_ps(mag), ksub)));
+            bits = _mm512_or_si512(bits, _mm512_slli_epi32(_mm512_and_si512(b, k80), 24));
+            bits = _mm512_mask_mov_epi32(bits, _mm512_cmpeq_epi32_mask(mag, k7f), knan);
+            _mm512_storeu_ps(o + c, _mm512_mul_ps(_mm512_castsi512_ps(bits), vs));
+        }
+        for (; c < end; c++) o[c] = fp8_e4m3(qr[c]) * s;
     }
 }
 #endif
+
+static void fp8_row(const uint8_t *qr, const float *srow, int64_t cols, int64_t bc, float *o, int simd) {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    int level = simd < nf4_simd() ? simd : nf4_simd();
+    if (level >= 2) {
+        fp8_row_avx512(qr, srow, cols, bc, o);
+        return;
+    }
+    if (level == 1) {
+        fp8_row_avx2(qr, srow, cols, bc, o);
+        return;
+    }
+#endif
+    (void)simd;
+    fp8_row_portable(qr, srow, cols, bc, o);
+}
 
 /* Rows [0, rows) of an FP8 weight of `cols` columns, the first being row `first_row` of the
  * weight, decoded to float32: out[r][c] = value(q[r][c]) * scale[(first_row + r) / br][c / bc],
  * one IEEE single multiply. */
 static void decode_fp8(const uint8_t *q, int64_t rows, int64_t cols, const float *scale, int64_t scale_cols,
                        int64_t first_row, int64_t br, int64_t bc, float *out, int simd) {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    if (simd && nf4_simd()) {
-        decode_fp8_avx2(q, rows, cols, scale, scale_cols, first_row, br, bc, out);
-        return;
-    }
-#endif
-    (void)simd;
-    decode_fp8_portable(q, rows, cols, scale, scale_cols, first_row, br, bc, out);
+    for (int64_t r = 0; r < rows; r++) fp8_row(q + r * cols, scale + ((first_row + r) / br) * scale_cols, cols, bc, out + r * cols, simd);
 }
 
 /* --scales search (spec section 2.6), portable and AVX2: every float operation and its order are
