@@ -133,9 +133,8 @@ def read_ahead(
     """The pieces ``(tensor, start, stop)`` in order, read on ``pool`` (one thread) up to
     :data:`READ_AHEAD` ahead of the one being quantized: ``READ_AHEAD + 1`` reused buffers of the
     largest piece's size, whatever the model's size. A piece's buffer is reused once the next piece
-    is taken. A piece is a
-    flat numpy array (:func:`piece_dtype`; FP8 decoded to float32 with ``fp8_block`` scales, by the
-    native kernel where it is built, else a tensor decoded by torch). An MXFP4 piece (whole experts) is
+    is taken. A piece is a flat numpy array (:func:`piece_dtype`; FP8 decoded to float32 with
+    ``fp8_block`` scales, by the native kernel where it is built, else a tensor decoded by torch). An MXFP4 piece (whole experts) is
     read into buffers of its own and decoded (:func:`nf4convert.mxfp4.decode`), an expert cut from fused
     experts taken by torch. A tensor in ``scalings`` (:func:`nf4convert.awq.scalings_of`) comes
     transformed, a float32 tensor. Use :func:`as_tensor` for a tensor in every case. A piece of whole
