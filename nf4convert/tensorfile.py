@@ -323,11 +323,11 @@ class ShardReader:
             SourceError: the file ends before them.
         """
         begin = info.start + offset
-        if begin + nbytes > os.fstat(self._fd).st_size:
-            raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted")
         aligned = begin - begin % mmap.ALLOCATIONGRANULARITY
         try:
             mapped = mmap.mmap(self._fd, begin + nbytes - aligned, prot=mmap.PROT_READ, offset=aligned)
+        except ValueError:  # mmap checks the range against the file's size, now: it shrank
+            raise SourceError(f"{self.path}: ends inside tensor {info.name!r}; it changed while being converted") from None
         except OSError:  # a file system that cannot map, or no address space left: read it instead
             return None
         if not _resident(mapped):
