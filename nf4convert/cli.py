@@ -346,7 +346,8 @@ def hub_folder(command: Callable) -> Callable:
 @hub_folder
 def inspect(path: str, as_json: bool, revision: str | None, cache_dir: str | None) -> None:
     """Show what an NF4 folder (ours, or a bitsandbytes 4-bit one transformers or diffusers saved; a
-    diffusers pipeline; local or a cached Hub repo id) holds: version, source, options, sizes."""
+    diffusers pipeline; local or a cached Hub repo id) or a Forge/ComfyUI NF4 .safetensors file holds:
+    version, source, options, sizes."""
     from .pipeline import is_pipeline, pipeline_summary
     from .read import open_checkpoint
     from .resolve import resolve_folder
@@ -371,8 +372,8 @@ def inspect(path: str, as_json: bool, revision: str | None, cache_dir: str | Non
 @click.option("--allow-pickle", is_flag=True, help="With --source: read pickled *.bin weights (torch.load weights_only=True), staged as safetensors in a temporary folder.")
 def verify(path: str, source: str | None, as_json: bool, save: bool, revision: str | None, cache_dir: str | None, allow_pickle: bool) -> None:
     """Check PATH's files against its manifest and the spec (and, with --source, the quantization error).
-    PATH may be a bitsandbytes 4-bit folder transformers saved (its structure is checked: it has no
-    manifest), or a cached Hub repo id."""
+    PATH may be a bitsandbytes 4-bit folder transformers or diffusers saved, or a Forge/ComfyUI NF4
+    .safetensors file (their structure is checked: they have no manifest), or a cached Hub repo id."""
     import tempfile
 
     from .constants import VERIFY_REPORT
@@ -381,6 +382,8 @@ def verify(path: str, source: str | None, as_json: bool, save: bool, revision: s
     from .verify import verify as run_verify
 
     path = str(resolve_folder(path, revision=revision, cache_dir=cache_dir))
+    if save and Path(path).is_file():
+        raise click.UsageError(f"--save writes the report into an output folder; {path} is a single file: use --json and keep its output")
     with tempfile.TemporaryDirectory(prefix="nf4convert-staging-") as scratch:
         staging = Path(scratch) / "staged" if allow_pickle else None
         if source is None:
@@ -458,7 +461,8 @@ def importance(
 @hub_folder
 def dequantize(path: str, output: str, dtype: str | None, max_shard_size: str, force: bool, quiet: bool, revision: str | None, cache_dir: str | None) -> None:
     """Write PATH's weights back as a plain safetensors checkpoint in OUTPUT. PATH: an nf4convert output
-    or a bitsandbytes 4-bit folder transformers saved (NF4 or FP4), local or a cached Hub repo id."""
+    or a bitsandbytes 4-bit folder transformers or diffusers saved (NF4 or FP4), local or a cached Hub
+    repo id, or a Forge/ComfyUI NF4 .safetensors file (written back as one file of its name in OUTPUT)."""
     import torch
 
     from .dequantize import dequantize_folder, dequantize_pipeline, output_files

@@ -32,11 +32,14 @@ from .write import OutputFolder, ShardWriter, as_bytes
 
 def _side_files(ckpt: NF4Checkpoint) -> list[str]:
     """The folder's other files to copy: those its manifest lists, or for a bitsandbytes folder (no
-    manifest) those a source's side files would be (tokenizer, generation config, ...).
+    manifest) those a source's side files would be (tokenizer, generation config, ...); none beside
+    a single file.
 
     Raises:
         FormatError: a manifest entry that is not a path inside the folder.
     """
+    if ckpt.single_file:
+        return []
     if ckpt.version is None:
         return sorted(p.name for p in ckpt.root.iterdir() if p.is_file() and not p.name.startswith(".") and any(fnmatch.fnmatch(p.name, g) for g in SIDE_FILE_PATTERNS))
     names = []
@@ -59,7 +62,8 @@ def _cuts(ckpt: NF4Checkpoint) -> dict[str, dict[str, Any]]:
 
 def _plan(ckpt: NF4Checkpoint, dtype: torch.dtype | None, max_shard_size: int) -> tuple[list[Entry], list[list[Entry]], list[str]]:
     """Every output tensor (name, safetensors dtype, shape), cut into shards, and the shards' names.
-    Weights cut from fused experts go back into the fused tensor, in the first one's place."""
+    Weights cut from fused experts go back into the fused tensor, in the first one's place. A single
+    file stays one file of its name."""
     to_torch = torch_dtypes()
     to_safetensors = {v: k for k, v in to_torch.items()}
     transposed = {t["name"] for t in ckpt.manifest.get("tensors", {}).get("quantized", []) if t.get("transposed")}
@@ -81,6 +85,8 @@ def _plan(ckpt: NF4Checkpoint, dtype: torch.dtype | None, max_shard_size: int) -
                 if any(entry[0] == key for entry in plan):
                     continue
             plan.append((key, out_dtype, tuple(shape)))
+    if ckpt.single_file:
+        return plan, [plan], list(ckpt.shards)
     shards: list[list[Entry]] = [[]]
     size = 0
     for entry in plan:
@@ -104,6 +110,12 @@ def _files(ckpt: NF4Checkpoint) -> WeightFiles:
     return weight_files(config)
 
 
+def _config(ckpt: NF4Checkpoint) -> Path | None:
+    """The folder's ``config.json``, to write back without ``quantization_config`` (none for a single file)."""
+    path = ckpt.root / "config.json"
+    return path if path.is_file() and not ckpt.single_file else None
+
+
 def _side_names(ckpt: NF4Checkpoint) -> list[str]:
     produced = {MANIFEST_NAME, *INDEX_NAMES, *ckpt.shards}
     return [name for name in _side_files(ckpt) if name not in produced and name != "config.json"]
@@ -114,7 +126,7 @@ def output_files(path: str | os.PathLike | NF4Checkpoint, *, dtype: torch.dtype 
     replaced output's files of the user's must not be named (:func:`~nf4convert.write.check_output`)."""
     ckpt = path if isinstance(path, NF4Checkpoint) else open_checkpoint(path, bitsandbytes_folders=True)
     _, shards, names = _plan(ckpt, dtype, max_shard_size)
-    extra = ({_files(ckpt).index} if len(shards) > 1 else set()) | ({"config.json"} if (ckpt.root / "config.json").is_file() else set())
+    extra = ({_files(ckpt).index} if len(shards) > 1 else set()) | ({"config.json"} if _config(ckpt) else set())
     return {*names, *_side_names(ckpt), OUTPUT_MARK} | extra
 
 
@@ -150,7 +162,8 @@ def dequantize_folder(
 
     Args:
         path: the NF4 folder: an nf4convert output, or a bitsandbytes 4-bit folder transformers saved
-            (NF4 or FP4, with or without double quantization): the way back to full precision.
+            (NF4 or FP4, with or without double quantization), or a bitsandbytes 4-bit single file
+            (Forge/ComfyUI; written back as one file of its name): the way back to full precision.
         output: the folder to create.
         dtype: cast every floating-point tensor to this dtype (default: each weight's original dtype).
         max_shard_size: output shard size limit in bytes.
@@ -182,7 +195,7 @@ def dequantize_folder(
     def opened(key: str) -> SafetensorsFile:
         return files.get(where[key]) or files.setdefault(where[key], SafetensorsFile(ckpt.root / where[key]))
 
-    with OutputFolder(Path(output), source=ckpt.root, force=force, writes=writes) as out:
+    with OutputFolder(Path(output), source=ckpt.path, force=force, writes=writes) as out:
         try:
             for name, shard in zip(names, shards):
                 writer = ShardWriter(out.path(name), shard, {"format": "pt"})
@@ -221,8 +234,8 @@ def dequantize_folder(
         for name in sides:
             out.path(name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(ckpt.root / name, out.path(name))
-        config_path = ckpt.root / "config.json"
-        if config_path.is_file():
+        config_path = _config(ckpt)
+        if config_path:
             config = json.loads(config_path.read_text())
             config.pop("quantization_config", None)
             out.path("config.json").write_text(json.dumps(config, indent=2) + "\n")

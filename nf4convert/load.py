@@ -345,6 +345,11 @@ def load_model(
     if root.is_dir() and not (root / MANIFEST_NAME).exists() and not is_bitsandbytes_4bit(root):
         raise LoadError(f"{root}: not an NF4 folder (no {MANIFEST_NAME}, no bitsandbytes 4-bit quantization_config); convert it first: nf4convert convert")
     ckpt = open_checkpoint(root, bitsandbytes_folders=True)
+    if ckpt.single_file:
+        raise LoadError(
+            f"{root}: a bitsandbytes 4-bit single file (Forge/ComfyUI layout) names no model to build; load it in Forge or ComfyUI, "
+            "or 'nf4convert dequantize' it back to full precision"
+        )
     config_path = ckpt.root / "config.json"
     if not config_path.is_file():
         raise LoadError(f"{ckpt.root}: no config.json to build the model from (use load_state_dict and replace_linear)")

@@ -13,10 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .constants import (
     CODE_TABLES,
+    DYNAMIC_MAP,
     FORMAT_NAME,
     DIFFUSERS_FILES,
     INDEX_NAMES,
@@ -42,12 +44,20 @@ class NF4Checkpoint:
         manifest: the parsed ``nf4convert.json``.
         shards: shard file name -> its tensors.
         quant_states: weight key (``<module>.weight``) -> its parsed quant state.
+        single_file: a lone bitsandbytes 4-bit ``.safetensors`` file (Forge's and ComfyUI's NF4
+            checkpoints), given as itself: :attr:`root` is its folder, whose other files are not its.
     """
 
     root: Path
     manifest: dict[str, Any]
     shards: dict[str, dict[str, TensorInfo]]
     quant_states: dict[str, QuantState]
+    single_file: bool = False
+
+    @property
+    def path(self) -> Path:
+        """What was opened: the folder, or the single file."""
+        return self.root / next(iter(self.shards)) if self.single_file else self.root
 
     @property
     def version(self) -> int | None:
@@ -62,6 +72,8 @@ class NF4Checkpoint:
         types = sorted({s.quant_type.upper() for s in self.quant_states.values()}) or ["no 4-bit weights"]
         nested = {s.nested for s in self.quant_states.values()}
         dq = "double quantization" if nested == {True} else "no double quantization" if nested == {False} else "mixed double quantization"
+        if self.single_file:
+            return f"bitsandbytes 4-bit single file, Forge/ComfyUI layout ({', '.join(types)}, {dq}; no nf4convert manifest)"
         library = "diffusers" if any(name.startswith(DIFFUSERS_FILES.single.removesuffix(".safetensors")) for name in self.shards) else "transformers"
         return f"bitsandbytes 4-bit folder saved by {library} ({', '.join(types)}, {dq}; no nf4convert manifest)"
 
@@ -82,7 +94,7 @@ class NF4Checkpoint:
                     k_params += info.numel
         params = q_params + k_params
         return {
-            "path": str(self.root),
+            "path": str(self.path),
             "kind": self.kind,
             "format": FORMAT_NAME if self.version is not None else "bitsandbytes",
             "format_version": self.version,
@@ -117,6 +129,33 @@ def _load_json(path: Path) -> Any:
         raise FormatError(f"{path}: not valid JSON") from None
 
 
+def is_bitsandbytes_4bit_file(path: Path) -> bool:
+    """Whether ``path`` is a ``.safetensors`` file holding bitsandbytes 4-bit weights (a quant-state
+    blob), as Forge and ComfyUI keep NF4 checkpoints: one file, the original model's key names.
+
+    Raises:
+        FormatError: a ``.safetensors`` file that is not valid safetensors.
+    """
+    if not (path.is_file() and path.suffix == ".safetensors"):
+        return False
+    suffixes = tuple("." + s for s in QUANT_STATE_SUFFIXES.values())
+    return any(key.endswith(suffixes) for key in read_header(path)[0])
+
+
+def _holds_4bit(path: Path) -> bool:
+    try:
+        return is_bitsandbytes_4bit_file(path)
+    except (FormatError, OSError):
+        return False
+
+
+def _is_4bit_folder(root: Path) -> bool:
+    try:
+        return is_bitsandbytes_4bit(root)
+    except FormatError:  # a config.json that is not JSON: not a bitsandbytes folder's
+        return False
+
+
 def is_bitsandbytes_4bit(root: Path) -> bool:
     """Whether ``root/config.json`` says bitsandbytes 4-bit (a folder transformers saved)."""
     config = _load_json(root / "config.json") if (root / "config.json").is_file() else None
@@ -141,8 +180,9 @@ def _shard_names(root: Path) -> tuple[list[str], dict[str, str] | None]:
     return names, weight_map
 
 
-def _check_weight(key: str, tensors: dict[str, TensorInfo], blob: bytes, where: str, quant_types: tuple[str, ...]) -> QuantState:
-    state = decode_quant_state(blob, where=f"{where}: {key}", quant_types=quant_types)
+def _check_weight(key: str, blob_key: str, tensors: dict[str, TensorInfo], f: SafetensorsFile, where: str, quant_types: tuple[str, ...]) -> QuantState:
+    """The weight's quant state, once its tensors' dtypes, shapes and code tables are checked."""
+    state = decode_quant_state(bytes(f.raw(blob_key)), where=f"{where}: {key}", quant_types=quant_types)
     for name, dtype, shape in quantized_tensors(key, state):
         info = tensors.get(name)
         if info is None:
@@ -156,20 +196,34 @@ def _check_weight(key: str, tensors: dict[str, TensorInfo], blob: bytes, where: 
             )
     if not state.nested and (f"{key}.nested_absmax" in tensors or f"{key}.nested_quant_map" in tensors):
         raise FormatError(f"{where}: {key} has nested tensors but its quant state is not nested")
+    tables = [("quant_map", CODE_TABLES[state.quant_type], f"{state.quant_type.upper()} code")] + ([("nested_quant_map", DYNAMIC_MAP, "dynamic")] if state.nested else [])
+    for suffix, table, what in tables:  # the decoding assumes them, as bitsandbytes' kernels do
+        if bytes(f.raw(f"{key}.{suffix}")) != np.asarray(table, dtype="<f4").tobytes():
+            raise FormatError(f"{where}: {key}.{suffix} is not bitsandbytes' {what} table; a decoding with another table is not supported")
     return state
 
 
 def require_nf4_folder(path: str | os.PathLike, *, bitsandbytes_folders: bool = False) -> Path:
     """``path`` as a folder that claims to be an NF4 folder (a manifest, or with ``bitsandbytes_folders``
-    a bitsandbytes 4-bit ``config.json``): the input a reader takes, before any of its contents is checked.
+    a bitsandbytes 4-bit ``config.json``, or a bitsandbytes 4-bit single file): the input a reader
+    takes, before any of its contents is checked.
 
     Raises:
-        SourceNotFoundError: a file, or nothing there.
+        SourceNotFoundError: another file, or nothing there.
         FormatError: a folder of something else (the message says what to run).
     """
     root = Path(path)
     if root.is_file():
-        raise SourceNotFoundError(f"{root}: a file; give the output folder that holds it ({root.parent})")
+        if (root.parent / MANIFEST_NAME).exists() or _is_4bit_folder(root.parent):
+            raise SourceNotFoundError(f"{root}: a file of the NF4 folder {root.parent}; give the folder")
+        if not is_bitsandbytes_4bit_file(root):
+            raise FormatError(
+                f"{root}: not an NF4 checkpoint (neither a folder nor a .safetensors file of bitsandbytes 4-bit weights); "
+                f"'nf4convert convert {root} --dry-run' shows what converting it would do"
+            )
+        if not bitsandbytes_folders:
+            raise FormatError(f"{root}: a bitsandbytes 4-bit single file (Forge/ComfyUI layout), not an nf4convert output: inspect, verify and dequantize read it")
+        return root
     if not root.is_dir():
         raise SourceNotFoundError(f"{root}: no such folder")
     if (root / MANIFEST_NAME).exists() or (bitsandbytes_folders and is_bitsandbytes_4bit(root)):
@@ -179,6 +233,9 @@ def require_nf4_folder(path: str | os.PathLike, *, bitsandbytes_folders: bool = 
             f"{root}: a bitsandbytes 4-bit folder saved by transformers, not an nf4convert output (no {MANIFEST_NAME}): "
             "inspect, verify and dequantize read it; other commands take nf4convert outputs"
         )
+    lone = [p for p in sorted(root.glob("*.safetensors")) if bitsandbytes_folders and not (root / "config.json").exists() and _holds_4bit(p)]
+    if lone:
+        raise FormatError(f"{root}: no {MANIFEST_NAME} nor config.json, but {lone[0].name} holds bitsandbytes 4-bit weights: give the file ({lone[0]})")
     also = " nor a bitsandbytes 4-bit folder (no such quantization_config in config.json)" if bitsandbytes_folders else ""
     raise FormatError(f"{root}: not an nf4convert output (no {MANIFEST_NAME}){also}; 'nf4convert convert {root} --dry-run' shows what converting it would do")
 
@@ -190,7 +247,9 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
         path: the folder ``nf4convert convert`` wrote.
         bitsandbytes_folders: also accept a folder with no manifest whose ``config.json`` says
             bitsandbytes 4-bit, as transformers' ``save_pretrained`` writes it (e.g. per-expert MoE
-            checkpoints saved by transformers 4.x): the same checks, less the version ones.
+            checkpoints saved by transformers 4.x), and a single ``.safetensors`` file of bitsandbytes
+            4-bit weights under any names (Forge's and ComfyUI's NF4 checkpoints, a module's
+            ``state_dict`` saved as it is): the same checks, less the version ones.
 
     Returns:
         The validated :class:`NF4Checkpoint`.
@@ -201,8 +260,9 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
         FormatError: anything else that breaks spec/FORMAT.md; the message names the file and tensor.
     """
     root = require_nf4_folder(path, bitsandbytes_folders=bitsandbytes_folders)
+    single_file = root.is_file()
     quant_types: tuple[str, ...] = ("nf4",)
-    if bitsandbytes_folders and not (root / MANIFEST_NAME).exists() and is_bitsandbytes_4bit(root):
+    if single_file or bitsandbytes_folders and not (root / MANIFEST_NAME).exists() and is_bitsandbytes_4bit(root):
         manifest: dict[str, Any] = {}
         version = None
         quant_types = tuple(CODE_TABLES)
@@ -215,12 +275,13 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
     shards: dict[str, dict[str, TensorInfo]] = {}
     states: dict[str, QuantState] = {}
     owner: dict[str, str] = {}
-    names, weight_map = _shard_names(root)
+    names, weight_map = ([root.name], None) if single_file else _shard_names(root)
+    root = root.parent if single_file else root
     for name in names:
         shard = root / name
         if not shard.is_file():
             raise FormatError(f"{shard}: missing")
-        if not may_read(shard, root):
+        if not single_file and not may_read(shard, root):  # a file given as itself is read where it leads
             raise FormatError(f"{shard}: leads outside the folder")
         tensors, metadata = read_header(shard)
         if version is not None and metadata.get("nf4convert.version") != str(version):
@@ -234,7 +295,7 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
             with SafetensorsFile(shard) as f:
                 for blob_key, suffix in blobs.items():
                     key = blob_key[: -len(suffix) - 1]
-                    states[key] = _check_weight(key, tensors, bytes(f.raw(blob_key)), str(shard), quant_types)
+                    states[key] = _check_weight(key, blob_key, tensors, f, str(shard), quant_types)
         for key in tensors:
             base = _base_key(key)
             if base != key and base not in states:
@@ -244,7 +305,7 @@ def open_checkpoint(path: str | os.PathLike, *, bitsandbytes_folders: bool = Fal
         wrong = sorted(set(weight_map.items()) ^ set(owner.items()))[0][0]
         index = next(root / n for n in INDEX_NAMES if (root / n).exists())
         raise FormatError(f"{index}: does not match the shards (first difference: {wrong!r})")
-    return NF4Checkpoint(root, manifest, shards, states)
+    return NF4Checkpoint(root, manifest, shards, states, single_file)
 
 
 

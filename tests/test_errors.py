@@ -460,7 +460,10 @@ def test_inspect_of_a_folder_that_is_not_ours_says_so_and_what_to_run(cli, tmp_p
         f"(no such quantization_config in config.json); 'nf4convert convert {src} --dry-run' shows what converting it would do"
     )
     rc, _, err = cli("inspect", src / "model.safetensors")
-    assert rc == 2 and err.strip() == f"nf4convert: error: {src / 'model.safetensors'}: a file; give the output folder that holds it ({src})"
+    assert rc == 3 and err.strip() == (
+        f"nf4convert: error: {src / 'model.safetensors'}: not an NF4 checkpoint (neither a folder nor a .safetensors file of bitsandbytes 4-bit weights); "
+        f"'nf4convert convert {src / 'model.safetensors'} --dry-run' shows what converting it would do"
+    )
 
 
 def test_quiet_and_verbose_together_are_refused(cli, tmp_path):

@@ -134,7 +134,7 @@ def test_ctrl_c_exits_promptly_keeping_only_a_partial_folder_that_resumes(tmp_pa
     start = time.monotonic()
     _, err = proc.communicate(timeout=60)
     assert time.monotonic() - start < 15
-    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("nf4convert: interrupted")
+    assert proc.returncode == 130 and err.strip().splitlines()[-1].startswith("nf4convert: interrupted"), (proc.returncode, err, sorted(os.listdir(tmp_path)))
     assert "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.nf4convert-partial", "src.safetensors"]
     done = start_convert(src, tmp_path / "out")

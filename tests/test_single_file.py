@@ -1,0 +1,215 @@
+"""Forge's and ComfyUI's NF4 checkpoints: one ``.safetensors`` file, the original model's key names
+(fused ``qkv``, ``model.diffusion_model.`` prefixes), each 4-bit weight stored as bitsandbytes'
+``Linear4bit`` saves it (``weight``, ``weight.absmax``, ``weight.quant_map``, ... and the
+``weight.quant_state.bitsandbytes__nf4`` blob), beside kept tensors of any dtype (a VAE in bf16, a
+text encoder in FP8).
+
+``inspect``, ``verify`` and ``dequantize`` read such a file given as itself; ``dequantize`` writes it
+back as one plain file of the same name, equal to bitsandbytes' own dequantization. The file's
+neighbours (a ``config.json``, other checkpoints) are not its and are neither read nor copied.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from .test_bnb_folders import bitsandbytes_dequantization
+
+bnb = pytest.importorskip("bitsandbytes")
+
+KINDS = [("nf4", False), ("nf4", True), ("fp4", False), ("fp4", True)]
+PREFIX = "model.diffusion_model."
+
+
+def flux_like(quant_type: str, double_quant: bool) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A Flux-shaped diffusion model under its original key names, its linear layers bitsandbytes
+    ``Linear4bit`` quantized on the CPU, and its full-precision weights (the source)."""
+    torch.manual_seed(0)
+    linears = {"double_blocks.0.img_attn.qkv": (64, 192), "double_blocks.0.img_attn.proj": (64, 64), "double_blocks.0.img_mlp.0": (64, 256),
+               "single_blocks.0.linear1": (64, 320), "final_layer.linear": (64, 48)}  # fmt: skip
+    model, source = torch.nn.Module(), {}
+    for name, (n_in, n_out) in linears.items():
+        layer = bnb.nn.Linear4bit(n_in, n_out, bias=True, compute_dtype=torch.bfloat16, compress_statistics=double_quant, quant_type=quant_type)
+        weight, bias = (torch.randn(n_out, n_in) * 0.02).to(torch.bfloat16), torch.randn(n_out).to(torch.bfloat16)
+        layer.weight.data, layer.bias.data = weight.clone(), bias.clone()  # bf16, as Forge quantizes them
+        source |= {f"{PREFIX}{name}.weight": weight, f"{PREFIX}{name}.bias": bias}
+        parent = model
+        for part in name.split(".")[:-1]:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        parent.add_module(name.split(".")[-1], layer.to("cpu"))  # quantized here
+    return model, source
+
+
+def kept() -> dict[str, torch.Tensor]:
+    """What an all-in-one checkpoint keeps beside the 4-bit model: norms, a VAE, an FP8 text encoder."""
+    torch.manual_seed(1)
+    return {
+        f"{PREFIX}double_blocks.0.img_attn.norm.query_norm.scale": torch.ones(16, dtype=torch.bfloat16),
+        "vae.decoder.conv_in.weight": torch.randn(8, 4, 3, 3).to(torch.bfloat16),
+        "text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.weight": torch.randn(32, 32).to(torch.float8_e4m3fn),
+    }
+
+
+def forge_file(folder: Path, quant_type: str = "nf4", double_quant: bool = False) -> tuple[Path, torch.nn.Module, dict[str, torch.Tensor]]:
+    """The file Forge writes (its loader saves ``Linear4bit``'s state dict as it is), in ``folder``
+    beside a ``config.json`` and a checkpoint that are not its; and the model and source it holds."""
+    model, source = flux_like(quant_type, double_quant)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "flux1-tiny-bnb-nf4.safetensors"
+    save_file({f"{PREFIX}{k}": v.contiguous() for k, v in model.state_dict().items()} | kept(), path)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "note": "another model's"}))
+    save_file({"unrelated.weight": torch.zeros(4)}, folder / "other.safetensors")
+    return path, model, source
+
+
+@pytest.mark.parametrize("quant_type, double_quant", KINDS)
+def test_dequantize_writes_one_file_of_its_name_equal_to_bitsandbytes(tmp_path, cli, quant_type, double_quant):
+    path, model, _ = forge_file(tmp_path / "checkpoints", quant_type, double_quant)
+    code, out, err = cli("dequantize", path, tmp_path / "plain", "--quiet")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [".nf4convert-output", path.name]
+    plain = load_file(tmp_path / "plain" / path.name)
+    expected = {PREFIX + k: v for k, v in bitsandbytes_dequantization(model).items()}
+    assert len(expected) == 5 and [k for k, v in expected.items() if not (plain[k].dtype == torch.bfloat16 and torch.equal(plain[k], v))] == []
+    for key, value in kept().items():  # byte for byte, FP8 too
+        assert plain[key].dtype == value.dtype and torch.equal(plain[key].view(torch.uint8), value.view(torch.uint8))
+    assert not any(k.endswith((".absmax", ".quant_map", "bitsandbytes__nf4", "bitsandbytes__fp4")) for k in plain)
+    assert sorted(plain) == sorted([*expected, *(k.replace(".weight", ".bias") for k in expected), *kept()])
+
+
+def test_a_large_single_file_stays_one_file_whatever_the_shard_size(tmp_path, cli):
+    path, _, _ = forge_file(tmp_path / "checkpoints")
+    code, _, err = cli("dequantize", path, tmp_path / "plain", "--quiet", "--max-shard-size", "1KB")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [".nf4convert-output", path.name]
+
+
+def test_dequantize_writes_beside_the_file_and_force_replaces_only_its_own_output(tmp_path, cli):
+    path, _, _ = forge_file(tmp_path / "checkpoints")
+    out = tmp_path / "checkpoints" / "plain"  # beside the file: not inside it
+    assert cli("dequantize", path, out, "--quiet")[0] == 0
+    assert cli("dequantize", path, out, "--quiet", "--force")[0] == 0
+    code, _, err = cli("dequantize", path, tmp_path / "checkpoints", "--quiet", "--force")
+    assert code == 5 and "the output folder must not contain the source" in err
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's")
+    code, _, err = cli("dequantize", path, tmp_path / "mine", "--quiet", "--force")
+    assert code == 5 and "not a folder nf4convert wrote" in err and (tmp_path / "mine" / "notes.txt").read_text() == "the user's"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["config.json", path.name, "other.safetensors", "plain"]
+
+
+@pytest.mark.parametrize("quant_type, double_quant", [("nf4", False), ("fp4", True)])
+def test_inspect_says_what_the_file_is_and_counts_its_weights(tmp_path, cli, quant_type, double_quant):
+    path, _, _ = forge_file(tmp_path / "checkpoints", quant_type, double_quant)
+    dq = "double quantization" if double_quant else "no double quantization"
+    code, out, err = cli("inspect", path)
+    assert code == 0, err
+    assert out.splitlines()[0] == f"{path}: bitsandbytes 4-bit single file, Forge/ComfyUI layout ({quant_type.upper()}, {dq}; no nf4convert manifest)"
+    code, out, err = cli("inspect", path, "--json")
+    summary = json.loads(out)
+    assert summary["path"] == str(path) and summary["shards"] == 1
+    assert summary["quantized"]["tensors"] == 5 and summary["quantized"]["parameters"] == 64 * (192 + 64 + 256 + 320 + 48)
+    assert summary["kept"]["tensors"] == 5 + 3  # the biases and the others
+
+
+def test_verify_checks_the_file_and_measures_it_against_its_source(tmp_path, cli):
+    path, _, source = forge_file(tmp_path / "checkpoints")
+    save_file(source | kept(), tmp_path / "flux1-tiny.safetensors")
+    code, out, err = cli("verify", path)
+    assert code == 0, err
+    assert out.startswith(f"OK {path}: bitsandbytes 4-bit single file, Forge/ComfyUI layout (NF4, no double quantization; no nf4convert manifest): 28 tensors, each 4-bit weight complete")
+    code, out, err = cli("verify", path, "--source", tmp_path / "flux1-tiny.safetensors", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert sorted(report["quality"]) == sorted(k for k in source if k.endswith(".weight"))
+    assert 0.05 < report["summary"]["rel_rmse"]["max"] < 0.15  # NF4's error on Gaussian weights
+
+
+def test_verify_names_a_broken_weight_and_fails(tmp_path, cli):
+    path, model, _ = forge_file(tmp_path / "checkpoints")
+    tensors = load_file(path)
+    del tensors[f"{PREFIX}final_layer.linear.weight.absmax"]
+    save_file(tensors, path)
+    code, out, err = cli("verify", path)
+    assert code == 8 and f"FAIL {path}: {PREFIX}final_layer.linear.weight.absmax is missing" in out
+
+
+def test_a_quant_map_other_than_bitsandbytes_table_is_refused_not_decoded(tmp_path, cli):
+    """The decoding assumes bitsandbytes' tables, as its kernels do: a file whose table differs would
+    decode to other values than its writer meant, so it is refused, naming the tensor."""
+    path, _, _ = forge_file(tmp_path / "checkpoints", "nf4", True)
+    for suffix, table in [("quant_map", "NF4 code"), ("nested_quant_map", "dynamic")]:
+        tensors = load_file(path)
+        key = f"{PREFIX}double_blocks.0.img_attn.qkv.weight.{suffix}"
+        original = tensors[key].clone()
+        tensors[key] = original.flip(0).contiguous()
+        save_file(tensors, path)
+        code, _, err = cli("dequantize", path, tmp_path / "plain", "--quiet")
+        assert code == 3 and err.strip() == (
+            f"nf4convert: error: {path}: {key} is not bitsandbytes' {table} table; a decoding with another table is not supported"
+        )
+        assert not (tmp_path / "plain").exists()
+        tensors[key] = original
+        save_file(tensors, path)
+
+
+def test_a_plain_file_and_a_file_of_a_folder_are_pointed_elsewhere(tmp_path, cli):
+    save_file({"w.weight": torch.randn(4, 4)}, tmp_path / "plain.safetensors")
+    code, _, err = cli("inspect", tmp_path / "plain.safetensors")
+    assert code == 3 and "not an NF4 checkpoint (neither a folder nor a .safetensors file of bitsandbytes 4-bit weights)" in err
+    (tmp_path / "notes.txt").write_text("not weights")
+    code, _, err = cli("dequantize", tmp_path / "notes.txt", tmp_path / "out", "--quiet")
+    assert code == 3 and "notes.txt: not an NF4 checkpoint" in err and not (tmp_path / "out").exists()
+    src = tmp_path / "src.safetensors"
+    save_file({"l.weight": torch.randn(64, 64)}, src)
+    assert cli("convert", src, tmp_path / "ours", "--quiet")[0] == 0
+    code, _, err = cli("inspect", tmp_path / "ours" / "model.safetensors")
+    assert code == 2 and err.strip() == f"nf4convert: error: {tmp_path / 'ours' / 'model.safetensors'}: a file of the NF4 folder {tmp_path / 'ours'}; give the folder"
+
+
+def test_a_folder_of_such_files_names_the_file_to_give(tmp_path, cli):
+    path, _, _ = forge_file(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "config.json").unlink()
+    code, _, err = cli("inspect", tmp_path / "checkpoints")
+    assert code == 3 and err.strip() == (
+        f"nf4convert: error: {tmp_path / 'checkpoints'}: no nf4convert.json nor config.json, but {path.name} holds bitsandbytes 4-bit weights: give the file ({path})"
+    )
+
+
+def test_verify_save_of_a_single_file_is_refused_before_any_work(tmp_path, cli):
+    path, _, _ = forge_file(tmp_path / "checkpoints")
+    before = sorted(p.name for p in path.parent.iterdir())
+    code, _, err = cli("verify", path, "--save")
+    assert code == 2 and "--save writes the report into an output folder" in err
+    assert sorted(p.name for p in path.parent.iterdir()) == before
+
+
+def test_other_commands_say_which_commands_read_it(tmp_path):
+    from nf4convert import load_model
+    from nf4convert.errors import FormatError
+
+    path, _, _ = forge_file(tmp_path / "checkpoints")
+    from nf4convert.errors import LoadError
+    from nf4convert.read import require_nf4_folder
+
+    with pytest.raises(FormatError, match=r"a bitsandbytes 4-bit single file \(Forge/ComfyUI layout\), not an nf4convert output: inspect, verify and dequantize read it"):
+        require_nf4_folder(path)  # as push and the other commands on outputs ask
+    with pytest.raises(LoadError, match=r"names no model to build; load it in Forge or ComfyUI, or 'nf4convert dequantize' it"):
+        load_model(path)
+
+
+def test_a_symlinked_file_is_read_where_it_leads(tmp_path, cli):
+    """A Hub cache snapshot's files are links into blobs/: the file the user names is read."""
+    path, model, _ = forge_file(tmp_path / "blobs")
+    (tmp_path / "snapshot").mkdir()
+    (tmp_path / "snapshot" / path.name).symlink_to(path)
+    code, _, err = cli("dequantize", tmp_path / "snapshot" / path.name, tmp_path / "plain", "--quiet")
+    assert code == 0, err
+    assert (tmp_path / "plain" / path.name).is_file() and not (tmp_path / "plain" / path.name).is_symlink()
