@@ -412,6 +412,8 @@ def verify(path: str, source: str | None, as_json: bool, save: bool, revision: s
             sqnr = f"SQNR mean {s['sqnr_db']['mean']:.2f} dB (min {s['sqnr_db']['min']:.2f})" if s["sqnr_db"] else "no error"
             click.echo(f"   {len(report['quality'])} quantized tensors vs source: relative RMSE mean {s['rel_rmse']['mean']:.4f} (max {s['rel_rmse']['max']:.4f}), "
                        f"{sqnr}, max abs error {s['max_abs_err']['max']:.3g}")
+            if report.get("source_names"):
+                click.echo(f"   (named in the source with the prefix {report['source_names']['add']!r} for {report['source_names']['strip']!r})")
     if not report["ok"]:
         raise VerificationFailed(f"{path}: {len(report['problems'])} problem(s), first: {report['problems'][0]}")
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,9 @@ def verify(path: str | os.PathLike, *, source: str | os.PathLike | Source | None
         A report: ``ok``, ``problems`` (one line each, naming the file or tensor), ``kind`` (what the
         folder is, :attr:`~nf4convert.read.NF4Checkpoint.kind`), ``files`` (hashed),
         ``tensors``, and with ``source`` a ``quality`` map (per tensor ``rel_rmse``, ``sqnr_db`` (``None``
-        where the tensor is exact), ``max_abs_err``) and its ``summary`` (``{}`` per measure with no value).
+        where the tensor is exact), ``max_abs_err``) and its ``summary`` (``{}`` per measure with no value),
+        and ``source_names`` (``strip``, ``add``) where the source names the weights with another prefix
+        (:func:`renaming`).
 
     Raises:
         SourceNotFoundError: ``path`` does not exist.
@@ -154,6 +156,24 @@ def verify_pipeline(root: Path, *, source: Path | None = None) -> dict[str, Any]
     return report
 
 
+def renaming(keys: list[str], originals: Collection[str]) -> tuple[str, str]:
+    """``(strip, add)``: the prefix to take off ``keys`` and the one to put in its place for them to name
+    ``originals``: ``("", "")`` where a key names one as it is (or none can). Else, of the prefixes that
+    let the first key name an original by its longest dotted tail, the pair that names the most: a
+    Forge/ComfyUI file's ``model.diffusion_model.double_blocks.0...`` against the original model's
+    ``double_blocks.0...``, or the reverse."""
+    if not keys or any(k in originals for k in keys):
+        return "", ""
+    parts = keys[0].split(".")
+    for i in range(len(parts)):
+        tail = ".".join(parts[i:])
+        pairs = {(keys[0][: -len(tail)], o[: -len(tail)]) for o in originals if o == tail or o.endswith("." + tail)}
+        if pairs:
+            best = max(sorted(pairs), key=lambda p: sum(k.startswith(p[0]) and p[1] + k[len(p[0]) :] in originals for k in keys))
+            return best
+    return "", ""
+
+
 def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> list[str]:
     problems = []
     recorded = {r["name"]: r["sha256"] for r in ckpt.manifest.get("source", {}).get("files", [])}
@@ -168,6 +188,9 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
         return [*problems, f"{SCALES_FILE}: missing, so the scaled weights cannot be compared with the source"]
     scaled = ckpt.manifest.get("options", {}).get("awq")
     scalings = scalings_of(ckpt.root / SCALES_FILE, list(ckpt.quant_states)) if scaled else {}  # compared with the transformed source
+    strip, add = renaming(list(ckpt.quant_states), originals)
+    if strip or add:
+        report["source_names"] = {"strip": strip, "add": add}
     quality: dict[str, dict[str, float]] = {}
     opened: dict[Path, SafetensorsFile] = {}
     try:
@@ -176,6 +199,7 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                 for key in (k for k in tensors if k in ckpt.quant_states):
                     cut = cuts.get(key)
                     name = cut["name"] if cut else key  # a weight cut from fused experts: compared with its cut
+                    name = add + name.removeprefix(strip) if name.startswith(strip) else name
                     if name not in originals:
                         problems.append(f"{name}: not in the source")
                         continue
@@ -189,9 +213,9 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                     elif cut:
                         original = cut_weight(g.tensor(name)[cut["expert"]], cut["start"], cut["stop"], cut["transposed"])
                     else:
-                        original = g.tensor(key)
-                    if src.fp8_block and key + SCALE_SUFFIX in originals:
-                        scale = originals[key + SCALE_SUFFIX]
+                        original = g.tensor(name)
+                    if src.fp8_block and name + SCALE_SUFFIX in originals:
+                        scale = originals[name + SCALE_SUFFIX]
                         h = opened.get(scale.shard) or opened.setdefault(scale.shard, SafetensorsFile(scale.shard))
                         original = decode_rows(original.view(torch.uint8), h.tensor(scale.name), 0, src.fp8_block)
                     if key in scalings:
@@ -206,7 +230,7 @@ def _check_source(ckpt: NF4Checkpoint, src: Source, report: dict[str, Any]) -> l
                     for p in packed:
                         opened[p.shard].release(p.name)
                     if not packed and not cut:  # a fused tensor stays mapped for its other cuts
-                        g.release(key)
+                        g.release(name)
                     f.release(key)
     finally:
         for g in opened.values():

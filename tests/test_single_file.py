@@ -213,3 +213,28 @@ def test_a_symlinked_file_is_read_where_it_leads(tmp_path, cli):
     code, _, err = cli("dequantize", tmp_path / "snapshot" / path.name, tmp_path / "plain", "--quiet")
     assert code == 0, err
     assert (tmp_path / "plain" / path.name).is_file() and not (tmp_path / "plain" / path.name).is_symlink()
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion."])
+def test_verify_matches_a_source_that_names_the_weights_with_another_prefix(tmp_path, cli, prefix):
+    """Black Forest Labs' own file names Flux's weights without ``model.diffusion_model.``; a Forge
+    NF4 file holds them with it: each weight is measured against its own original all the same."""
+    path, _, source = forge_file(tmp_path / "checkpoints")
+    save_file({prefix + k.removeprefix(PREFIX): v for k, v in source.items()}, tmp_path / "flux1-tiny.safetensors")
+    code, out, err = cli("verify", path, "--source", tmp_path / "flux1-tiny.safetensors", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["source_names"] == {"strip": PREFIX, "add": prefix}
+    assert len(report["quality"]) == 5 and report["summary"]["rel_rmse"]["max"] < 0.15
+    code, out, _ = cli("verify", path, "--source", tmp_path / "flux1-tiny.safetensors")
+    assert out.splitlines()[-1] == f"   (named in the source with the prefix {prefix!r} for {PREFIX!r})"
+
+
+def test_renaming_keeps_names_that_match_and_finds_the_prefix_that_names_the_most():
+    from nf4convert.verify import renaming
+
+    assert renaming(["a.w", "b.w"], {"a.w", "x.w"}) == ("", "")  # one matches as it is: no renaming
+    assert renaming(["m.a.w", "m.b.w"], {"a.w", "b.w"}) == ("m.", "")
+    assert renaming(["a.w", "b.w"], {"m.a.w", "m.b.w"}) == ("", "m.")
+    assert renaming(["p.blocks.0.w", "p.blocks.1.w"], {"q.blocks.0.w", "q.blocks.1.w", "z.0.w"}) == ("p.", "q.")
+    assert renaming(["a.w"], {"b.v"}) == ("", "")
