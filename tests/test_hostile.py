@@ -109,9 +109,11 @@ def source_with_shards(tmp_path):
 
 
 def start_convert(src, out):
+    """The CLI in a process of its own, with Ctrl-C's default action: a suite run in the background of a
+    shell (``cmd &``) ignores SIGINT, and a child inherits that, so Python would install no handler."""
     return subprocess.Popen(
         [sys.executable, "-m", "nf4convert", "convert", str(src), str(out), "--kernel", "eager", "--max-shard-size", "5MB", "--quiet"],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
