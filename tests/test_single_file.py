@@ -238,3 +238,45 @@ def test_renaming_keeps_names_that_match_and_finds_the_prefix_that_names_the_mos
     assert renaming(["a.w", "b.w"], {"m.a.w", "m.b.w"}) == ("", "m.")
     assert renaming(["p.blocks.0.w", "p.blocks.1.w"], {"q.blocks.0.w", "q.blocks.1.w", "z.0.w"}) == ("p.", "q.")
     assert renaming(["a.w"], {"b.v"}) == ("", "")
+
+
+def bfl_flux(path: Path) -> dict[str, torch.Tensor]:
+    """A Flux transformer under Black Forest Labs' own key names (no config.json: the name rules decide)."""
+    torch.manual_seed(2)
+    h, t = 128, {}
+    for name, n_in, n_out in [("img_in", 64, h), ("time_in.in_layer", 256, h), ("double_blocks.0.img_attn.qkv", h, 3 * h),
+                              ("double_blocks.0.img_mlp.2", 4 * h, h), ("single_blocks.0.linear1", h, 7 * h), ("final_layer.linear", h, 64)]:  # fmt: skip
+        t[f"{name}.weight"], t[f"{name}.bias"] = (torch.randn(n_out, n_in) * 0.02).to(torch.bfloat16), torch.zeros(n_out, dtype=torch.bfloat16)
+    t["double_blocks.0.img_attn.norm.query_norm.scale"] = torch.ones(64, dtype=torch.bfloat16)
+    save_file(t, path)
+    return t
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_a_converted_single_file_is_the_layout_forge_and_comfyui_load(tmp_path, cli, double_quant):
+    """A single-file source converted into one shard is a file of the Forge/ComfyUI layout: every 4-bit
+    weight loads through bitsandbytes' own ``Params4bit.from_prequantized`` (what their NF4 loaders
+    call) and decodes there to what the spec says, and bitsandbytes saves its quant state back to the
+    same bytes (without double quantization; with it, only nested_offset's spelling differs: spec 4.1)."""
+    source = bfl_flux(tmp_path / "flux1-tiny.safetensors")
+    flags = ["--max-shard-size", "1TB"] + ([] if double_quant else ["--no-double-quant"])
+    assert cli("convert", tmp_path / "flux1-tiny.safetensors", tmp_path / "out", "--quiet", *flags)[0] == 0
+    (tmp_path / "checkpoints").mkdir()
+    single = tmp_path / "checkpoints" / "flux1-tiny-nf4.safetensors"
+    single.write_bytes((tmp_path / "out" / "model.safetensors").read_bytes())
+    code, out, err = cli("inspect", single)
+    assert code == 0 and out.startswith(f"{single}: bitsandbytes 4-bit single file, Forge/ComfyUI layout (NF4, "), err
+    assert cli("dequantize", single, tmp_path / "plain", "--quiet")[0] == 0
+    plain, stored = load_file(tmp_path / "plain" / single.name), load_file(single)
+    weights = [k for k in source if k.endswith(".weight") and k + ".quant_map" in stored]
+    assert len(weights) == 6
+    for key in weights:
+        stats = {k[len(key) + 1 :]: v for k, v in stored.items() if k.startswith(key + ".")}
+        param = bnb.nn.Params4bit.from_prequantized(stored[key], dict(stats), requires_grad=False, device="cpu")  # it pops from the dict
+        qs = param.quant_state
+        absmax = bnb.functional.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset if qs.nested else qs.absmax
+        flat = bnb.functional.QuantState(absmax=absmax, shape=torch.Size([qs.shape.numel()]), dtype=qs.dtype, blocksize=qs.blocksize, quant_type="nf4", code=qs.code)
+        assert torch.equal(bnb.functional.dequantize_4bit(param.data, quant_state=flat).reshape(qs.shape), plain[key])
+        saved = qs.as_dict(packed=True)
+        same = [k for k, v in saved.items() if torch.equal(v.view(torch.uint8), stats[k].view(torch.uint8))]
+        assert sorted(same) == sorted(stats if not double_quant else set(stats) - {"quant_state.bitsandbytes__nf4"})
