@@ -294,7 +294,12 @@ def make_plan(source: Source, options: Options) -> Plan:
         plan.tensors = planned = [replace(t, scaled=True) if t.name in scaled else t for t in planned]
     if not plan.quantized:
         reasons = Counter(t.reason for t in plan.kept if len(t.source.info.shape) == 2 and t.dtype in QUANTIZABLE_DTYPES)
-        why = f"{decisions.decided_by}: " + ", ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) if reasons else "no 2-D floating-point linear weights found"
+        fp8 = sum(len(t.source.info.shape) == 2 and t.source.info.dtype.startswith("F8_") for t in plan.kept)
+        why = (
+            f"{decisions.decided_by}: " + ", ".join(f"{n} x {r}" for r, n in reasons.most_common(3)) if reasons
+            else f"its {fp8} 2-D weights are FP8 and no quantization_config says how they decode: an FP8 source is read with its config.json (spec 6.3)" if fp8
+            else "no 2-D floating-point linear weights found"
+        )
         raise QuantizationError(f"{source.name}: no tensor to quantize ({why})")
     shard: list[PlannedTensor] = []
     size = 0

@@ -281,6 +281,20 @@ def test_nothing_to_quantize(cli, tmp_path):
     assert_refused(cli, tmp_path, src, match="no tensor to quantize", code=4)
 
 
+def test_fp8_weights_without_a_config_are_refused_saying_why(cli, tmp_path):
+    """A ComfyUI-style FP8 file (no config.json; plain or with per-tensor scale_weight) says how its FP8
+    weights decode nowhere this reader knows: refused, saying so, rather than read one way or another."""
+    src = tmp_path / "flux1-dev-fp8.safetensors"
+    save_file({"img_in.weight": torch.randn(128, 64).to(torch.float8_e4m3fn), "img_in.scale_weight": torch.tensor([0.5]),
+               "txt_in.weight": torch.randn(128, 64).to(torch.float8_e4m3fn)}, src)  # fmt: skip
+    code, _, err = cli("convert", src, tmp_path / "out", "--quiet")
+    assert code == 4 and err.strip() == (
+        f"nf4convert: error: {src.name}: no tensor to quantize (its 2 2-D weights are FP8 and no quantization_config says how they decode: "
+        "an FP8 source is read with its config.json (spec 6.3))"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_error_is_a_nf4convert_error_and_a_builtin():
     assert issubclass(SourceError, ValueError) and issubclass(SourceError, NF4ConvertError)
     from nf4convert.errors import OutputError, SourceNotFoundError
