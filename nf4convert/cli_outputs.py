@@ -134,7 +134,7 @@ def verify(path: str, source: str | None, as_json: bool, save: bool, revision: s
 @click.command(epilog=EXIT_CODES)
 @click.argument("path")
 @click.argument("output")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Cast floating-point tensors [default: each weight's original dtype].")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Cast 16/32/64-bit floating-point tensors; FP8 ones stay as stored [default: each weight's original dtype].")
 @click.option("--max-shard-size", default=str(DEFAULT_MAX_SHARD_SIZE // 10**9) + "GB", show_default=True, help="Largest output shard.")
 @click.option("--force", is_flag=True, help="Replace OUTPUT if nf4convert wrote it (or it is empty); never a folder of yours.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")

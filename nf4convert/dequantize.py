@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .constants import DTYPE_SIZES, INDEX_NAMES, MANIFEST_NAME, OUTPUT_MARK, WeightFiles, weight_files
+from .constants import DTYPE_SIZES, INDEX_NAMES, MANIFEST_NAME, OUTPUT_MARK, QUANTIZABLE_DTYPES, WeightFiles, weight_files
 from .errors import FormatError
 from .layout import quantized_tensors, transposed as transposed_shape
 from .files import files_under, is_plain_relative, may_read
@@ -78,7 +78,7 @@ def _plan(ckpt: NF4Checkpoint, dtype: torch.dtype | None, max_shard_size: int) -
                 state = ckpt.quant_states[key]
                 out_dtype, shape = to_safetensors[dtype or getattr(torch, state.dtype)], transposed_shape(state.shape) if key in transposed else state.shape
             else:
-                floating = info.dtype in to_torch and to_torch[info.dtype].is_floating_point
+                floating = info.dtype in (*QUANTIZABLE_DTYPES, "F64")  # FP8 stays: its scale, if any, is another tensor
                 out_dtype, shape = to_safetensors[dtype] if dtype and floating else info.dtype, info.shape
             if key in cuts:
                 key, shape = cuts[key]["name"], cuts[key]["shape"]
@@ -165,7 +165,8 @@ def dequantize_folder(
             (NF4 or FP4, with or without double quantization), or a bitsandbytes 4-bit single file
             (Forge/ComfyUI; written back as one file of its name): the way back to full precision.
         output: the folder to create.
-        dtype: cast every floating-point tensor to this dtype (default: each weight's original dtype).
+        dtype: cast every 16-, 32- and 64-bit floating-point tensor to this dtype (default: each weight's
+            original dtype); FP8 tensors stay as stored (a scale they have lives in another tensor).
         max_shard_size: output shard size limit in bytes.
         force: replace an existing output folder.
         progress: called with the number of output bytes done after each tensor.

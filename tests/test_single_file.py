@@ -280,3 +280,16 @@ def test_a_converted_single_file_is_the_layout_forge_and_comfyui_load(tmp_path, 
         saved = qs.as_dict(packed=True)
         same = [k for k, v in saved.items() if torch.equal(v.view(torch.uint8), stats[k].view(torch.uint8))]
         assert sorted(same) == sorted(stats if not double_quant else set(stats) - {"quant_state.bitsandbytes__nf4"})
+
+
+def test_dequantize_dtype_casts_the_weights_and_leaves_fp8_tensors_as_stored(tmp_path, cli):
+    """An FP8 tensor's value may need a scale stored beside it (ComfyUI's scaled FP8): a cast alone
+    would change what it means, so --dtype leaves it as it is."""
+    path, model, _ = forge_file(tmp_path / "checkpoints")
+    assert cli("dequantize", path, tmp_path / "plain", "--quiet", "--dtype", "float32")[0] == 0
+    plain = load_file(tmp_path / "plain" / path.name)
+    expected = {PREFIX + k: v for k, v in bitsandbytes_dequantization(model).items()}
+    assert all(plain[k].dtype == torch.float32 and torch.equal(plain[k], v.float()) for k, v in expected.items())
+    for key, value in kept().items():
+        want = value.dtype if value.dtype == torch.float8_e4m3fn else torch.float32
+        assert plain[key].dtype == want and torch.equal(plain[key], value.to(want))
