@@ -235,7 +235,8 @@ def require_nf4_folder(path: str | os.PathLike, *, bitsandbytes_folders: bool = 
         )
     lone = [p for p in sorted(root.glob("*.safetensors")) if bitsandbytes_folders and not (root / "config.json").exists() and _holds_4bit(p)]
     if lone:
-        raise FormatError(f"{root}: no {MANIFEST_NAME} nor config.json, but {lone[0].name} holds bitsandbytes 4-bit weights: give the file ({lone[0]})")
+        which = f"{lone[0].name} holds" if len(lone) == 1 else f"{', '.join(p.name for p in lone)} hold"
+        raise FormatError(f"{root}: no {MANIFEST_NAME} nor config.json, but {which} bitsandbytes 4-bit weights: give the file ({lone[0]}{', ...' if len(lone) > 1 else ''})")
     also = " nor a bitsandbytes 4-bit folder (no such quantization_config in config.json)" if bitsandbytes_folders else ""
     raise FormatError(f"{root}: not an nf4convert output (no {MANIFEST_NAME}){also}; 'nf4convert convert {root} --dry-run' shows what converting it would do")
 

@@ -293,3 +293,20 @@ def test_dequantize_dtype_casts_the_weights_and_leaves_fp8_tensors_as_stored(tmp
     for key, value in kept().items():
         want = value.dtype if value.dtype == torch.float8_e4m3fn else torch.float32
         assert plain[key].dtype == want and torch.equal(plain[key], value.to(want))
+
+
+def test_a_cached_hub_repo_of_such_files_names_the_files_to_give_and_they_are_read_offline(tmp_path, cli):
+    """lllyasviel/flux1-dev-bnb-nf4 holds two such files and no config.json: the repo id says which
+    files to give, with the snapshot's path; the file, a link into blobs/, is then read."""
+    from .test_hub import cache_repo
+
+    path, _, _ = forge_file(tmp_path / "made")
+    data = path.read_bytes()
+    snapshot = cache_repo(tmp_path / "hf-cache", "someone/flux1-tiny-bnb-nf4", {"flux1-tiny-bnb-nf4.safetensors": data, "flux1-tiny-bnb-nf4-v2.safetensors": data})
+    code, _, err = cli("inspect", "someone/flux1-tiny-bnb-nf4", "--cache-dir", tmp_path / "hf-cache")
+    assert code == 3 and err.strip() == (
+        f"nf4convert: error: {snapshot}: no nf4convert.json nor config.json, but flux1-tiny-bnb-nf4-v2.safetensors, flux1-tiny-bnb-nf4.safetensors "
+        f"hold bitsandbytes 4-bit weights: give the file ({snapshot / 'flux1-tiny-bnb-nf4-v2.safetensors'}, ...)"
+    )
+    code, out, err = cli("inspect", snapshot / "flux1-tiny-bnb-nf4-v2.safetensors")
+    assert code == 0 and "Forge/ComfyUI layout (NF4" in out, err
