@@ -191,18 +191,25 @@ def test_verify_save_of_a_single_file_is_refused_before_any_work(tmp_path, cli):
     assert sorted(p.name for p in path.parent.iterdir()) == before
 
 
-def test_other_commands_say_which_commands_read_it(tmp_path):
+def test_other_commands_say_which_commands_read_it(tmp_path, cli):
     from nf4convert import load_model
-    from nf4convert.errors import FormatError
+    from nf4convert.errors import LoadError
 
     path, _, _ = forge_file(tmp_path / "checkpoints")
-    from nf4convert.errors import LoadError
-    from nf4convert.read import require_nf4_folder
-
-    with pytest.raises(FormatError, match=r"a bitsandbytes 4-bit single file \(Forge/ComfyUI layout\), not an nf4convert output: inspect, verify and dequantize read it"):
-        require_nf4_folder(path)  # as push and the other commands on outputs ask
+    code, _, err = cli("push", path, "me/flux1-tiny-nf4", "--dry-run")
+    assert code == 3 and err.strip() == (
+        f"nf4convert: error: {path}: a bitsandbytes 4-bit single file (Forge/ComfyUI layout), not an nf4convert output: inspect, verify and dequantize read it"
+    )
     with pytest.raises(LoadError, match=r"names no model to build; load it in Forge or ComfyUI, or 'nf4convert dequantize' it"):
         load_model(path)
+
+
+def test_a_file_that_is_not_safetensors_is_refused_naming_it(tmp_path, cli):
+    (tmp_path / "broken.safetensors").write_bytes(b"garbage!!")
+    for command in (["inspect"], ["verify"], ["dequantize"]):
+        code, _, err = cli(*command, tmp_path / "broken.safetensors", *([tmp_path / "out"] if command == ["dequantize"] else []))
+        assert code == 3 and err.startswith(f"nf4convert: error: {tmp_path / 'broken.safetensors'}: header claims") and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.safetensors"]
 
 
 def test_a_symlinked_file_is_read_where_it_leads(tmp_path, cli):
