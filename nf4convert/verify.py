@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .constants import MANIFEST_NAME
-from .errors import FormatError, NF4ConvertError
+from .errors import FormatError, NF4ConvertError, SourceError
 from .awq import apply as apply_scaling
 from .awq import SCALES_FILE, scalings_of
 from .files import is_plain_relative, may_read, sha256_file
@@ -158,10 +158,15 @@ def verify_pipeline(root: Path, *, source: Path | None = None) -> dict[str, Any]
 
 def renaming(keys: list[str], originals: Collection[str]) -> tuple[str, str]:
     """``(strip, add)``: the prefix to take off ``keys`` and the one to put in its place for them to name
-    ``originals``: ``("", "")`` where a key names one as it is (or none can). Else, of the prefixes that
-    let the first key name an original by its longest dotted tail, the pair that names the most: a
+    ``originals``: ``("", "")`` where a key names one as it is (or no pair names most keys). Else, of the
+    prefixes that let the first key name an original by its longest dotted tail, the pair that names the
+    most, more than half of them: a
     Forge/ComfyUI file's ``model.diffusion_model.double_blocks.0...`` against the original model's
-    ``double_blocks.0...``, or the reverse."""
+    ``double_blocks.0...``, or the reverse.
+
+    Raises:
+        SourceError: two pairs name the most weights alike (two models in the source under one tail).
+    """
     if not keys or any(k in originals for k in keys):
         return "", ""
     parts = keys[0].split(".")
@@ -169,8 +174,15 @@ def renaming(keys: list[str], originals: Collection[str]) -> tuple[str, str]:
         tail = ".".join(parts[i:])
         pairs = {(keys[0][: -len(tail)], o[: -len(tail)]) for o in originals if o == tail or o.endswith("." + tail)}
         if pairs:
-            best = max(sorted(pairs), key=lambda p: sum(k.startswith(p[0]) and p[1] + k[len(p[0]) :] in originals for k in keys))
-            return best
+            named = sorted(((sum(k.startswith(p[0]) and p[1] + k[len(p[0]) :] in originals for k in keys), p) for p in pairs), reverse=True)
+            if 2 * named[0][0] <= len(keys):  # names few of them: another model, not another prefix
+                return "", ""
+            if len(named) > 1 and named[0][0] == named[1][0]:
+                raise SourceError(
+                    f"the source names these weights under several prefixes alike ({named[1][1][1]!r}, {named[0][1][1]!r}): "
+                    "which one was converted cannot be told; give that model's own file as --source"
+                )
+            return named[0][1]
     return "", ""
 
 

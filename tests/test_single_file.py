@@ -238,6 +238,7 @@ def test_verify_matches_a_source_that_names_the_weights_with_another_prefix(tmp_
 
 
 def test_renaming_keeps_names_that_match_and_finds_the_prefix_that_names_the_most():
+    from nf4convert.errors import SourceError
     from nf4convert.verify import renaming
 
     assert renaming(["a.w", "b.w"], {"a.w", "x.w"}) == ("", "")  # one matches as it is: no renaming
@@ -245,6 +246,9 @@ def test_renaming_keeps_names_that_match_and_finds_the_prefix_that_names_the_mos
     assert renaming(["a.w", "b.w"], {"m.a.w", "m.b.w"}) == ("", "m.")
     assert renaming(["p.blocks.0.w", "p.blocks.1.w"], {"q.blocks.0.w", "q.blocks.1.w", "z.0.w"}) == ("p.", "q.")
     assert renaming(["a.w"], {"b.v"}) == ("", "")
+    assert renaming(["m.x.q.weight", "m.y.k.weight", "m.z.v.weight"], {"h.0.q.weight", "h.0.c.weight"}) == ("", "")  # another model
+    with pytest.raises(SourceError, match=r"under several prefixes alike \('refiner\.', 'unet\.'\): which one was converted cannot be told"):
+        renaming(["m.blocks.0.w", "m.blocks.1.w"], {"unet.blocks.0.w", "unet.blocks.1.w", "refiner.blocks.0.w", "refiner.blocks.1.w"})
 
 
 def bfl_flux(path: Path) -> dict[str, torch.Tensor]:
